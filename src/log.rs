@@ -18,7 +18,6 @@
 //! - retention raises `kick_below`, waits until every worker reports no reader below the punch
 //!   point (`worker_low`), then raises `start` and punches. Readers never start below `start`.
 
-use std::cell::UnsafeCell;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -43,9 +42,11 @@ const PIN_WAIT_LIMIT: Duration = Duration::from_millis(200);
 
 /// The newest bytes of a stream, shared by all live readers.
 struct TailRing {
-    /// Backing memory; interior mutability because the writer fills it while the kernel reads
-    /// other parts of it on behalf of workers.
-    buf: Box<[UnsafeCell<u8>]>,
+    /// Backing memory. Never borrowed after construction: the writer copies in through `base`
+    /// while the kernel reads other parts on behalf of workers.
+    _buf: Box<[u8]>,
+    /// Start of `_buf`, the only way the ring's bytes are reached.
+    base: *mut u8,
     /// Capacity − 1 (capacity is a power of two).
     mask: u64,
     /// Ring offsets below this may be overwritten right now (announced before each write).
@@ -58,12 +59,17 @@ struct TailRing {
 // worker has pinned (see the pin protocol above); readers never read them in userspace, they
 // only hand pointers to the kernel during a pinned submission.
 unsafe impl Sync for TailRing {}
+// SAFETY: as above; the raw pointer is only an alias of the owned allocation.
+unsafe impl Send for TailRing {}
 
 impl TailRing {
     fn new(capacity: usize) -> TailRing {
         assert!(capacity.is_power_of_two() && capacity >= 4096);
+        let mut buf = vec![0u8; capacity].into_boxed_slice();
+        let base = buf.as_mut_ptr();
         TailRing {
-            buf: (0..capacity).map(|_| UnsafeCell::new(0)).collect(),
+            _buf: buf,
+            base,
             mask: capacity as u64 - 1,
             overwrite_floor: AtomicU64::new(0),
             pins: std::array::from_fn(|_| AtomicU64::new(NONE)),
@@ -247,14 +253,11 @@ impl Stream {
             let pos = (at + off as u64) & ring.mask;
             let room = (cap - pos) as usize;
             let n = room.min(bytes.len() - off);
-            // SAFETY: [pos, pos+n) lies inside `buf`; no pinned reader covers the offsets being
-            // overwritten (checked above), and only this thread writes the ring.
+            // SAFETY: [pos, pos+n) lies inside the ring's allocation (pos < capacity and
+            // n <= capacity - pos); no pinned reader covers the offsets being overwritten
+            // (checked above), and only this thread writes the ring.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes[off..].as_ptr(),
-                    ring.buf[pos as usize].get(),
-                    n,
-                );
+                std::ptr::copy_nonoverlapping(bytes[off..].as_ptr(), ring.base.add(pos as usize), n);
             }
             off += n;
         }
@@ -292,7 +295,8 @@ impl Stream {
         let off = pos & ring.mask;
         let contiguous = (ring.capacity() - off) as usize;
         let len = ((end - pos) as usize).min(contiguous).min(max);
-        (ring.buf[off as usize].get() as *const u8, len)
+        // SAFETY: off < capacity, so the pointer stays inside the ring's allocation.
+        (unsafe { ring.base.add(off as usize) } as *const u8, len)
     }
 
     /// Publishes that this worker has no reader below `low` (`NONE` = no readers).
