@@ -394,7 +394,7 @@ pub fn apply_mask(payload: &mut [u8], mask: [u8; 4], offset: u64) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason} (close code {code})")]
 pub struct ProtocolViolation {
-    /// Close code to send (1002, 1007 or 1009).
+    /// Close code to send (1002, 1007 or 1009); see [`CloseCode`].
     pub code: u16,
     /// Short reason for the close frame and the log; well under [`MAX_CLOSE_REASON`].
     pub reason: &'static str,
@@ -430,9 +430,11 @@ pub enum InboundMessage {
     Binary(Vec<u8>),
     Ping(Vec<u8>),
     Pong(Vec<u8>),
-    /// The client started the closing handshake; `code` is `None` for an empty payload.
+    /// The client started the closing handshake.
     Close {
+        /// Status code (already validated); `None` when the payload was empty.
         code: Option<u16>,
+        /// Reason text, possibly empty.
         reason: String,
     },
 }
@@ -467,6 +469,7 @@ pub struct InboundDecoder {
     phase: Phase,
 }
 
+/// Which data message is being assembled (continuations inherit it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DataKind {
     Text,
@@ -486,15 +489,20 @@ enum FrameTarget {
     },
 }
 
+/// A frame whose header has been read and whose payload is arriving.
 #[derive(Clone, Copy, Debug)]
 struct FrameProgress {
+    /// Where the payload goes and what it becomes when complete.
     target: FrameTarget,
+    /// Key to unmask the payload with (client frames are always masked).
     mask: [u8; 4],
+    /// Payload length from the header: when the frame ends.
     payload_len: u64,
     /// Payload bytes received so far; also the masking offset of the next byte.
     received: u64,
 }
 
+/// Lifecycle of the decoder.
 #[derive(Clone, Copy, Debug)]
 enum Phase {
     Open,
@@ -1235,7 +1243,12 @@ mod tests {
 
     #[test]
     fn decoder_stays_small_and_frees_buffers() {
-        assert!(std::mem::size_of::<InboundDecoder>() <= 160);
+        // Tens of thousands of these live at once.
+        assert!(
+            std::mem::size_of::<InboundDecoder>() <= 160,
+            "{}",
+            std::mem::size_of::<InboundDecoder>()
+        );
         let mut decoder = InboundDecoder::new(1 << 20);
         let first = fragment(false, Opcode::Binary, &[7; 1000]);
         assert_eq!(decoder.next_message(&mut &first[..]), Ok(None));

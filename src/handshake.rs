@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-/// Why: slowloris and memory bounds — requests beyond this are refused with 431.
+/// Bounds slowloris buffering and per-connection memory: larger heads are refused with 431.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// Real WebSocket clients send about a dozen headers; more is abuse (refused with 431).
 pub const MAX_HEADERS: usize = 32;
@@ -28,7 +28,9 @@ pub enum ParseStatus<'a> {
     Incomplete,
     /// The head is complete; bytes after `consumed` belong to what follows it.
     Complete {
+        /// The parsed head, borrowing from the buffer.
         request: Request<'a>,
+        /// Length of the head in bytes, including the final blank line.
         consumed: usize,
     },
 }
@@ -101,12 +103,13 @@ pub fn parse_request(buf: &[u8]) -> Result<ParseStatus<'_>, HttpError> {
         }
         Err(e) => return Err(HttpError::new(400, format!("malformed request: {e}"))),
     };
+    // httparse only knows 1.0 (0) and 1.1 (1); other versions were rejected above.
+    if parsed.version != Some(1) {
+        return Err(version_not_supported());
+    }
     // A complete parse always fills these; treat their absence as malformed, not a panic.
-    let (Some(method), Some(target), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
-        return match parsed.version {
-            Some(0) => Err(version_not_supported()),
-            _ => Err(HttpError::new(400, "malformed request line")),
-        };
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Err(HttpError::new(400, "malformed request line"));
     };
     let Some((path, query)) = split_target(target) else {
         return Err(HttpError::new(400, "request target is not a path"));
@@ -170,8 +173,8 @@ fn split_target(target: &str) -> Option<(&str, &str)> {
 /// Validates a WebSocket upgrade per RFC 6455 §4.2.1 and returns the `Sec-WebSocket-Key`.
 ///
 /// Method other than GET → 405 with `Allow: GET`. No `Upgrade: websocket` or no `upgrade`
-/// token in `Connection` → 400 (the request is not a WebSocket handshake at all; this is
-/// also what the official Jetstream server answers). `Sec-WebSocket-Version` missing or not
+/// token in `Connection` → 400 (not a WebSocket handshake at all; gorilla/websocket, which
+/// the official Jetstream server uses, answers the same). `Sec-WebSocket-Version` missing or not
 /// 13 → 426 with `Sec-WebSocket-Version: 13`. Key missing, repeated, or not base64 of
 /// exactly 16 bytes → 400.
 pub fn validate_upgrade<'a>(req: &Request<'a>) -> Result<&'a str, HttpError> {
