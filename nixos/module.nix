@@ -366,7 +366,8 @@ in
         listen = mkDefault cfg.listen;
         upstream = mkIf (cfg.upstreams != [ ]) (mkDefault cfg.upstreams);
         retention = mkDefault cfg.retention;
-        max_disk = mkDefault cfg.maxDisk;
+        # Always a string: "1073741824" reads as plain bytes.
+        max_disk = mkDefault (toString cfg.maxDisk);
         workers = mkIf (cfg.workers != null) (mkDefault cfg.workers);
         trusted_listen = mkIf tlsCfg.enable (mkDefault "unix:${trustedSocket}");
       };
