@@ -247,11 +247,10 @@ in
     };
 
     tls = {
-      enable = mkEnableOption ''
-        the jetrelay-tls sidecar, which terminates TLS (wss://) and hands
-        each connection to the relay over a Unix socket with a PROXY
-        protocol v2 header carrying the client's address
-      '';
+      # The sidecar terminates TLS (wss://) and hands each connection to
+      # the relay over a Unix socket, behind a PROXY protocol v2 header
+      # that carries the client's address.
+      enable = mkEnableOption "the jetrelay-tls sidecar that serves wss:// in front of the relay";
 
       domain = mkOption {
         type = types.nullOr types.str;

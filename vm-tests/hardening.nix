@@ -27,14 +27,9 @@ pkgs.testers.runNixOSTest {
 
   nodes = {
     upstream = common.upstreamNode;
-    relay = {
-      imports = [
-        (common.relayNode {
-          upstreams = [ "ws://upstream:${toString common.mockPort}/subscribe" ];
-        })
-      ];
-      # The swarm runs next to the relay, so this node needs the tools.
-      environment.systemPackages = [ jetrelay ];
+    # The swarm runs on the relay node itself, against 127.0.0.1.
+    relay = common.relayNode {
+      upstreams = [ "ws://upstream:${toString common.mockPort}/subscribe" ];
     };
   };
 
