@@ -72,11 +72,19 @@ pub struct Hub {
     pub counters: Counters,
     /// Abuse controls; workers release a client's count when it leaves.
     pub limits: crate::limits::Limits,
+    /// Shared pre-filtered logs.
+    pub shapes: crate::shapes::Shapes,
 }
 
 impl Hub {
     /// Builds the hub from recovered parts.
-    pub fn new(plain: Stream, zstd: Stream, index: EventIndex, limits: crate::limits::Limits) -> Hub {
+    pub fn new(
+        plain: Stream,
+        zstd: Stream,
+        index: EventIndex,
+        limits: crate::limits::Limits,
+        shapes: crate::shapes::Shapes,
+    ) -> Hub {
         Hub {
             plain: Arc::new(plain),
             zstd: Arc::new(zstd),
@@ -84,6 +92,7 @@ impl Hub {
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
             limits,
+            shapes,
         }
     }
 
