@@ -283,6 +283,7 @@ impl DedupWindow {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.order.len()
     }
@@ -415,7 +416,11 @@ impl Follower {
 
     /// Seeds the resume point and dedup memory after a relay restart: the last appended
     /// time_us and the dedup keys of the events appended within the rewind window.
-    pub fn resume_from(&mut self, last_time_us: Option<i64>, recent_keys: impl IntoIterator<Item = u64>) {
+    pub fn resume_from(
+        &mut self,
+        last_time_us: Option<i64>,
+        recent_keys: impl IntoIterator<Item = u64>,
+    ) {
         self.last_time_us = match (self.last_time_us, last_time_us) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -508,7 +513,9 @@ impl Follower {
             return Ok(false);
         }
         sink.append(json, &meta)?;
-        let newest = self.last_time_us.map_or(meta.time_us, |t| t.max(meta.time_us));
+        let newest = self
+            .last_time_us
+            .map_or(meta.time_us, |t| t.max(meta.time_us));
         self.last_time_us = Some(newest);
         self.dedup.prune(newest);
         Ok(true)
@@ -536,7 +543,10 @@ impl Follower {
             let message = match socket.read() {
                 Ok(m) => m,
                 Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
                 {
                     let silent = last_frame.elapsed();
                     if silent >= self.config.stall_timeout {
@@ -545,10 +555,10 @@ impl Follower {
                     }
                     if !pinged && silent >= self.config.stall_timeout / 2 {
                         pinged = true;
-                        if let Err(e) = socket.send(Message::Ping(Default::default())) {
-                            if !is_timeout(&e) {
-                                return (SessionEnd::Lost(format!("ping failed: {e}")), appended);
-                            }
+                        if let Err(e) = socket.send(Message::Ping(Default::default()))
+                            && !is_timeout(&e)
+                        {
+                            return (SessionEnd::Lost(format!("ping failed: {e}")), appended);
                         }
                     }
                     continue;
@@ -579,7 +589,9 @@ impl Follower {
                     // Let tungstenite send the close reply; the session is over either way.
                     let _ = socket.flush();
                     let reason = match frame {
-                        Some(f) => format!("closed by upstream: {} {}", u16::from(f.code), f.reason),
+                        Some(f) => {
+                            format!("closed by upstream: {} {}", u16::from(f.code), f.reason)
+                        }
                         None => "closed by upstream".to_owned(),
                     };
                     return (SessionEnd::Lost(reason), appended);
@@ -634,7 +646,10 @@ impl Follower {
                         anyhow::bail!("stopping");
                     }
                     if Instant::now() >= deadline {
-                        anyhow::bail!("handshake timed out after {:?}", self.config.connect_timeout);
+                        anyhow::bail!(
+                            "handshake timed out after {:?}",
+                            self.config.connect_timeout
+                        );
                     }
                     attempt = mid.handshake();
                 }
@@ -677,12 +692,18 @@ fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
 }
 
 /// Connects to the first reachable address before `deadline`.
-fn connect_any(addrs: &[SocketAddr], deadline: Instant, stop: &AtomicBool) -> anyhow::Result<TcpStream> {
+fn connect_any(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> anyhow::Result<TcpStream> {
     let mut last_error = None;
     for addr in addrs {
         match connect_tcp(*addr, deadline, stop) {
             Ok(stream) => return Ok(stream),
-            Err(e) => last_error = Some(anyhow::Error::new(e).context(format!("connecting to {addr}"))),
+            Err(e) => {
+                last_error = Some(anyhow::Error::new(e).context(format!("connecting to {addr}")))
+            }
         }
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("host resolved to no address")))
@@ -749,7 +770,11 @@ mod tests {
         let cases = [
             ("ws://h/subscribe", Some(5), "ws://h/subscribe?cursor=5"),
             ("ws://h/subscribe", None, "ws://h/subscribe"),
-            ("ws://h/subscribe?cursor=9", None, "ws://h/subscribe?cursor=9"),
+            (
+                "ws://h/subscribe?cursor=9",
+                None,
+                "ws://h/subscribe?cursor=9",
+            ),
             (
                 "wss://h:8443/subscribe?wantedCollections=app.bsky.feed.post",
                 Some(-7),
@@ -761,9 +786,21 @@ mod tests {
                 "ws://h/subscribe?a=b&cursor=3",
             ),
             ("ws://h/subscribe?", Some(3), "ws://h/subscribe?cursor=3"),
-            ("ws://h/subscribe?a=1&&b", Some(3), "ws://h/subscribe?a=1&b&cursor=3"),
-            ("ws://h/subscribe?cursorx=1", Some(3), "ws://h/subscribe?cursorx=1&cursor=3"),
-            ("ws://h/subscribe?cursor", Some(3), "ws://h/subscribe?cursor=3"),
+            (
+                "ws://h/subscribe?a=1&&b",
+                Some(3),
+                "ws://h/subscribe?a=1&b&cursor=3",
+            ),
+            (
+                "ws://h/subscribe?cursorx=1",
+                Some(3),
+                "ws://h/subscribe?cursorx=1&cursor=3",
+            ),
+            (
+                "ws://h/subscribe?cursor",
+                Some(3),
+                "ws://h/subscribe?cursor=3",
+            ),
             ("ws://h/s#frag", Some(3), "ws://h/s?cursor=3"),
         ];
         for (base, cursor, want) in cases {
@@ -788,7 +825,10 @@ mod tests {
     fn dedup_window_forgets_by_time_and_by_count() {
         let mut w = DedupWindow::new(Duration::from_secs(1), 4);
         assert!(w.insert(1, 0));
-        assert!(!w.insert(1, 999), "same key, other time_us: still a duplicate");
+        assert!(
+            !w.insert(1, 999),
+            "same key, other time_us: still a duplicate"
+        );
         assert!(w.insert(2, 500_000));
         assert!(w.insert(3, 1_200_000));
         w.prune(1_200_000);
@@ -831,7 +871,10 @@ mod tests {
             f.ingest(l.as_bytes(), &mut sink).unwrap();
         }
         assert_eq!((sink.0, sink.1), (lines.len() - 10, 10));
-        let overall_max = lines.iter().map(|l| parse_event(l.as_bytes()).unwrap().time_us).max();
+        let overall_max = lines
+            .iter()
+            .map(|l| parse_event(l.as_bytes()).unwrap().time_us)
+            .max();
         assert_eq!(f.last_time_us(), overall_max);
     }
 
@@ -845,13 +888,20 @@ mod tests {
         let mut ceilings_hit_max = false;
         for attempt in 1..200u32 {
             let d = b.next_delay(&mut rng);
-            let ceiling = min.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX)).min(max);
-            assert!(d >= min && d <= ceiling, "attempt {attempt}: {d:?} not in [{min:?}, {ceiling:?}]");
+            let ceiling = min
+                .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+                .min(max);
+            assert!(
+                d >= min && d <= ceiling,
+                "attempt {attempt}: {d:?} not in [{min:?}, {ceiling:?}]"
+            );
             ceilings_hit_max |= ceiling == max;
         }
         assert!(ceilings_hit_max);
         // Jitter actually spreads delays at the ceiling.
-        let spread: HashSet<u128> = (0..20).map(|_| b.next_delay(&mut rng).as_millis()).collect();
+        let spread: HashSet<u128> = (0..20)
+            .map(|_| b.next_delay(&mut rng).as_millis())
+            .collect();
         assert!(spread.len() > 10, "{spread:?}");
         b.reset();
         assert_eq!(b.next_delay(&mut rng), min);
@@ -863,9 +913,18 @@ mod tests {
 
     #[test]
     fn skip_reasons_map_event_errors() {
-        assert_eq!(SkipReason::from(&EventError::TooLarge(1)), SkipReason::TooLarge);
-        assert_eq!(SkipReason::from(&EventError::InvalidField("x")), SkipReason::MissingField);
-        assert_eq!(SkipReason::from(&EventError::UnknownKind("x".into())), SkipReason::UnknownKind);
+        assert_eq!(
+            SkipReason::from(&EventError::TooLarge(1)),
+            SkipReason::TooLarge
+        );
+        assert_eq!(
+            SkipReason::from(&EventError::InvalidField("x")),
+            SkipReason::MissingField
+        );
+        assert_eq!(
+            SkipReason::from(&EventError::UnknownKind("x".into())),
+            SkipReason::UnknownKind
+        );
         let names: HashSet<&str> = SkipReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), 6);
     }
@@ -883,7 +942,11 @@ mod tests {
     impl EventSink for SharedSink {
         fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
             assert_eq!(parse_event(json).unwrap(), *meta);
-            self.0.lock().unwrap().appended.push(String::from_utf8(json.to_vec())?);
+            self.0
+                .lock()
+                .unwrap()
+                .appended
+                .push(String::from_utf8(json.to_vec())?);
             Ok(())
         }
         fn skipped(&mut self, reason: SkipReason, _: &str) {
@@ -909,10 +972,16 @@ mod tests {
     fn event(i: usize, time_us: i64) -> String {
         let line = SAMPLE.lines().nth(i).unwrap();
         let old = parse_event(line.as_bytes()).unwrap().time_us;
-        line.replacen(&format!("\"time_us\":{old}"), &format!("\"time_us\":{time_us}"), 1)
+        line.replacen(
+            &format!("\"time_us\":{old}"),
+            &format!("\"time_us\":{time_us}"),
+            1,
+        )
     }
 
     /// Accepts one WebSocket on `listener`, recording the request URI.
+    // The callback's error type is tungstenite's, not ours to shrink.
+    #[allow(clippy::result_large_err)]
     fn accept(listener: &TcpListener, uris: &Mutex<Vec<String>>) -> WebSocket<TcpStream> {
         let (stream, _) = listener.accept().unwrap();
         tungstenite::accept_hdr(stream, |req: &Request, resp: Response| {
@@ -947,7 +1016,10 @@ mod tests {
     #[test]
     fn follows_reconnects_with_cursor_and_delivers_each_event_once() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("ws://{}/subscribe?wantedCollections=app.bsky.feed.like", listener.local_addr().unwrap());
+        let url = format!(
+            "ws://{}/subscribe?wantedCollections=app.bsky.feed.like",
+            listener.local_addr().unwrap()
+        );
         let t0: i64 = 1_783_175_888_000_000;
         // Non-monotonic like real traffic: the max is the last one, 1.2 s after t0.
         let times_ms = [0i64, 300, 900, 600, 1200, 1500, 1400];
@@ -965,12 +1037,18 @@ mod tests {
                     ws.send(Message::text(e.clone())).unwrap();
                     match i {
                         1 => ws.send(Message::text("{not json")).unwrap(),
-                        2 => ws.send(Message::binary(vec![0x28, 0xb5, 0x2f, 0xfd])).unwrap(),
+                        2 => ws
+                            .send(Message::binary(vec![0x28, 0xb5, 0x2f, 0xfd]))
+                            .unwrap(),
                         3 => ws
-                            .send(Message::text(r#"{"did":"did:plc:a","kind":"identity","identity":{"seq":1}}"#))
+                            .send(Message::text(
+                                r#"{"did":"did:plc:a","kind":"identity","identity":{"seq":1}}"#,
+                            ))
                             .unwrap(),
                         4 => ws
-                            .send(Message::text(r#"{"did":"did:plc:a","time_us":1,"kind":"sync"}"#))
+                            .send(Message::text(
+                                r#"{"did":"did:plc:a","time_us":1,"kind":"sync"}"#,
+                            ))
                             .unwrap(),
                         _ => {}
                     }
@@ -992,20 +1070,27 @@ mod tests {
                     }
                 }
                 // Keep the connection open until the client goes away.
-                ws.get_mut().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                ws.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
                 while ws.read().is_ok() {}
             })
         };
 
         let record = Arc::new(Mutex::new(Record::default()));
         let (stop, follower) = spawn_follower(Follower::new(test_config(url.clone())), &record);
-        wait_for(&record, "all seven events", |r| r.appended.len() >= events.len());
+        wait_for(&record, "all seven events", |r| {
+            r.appended.len() >= events.len()
+        });
         stop.store(true, Ordering::Relaxed);
         follower.join().unwrap().unwrap();
         server.join().unwrap();
 
         let r = record.lock().unwrap();
-        assert_eq!(r.appended, events, "each valid event exactly once, in upstream order");
+        assert_eq!(
+            r.appended, events,
+            "each valid event exactly once, in upstream order"
+        );
         let count = |reason| r.skipped.iter().filter(|&&s| s == reason).count();
         assert_eq!(count(SkipReason::InvalidJson), 1);
         assert_eq!(count(SkipReason::Binary), 1);
@@ -1016,18 +1101,32 @@ mod tests {
         assert_eq!(count(SkipReason::Duplicate), 4);
 
         let uris = uris.lock().unwrap();
-        assert_eq!(uris[0], "/subscribe?wantedCollections=app.bsky.feed.like", "first connect is live");
+        assert_eq!(
+            uris[0], "/subscribe?wantedCollections=app.bsky.feed.like",
+            "first connect is live"
+        );
         assert_eq!(
             uris[1],
-            format!("/subscribe?wantedCollections=app.bsky.feed.like&cursor={}", t0 + 200_000)
+            format!(
+                "/subscribe?wantedCollections=app.bsky.feed.like&cursor={}",
+                t0 + 200_000
+            )
         );
-        let connected = r.states.iter().filter(|s| matches!(s, ConnectionState::Connected { .. })).count();
+        let connected = r
+            .states
+            .iter()
+            .filter(|s| matches!(s, ConnectionState::Connected { .. }))
+            .count();
         assert_eq!(connected, 2);
         assert!(r.states.iter().any(|s| matches!(
             s,
             ConnectionState::Disconnected { reason, .. } if reason.starts_with("closed by upstream")
         )));
-        assert!(r.states.iter().any(|s| matches!(s, ConnectionState::Reconnecting { attempt: 1, .. })));
+        assert!(
+            r.states
+                .iter()
+                .any(|s| matches!(s, ConnectionState::Reconnecting { attempt: 1, .. }))
+        );
     }
 
     #[test]
@@ -1051,7 +1150,11 @@ mod tests {
         let started = Instant::now();
         let (stop, follower) = spawn_follower(Follower::new(config), &record);
         wait_for(&record, "a reconnect after the stall", |r| {
-            r.states.iter().filter(|s| matches!(s, ConnectionState::Connected { .. })).count() == 2
+            r.states
+                .iter()
+                .filter(|s| matches!(s, ConnectionState::Connected { .. }))
+                .count()
+                == 2
         });
         assert!(started.elapsed() >= Duration::from_millis(600));
         assert!(record.lock().unwrap().states.iter().any(|s| matches!(
@@ -1061,7 +1164,11 @@ mod tests {
         let stopping = Instant::now();
         stop.store(true, Ordering::Relaxed);
         follower.join().unwrap().unwrap();
-        assert!(stopping.elapsed() < Duration::from_secs(2), "stop took {:?}", stopping.elapsed());
+        assert!(
+            stopping.elapsed() < Duration::from_secs(2),
+            "stop took {:?}",
+            stopping.elapsed()
+        );
         server.join().unwrap();
         assert_eq!(uris.lock().unwrap().len(), 2);
     }
@@ -1082,7 +1189,9 @@ mod tests {
                 let _ = ws.read();
                 let mut ws = accept(&listener, &uris);
                 ws.send(Message::text(last)).unwrap();
-                ws.get_mut().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                ws.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
                 while ws.read().is_ok() {}
             })
         };
@@ -1090,14 +1199,20 @@ mod tests {
         follower.max_message_bytes = 16 * 1024;
         let record = Arc::new(Mutex::new(Record::default()));
         let (stop, handle) = spawn_follower(follower, &record);
-        wait_for(&record, "the event after the oversized frame", |r| r.appended.len() == 2);
+        wait_for(&record, "the event after the oversized frame", |r| {
+            r.appended.len() == 2
+        });
         stop.store(true, Ordering::Relaxed);
         handle.join().unwrap().unwrap();
         server.join().unwrap();
         let r = record.lock().unwrap();
         assert_eq!(r.appended, vec![first, last]);
         assert_eq!(r.skipped, vec![SkipReason::TooLarge]);
-        assert!(uris.lock().unwrap()[1].ends_with("cursor=999000000"), "{:?}", uris.lock().unwrap());
+        assert!(
+            uris.lock().unwrap()[1].ends_with("cursor=999000000"),
+            "{:?}",
+            uris.lock().unwrap()
+        );
     }
 
     #[test]
@@ -1118,12 +1233,16 @@ mod tests {
             thread::spawn(move || {
                 let mut ws = accept(&listener, &uris);
                 ws.send(Message::text(event(0, 1))).unwrap();
-                ws.get_mut().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                ws.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
                 while ws.read().is_ok() {}
             })
         };
         let stop = AtomicBool::new(false);
-        let err = Follower::new(test_config(url)).run(&mut Failing, &stop).unwrap_err();
+        let err = Follower::new(test_config(url))
+            .run(&mut Failing, &stop)
+            .unwrap_err();
         assert_eq!(format!("{err:#}"), "event sink failed: disk full");
         server.join().unwrap();
     }
@@ -1132,14 +1251,27 @@ mod tests {
     fn unreachable_upstreams_fail_over_in_turn() {
         // Two closed ports: every attempt fails; the follower alternates between them.
         let ports: Vec<u16> = (0..2)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+            .map(|_| {
+                TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
             .collect();
         let mut config = test_config(String::new());
-        config.urls = ports.iter().map(|p| format!("ws://127.0.0.1:{p}/subscribe")).collect();
+        config.urls = ports
+            .iter()
+            .map(|p| format!("ws://127.0.0.1:{p}/subscribe"))
+            .collect();
         let record = Arc::new(Mutex::new(Record::default()));
         let (stop, handle) = spawn_follower(Follower::new(config.clone()), &record);
         wait_for(&record, "four failed attempts", |r| {
-            r.states.iter().filter(|s| matches!(s, ConnectionState::Disconnected { .. })).count() >= 4
+            r.states
+                .iter()
+                .filter(|s| matches!(s, ConnectionState::Disconnected { .. }))
+                .count()
+                >= 4
         });
         stop.store(true, Ordering::Relaxed);
         handle.join().unwrap().unwrap();
@@ -1153,7 +1285,15 @@ mod tests {
             })
             .take(4)
             .collect();
-        assert_eq!(tried, [&config.urls[0], &config.urls[1], &config.urls[0], &config.urls[1]]);
+        assert_eq!(
+            tried,
+            [
+                &config.urls[0],
+                &config.urls[1],
+                &config.urls[0],
+                &config.urls[1]
+            ]
+        );
         let attempts: Vec<u32> = r
             .states
             .iter()
