@@ -351,6 +351,7 @@ impl ShapeKey {
         if label.len() <= MAX_SHAPE_LABEL_BYTES {
             return label;
         }
+        // Any fixed hash will do; FNV-1a is already at hand.
         let hash = crate::event::did_hash(&label);
         // "~" + 8 hex digits.
         let mut cut = MAX_SHAPE_LABEL_BYTES - 9;
