@@ -921,4 +921,35 @@ mod tests {
         assert_eq!(scan_time_us(br#"{"a":"unterminated"#), None);
         assert_eq!(scan_time_us(br#"{"a":{"b":[}}]}"#), None);
     }
+
+    #[test]
+    #[ignore = "throughput report: cargo test --release --lib -- --ignored --nocapture"]
+    fn parse_and_scan_throughput() {
+        let lines = sample_lines();
+        let bytes: usize = lines.iter().map(|l| l.len()).sum();
+        let rounds = 2_000;
+        let started = std::time::Instant::now();
+        let mut keys = 0u64;
+        for _ in 0..rounds {
+            for l in &lines {
+                keys = keys.wrapping_add(parse_event(l.as_bytes()).unwrap().dedup_key);
+            }
+        }
+        let parse = started.elapsed();
+        let started = std::time::Instant::now();
+        let mut times = 0i64;
+        for _ in 0..rounds {
+            for l in &lines {
+                times = times.wrapping_add(scan_time_us(l.as_bytes()).unwrap());
+            }
+        }
+        let scan = started.elapsed();
+        let n = (rounds * lines.len()) as f64;
+        println!(
+            "parse_event: {:.2} µs/event ({:.0} MB/s); scan_time_us: {:.3} µs/event [{keys:x}{times:x}]",
+            parse.as_secs_f64() * 1e6 / n,
+            (rounds * bytes) as f64 / parse.as_secs_f64() / 1e6,
+            scan.as_secs_f64() * 1e6 / n,
+        );
+    }
 }
