@@ -605,7 +605,15 @@ impl Follower {
     /// abandoned within [`POLL_INTERVAL`] of `stop`.
     fn connect(&mut self, url: &str, stop: &AtomicBool) -> anyhow::Result<Socket> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        let request = url.into_client_request().context("invalid upstream URL")?;
+        let mut request = url.into_client_request().context("invalid upstream URL")?;
+        // Lets upstream operators tell relays apart from end clients.
+        request.headers_mut().insert(
+            tungstenite::http::header::USER_AGENT,
+            tungstenite::http::HeaderValue::from_static(concat!(
+                "jetrelay/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        );
         let uri = request.uri();
         let (tls, default_port) = match uri.scheme_str() {
             Some("ws") => (false, 80),
@@ -985,6 +993,10 @@ mod tests {
     fn accept(listener: &TcpListener, uris: &Mutex<Vec<String>>) -> WebSocket<TcpStream> {
         let (stream, _) = listener.accept().unwrap();
         tungstenite::accept_hdr(stream, |req: &Request, resp: Response| {
+            assert_eq!(
+                req.headers()["user-agent"],
+                concat!("jetrelay/", env!("CARGO_PKG_VERSION"))
+            );
             uris.lock().unwrap().push(req.uri().to_string());
             Ok(resp)
         })
