@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use jetrelay::proxy_protocol::{ProxyParse, parse_v2};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,7 +36,8 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("jetrelay-tls-it-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("jetrelay-tls-it-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -92,9 +93,7 @@ impl Pki {
         }
         params.distinguished_name.push(DnType::CommonName, names[0]);
         params.serial_number = Some(SerialNumber::from(serial));
-        let cert = params
-            .signed_by(&key, &self.ca_cert, &self.ca_key)
-            .unwrap();
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         Leaf {
             chain_pem: format!("{}{}", cert.pem(), self.ca_cert.pem()),
             key_pem: key.serialize_pem(),
@@ -387,7 +386,9 @@ async fn tls_connect(
 }
 
 fn leaf_der(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 async fn echo_round(tls: &mut TlsStream<TcpStream>, msg: &[u8]) {
@@ -471,7 +472,9 @@ async fn echo_through_unix_backend_carries_the_real_client_address() {
         let mut backend = Backend::unix("echo-unix", Mode::Echo).await;
         let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
 
-        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost").await.unwrap();
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
         let client_addr = tls.get_ref().0.local_addr().unwrap();
         let (_, conn) = tls.get_ref();
         assert_eq!(conn.alpn_protocol(), Some(&b"http/1.1"[..]));
@@ -514,7 +517,9 @@ async fn tcp_backend_streams_exact_bytes_and_measures_throughput() {
         let mut backend = Backend::tcp(Mode::Stream(LEN)).await;
         let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
 
-        let mut tls = tls_connect(sidecar.addr, &rig.client, "127.0.0.1").await.unwrap();
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "127.0.0.1")
+            .await
+            .unwrap();
         let client_addr = tls.get_ref().0.local_addr().unwrap();
         let start = Instant::now();
         let expected = pattern(LEN);
@@ -575,7 +580,10 @@ async fn thousand_concurrent_connections_each_get_their_own_bytes() {
         }
         locals.sort();
         sources.sort();
-        assert_eq!(sources, locals, "every client's real address reached the backend");
+        assert_eq!(
+            sources, locals,
+            "every client's real address reached the backend"
+        );
     })
     .await;
 }
@@ -593,7 +601,9 @@ async fn idle_connection_memory_is_small() {
         for _ in 0..2 {
             let mut warm = Vec::new();
             for _ in 0..BATCH {
-                let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost").await.unwrap();
+                let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+                    .await
+                    .unwrap();
                 echo_round(&mut tls, b"warm").await;
                 warm.push(tls);
             }
@@ -625,11 +635,715 @@ async fn idle_connection_memory_is_small() {
             "memory: RSS {before} KiB -> {after} KiB with {N} idle established connections: \
              {per_conn:.1} KiB per connection"
         );
-        assert!(per_conn <= 32.0, "{per_conn:.1} KiB per idle connection exceeds 32 KiB");
+        assert!(
+            per_conn <= 32.0,
+            "{per_conn:.1} KiB per idle connection exceeds 32 KiB"
+        );
         // They all still work.
         for tls in held.iter_mut().step_by(97) {
             echo_round(tls, b"still here").await;
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_is_picked_up_and_old_connections_keep_streaming() {
+    bounded(async {
+        let rig = Rig::new("rotate");
+        let backend = Backend::unix("rotate", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+
+        let mut old = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        assert_eq!(leaf_der(&old), rig.leaf.der);
+        echo_round(&mut old, b"before rotation").await;
+
+        // Renew on disk the way ACME clients do (write new files, rename over the old).
+        let renewed = rig.pki.leaf(&["localhost", "127.0.0.1"], 2);
+        install(&rig.dir, "default", &renewed);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let fresh = tls_connect(sidecar.addr, &rig.client, "localhost")
+                .await
+                .unwrap();
+            if leaf_der(&fresh) == renewed.der {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "renewed certificate not served within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            sidecar
+                .wait_log(
+                    |l| l.contains("certificates reloaded"),
+                    Duration::from_secs(1)
+                )
+                .is_some()
+        );
+        // The connection made before the reload is untouched.
+        for i in 0..3 {
+            echo_round(&mut old, format!("after rotation {i}").as_bytes()).await;
+        }
+        assert_eq!(leaf_der(&old), rig.leaf.der);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_replacements_are_refused_and_the_old_certificate_keeps_serving() {
+    bounded(async {
+        let rig = Rig::new("invalid");
+        let backend = Backend::unix("invalid", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+        let (cert_path, key_path) = rig.certs[0].clone();
+        let mut old = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+
+        // 1. Garbage PEM in the certificate file.
+        atomic_write(
+            &cert_path,
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n",
+        );
+        let line = sidecar
+            .wait_log(
+                |l| l.contains("certificate reload failed"),
+                Duration::from_secs(10),
+            )
+            .expect("no reload error logged");
+        assert!(line.contains(&cert_path.display().to_string()), "{line}");
+        let fresh = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        assert_eq!(leaf_der(&fresh), rig.leaf.der);
+
+        // 2. A valid certificate with somebody else's key.
+        let other = rig.pki.leaf(&["localhost", "127.0.0.1"], 3);
+        let stranger = rig.pki.leaf(&["stranger.test"], 4);
+        atomic_write(&key_path, &stranger.key_pem);
+        atomic_write(&cert_path, &other.chain_pem);
+        let line = sidecar
+            .wait_log(|l| l.contains("does not match"), Duration::from_secs(10))
+            .expect("no key mismatch logged");
+        assert!(line.contains(&key_path.display().to_string()), "{line}");
+        // The key text never reaches the logs.
+        let secret_line = stranger.key_pem.lines().nth(1).unwrap();
+        assert!(!sidecar.log_text().contains(secret_line));
+        let fresh = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        assert_eq!(leaf_der(&fresh), rig.leaf.der);
+        echo_round(&mut old, b"old connection unaffected").await;
+
+        // 3. Fixing the key recovers without a restart.
+        atomic_write(&key_path, &other.key_pem);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let fresh = tls_connect(sidecar.addr, &rig.client, "localhost")
+                .await
+                .unwrap();
+            if leaf_der(&fresh) == other.der {
+                break;
+            }
+            assert!(Instant::now() < deadline, "fixed pair not picked up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_forces_a_reload() {
+    bounded(async {
+        let rig = Rig::new("sighup");
+        let backend = Backend::unix("sighup", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+        sidecar.signal(rustix::process::Signal::HUP);
+        let line = sidecar
+            .wait_log(
+                |l| l.contains("certificates reloaded"),
+                Duration::from_secs(10),
+            )
+            .expect("no reload after SIGHUP");
+        assert!(line.contains("forced=true"), "{line}");
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut tls, b"still serving").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_selects_exact_wildcard_and_default_certificates() {
+    bounded(async {
+        let mut rig = Rig::new("sni");
+        let a = rig.pki.leaf(&["a.test"], 10);
+        let b = rig.pki.leaf(&["*.b.test", "b.test"], 11);
+        rig.certs.push(install(&rig.dir, "a", &a));
+        rig.certs.push(install(&rig.dir, "b", &b));
+        let backend = Backend::unix("sni", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+
+        for (name, expected) in [
+            ("a.test", &a.der),
+            ("b.test", &b.der),
+            ("x.b.test", &b.der),
+            ("localhost", &rig.leaf.der),
+            // No SNI at all (an IP address as the name): the first pair.
+            ("127.0.0.1", &rig.leaf.der),
+        ] {
+            let mut tls = tls_connect(sidecar.addr, &rig.client, name).await.unwrap();
+            assert_eq!(&leaf_der(&tls), expected, "name {name}");
+            echo_round(&mut tls, name.as_bytes()).await;
+        }
+        // An unknown name gets the default, which the client then rejects.
+        let err = tls_connect(sidecar.addr, &rig.client, "unknown.test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("certificate"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_pkcs1_and_sec1_keys_from_openssl_work() {
+    bounded(async {
+        if Command::new("openssl").arg("version").output().is_err() {
+            println!("SKIPPED: openssl not installed");
+            return;
+        }
+        let rig = Rig::new("keyformats");
+        let mut certs = rig.certs.clone();
+        let mut ders = Vec::new();
+        for (name, genkey) in [
+            (
+                "rsa.test",
+                vec!["genrsa", "-traditional", "-out", "KEY", "2048"],
+            ),
+            (
+                "ec.test",
+                vec!["ecparam", "-name", "prime256v1", "-genkey", "-out", "KEY"],
+            ),
+        ] {
+            let key = rig.dir.path(&format!("{name}.key"));
+            let cert = rig.dir.path(&format!("{name}.pem"));
+            let args: Vec<String> = genkey
+                .iter()
+                .map(|a| {
+                    if *a == "KEY" {
+                        key.display().to_string()
+                    } else {
+                        a.to_string()
+                    }
+                })
+                .collect();
+            assert!(
+                Command::new("openssl")
+                    .args(&args)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            let text = std::fs::read_to_string(&key).unwrap();
+            let marker = if name.starts_with("rsa") {
+                "BEGIN RSA PRIVATE KEY"
+            } else {
+                "BEGIN EC PRIVATE KEY"
+            };
+            assert!(text.contains(marker), "{name}: expected a {marker} file");
+            let ok = Command::new("openssl")
+                .args(["req", "-x509", "-new", "-key"])
+                .arg(&key)
+                .args(["-out"])
+                .arg(&cert)
+                .args(["-days", "2", "-subj", &format!("/CN={name}"), "-addext"])
+                .arg(format!("subjectAltName=DNS:{name}"))
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            let pem = std::fs::read(&cert).unwrap();
+            use rustls::pki_types::pem::PemObject;
+            ders.push(CertificateDer::from_pem_slice(&pem).unwrap());
+            certs.push((cert, key));
+        }
+        let backend = Backend::unix("keyformats", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &certs, &[]);
+        // These are self-signed: accept any certificate, and just compare what we got.
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        for (name, der) in [("rsa.test", &ders[0]), ("ec.test", &ders[1])] {
+            let mut tls = tls_connect(sidecar.addr, &config, name).await.unwrap();
+            assert_eq!(&leaf_der(&tls), der, "{name}");
+            echo_round(&mut tls, name.as_bytes()).await;
+        }
+    })
+    .await;
+}
+
+/// A verifier for self-signed test certificates; still checks the handshake signature.
+#[derive(Debug)]
+struct AcceptAnything;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_plain_http_and_truncated_hello_close_only_that_connection() {
+    bounded(async {
+        let rig = Rig::new("garbage");
+        let backend = Backend::unix("garbage", Mode::Echo).await;
+        // A long handshake timeout: a prompt close below proves it was the bad input.
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &["--handshake-timeout", "30s"]);
+        let mut good = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut good, b"before").await;
+
+        let hello = client_hello_bytes(&rig.client);
+        let inputs: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "random garbage",
+                (0..2000u32).map(|i| (i * 7919 % 256) as u8).collect(),
+            ),
+            (
+                "plaintext HTTP",
+                b"GET /subscribe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            ),
+            (
+                "truncated ClientHello + FIN",
+                hello[..hello.len() / 2].to_vec(),
+            ),
+        ];
+        for (what, bytes) in inputs {
+            let start = Instant::now();
+            let mut tcp = TcpStream::connect(sidecar.addr).await.unwrap();
+            tcp.write_all(&bytes).await.unwrap();
+            if what.contains("FIN") {
+                tcp.shutdown().await.unwrap();
+            }
+            let (reply, _) = read_until_close(&mut tcp, Duration::from_secs(5)).await;
+            assert!(start.elapsed() < Duration::from_secs(5), "{what}");
+            // At most a TLS alert came back, never application data.
+            assert!(reply.len() < 64, "{what}: {} bytes back", reply.len());
+            if let Some(&first) = reply.first() {
+                assert_eq!(first, 0x15, "{what}: expected a TLS alert record");
+            }
+        }
+        echo_round(&mut good, b"after").await;
+        let mut fresh = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut fresh, b"new connection").await;
+        assert!(sidecar.count_logs(|l| l.contains("TLS handshake failed")) >= 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_timeout_closes_silent_and_stalled_clients() {
+    bounded(async {
+        let rig = Rig::new("hs-timeout");
+        let backend = Backend::unix("hs-timeout", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &["--handshake-timeout", "1s"]);
+        let hello = client_hello_bytes(&rig.client);
+        for partial in [&[][..], &hello[..hello.len() / 2]] {
+            let start = Instant::now();
+            let mut tcp = TcpStream::connect(sidecar.addr).await.unwrap();
+            tcp.write_all(partial).await.unwrap();
+            read_until_close(&mut tcp, Duration::from_secs(5)).await;
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(900),
+                "closed too early: {took:?}"
+            );
+            assert!(took < Duration::from_secs(4), "closed too late: {took:?}");
+        }
+        assert_eq!(
+            sidecar.count_logs(|l| l.contains("TLS handshake timed out")),
+            2
+        );
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut tls, b"fine").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_down_gives_the_client_a_clean_tls_close() {
+    bounded(async {
+        let rig = Rig::new("backend-down");
+        let missing = format!("unix:{}", rig.dir.path("nobody-listens.sock").display());
+        let sidecar = Sidecar::start(&missing, &rig.certs, &[]);
+        for _ in 0..3 {
+            let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+                .await
+                .unwrap();
+            let (got, clean) = read_until_close(&mut tls, Duration::from_secs(5)).await;
+            assert!(got.is_empty());
+            assert!(clean, "expected close_notify, not an abrupt close");
+        }
+        // One warning, not one per connection.
+        assert_eq!(
+            sidecar.count_logs(|l| l.contains("cannot reach the backend; closing")),
+            1
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_close_reaches_the_client_as_close_notify() {
+    bounded(async {
+        let rig = Rig::new("backend-close");
+        let backend = Backend::unix("backend-close", Mode::SayAndClose(b"bye\n")).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        let (got, clean) = read_until_close(&mut tls, Duration::from_secs(5)).await;
+        assert_eq!(got, b"bye\n");
+        assert!(clean, "expected close_notify after the backend's FIN");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_quiet_connections_cleanly() {
+    bounded(async {
+        let rig = Rig::new("idle");
+        let backend = Backend::unix("idle", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &["--idle-timeout", "1s"]);
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut tls, b"one").await;
+        let start = Instant::now();
+        let (got, clean) = read_until_close(&mut tls, Duration::from_secs(5)).await;
+        let took = start.elapsed();
+        assert!(got.is_empty() && clean);
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_closes_the_excess_at_once() {
+    bounded(async {
+        let rig = Rig::new("max-conns");
+        let backend = Backend::unix("max-conns", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &["--max-connections", "2"]);
+        let mut a = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        let mut b = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut a, b"a").await;
+        echo_round(&mut b, b"b").await;
+        let start = Instant::now();
+        let err = tls_connect(sidecar.addr, &rig.client, "localhost").await;
+        assert!(err.is_err(), "third connection should have been refused");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(sidecar.count_logs(|l| l.contains("max_connections reached")) >= 1);
+        // Capacity comes back when a connection leaves.
+        a.shutdown().await.unwrap();
+        read_until_close(&mut a, Duration::from_secs(5)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut c = loop {
+            if let Ok(c) = tls_connect(sidecar.addr, &rig.client, "localhost").await {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "slot never freed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        echo_round(&mut c, b"c").await;
+        echo_round(&mut b, b"b again").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_drains_established_connections() {
+    bounded(async {
+        let rig = Rig::new("drain");
+        let backend = Backend::unix("drain", Mode::Echo).await;
+        let mut sidecar = Sidecar::start(&backend.arg, &rig.certs, &["--drain-timeout", "20s"]);
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut tls, b"before").await;
+        sidecar.signal(rustix::process::Signal::TERM);
+        sidecar
+            .wait_log(|l| l.contains("draining"), Duration::from_secs(5))
+            .expect("no drain started");
+        // No new connections ...
+        assert!(
+            tls_connect(sidecar.addr, &rig.client, "localhost")
+                .await
+                .is_err()
+        );
+        // ... but the established one keeps working until it leaves.
+        echo_round(&mut tls, b"during drain").await;
+        assert!(
+            sidecar.child.try_wait().unwrap().is_none(),
+            "exited before the drain"
+        );
+        tls.shutdown().await.unwrap();
+        read_until_close(&mut tls, Duration::from_secs(5)).await;
+        let status = sidecar
+            .wait_exit(Duration::from_secs(10))
+            .expect("did not exit after drain");
+        assert!(status.success(), "{status:?}");
+        assert!(sidecar.log_text().contains("all connections closed"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_bounds_shutdown() {
+    bounded(async {
+        let rig = Rig::new("drain-timeout");
+        let backend = Backend::unix("drain-timeout", Mode::Echo).await;
+        let mut sidecar = Sidecar::start(&backend.arg, &rig.certs, &["--drain-timeout", "1s"]);
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut tls, b"hold").await;
+        let start = Instant::now();
+        sidecar.signal(rustix::process::Signal::INT);
+        let status = sidecar
+            .wait_exit(Duration::from_secs(10))
+            .expect("did not exit");
+        assert!(status.success());
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_s_client_negotiates_tls13_and_tls12_and_sees_the_subject() {
+    bounded(async {
+        if Command::new("openssl").arg("version").output().is_err() {
+            println!("SKIPPED: openssl not installed");
+            return;
+        }
+        let rig = Rig::new("openssl");
+        let backend = Backend::unix("openssl", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+        let ca = rig.dir.path("ca.pem");
+        rig.pki.write_ca(&ca);
+        for (flag, expected) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+            let addr = sidecar.addr.to_string();
+            let ca = ca.clone();
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new("openssl")
+                    .args(["s_client", "-connect", &addr, "-servername", "localhost"])
+                    .args(["-alpn", "http/1.1", flag, "-CAfile"])
+                    .arg(&ca)
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                text.contains(&format!("New, {expected}, Cipher is")),
+                "{text}"
+            );
+            assert!(
+                text.contains("subject=CN = localhost") || text.contains("subject=CN=localhost"),
+                "{text}"
+            );
+            assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+            assert!(text.contains("ALPN protocol: http/1.1"), "{text}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_ready_and_status() {
+    bounded(async {
+        let rig = Rig::new("notify");
+        let backend = Backend::unix("notify", Mode::Echo).await;
+        let socket_path = rig.dir.path("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let sidecar = Sidecar::start_with_env(
+            &backend.arg,
+            &rig.certs,
+            &[],
+            &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+        );
+        let mut tls = tls_connect(sidecar.addr, &rig.client, "localhost")
+            .await
+            .unwrap();
+        echo_round(&mut tls, b"count me").await;
+        let messages = tokio::task::spawn_blocking(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // READY first, then a STATUS tick (every 5 s) showing the connection.
+            while !seen.iter().any(|m: &String| m.contains("1 established")) {
+                let n = socket.recv(&mut buf).expect("no sd_notify message in time");
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            seen
+        })
+        .await
+        .unwrap();
+        assert!(messages[0].contains("READY=1"), "{messages:?}");
+        assert!(
+            messages.iter().any(|m| m.contains("STATUS=1 established")),
+            "{messages:?}"
+        );
+        drop(sidecar);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn config_layers_file_env_and_flags_and_errors_name_the_setting() {
+    bounded(async {
+        let rig = Rig::new("config");
+        let (cert, key) = rig.certs[0].clone();
+        let toml = rig.dir.path("tls.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "listen = [\"127.0.0.1:1443\"]\nbackend = \"unix:/from/file.sock\"\n\
+                 cert = [{cert:?}]\nkey = [{key:?}]\n"
+            ),
+        )
+        .unwrap();
+        let run = |env: &[(&str, &str)], args: &[&str]| {
+            let mut cmd = Command::new(sidecar_binary());
+            cmd.arg("--check-config")
+                .arg("--config")
+                .arg(&toml)
+                .args(args);
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = cmd.output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let (ok, text) = run(&[], &[]);
+        assert!(ok, "{text}");
+        assert!(
+            text.contains("127.0.0.1:1443") && text.contains("unix:/from/file.sock"),
+            "{text}"
+        );
+
+        // env beats file
+        let (ok, text) = run(&[("JETRELAY_TLS_LISTEN", "[::1]:2443")], &[]);
+        assert!(
+            ok && text.contains("[::1]:2443") && !text.contains("127.0.0.1:1443"),
+            "{text}"
+        );
+        // flags beat env
+        let (ok, text) = run(
+            &[("JETRELAY_TLS_BACKEND", "127.0.0.1:7000")],
+            &["--backend", "127.0.0.1:7001"],
+        );
+        assert!(ok && text.contains("backend: 127.0.0.1:7001"), "{text}");
+        let (ok, text) = run(&[("JETRELAY_TLS_BACKEND", "127.0.0.1:7000")], &[]);
+        assert!(ok && text.contains("backend: 127.0.0.1:7000"), "{text}");
+
+        // errors name the setting
+        let (ok, text) = run(&[("JETRELAY_TLS_MAX_CONNECTIONS", "lots")], &[]);
+        assert!(
+            !ok && text.to_lowercase().contains("max_connections"),
+            "{text}"
+        );
+        let (ok, text) = run(&[], &["--handshake-timeout", "soon"]);
+        assert!(!ok && text.contains("handshake_timeout"), "{text}");
+        let (ok, text) = run(
+            &[],
+            &[
+                "--key",
+                "/nonexistent/key.pem",
+                "--cert",
+                "/nonexistent/cert.pem",
+            ],
+        );
+        assert!(!ok && text.contains("/nonexistent/cert.pem"), "{text}");
     })
     .await;
 }

@@ -23,14 +23,25 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// File descriptors needed besides the two per connection (listeners, logs, runtime).
 const FD_HEADROOM: u64 = 64;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whole cause chain: "loading certificates: /etc/…/key.pem does not …".
+            eprintln!("jetrelay-tls: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli)?;
 
     if cli.check_config {
         let provider = rustls::crypto::ring::default_provider();
-        let store = CertStore::load(&config.certs, &provider)?;
+        let store = CertStore::load(&config.certs, &provider).context("loading certificates")?;
         println!("configuration ok");
         println!("listen: {:?}", config.listen);
         println!("backend: {}", config.backend);
@@ -38,7 +49,6 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    raise_fd_limit(config.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("jetrelay-tls")
@@ -48,7 +58,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let max_connections = config.max_connections;
     let server = Server::bind(config).await?;
+    raise_fd_limit(max_connections);
     let stats = server.stats();
     tokio::spawn(reload_on_sighup(server.reload_handle()));
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -36,12 +36,12 @@ pub const MAX_PEM_FILE_LEN: u64 = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     /// The file could not be opened or read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, not a separate cause: one line per failure).
+        error: std::io::Error,
     },
     /// The file is larger than [`MAX_PEM_FILE_LEN`].
     #[error("{} is larger than {MAX_PEM_FILE_LEN} bytes; not a PEM certificate or key", path.display())]
@@ -248,9 +248,9 @@ fn leaf_dns_names(leaf: &CertificateDer<'_>) -> Result<Vec<String>, String> {
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>, CertError> {
-    let read_err = |source| CertError::Read {
+    let read_err = |error| CertError::Read {
         path: path.to_owned(),
-        source,
+        error,
     };
     let file = fs::File::open(path).map_err(read_err)?;
     let mut buf = Vec::new();
@@ -482,7 +482,7 @@ mod tests {
         assert!(!msg.contains(secret_line) && !format!("{err:?}").contains(secret_line));
 
         fs::write(&a.cert, "not a certificate\n").unwrap();
-        let err = CertStore::load(&[a.clone()], &provider()).unwrap_err();
+        let err = CertStore::load(std::slice::from_ref(&a), &provider()).unwrap_err();
         assert!(matches!(err, CertError::NoCertificate { .. }), "{err:?}");
         assert!(err.to_string().contains("a.crt"));
 

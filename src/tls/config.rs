@@ -340,7 +340,7 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A layer could not be read or a value did not parse (figment names key and source).
-    #[error("{0}")]
+    #[error(transparent)]
     Figment(#[from] Box<figment::Error>),
     /// A value outside its allowed range.
     #[error("setting `{setting}`: {reason}")]

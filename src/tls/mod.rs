@@ -64,13 +64,13 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The initial certificates could not be loaded.
-    #[error("loading certificates: {0}")]
+    #[error("loading certificates")]
     Certs(#[from] certs::CertError),
     /// rustls refused the configuration.
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Tls(#[from] rustls::Error),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
@@ -129,7 +129,15 @@ impl Server {
 
         let mut listeners = Vec::with_capacity(config.listen.len());
         for &addr in &config.listen {
-            let listener = listen(addr).map_err(|source| StartError::Listen { addr, source })?;
+            // `[::]:443` next to `0.0.0.0:443` must not claim IPv4 too (Linux dual-stack
+            // default), or the second bind fails with EADDRINUSE.
+            let v6_only = addr.is_ipv6()
+                && config
+                    .listen
+                    .iter()
+                    .any(|other| other.is_ipv4() && other.port() == addr.port());
+            let listener =
+                listen(addr, v6_only).map_err(|source| StartError::Listen { addr, source })?;
             info!(addr = %listener.local_addr().unwrap_or(addr), "listening");
             listeners.push(listener);
         }
@@ -217,12 +225,15 @@ impl Server {
 }
 
 /// Binds a listener with SO_REUSEADDR (restarts don't wait out TIME_WAIT) and our backlog.
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    if v6_only {
+        rustix::net::sockopt::set_ipv6_v6only(&socket, true)?;
+    }
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
