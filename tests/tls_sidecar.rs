@@ -6,6 +6,9 @@
 //! File descriptors: a test with N connections costs 2N in the sidecar and 2N here; the
 //! largest here uses 1,000 connections (~4,000 fds in all). Tests needing more than ~2,500
 //! fds are prefixed `scale_`.
+//!
+//! Knobs: `TLS_SIDECAR_BIN=path` runs another build of the sidecar (e.g. release, for the
+//! throughput numbers); `TLS_SIDECAR_TEST_LOGS=1` echoes the sidecar's log lines.
 
 use std::io::{BufRead, BufReader as StdBufReader};
 use std::net::SocketAddr;
@@ -32,6 +35,7 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 // ---------------------------------------------------------------------------------------------
 // Scratch directory
 
+/// A directory removed when the test ends.
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -57,14 +61,19 @@ impl Drop for TempDir {
 // Test PKI: one CA, leaves issued on demand.
 
 struct Pki {
+    /// The CA certificate clients trust.
     ca_cert: rcgen::Certificate,
+    /// Signs the leaves.
     ca_key: KeyPair,
 }
 
 /// A leaf as written to disk, plus its DER to recognise it on the wire.
 struct Leaf {
+    /// Leaf + CA, as in an ACME fullchain.pem.
     chain_pem: String,
+    /// PKCS#8 private key.
     key_pem: String,
+    /// The leaf's DER, compared with what the server presents.
     der: CertificateDer<'static>,
 }
 
@@ -155,6 +164,7 @@ struct Backend {
     arg: String,
     /// One entry per accepted connection: the PROXY source address.
     sources: mpsc::UnboundedReceiver<Option<SocketAddr>>,
+    /// Holds the Unix socket's directory for the test's lifetime.
     _dir: Option<TempDir>,
 }
 
@@ -278,8 +288,11 @@ fn pattern(len: usize) -> Vec<u8> {
 // The sidecar process.
 
 struct Sidecar {
+    /// The process (killed on drop).
     child: Child,
+    /// Where it listens (it binds port 0 and logs the address).
     addr: SocketAddr,
+    /// Every stderr line so far.
     logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -527,10 +540,15 @@ fn client_hello_bytes(config: &Arc<rustls::ClientConfig>) -> Vec<u8> {
 
 /// Common setup: a CA, a default leaf for localhost/127.0.0.1, a sidecar over `backend`.
 struct Rig {
+    /// Certificates live here.
     dir: TempDir,
+    /// Issues more leaves.
     pki: Pki,
+    /// Client config trusting the CA, offering ALPN http/1.1.
     client: Arc<rustls::ClientConfig>,
+    /// The default pair's leaf.
     leaf: Leaf,
+    /// `--cert`/`--key` pairs for the sidecar; the first is the default.
     certs: Vec<(PathBuf, PathBuf)>,
 }
 

@@ -50,7 +50,7 @@ impl Stats {
         format!(
             "{} established, {} handshaking; totals: {} accepted, {} over capacity, \
              {} handshake failures, {} handshake timeouts, {} backend failures, \
-             {} idle timeouts",
+             {} idle timeouts, {} half-close timeouts, {} accept errors",
             self.established.load(Ordering::Relaxed),
             self.handshaking.load(Ordering::Relaxed),
             Self::get(&self.accepted),
@@ -59,6 +59,8 @@ impl Stats {
             Self::get(&self.handshake_timeouts),
             Self::get(&self.backend_failures),
             Self::get(&self.idle_timeouts),
+            Self::get(&self.half_close_timeouts),
+            Self::get(&self.accept_errors),
         )
     }
 }

@@ -382,10 +382,12 @@ mod tests {
         half_close: Duration::from_secs(30),
     };
 
-    /// (client end held by the test, client end given to the pump) etc.
     struct Rig {
+        /// The test's end of the client stream.
         client: DuplexStream,
+        /// The test's end of the backend stream.
         backend: DuplexStream,
+        /// The pump between them.
         task: tokio::task::JoinHandle<(Outcome, Traffic)>,
     }
 
