@@ -96,8 +96,8 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     /// State shared with every connection task.
     shared: Arc<Shared>,
-    /// Settings, for draining.
-    config: Config,
+    /// How long `run` waits for established connections after shutdown is requested.
+    drain_timeout: Duration,
     /// Keeps the watcher thread alive until [`Server::run`] ends.
     reload: ReloadHandle,
 }
@@ -162,7 +162,7 @@ impl Server {
         Ok(Server {
             listeners,
             shared,
-            config,
+            drain_timeout: config.drain_timeout,
             reload,
         })
     }
@@ -204,16 +204,13 @@ impl Server {
         let open = shared.max_connections - shared.connections.available_permits();
         info!(
             open,
-            drain_timeout = ?self.config.drain_timeout,
+            drain_timeout = ?self.drain_timeout,
             "stopped accepting; draining connections"
         );
         // Every connection task holds one permit: holding them all means all are gone.
         let all = u32::try_from(shared.max_connections).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(
-            self.config.drain_timeout,
-            shared.connections.acquire_many(all),
-        )
-        .await;
+        let drained =
+            tokio::time::timeout(self.drain_timeout, shared.connections.acquire_many(all)).await;
         let left = shared.max_connections - shared.connections.available_permits();
         match drained {
             Ok(_) => info!("all connections closed"),
