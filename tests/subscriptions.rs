@@ -18,7 +18,7 @@ mod common;
 use std::io::Read;
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -382,9 +382,26 @@ fn step(at_ms: u64, after_frames: usize, text: String) -> Step {
     }
 }
 
+/// Tells client threads when to stop: [`RUN`], [`DRAIN`] or [`HALT`].
+type Stop = Arc<AtomicU8>;
+/// Keep reading.
+const RUN: u8 = 0;
+/// The stream is complete: stop once quiet for [`QUIET`].
+const DRAIN: u8 = 1;
+/// Stop now (endless streams).
+const HALT: u8 = 2;
+
+fn drain(stop: &Stop) {
+    stop.store(DRAIN, Ordering::SeqCst);
+}
+
+fn halt(stop: &Stop) {
+    stop.store(HALT, Ordering::SeqCst);
+}
+
 /// Reads (and runs its script) until `stop` is set and the connection was quiet for [`QUIET`],
 /// or the relay closes it.
-fn run_client(mut ws: Ws, steps: Vec<Step>, stop: Arc<AtomicBool>) -> Outcome {
+fn run_client(mut ws: Ws, steps: Vec<Step>, stop: Stop) -> Outcome {
     let start = Instant::now();
     let mut last = start;
     let mut out = Outcome::default();
@@ -404,7 +421,8 @@ fn run_client(mut ws: Ws, steps: Vec<Step>, stop: Arc<AtomicBool>) -> Outcome {
             }
             last = Instant::now();
         }
-        if steps.peek().is_none() && stop.load(Ordering::SeqCst) && last.elapsed() >= QUIET {
+        let stopping = stop.load(Ordering::SeqCst);
+        if steps.peek().is_none() && (stopping == HALT || (stopping == DRAIN && last.elapsed() >= QUIET)) {
             break;
         }
         match read_one(&mut ws) {
@@ -426,7 +444,7 @@ fn spawn_client(
     filter: &Filter,
     how: &Connect,
     steps: Vec<Step>,
-    stop: &Arc<AtomicBool>,
+    stop: &Stop,
 ) -> JoinHandle<Outcome> {
     let (url, headers) = request(relay, filter, how);
     let ws = open(&url, &headers);
@@ -662,7 +680,7 @@ fn filters_alone_and_combined_live_and_replay() {
     // First asked for by a replay client mid-stream.
     let replay_only = Filter::collections(&["app.bsky.actor.status", "app.bsky.feed.post"]).max(800);
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(RUN));
     let live = Connect::default();
     let from0 = Connect {
         cursor: Some(0),
@@ -708,7 +726,7 @@ fn filters_alone_and_combined_live_and_replay() {
     }
     replays.push(("replay-only again".into(), replay_only.clone(), 0, spawn_client(&relay, &replay_only, &from0, vec![], &stop)));
     replays.push((format!("replay-only cursor {mid_cursor}"), replay_only.clone(), mid_start, spawn_client(&relay, &replay_only, &at_mid, vec![], &stop)));
-    stop.store(true, Ordering::SeqCst);
+    drain(&stop);
 
     // The filters are meaningful on this stream.
     let e_of = |s: &u64| &r.evs[*s as usize];
@@ -769,7 +787,7 @@ fn filters_alone_and_combined_live_and_replay() {
 fn compressed_frames_decode_to_the_plain_json() {
     let n = 1500;
     let (_mock, relay) = setup("subs-zstd", 1000, n);
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(RUN));
     let all = Filter::all().zstd();
     let live_q = spawn_client(&relay, &all, &Connect::default(), vec![], &stop);
     let live_h = spawn_client(&relay, &all, &Connect { zstd_header: true, ..Connect::default() }, vec![], &stop);
@@ -778,7 +796,7 @@ fn compressed_frames_decode_to_the_plain_json() {
     // the plain event, which it checks against the generator.
     let r = refs.finish();
     let replay_h = spawn_client(&relay, &all, &Connect { cursor: Some(0), zstd_header: true, ..Connect::default() }, vec![], &stop);
-    stop.store(true, Ordering::SeqCst);
+    drain(&stop);
     for (name, h) in [("live compress=true", live_q), ("live Socket-Encoding", live_h)] {
         let o = join(h);
         let got = r.seqs(&o.frames, true, name);
@@ -809,7 +827,7 @@ fn options_update_mid_stream() {
     let (_mock, relay) = setup("subs-update", 800, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(RUN));
     let dids = some_dids();
     let post = Filter::collections(&["app.bsky.feed.post"]);
     let graph_small = Filter::collections(&["app.bsky.feed.repost", "app.bsky.graph.*"]).max(700);
@@ -836,7 +854,7 @@ fn options_update_mid_stream() {
     let c = spawn_client(&relay, &Filter::dids(&dids), &Connect::default(), c_steps, &stop);
     let probe_after = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
     let r = refs.finish();
-    stop.store(true, Ordering::SeqCst);
+    drain(&stop);
     let b0 = first_seq(&r, &join(probe_before), false, "probe before");
     let a0 = first_seq(&r, &join(probe_after), false, "probe after");
     let live_start = Phase {
@@ -906,7 +924,7 @@ fn require_hello_holds_everything_until_the_first_update() {
     let (_mock, relay) = setup("subs-hello", 600, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(RUN));
     let graph = Filter::collections(&["app.bsky.graph.*"]);
     let dids = some_dids();
     let hello = |f: &Filter, at: u64| vec![step(at, 0, f.update())];
@@ -928,7 +946,7 @@ fn require_hello_holds_everything_until_the_first_update() {
     // Never says hello: never gets anything.
     let d = spawn_client(&relay, &Filter::all(), &live, vec![], &stop);
     let r = refs.finish();
-    stop.store(true, Ordering::SeqCst);
+    drain(&stop);
 
     let o = join(a);
     assert_eq!(o.before_first_send, 0, "a: nothing before the hello");
@@ -938,7 +956,8 @@ fn require_hello_holds_everything_until_the_first_update() {
     let got = r.seqs(&o.frames, true, "b");
     let want = Filter::dids(&dids).zstd();
     check_phases(&r, &got, &[phase(None, 0), phase(Some(want.clone()), 0)], "b");
-    assert!(evidence(&r, &got, &Filter::all(), &want, 0) > 10, "b: the hello's DIDs apply");
+    // check_phases proved that only the hello's DIDs came through; and they did come.
+    assert!(got.len() > 10, "b: events of the hello's DIDs: {}", got.len());
     let o = join(c);
     assert_eq!(o.before_first_send, 0, "c: nothing before the hello");
     check_exact(&r, &r.seqs(&o.frames, false, "c"), &Filter::all(), 0, "c");
@@ -964,7 +983,7 @@ fn relay_restart_replays_the_same_filtered_history() {
         Filter::dids(&dids),
         Filter::all().zstd(),
     ];
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(RUN));
     let from0 = Connect {
         cursor: Some(0),
         ..Connect::default()
@@ -993,7 +1012,7 @@ fn relay_restart_replays_the_same_filtered_history() {
         .iter()
         .map(|f| spawn_client(&relay, f, &from0, vec![], &stop))
         .collect();
-    stop.store(true, Ordering::SeqCst);
+    drain(&stop);
     for (f, o) in filters.iter().zip(before) {
         assert_eq!(o.close.as_ref().map(|c| c.0), Some(1001), "{f:?}: close at shutdown");
         let got = r.seqs(&o.frames, f.compressed, &format!("{f:?}"));
@@ -1051,7 +1070,7 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
     let mock = Mock::start(400, &["--dids", "40"]);
     let dir = temp_dir("subs-invalid");
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(RUN));
     let bystander = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
     let watcher = spawn_client(&relay, &Filter::collections(&["app.bsky.feed.like"]), &Connect::default(), vec![], &stop);
 
@@ -1174,7 +1193,7 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
     // Still serving: a new client gets events, and the bystanders were never interrupted.
     let late = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::SeqCst);
+    halt(&stop);
     let o = join(late);
     assert!(o.frames.len() > 200, "a new client after the refusals got {} events", o.frames.len());
     let o = join(big_hello);
