@@ -1226,3 +1226,93 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
         }
     }
 }
+
+/// Control frames are answered promptly on a connection with nothing else to send: pongs to
+/// client pings, the close reply to a client close, and the close frame for an invalid
+/// `options_update` (none may wait for the worker's next unrelated wake-up).
+#[test]
+fn control_frames_are_answered_promptly_on_idle_connections() {
+    let (_mock, relay) = setup("subs-ctrl", 1000, 300);
+    let refs = RefReaders::start(&relay, 300);
+    refs.finish();
+    // The stream is finished: a live client has nothing to receive.
+    let future = jetrelay::index::now_us() + 3_600_000_000;
+    let mut ws = open(&relay.url(&format!("cursor={future}")), &[]);
+    let mut rtts = Vec::new();
+    for i in 0..5u8 {
+        let t0 = Instant::now();
+        ws.send(Message::Ping(vec![b'p', i].into())).expect("ping");
+        let rtt = loop {
+            match ws.read() {
+                Ok(Message::Pong(p)) => {
+                    assert_eq!(p.as_ref(), &[b'p', i], "pong echoes the ping's payload");
+                    break t0.elapsed();
+                }
+                Ok(m) => panic!("unexpected {m:?}"),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                        && t0.elapsed() < Duration::from_secs(5) => {}
+                Err(e) => panic!("ping {i}: {e}"),
+            }
+        };
+        rtts.push(rtt);
+    }
+    rtts.sort();
+    assert!(rtts[2] < Duration::from_millis(300), "pong round trips {rtts:?}");
+
+    let t0 = Instant::now();
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .expect("close");
+    let reply = read_close(&mut ws, Duration::from_secs(5));
+    let close_rtt = t0.elapsed();
+    assert_eq!(reply.map(|r| r.0), Some(1000), "close reply");
+    assert!(close_rtt < Duration::from_millis(300), "close reply after {close_rtt:?}");
+
+    let mut ws = open(&relay.url(&format!("cursor={future}")), &[]);
+    let t0 = Instant::now();
+    ws.send(Message::text("{not json")).expect("send");
+    let close = read_close(&mut ws, Duration::from_secs(5));
+    let rtt = t0.elapsed();
+    assert_eq!(close.map(|c| c.0), Some(1000));
+    assert!(rtt < Duration::from_millis(300), "close for an invalid update after {rtt:?}");
+}
+
+/// A replay whose filter matches rarely is not slowed down by the index walk's budget: it
+/// must not wait for an unrelated wake-up between two budget-sized steps.
+#[test]
+fn sparse_did_replay_is_not_throttled() {
+    let n: u64 = 40_000;
+    let count = n.to_string();
+    // The default DID population: a DID has a handful of events in the whole stream.
+    let mock = Mock::start(0, &["--count", &count]);
+    let dir = temp_dir("subs-sparse");
+    let relay = Relay::start(&upstream(&mock), &dir, &[]);
+    let g = Generator::new(SEED, jetrelay::mock::DEFAULT_DIDS);
+    let did = g.did_for(n - 10);
+    let want: Vec<u64> = (0..n).filter(|&s| g.did_for(s) == did).collect();
+    assert!(want.len() < 5 && want[0] > 30_000, "a sparse DID: {want:?}");
+    wait_until("the whole stream in the relay", Duration::from_secs(60), || {
+        let mut ws = open(&relay.url(&format!("wantedDids={}&cursor=0", g.did_for(n - 1))), &[]);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if let Got::Frame(f) = read_one(&mut ws) {
+                return Generator::seq_of(&f.data) == Some(n - 1);
+            }
+        }
+        false
+    });
+    let t0 = Instant::now();
+    let mut ws = open(&relay.url(&format!("wantedDids={did}&cursor=0")), &[]);
+    let mut got = Vec::new();
+    while got.len() < want.len() && t0.elapsed() < Duration::from_secs(20) {
+        if let Got::Frame(f) = read_one(&mut ws) {
+            got.push(Generator::seq_of(&f.data).expect("seq"));
+        }
+    }
+    let took = t0.elapsed();
+    assert_eq!(got, want);
+    assert!(took < Duration::from_millis(1500), "replaying {n} events for one DID took {took:?}");
+}
