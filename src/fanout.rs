@@ -466,16 +466,30 @@ impl Worker {
             }
             let ring_sends = self.build_batch();
             Counters::add(&self.hub.counters.ring_loops, 1);
+            // Clients still in the ready queue (a walk that used up its budget) have work now:
+            // blocking for a completion would stall them until an unrelated wake-up.
+            let more = !self.ready.is_empty();
             if ring_sends {
                 self.ring.submit()?;
                 self.unpin_all();
-                if self.ring.completion().is_empty() {
+                if !more && self.ring.completion().is_empty() {
                     self.submit_and_wait()?;
                 }
+            } else if more {
+                self.submit_now()?;
             } else {
                 self.submit_and_wait()?;
             }
             self.reap();
+        }
+    }
+
+    /// Submits without waiting (EINTR/EBUSY: the next loop submits again).
+    fn submit_now(&mut self) -> std::io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -611,6 +625,14 @@ impl Worker {
             if let Some(opts) = c.pending_options.take() {
                 apply_options(&hub, self.id, c, opts);
             }
+            // The next queued control frame goes out in this same batch: re-queueing the
+            // client would leave an idle connection's pong or close waiting for an unrelated
+            // wake-up (up to a whole housekeeping tick).
+            if c.ctrl.is_none()
+                && let Some(next) = c.ctrl_queue.pop()
+            {
+                c.ctrl = Some(Box::new(Ctrl { bytes: next, sent: 0 }));
+            }
             if let Some(ctrl) = c.ctrl.as_ref().filter(|x| x.sent < x.bytes.len()) {
                 let ptr = ctrl.bytes[ctrl.sent..].as_ptr();
                 let len = (ctrl.bytes.len() - ctrl.sent) as u32;
@@ -619,12 +641,6 @@ impl Worker {
                 c.busy = true;
                 c.inflight += 1;
                 self.push(send(fd, ptr, len, ud));
-                return false;
-            }
-            if let Some(next) = c.ctrl_queue.pop() {
-                c.ctrl = Some(Box::new(Ctrl { bytes: next, sent: 0 }));
-                c.queued = true;
-                self.ready.push_back(slot);
                 return false;
             }
             if c.closing.is_some() {
@@ -650,11 +666,13 @@ impl Worker {
                 Source::Contiguous => c.boundary = end,
                 Source::Filtered(w) => {
                     let index = hub.index();
+                    let walked_from = w.next.seq;
                     if let Some((from, to)) = w.next_run(&index, hub.plain.file(), c.compressed, c.shape.as_ref().map(|s| s.start_seq)) {
                         c.pos = from;
                         c.boundary = to;
                     }
-                    if w.next.seq < index.next_seq() && c.pos == c.boundary {
+                    // (No progress — retention overtook the walk — waits for the kick instead.)
+                    if w.next.seq < index.next_seq() && c.pos == c.boundary && w.next.seq > walked_from {
                         // Budget exhausted without a match: continue next loop.
                         drop(index);
                         c.queued = true;
