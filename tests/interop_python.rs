@@ -187,6 +187,8 @@ fn python_websockets_client_interoperates() {
     );
     let rtts = summary["ping_rtt_ms"].as_array().expect("ping_rtt_ms");
     assert_eq!(rtts.len(), 3, "three pongs");
+    // An idle connection's pong must not wait for the relay's next housekeeping tick (1 s).
+    assert!(rtts.iter().all(|r| r.as_f64().is_some_and(|ms| ms < 500.0)), "ping round trips (ms): {rtts:?}");
     assert_eq!(summary["close_sent"], serde_json::json!([1000, "bye"]));
     assert_eq!(summary["close_rcvd"][0], 1000, "the relay answers a close with a close");
     assert_eq!(summary["close_rcvd_then_sent"], false, "the client closed first");
