@@ -1316,3 +1316,145 @@ fn sparse_did_replay_is_not_throttled() {
     assert_eq!(got, want);
     assert!(took < Duration::from_millis(1500), "replaying {n} events for one DID took {took:?}");
 }
+
+/// Sends `updates` round-robin every `every` while reading, until the stream is complete
+/// (`stop` drained and quiet).
+fn run_storm(mut ws: Ws, updates: Vec<String>, every: Duration, stop: Stop) -> (Outcome, usize) {
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(2))).expect("read timeout");
+    }
+    let start = Instant::now();
+    let mut last = start;
+    let mut next_send = start;
+    let mut sent = 0;
+    let mut out = Outcome::default();
+    while start.elapsed() < CLIENT_DEADLINE {
+        let stopping = stop.load(Ordering::SeqCst);
+        if stopping == RUN && Instant::now() >= next_send {
+            if ws.send(Message::text(updates[sent % updates.len()].clone())).is_err() {
+                break;
+            }
+            sent += 1;
+            next_send += every;
+        }
+        if stopping != RUN && last.elapsed() >= QUIET {
+            break;
+        }
+        match read_one(&mut ws) {
+            Got::Frame(f) => {
+                out.frames.push(f);
+                last = Instant::now();
+            }
+            Got::Close(code, reason) => out.close = Some((code, reason)),
+            Got::Nothing => {}
+            Got::Gone => break,
+        }
+    }
+    (out, sent)
+}
+
+/// A storm of `options_update`s between filters that all pass every event — no filter, a
+/// `wantedDids` list of every DID (index walk), a size limit no event reaches (a shape) —
+/// while the writer is busy feeding many shapes: each switch happens at a frame boundary, so
+/// the client receives every event exactly once, in order.
+#[test]
+fn options_update_storm_loses_and_duplicates_nothing() {
+    let n = 16_000;
+    let (_mock, relay) = setup("subs-storm", 4000, n);
+    let refs = RefReaders::start(&relay, n);
+    refs.wait_for(200, Duration::from_secs(30));
+    let stop = Arc::new(AtomicU8::new(RUN));
+    // Many shapes make the writer's per-event work (and any window in it) longer.
+    let idle: Vec<_> = (0..28)
+        .map(|i| {
+            let f = Filter::collections(&["app.bsky.feed.like"]).max(1000 + i);
+            spawn_client(&relay, &f, &Connect::default(), vec![], &stop)
+        })
+        .collect();
+    let g = Generator::new(SEED, DIDS);
+    let every_did: Vec<String> = (0..DIDS).map(|i| g.did_by_index(i)).collect();
+    let mut storms = Vec::new();
+    for compressed in [false, true] {
+        let cap = if compressed { 3000 } else { 5000 };
+        let updates = vec![
+            r#"{"type":"options_update","payload":{}}"#.to_string(),
+            Filter::dids(&every_did).update(),
+            Filter::all().max(cap).update(),
+            Filter::collections(&["app.bsky.*", "fm.teal.*"]).update(),
+        ];
+        let f = if compressed { Filter::all().zstd() } else { Filter::all() };
+        let (url, headers) = request(&relay, &f, &Connect::default());
+        let ws = open(&url, &headers);
+        let stop = stop.clone();
+        storms.push((compressed, std::thread::spawn(move || run_storm(ws, updates, Duration::from_millis(3), stop))));
+    }
+    let r = refs.finish();
+    drain(&stop);
+    assert!(
+        r.evs.iter().all(|e| e.kind != "commit"
+            || e.collection.as_deref().is_some_and(|c| c.starts_with("app.bsky.") || c.starts_with("fm.teal."))),
+        "the storm's collection filter passes every event"
+    );
+    for (compressed, h) in storms {
+        let (o, sent) = join(h);
+        let what = format!("storm compressed={compressed} ({sent} updates)");
+        assert!(sent > 300, "{what}");
+        let got = r.seqs(&o.frames, compressed, &what);
+        let from = *got.first().expect("events");
+        assert!(from < 1000, "{what} started at {from}");
+        check_exact(&r, &got, &Filter::all(), from, &what);
+        assert!(o.close.is_none(), "{what}: closed {:?}", o.close);
+    }
+    for h in idle {
+        join(h);
+    }
+}
+
+/// More distinct shapes than the relay keeps (32): the clients beyond the limit are served
+/// by walking the index, with exactly the same results, live and replayed.
+#[test]
+fn more_shapes_than_the_limit_fall_back_to_walking() {
+    let n = 2500;
+    let (_mock, relay) = setup("subs-manyshapes", 600, n);
+    let refs = RefReaders::start(&relay, n);
+    refs.wait_for(100, Duration::from_secs(30));
+    let stop = Arc::new(AtomicU8::new(RUN));
+    let filters: Vec<Filter> = (0..40)
+        .map(|i| {
+            let f = Filter::collections(&[["app.bsky.feed.post", "app.bsky.graph.*", "app.bsky.feed.repost"][i % 3]])
+                .max(300 + 25 * i);
+            if i % 4 == 3 { f.zstd() } else { f }
+        })
+        .collect();
+    let probe_before = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
+    std::thread::sleep(Duration::from_millis(50));
+    let live: Vec<_> = filters
+        .iter()
+        .map(|f| spawn_client(&relay, f, &Connect::default(), vec![], &stop))
+        .collect();
+    let probe_after = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
+    refs.wait_for(1000, Duration::from_secs(30));
+    let from0 = Connect {
+        cursor: Some(0),
+        ..Connect::default()
+    };
+    let replay: Vec<_> = filters.iter().map(|f| spawn_client(&relay, f, &from0, vec![], &stop)).collect();
+    let r = refs.finish();
+    drain(&stop);
+    let b0 = first_seq(&r, &join(probe_before), false, "probe before");
+    let a0 = first_seq(&r, &join(probe_after), false, "probe after");
+    for (i, (f, h)) in filters.iter().zip(live).enumerate() {
+        let o = join(h);
+        let what = format!("live #{i} {f:?}");
+        let got = r.seqs(&o.frames, f.compressed, &what);
+        let end = check_phases(&r, &got, &[phase(None, 0), Phase { filter: Some(f.clone()), lo: b0, hi: a0 }], &what);
+        assert_eq!(end, vec![1], "{what}");
+    }
+    for (i, (f, h)) in filters.iter().zip(replay).enumerate() {
+        let o = join(h);
+        let what = format!("replay #{i} {f:?}");
+        check_exact(&r, &r.seqs(&o.frames, f.compressed, &what), f, 0, &what);
+    }
+    let log = relay.log_text();
+    assert!(log.matches("shape created").count() >= 32, "the shape limit was reached");
+}
