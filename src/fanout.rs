@@ -623,7 +623,16 @@ impl Worker {
         if at_boundary {
             // Options change only between frames.
             if let Some(opts) = c.pending_options.take() {
-                apply_options(&hub, self.id, c, opts);
+                match switch_point(&hub, c) {
+                    Some(next) => apply_options(&hub, self.id, c, opts, next),
+                    None => {
+                        // The writer is mid-append: retry on the next loop.
+                        c.pending_options = Some(opts);
+                        c.queued = true;
+                        self.ready.push_back(slot);
+                        return false;
+                    }
+                }
             }
             // The next queued control frame goes out in this same batch: re-queueing the
             // client would leave an idle connection's pong or close waiting for an unrelated
@@ -1145,23 +1154,33 @@ fn switch_to_shape(worker: usize, c: &mut Client) {
     }
 }
 
-fn apply_options(hub: &Hub, worker: usize, c: &mut Client, opts: SubscriberOptions) {
-    c.hello_pending = false;
-    let next = {
-        let index = hub.index();
-        let seq = match (&c.source, &c.shape) {
-            (Source::Filtered(w), _) => w.next.seq,
-            (Source::Contiguous, Some(shape)) => shape
-                .table
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .seq_at_offset(c.pos, index.next_seq()),
-            (Source::Contiguous, None) => index
-                .seq_at_offset(c.pos, c.compressed)
-                .unwrap_or_else(|| index.next_seq()),
-        };
-        index.pos_of(seq)
+/// Where a client switching filters continues: the first event it has not been sent. `None`
+/// while that is not known yet: the writer publishes an event's frames (base logs, then shape
+/// logs) before indexing it, so a live client may already have sent a frame whose event the
+/// index does not have; falling back to the index's end would send that event again. The
+/// window is the writer's append of one event (microseconds); the caller retries.
+fn switch_point(hub: &Hub, c: &Client) -> Option<EventPos> {
+    let index = hub.index();
+    let seq = match (&c.source, &c.shape) {
+        (Source::Filtered(w), _) => w.next.seq,
+        (Source::Contiguous, Some(shape)) => {
+            let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+            if table.last_seq_before(c.pos).is_some_and(|s| s >= index.next_seq()) {
+                return None;
+            }
+            table.seq_at_offset(c.pos, index.next_seq())
+        }
+        (Source::Contiguous, None) => match index.seq_at_offset(c.pos, c.compressed) {
+            Some(seq) => seq,
+            None if c.pos > index.end_pos().offset(c.compressed) => return None,
+            None => index.next_seq(),
+        },
     };
+    Some(index.pos_of(seq))
+}
+
+fn apply_options(hub: &Hub, worker: usize, c: &mut Client, opts: SubscriberOptions, next: EventPos) {
+    c.hello_pending = false;
     if let Some(old) = c.shape.take() {
         old.remove_client();
     }
