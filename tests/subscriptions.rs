@@ -1458,3 +1458,145 @@ fn more_shapes_than_the_limit_fall_back_to_walking() {
     let log = relay.log_text();
     assert!(log.matches("shape created").count() >= 32, "the shape limit was reached");
 }
+
+/// With a disk cap (the smallest allowed, 4 MiB) that keeps about a third of the stream, filtered replays from cursor 0 —
+/// from shapes created before retention trimmed them, and by index walk — start at the oldest
+/// retained event and match the test's filtering of exactly the retained events; live clients
+/// that kept up lose nothing.
+#[test]
+fn retention_trims_filtered_replays_consistently() {
+    // ~780 bytes per event in the two base logs and the index: 16,000 events ≈ 12 MB.
+    let n = 16_000;
+    let count = n.to_string();
+    let mock = Mock::start(4000, &["--count", &count, "--dids", "40"]);
+    let dir = temp_dir("subs-retention");
+    let relay = Relay::start(&upstream(&mock), &dir, &["--max-disk", "4MiB"]);
+    let refs = RefReaders::start(&relay, n);
+    refs.wait_for(100, Duration::from_secs(30));
+    let stop = Arc::new(AtomicU8::new(RUN));
+    let dids = some_dids();
+    let filters = [
+        Filter::collections(&["app.bsky.feed.post", "app.bsky.graph.*"]),
+        Filter::collections(&["app.bsky.feed.repost"]).max(ZSTD_MEDIAN).zstd(),
+        Filter::all().max(PLAIN_MEDIAN),
+        Filter::dids(&dids),
+    ];
+    let probe_before = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
+    std::thread::sleep(Duration::from_millis(50));
+    let live: Vec<_> = filters
+        .iter()
+        .map(|f| spawn_client(&relay, f, &Connect::default(), vec![], &stop))
+        .collect();
+    let probe_after = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
+    let r = refs.finish();
+    // Let retention settle (it runs once a second) on the finished stream.
+    std::thread::sleep(Duration::from_millis(2500));
+    let read_retained = |what: &str| -> u64 {
+        let s = Arc::new(AtomicU8::new(DRAIN));
+        let o = join(spawn_client(&relay, &Filter::all(), &Connect { cursor: Some(0), ..Connect::default() }, vec![], &s));
+        let got = r.seqs(&o.frames, false, what);
+        let first = *got.first().expect("retained events");
+        check_exact(&r, &got, &Filter::all(), first, what);
+        first
+    };
+    let f1 = read_retained("retained before");
+    let from0 = Connect {
+        cursor: Some(0),
+        ..Connect::default()
+    };
+    let replays: Vec<_> = filters
+        .iter()
+        .map(|f| spawn_client(&relay, f, &from0, vec![], &stop))
+        .collect();
+    drain(&stop);
+    let replays: Vec<Outcome> = replays.into_iter().map(join).collect();
+    let f2 = read_retained("retained after");
+    assert!(f1 > 3000 && f1 < r.n() - 1000, "retention kept events {f1}.. of {}", r.n());
+    assert!(f2 >= f1);
+    for (f, o) in filters.iter().zip(replays) {
+        let what = format!("replay from 0 after retention {f:?}");
+        let got = r.seqs(&o.frames, f.compressed, &what);
+        let phases = [phase(None, 0), Phase { filter: Some(f.clone()), lo: f1, hi: f2 }];
+        assert_eq!(check_phases(&r, &got, &phases, &what), vec![1], "{what}");
+        assert!(o.close.is_none(), "{what}: {:?}", o.close);
+    }
+    let b0 = first_seq(&r, &join(probe_before), false, "probe before");
+    let a0 = first_seq(&r, &join(probe_after), false, "probe after");
+    for (f, h) in filters.iter().zip(live) {
+        let o = join(h);
+        let what = format!("live under retention {f:?}");
+        let got = r.seqs(&o.frames, f.compressed, &what);
+        let phases = [phase(None, 0), Phase { filter: Some(f.clone()), lo: b0, hi: a0 }];
+        assert_eq!(check_phases(&r, &got, &phases, &what), vec![1], "{what}");
+        assert!(o.close.is_none(), "{what}: {:?}", o.close);
+    }
+}
+
+/// An `options_update` may arrive fragmented (RFC 6455 §5.4), with a ping between its
+/// fragments: the pong comes back, and the reassembled update takes effect.
+#[test]
+fn fragmented_options_update_with_interleaved_ping() {
+    use tungstenite::protocol::frame::Frame as WsFrame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let n = 2500;
+    let (_mock, relay) = setup("subs-fragments", 800, n);
+    let refs = RefReaders::start(&relay, n);
+    refs.wait_for(100, Duration::from_secs(30));
+    let mut ws = open(&relay.url(""), &[]);
+    let mut frames = Vec::new();
+    let t0 = Instant::now();
+    while frames.len() < 50 && t0.elapsed() < Duration::from_secs(10) {
+        if let Got::Frame(f) = read_one(&mut ws) {
+            frames.push(f);
+        }
+    }
+    let before_update = frames.len();
+    let parts: [(&str, OpCode, bool); 3] = [
+        (r#"{"type":"options_update","#, OpCode::Data(Data::Text), false),
+        (r#""payload":{"wantedCollections":"#, OpCode::Data(Data::Continue), false),
+        (r#"["app.bsky.graph.*"]}}"#, OpCode::Data(Data::Continue), true),
+    ];
+    for (i, (text, opcode, fin)) in parts.into_iter().enumerate() {
+        ws.send(Message::Frame(WsFrame::message(text.as_bytes().to_vec(), opcode, fin))).expect("fragment");
+        if i == 0 {
+            ws.send(Message::Ping(b"mid".to_vec().into())).expect("ping");
+        }
+    }
+    let mut pong = false;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        match ws.read() {
+            Ok(Message::Text(t)) => frames.push(Frame { binary: false, data: t.as_bytes().to_vec() }),
+            Ok(Message::Pong(p)) => {
+                assert_eq!(p.as_ref(), b"mid");
+                pong = true;
+            }
+            Ok(Message::Close(c)) => panic!("closed: {c:?}"),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                if frames.len() > before_update && refs.progress.load(Ordering::SeqCst) >= n {
+                    // The stream is complete; allow the tail to arrive.
+                    if t0.elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(pong, "the ping between fragments was answered");
+    let r = refs.finish();
+    let got = r.seqs(&frames, false, "fragmented update");
+    let lo = got[before_update - 1] + 1;
+    let graph = Filter::collections(&["app.bsky.graph.*"]);
+    let phases = [
+        phase(None, 0),
+        Phase { filter: Some(Filter::all()), lo: got[0], hi: got[0] },
+        phase(Some(graph.clone()), lo),
+    ];
+    // Only the last regime fits the end: unfiltered events after the switch were withheld.
+    assert_eq!(check_phases(&r, &got[..], &phases, "fragmented update"), vec![2]);
+    assert!(got.last().is_some_and(|&s| s > r.n() - 200), "followed to the end");
+}
