@@ -34,7 +34,10 @@ fn repo_path(rel: &str) -> PathBuf {
 /// Fails with install instructions when python3 or the packages are missing.
 fn require_python() {
     let out = Command::new("python3")
-        .args(["-c", "import websockets, zstandard; print(websockets.__version__, zstandard.__version__)"])
+        .args([
+            "-c",
+            "import websockets, zstandard; print(websockets.__version__, zstandard.__version__)",
+        ])
         .output()
         .unwrap_or_else(|e| panic!("cannot run python3 ({e}): {INSTALL_HINT}"));
     assert!(
@@ -42,14 +45,18 @@ fn require_python() {
         "{INSTALL_HINT}\npython3 said: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("python packages: {}", String::from_utf8_lossy(&out.stdout).trim());
+    eprintln!(
+        "python packages: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
 }
 
 /// Reads `n` frames with tungstenite; every one must be a text frame.
 fn read_plain(url: &str, n: usize) -> Vec<Vec<u8>> {
     let (mut ws, _) = tungstenite::connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"));
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
     }
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -72,7 +79,11 @@ fn reference(relay: &Relay) -> Vec<(serde_json::Value, Vec<u8>)> {
         .map(|(i, json)| {
             assert_eq!(Generator::seq_of(&json), Some(i as u64), "stream order");
             let mut want = Vec::new();
-            generator.event(i as u64, Generator::time_us_of(&json).expect("time_us"), &mut want);
+            generator.event(
+                i as u64,
+                Generator::time_us_of(&json).expect("time_us"),
+                &mut want,
+            );
             assert!(json == want, "event {i} differs from the generator's");
             (serde_json::from_slice(&json).expect("JSON"), json)
         })
@@ -128,7 +139,11 @@ fn run_script(args: &[String]) -> String {
     }
     let out = child.wait_with_output().expect("output");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the Python client failed ({}):\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "the Python client failed ({}):\n{stderr}",
+        out.status
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -153,43 +168,82 @@ fn python_websockets_client_interoperates() {
         count,
     ]);
     eprintln!("python client ran {:?}: {stdout}", started.elapsed());
-    let summary: serde_json::Value =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("summary JSON ({e}): {stdout}"));
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("summary JSON ({e}): {stdout}"));
 
     let all: Vec<&Vec<u8>> = events.iter().map(|(_, j)| j).collect();
     same(&lines(&out_dir, "plain.jsonl"), &all, "plain");
-    same(&lines(&out_dir, "compressed.jsonl"), &all, "compress=true decoded by zstandard");
-    same(&lines(&out_dir, "header.jsonl"), &all, "Socket-Encoding: zstd decoded by zstandard");
+    same(
+        &lines(&out_dir, "compressed.jsonl"),
+        &all,
+        "compress=true decoded by zstandard",
+    );
+    same(
+        &lines(&out_dir, "header.jsonl"),
+        &all,
+        "Socket-Encoding: zstd decoded by zstandard",
+    );
 
     let collection = |v: &serde_json::Value| v["commit"]["collection"].as_str().map(str::to_string);
     let graph: Vec<&Vec<u8>> = events
         .iter()
-        .filter(|(v, _)| v["kind"] != "commit" || collection(v).is_some_and(|c| c.starts_with("app.bsky.graph.")))
+        .filter(|(v, _)| {
+            v["kind"] != "commit" || collection(v).is_some_and(|c| c.starts_with("app.bsky.graph."))
+        })
         .map(|(_, j)| j)
         .collect();
-    assert!(graph.len() > 50 && graph.len() < COUNT / 4, "graph.* passes {}", graph.len());
-    same(&lines(&out_dir, "filtered.jsonl"), &graph, "wantedCollections=app.bsky.graph.*");
+    assert!(
+        graph.len() > 50 && graph.len() < COUNT / 4,
+        "graph.* passes {}",
+        graph.len()
+    );
+    same(
+        &lines(&out_dir, "filtered.jsonl"),
+        &graph,
+        "wantedCollections=app.bsky.graph.*",
+    );
 
     let hello: Vec<&Vec<u8>> = events
         .iter()
         .filter(|(v, j)| {
-            (v["kind"] != "commit" || collection(v).as_deref() == Some("app.bsky.feed.repost")) && j.len() <= 600
+            (v["kind"] != "commit" || collection(v).as_deref() == Some("app.bsky.feed.repost"))
+                && j.len() <= 600
         })
         .map(|(_, j)| j)
         .collect();
-    assert!(hello.iter().any(|j| j.windows(20).any(|w| w == b"app.bsky.feed.repost")));
-    same(&lines(&out_dir, "hello.jsonl"), &hello, "requireHello + options_update (reposts ≤ 600 bytes)");
+    assert!(
+        hello
+            .iter()
+            .any(|j| j.windows(20).any(|w| w == b"app.bsky.feed.repost"))
+    );
+    same(
+        &lines(&out_dir, "hello.jsonl"),
+        &hello,
+        "requireHello + options_update (reposts ≤ 600 bytes)",
+    );
 
     assert_eq!(
         summary["invalid_close"],
-        serde_json::json!([1000, "failed to unmarshal subscriber sourced message: key must be a string at line 1 column 2"]),
+        serde_json::json!([
+            1000,
+            "failed to unmarshal subscriber sourced message: key must be a string at line 1 column 2"
+        ]),
         "invalid options_update close frame"
     );
     let rtts = summary["ping_rtt_ms"].as_array().expect("ping_rtt_ms");
     assert_eq!(rtts.len(), 3, "three pongs");
     // An idle connection's pong must not wait for the relay's next housekeeping tick (1 s).
-    assert!(rtts.iter().all(|r| r.as_f64().is_some_and(|ms| ms < 500.0)), "ping round trips (ms): {rtts:?}");
+    assert!(
+        rtts.iter().all(|r| r.as_f64().is_some_and(|ms| ms < 500.0)),
+        "ping round trips (ms): {rtts:?}"
+    );
     assert_eq!(summary["close_sent"], serde_json::json!([1000, "bye"]));
-    assert_eq!(summary["close_rcvd"][0], 1000, "the relay answers a close with a close");
-    assert_eq!(summary["close_rcvd_then_sent"], false, "the client closed first");
+    assert_eq!(
+        summary["close_rcvd"][0], 1000,
+        "the relay answers a close with a close"
+    );
+    assert_eq!(
+        summary["close_rcvd_then_sent"], false,
+        "the client closed first"
+    );
 }

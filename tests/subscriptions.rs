@@ -102,7 +102,10 @@ impl Reference {
             assert!(!p.binary, "plain event {i} came as a binary frame");
             assert!(z.binary, "compressed event {i} came as a text frame");
             let seq = Generator::seq_of(&p.data).unwrap_or_else(|| panic!("event {i} has no seq"));
-            assert_eq!(seq, i as u64, "the relay's full replay is the mock's stream in order");
+            assert_eq!(
+                seq, i as u64,
+                "the relay's full replay is the mock's stream in order"
+            );
             let time_us = Generator::time_us_of(&p.data).expect("time_us");
             let mut want = Vec::new();
             generator.event(seq, time_us, &mut want);
@@ -112,7 +115,11 @@ impl Reference {
                 String::from_utf8_lossy(&p.data),
                 String::from_utf8_lossy(&want)
             );
-            assert_eq!(unzstd(&z.data), p.data, "compressed event {seq} decodes to the JSON");
+            assert_eq!(
+                unzstd(&z.data),
+                p.data,
+                "compressed event {seq} decodes to the JSON"
+            );
             let v: serde_json::Value = serde_json::from_slice(&p.data).expect("event JSON");
             let kind = v["kind"].as_str().expect("kind").to_string();
             let collection = v["commit"]["collection"].as_str().map(str::to_string);
@@ -140,10 +147,21 @@ impl Reference {
             .iter()
             .enumerate()
             .map(|(i, f)| {
-                assert_eq!(f.binary, compressed, "{what}: frame {i} binary={}", f.binary);
-                let json = if compressed { unzstd(&f.data) } else { f.data.clone() };
+                assert_eq!(
+                    f.binary, compressed,
+                    "{what}: frame {i} binary={}",
+                    f.binary
+                );
+                let json = if compressed {
+                    unzstd(&f.data)
+                } else {
+                    f.data.clone()
+                };
                 let seq = Generator::seq_of(&json).unwrap_or_else(|| {
-                    panic!("{what}: frame {i} is not a mock event: {}", String::from_utf8_lossy(&json))
+                    panic!(
+                        "{what}: frame {i} is not a mock event: {}",
+                        String::from_utf8_lossy(&json)
+                    )
                 });
                 let ev = self
                     .evs
@@ -151,7 +169,10 @@ impl Reference {
                     .unwrap_or_else(|| panic!("{what}: seq {seq} is beyond the stream"));
                 assert!(json == ev.json, "{what}: event {seq} not byte-exact");
                 if compressed {
-                    assert!(f.data == ev.zstd, "{what}: compressed event {seq} not byte-exact");
+                    assert!(
+                        f.data == ev.zstd,
+                        "{what}: compressed event {seq} not byte-exact"
+                    );
                 }
                 seq
             })
@@ -237,7 +258,11 @@ impl Filter {
                 })
             });
         let did_ok = self.dids.is_empty() || self.dids.contains(&e.did);
-        let sent = if self.compressed { e.zstd.len() } else { e.json.len() };
+        let sent = if self.compressed {
+            e.zstd.len()
+        } else {
+            e.json.len()
+        };
         collection_ok && did_ok && self.max.is_none_or(|m| sent <= m)
     }
 
@@ -310,8 +335,7 @@ fn open(url: &str, headers: &[(String, String)]) -> Ws {
             tungstenite::http::HeaderValue::from_str(v).expect("header value"),
         );
     }
-    let (ws, resp) =
-        tungstenite::connect(req).unwrap_or_else(|e| panic!("connecting {url}: {e}"));
+    let (ws, resp) = tungstenite::connect(req).unwrap_or_else(|e| panic!("connecting {url}: {e}"));
     assert_eq!(resp.status().as_u16(), 101, "{url}");
     if let MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_read_timeout(Some(POLL)).expect("read timeout");
@@ -338,12 +362,16 @@ fn read_one(ws: &mut Ws) -> Got {
                 binary: true,
                 data: b.to_vec(),
             }),
-            Ok(Message::Close(f)) => {
-                Got::Close(f.as_ref().map_or(1005, |f| u16::from(f.code)), f.map_or(String::new(), |f| f.reason.to_string()))
-            }
+            Ok(Message::Close(f)) => Got::Close(
+                f.as_ref().map_or(1005, |f| u16::from(f.code)),
+                f.map_or(String::new(), |f| f.reason.to_string()),
+            ),
             Ok(_) => continue,
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
             {
                 Got::Nothing
             }
@@ -422,7 +450,9 @@ fn run_client(mut ws: Ws, steps: Vec<Step>, stop: Stop) -> Outcome {
             last = Instant::now();
         }
         let stopping = stop.load(Ordering::SeqCst);
-        if steps.peek().is_none() && (stopping == HALT || (stopping == DRAIN && last.elapsed() >= QUIET)) {
+        if steps.peek().is_none()
+            && (stopping == HALT || (stopping == DRAIN && last.elapsed() >= QUIET))
+        {
             break;
         }
         match read_one(&mut ws) {
@@ -503,16 +533,22 @@ impl RefReaders {
         let progress = Arc::new(AtomicUsize::new(0));
         RefReaders {
             plain: spawn_reader(relay.url("cursor=0"), n, progress.clone()),
-            zstd: spawn_reader(relay.url("cursor=0&compress=true"), n, Arc::new(AtomicUsize::new(0))),
+            zstd: spawn_reader(
+                relay.url("cursor=0&compress=true"),
+                n,
+                Arc::new(AtomicUsize::new(0)),
+            ),
             progress,
             n,
         }
     }
 
     fn wait_for(&self, events: usize, within: Duration) {
-        wait_until(&format!("{events} events through the relay"), within, || {
-            self.progress.load(Ordering::SeqCst) >= events
-        });
+        wait_until(
+            &format!("{events} events through the relay"),
+            within,
+            || self.progress.load(Ordering::SeqCst) >= events,
+        );
     }
 
     fn finish(self) -> Reference {
@@ -581,7 +617,11 @@ fn check_phases(r: &Reference, got: &[u64], phases: &[Phase], what: &str) -> Vec
             e.collection,
             e.json.len(),
             e.did,
-            if delivered { "delivered" } else { "not delivered" },
+            if delivered {
+                "delivered"
+            } else {
+                "not delivered"
+            },
             got.len(),
             &got[next.saturating_sub(3)..(next + 3).min(got.len())]
         );
@@ -621,7 +661,10 @@ fn evidence(r: &Reference, got: &[u64], old: &Filter, new: &Filter, from: u64) -
 }
 
 fn first_seq(r: &Reference, o: &Outcome, compressed: bool, what: &str) -> u64 {
-    let f = o.frames.first().unwrap_or_else(|| panic!("{what}: received nothing"));
+    let f = o
+        .frames
+        .first()
+        .unwrap_or_else(|| panic!("{what}: received nothing"));
     r.seqs(std::slice::from_ref(f), compressed, what)[0]
 }
 
@@ -664,7 +707,9 @@ fn filters_alone_and_combined_live_and_replay() {
         ("size-zstd", Filter::all().max(ZSTD_MEDIAN).zstd(), false),
         (
             "combined",
-            Filter::collections(&["app.bsky.feed.*"]).with_dids(&ten_dids).max(600),
+            Filter::collections(&["app.bsky.feed.*"])
+                .with_dids(&ten_dids)
+                .max(600),
             false,
         ),
         (
@@ -675,10 +720,15 @@ fn filters_alone_and_combined_live_and_replay() {
             false,
         ),
         ("header-zstd", Filter::all().zstd(), true),
-        ("header-zstd-filter", Filter::collections(&["app.bsky.feed.repost"]).zstd(), true),
+        (
+            "header-zstd-filter",
+            Filter::collections(&["app.bsky.feed.repost"]).zstd(),
+            true,
+        ),
     ];
     // First asked for by a replay client mid-stream.
-    let replay_only = Filter::collections(&["app.bsky.actor.status", "app.bsky.feed.post"]).max(800);
+    let replay_only =
+        Filter::collections(&["app.bsky.actor.status", "app.bsky.feed.post"]).max(800);
 
     let stop = Arc::new(AtomicU8::new(RUN));
     let live = Connect::default();
@@ -695,18 +745,36 @@ fn filters_alone_and_combined_live_and_replay() {
     std::thread::sleep(Duration::from_millis(50));
     let mut lives = Vec::new();
     for (name, f, h) in &specs {
-        lives.push((*name, f.clone(), spawn_client(&relay, f, &with_header(&live, *h), vec![], &stop)));
+        lives.push((
+            *name,
+            f.clone(),
+            spawn_client(&relay, f, &with_header(&live, *h), vec![], &stop),
+        ));
     }
     // A second live client of an existing shape.
-    lives.push(("exact#2", specs[1].1.clone(), spawn_client(&relay, &specs[1].1, &live, vec![], &stop)));
+    lives.push((
+        "exact#2",
+        specs[1].1.clone(),
+        spawn_client(&relay, &specs[1].1, &live, vec![], &stop),
+    ));
     let probe_after = spawn_client(&relay, &Filter::all(), &live, vec![], &stop);
     // Mid-stream replays from cursor 0: older than every shape.
     refs.wait_for(1200, Duration::from_secs(30));
     let mut replays = Vec::new();
     for (name, f, h) in &specs {
-        replays.push((format!("{name} replay mid-stream"), f.clone(), 0, spawn_client(&relay, f, &with_header(&from0, *h), vec![], &stop)));
+        replays.push((
+            format!("{name} replay mid-stream"),
+            f.clone(),
+            0,
+            spawn_client(&relay, f, &with_header(&from0, *h), vec![], &stop),
+        ));
     }
-    replays.push(("replay-only (creates its shape)".into(), replay_only.clone(), 0, spawn_client(&relay, &replay_only, &from0, vec![], &stop)));
+    replays.push((
+        "replay-only (creates its shape)".into(),
+        replay_only.clone(),
+        0,
+        spawn_client(&relay, &replay_only, &from0, vec![], &stop),
+    ));
     let r = refs.finish();
     // After the stream: replays again (existing shapes), and cursors newer than the shapes.
     let mid_cursor = r.evs[2500].time_us;
@@ -716,7 +784,12 @@ fn filters_alone_and_combined_live_and_replay() {
         ..Connect::default()
     };
     for (name, f, h) in &specs {
-        replays.push((format!("{name} replay after"), f.clone(), 0, spawn_client(&relay, f, &with_header(&from0, *h), vec![], &stop)));
+        replays.push((
+            format!("{name} replay after"),
+            f.clone(),
+            0,
+            spawn_client(&relay, f, &with_header(&from0, *h), vec![], &stop),
+        ));
         replays.push((
             format!("{name} cursor {mid_cursor}"),
             f.clone(),
@@ -724,20 +797,49 @@ fn filters_alone_and_combined_live_and_replay() {
             spawn_client(&relay, f, &with_header(&at_mid, *h), vec![], &stop),
         ));
     }
-    replays.push(("replay-only again".into(), replay_only.clone(), 0, spawn_client(&relay, &replay_only, &from0, vec![], &stop)));
-    replays.push((format!("replay-only cursor {mid_cursor}"), replay_only.clone(), mid_start, spawn_client(&relay, &replay_only, &at_mid, vec![], &stop)));
+    replays.push((
+        "replay-only again".into(),
+        replay_only.clone(),
+        0,
+        spawn_client(&relay, &replay_only, &from0, vec![], &stop),
+    ));
+    replays.push((
+        format!("replay-only cursor {mid_cursor}"),
+        replay_only.clone(),
+        mid_start,
+        spawn_client(&relay, &replay_only, &at_mid, vec![], &stop),
+    ));
     drain(&stop);
 
     // The filters are meaningful on this stream.
     let e_of = |s: &u64| &r.evs[*s as usize];
-    let identity_other_did = r.evs.iter().any(|e| e.kind != "commit" && !dids.contains(&e.did));
-    assert!(identity_other_did, "the stream has identity/account events of other DIDs");
+    let identity_other_did = r
+        .evs
+        .iter()
+        .any(|e| e.kind != "commit" && !dids.contains(&e.did));
+    assert!(
+        identity_other_did,
+        "the stream has identity/account events of other DIDs"
+    );
     let by_dids = r.expect(&specs[4].1, 0);
-    assert!(by_dids.iter().any(|s| e_of(s).kind == "identity"), "wantedDids keeps identity events of wanted DIDs");
-    assert!(by_dids.iter().any(|s| e_of(s).kind == "account"), "wantedDids keeps account events of wanted DIDs");
+    assert!(
+        by_dids.iter().any(|s| e_of(s).kind == "identity"),
+        "wantedDids keeps identity events of wanted DIDs"
+    );
+    assert!(
+        by_dids.iter().any(|s| e_of(s).kind == "account"),
+        "wantedDids keeps account events of wanted DIDs"
+    );
     let by_prefix = r.expect(&specs[2].1, 0);
-    assert!(by_prefix.iter().any(|s| e_of(s).collection.as_deref() == Some("app.bsky.graph.block")));
-    assert!(by_prefix.iter().any(|s| e_of(s).kind == "identity"), "collections never filter identity events");
+    assert!(
+        by_prefix
+            .iter()
+            .any(|s| e_of(s).collection.as_deref() == Some("app.bsky.graph.block"))
+    );
+    assert!(
+        by_prefix.iter().any(|s| e_of(s).kind == "identity"),
+        "collections never filter identity events"
+    );
     let zstd_size = r.expect(&specs[7].1, 0);
     assert!(
         zstd_size.iter().any(|s| e_of(s).json.len() > ZSTD_MEDIAN),
@@ -748,7 +850,11 @@ fn filters_alone_and_combined_live_and_replay() {
             continue;
         }
         let k = r.expect(f, 0).len() as u64;
-        assert!(k > 10 && k < r.n() - 100, "{name}: filter passes {k} of {}", r.n());
+        assert!(
+            k > 10 && k < r.n() - 100,
+            "{name}: filter passes {k} of {}",
+            r.n()
+        );
     }
 
     // Probes bracket the live clients' starts.
@@ -756,8 +862,17 @@ fn filters_alone_and_combined_live_and_replay() {
     let after = join(probe_after);
     let b0 = first_seq(&r, &before, false, "probe before");
     let a0 = first_seq(&r, &after, false, "probe after");
-    assert!(b0 < 1000 && a0 < r.n() - 1000, "live clients joined mid-stream ({b0}, {a0})");
-    check_exact(&r, &r.seqs(&before.frames, false, "probe before"), &Filter::all(), b0, "probe before");
+    assert!(
+        b0 < 1000 && a0 < r.n() - 1000,
+        "live clients joined mid-stream ({b0}, {a0})"
+    );
+    check_exact(
+        &r,
+        &r.seqs(&before.frames, false, "probe before"),
+        &Filter::all(),
+        b0,
+        "probe before",
+    );
     for (name, f, h) in lives {
         let o = join(h);
         let got = r.seqs(&o.frames, f.compressed, name);
@@ -790,17 +905,42 @@ fn compressed_frames_decode_to_the_plain_json() {
     let stop = Arc::new(AtomicU8::new(RUN));
     let all = Filter::all().zstd();
     let live_q = spawn_client(&relay, &all, &Connect::default(), vec![], &stop);
-    let live_h = spawn_client(&relay, &all, &Connect { zstd_header: true, ..Connect::default() }, vec![], &stop);
+    let live_h = spawn_client(
+        &relay,
+        &all,
+        &Connect {
+            zstd_header: true,
+            ..Connect::default()
+        },
+        vec![],
+        &stop,
+    );
     let refs = RefReaders::start(&relay, n);
     // Reference::build decodes every replayed frame with the zstd crate and compares it with
     // the plain event, which it checks against the generator.
     let r = refs.finish();
-    let replay_h = spawn_client(&relay, &all, &Connect { cursor: Some(0), zstd_header: true, ..Connect::default() }, vec![], &stop);
+    let replay_h = spawn_client(
+        &relay,
+        &all,
+        &Connect {
+            cursor: Some(0),
+            zstd_header: true,
+            ..Connect::default()
+        },
+        vec![],
+        &stop,
+    );
     drain(&stop);
-    for (name, h) in [("live compress=true", live_q), ("live Socket-Encoding", live_h)] {
+    for (name, h) in [
+        ("live compress=true", live_q),
+        ("live Socket-Encoding", live_h),
+    ] {
         let o = join(h);
         let got = r.seqs(&o.frames, true, name);
-        let from = got.first().copied().unwrap_or_else(|| panic!("{name}: nothing"));
+        let from = got
+            .first()
+            .copied()
+            .unwrap_or_else(|| panic!("{name}: nothing"));
         assert!(from < 500, "{name} started at {from}");
         check_exact(&r, &got, &all, from, name);
     }
@@ -812,8 +952,14 @@ fn compressed_frames_decode_to_the_plain_json() {
     for e in &r.evs {
         let f = &e.zstd;
         assert_eq!(&f[..4], &[0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
-        assert_eq!(zstd::zstd_safe::get_dict_id_from_frame(f), std::num::NonZeroU32::new(dict_id));
-        assert_eq!(zstd::zstd_safe::get_frame_content_size(f).ok().flatten(), Some(e.json.len() as u64));
+        assert_eq!(
+            zstd::zstd_safe::get_dict_id_from_frame(f),
+            std::num::NonZeroU32::new(dict_id)
+        );
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(f).ok().flatten(),
+            Some(e.json.len() as u64)
+        );
     }
 }
 
@@ -837,7 +983,12 @@ fn options_update_mid_stream() {
     // a) live, plain: post → repost+graph with a size limit → empty lists (everything).
     let a_steps = vec![
         step(800, 5, graph_small.update()),
-        step(1600, 5, r#"{"type":"options_update","payload":{"wantedCollections":[],"wantedDids":[]}}"#.to_string()),
+        step(
+            1600,
+            5,
+            r#"{"type":"options_update","payload":{"wantedCollections":[],"wantedDids":[]}}"#
+                .to_string(),
+        ),
     ];
     let a = spawn_client(&relay, &post, &Connect::default(), a_steps, &stop);
     // b) replay from 0, compressed: DIDs → likes (the DID filter cleared by omission) → posts,
@@ -848,10 +999,28 @@ fn options_update_mid_stream() {
         step(600, 5, r#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.feed.like"]}}"#.to_string()),
         step(1400, 5, r#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.feed.post"],"cursor":0,"compress":false}}"#.to_string()),
     ];
-    let b = spawn_client(&relay, &Filter::dids(&dids).zstd(), &Connect { cursor: Some(0), ..Connect::default() }, b_steps, &stop);
+    let b = spawn_client(
+        &relay,
+        &Filter::dids(&dids).zstd(),
+        &Connect {
+            cursor: Some(0),
+            ..Connect::default()
+        },
+        b_steps,
+        &stop,
+    );
     // c) live DID walker → the existing post shape → DIDs again.
-    let c_steps = vec![step(700, 0, post.update()), step(1500, 5, Filter::dids(&dids).update())];
-    let c = spawn_client(&relay, &Filter::dids(&dids), &Connect::default(), c_steps, &stop);
+    let c_steps = vec![
+        step(700, 0, post.update()),
+        step(1500, 5, Filter::dids(&dids).update()),
+    ];
+    let c = spawn_client(
+        &relay,
+        &Filter::dids(&dids),
+        &Connect::default(),
+        c_steps,
+        &stop,
+    );
     let probe_after = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
     let r = refs.finish();
     drain(&stop);
@@ -874,14 +1043,24 @@ fn options_update_mid_stream() {
     let (l1, l2) = (lower(&got, &o, 0, b0), lower(&got, &o, 1, b0));
     let phases = [
         live_start.clone(),
-        Phase { filter: Some(post.clone()), lo: b0, hi: a0 },
+        Phase {
+            filter: Some(post.clone()),
+            lo: b0,
+            hi: a0,
+        },
         phase(Some(graph_small.clone()), l1),
         phase(Some(everything.clone()), l2),
     ];
     let end = check_phases(&r, &got, &phases, "a");
     assert_eq!(end, vec![3], "a ends unfiltered");
-    assert!(evidence(&r, &got, &post, &graph_small, l1) > 0, "a: the first update took effect");
-    assert!(evidence(&r, &got, &graph_small, &everything, l2) > 100, "a: empty lists disable the filters");
+    assert!(
+        evidence(&r, &got, &post, &graph_small, l1) > 0,
+        "a: the first update took effect"
+    );
+    assert!(
+        evidence(&r, &got, &graph_small, &everything, l2) > 100,
+        "a: empty lists disable the filters"
+    );
     assert!(o.close.is_none());
 
     let o = join(b);
@@ -895,7 +1074,10 @@ fn options_update_mid_stream() {
     ];
     let end = check_phases(&r, &got, &phases, "b");
     assert_eq!(end, vec![2], "b ends on posts");
-    assert!(evidence(&r, &got, &Filter::dids(&dids).zstd(), &like, l1) > 0, "b: likes of any DID");
+    assert!(
+        evidence(&r, &got, &Filter::dids(&dids).zstd(), &like, l1) > 0,
+        "b: likes of any DID"
+    );
     // check_phases also proved that the payload's cursor did not restart the replay (no
     // event came twice or out of order), and `seqs` that every frame stayed compressed.
     assert!(evidence(&r, &got, &like, &post_z, l2) > 0, "b: posts");
@@ -906,14 +1088,24 @@ fn options_update_mid_stream() {
     let (l1, l2) = (lower(&got, &o, 0, b0), lower(&got, &o, 1, b0));
     let phases = [
         live_start,
-        Phase { filter: Some(Filter::dids(&dids)), lo: b0, hi: a0 },
+        Phase {
+            filter: Some(Filter::dids(&dids)),
+            lo: b0,
+            hi: a0,
+        },
         phase(Some(post.clone()), l1),
         phase(Some(Filter::dids(&dids)), l2),
     ];
     let end = check_phases(&r, &got, &phases, "c");
     assert!(end.contains(&3), "c can end on DIDs: {end:?}");
-    assert!(evidence(&r, &got, &Filter::dids(&dids), &post, l1) > 0, "c: posts of any DID");
-    assert!(evidence(&r, &got, &post, &Filter::dids(&dids), l2) > 0, "c: back to the DIDs");
+    assert!(
+        evidence(&r, &got, &Filter::dids(&dids), &post, l1) > 0,
+        "c: posts of any DID"
+    );
+    assert!(
+        evidence(&r, &got, &post, &Filter::dids(&dids), l2) > 0,
+        "c: back to the DIDs"
+    );
 }
 
 /// `requireHello=true`: nothing arrives before the first `options_update`, whose filters (not
@@ -938,11 +1130,29 @@ fn require_hello_holds_everything_until_the_first_update() {
         ..Connect::default()
     };
     // Query filter `post`, hello `graph.*`: the hello wins.
-    let a = spawn_client(&relay, &Filter::collections(&["app.bsky.feed.post"]), &replay, hello(&graph, 1500), &stop);
+    let a = spawn_client(
+        &relay,
+        &Filter::collections(&["app.bsky.feed.post"]),
+        &replay,
+        hello(&graph, 1500),
+        &stop,
+    );
     // Compressed live, hello with DIDs.
-    let b = spawn_client(&relay, &Filter::all().zstd(), &live, hello(&Filter::dids(&dids), 1500), &stop);
+    let b = spawn_client(
+        &relay,
+        &Filter::all().zstd(),
+        &live,
+        hello(&Filter::dids(&dids), 1500),
+        &stop,
+    );
     // Hello with no filters at all: everything from cursor 0.
-    let c = spawn_client(&relay, &Filter::all(), &replay, hello(&Filter::all(), 1200), &stop);
+    let c = spawn_client(
+        &relay,
+        &Filter::all(),
+        &replay,
+        hello(&Filter::all(), 1200),
+        &stop,
+    );
     // Never says hello: never gets anything.
     let d = spawn_client(&relay, &Filter::all(), &live, vec![], &stop);
     let r = refs.finish();
@@ -950,14 +1160,29 @@ fn require_hello_holds_everything_until_the_first_update() {
 
     let o = join(a);
     assert_eq!(o.before_first_send, 0, "a: nothing before the hello");
-    check_exact(&r, &r.seqs(&o.frames, false, "a"), &graph, 0, "a: the hello's filters from cursor 0");
+    check_exact(
+        &r,
+        &r.seqs(&o.frames, false, "a"),
+        &graph,
+        0,
+        "a: the hello's filters from cursor 0",
+    );
     let o = join(b);
     assert_eq!(o.before_first_send, 0, "b: nothing before the hello");
     let got = r.seqs(&o.frames, true, "b");
     let want = Filter::dids(&dids).zstd();
-    check_phases(&r, &got, &[phase(None, 0), phase(Some(want.clone()), 0)], "b");
+    check_phases(
+        &r,
+        &got,
+        &[phase(None, 0), phase(Some(want.clone()), 0)],
+        "b",
+    );
     // check_phases proved that only the hello's DIDs came through; and they did come.
-    assert!(got.len() > 10, "b: events of the hello's DIDs: {}", got.len());
+    assert!(
+        got.len() > 10,
+        "b: events of the hello's DIDs: {}",
+        got.len()
+    );
     let o = join(c);
     assert_eq!(o.before_first_send, 0, "c: nothing before the hello");
     check_exact(&r, &r.seqs(&o.frames, false, "c"), &Filter::all(), 0, "c");
@@ -979,7 +1204,9 @@ fn relay_restart_replays_the_same_filtered_history() {
     let dids = some_dids();
     let filters = [
         Filter::collections(&["app.bsky.feed.post", "app.bsky.graph.*"]),
-        Filter::collections(&["app.bsky.feed.repost"]).max(PLAIN_MEDIAN).zstd(),
+        Filter::collections(&["app.bsky.feed.repost"])
+            .max(PLAIN_MEDIAN)
+            .zstd(),
         Filter::dids(&dids),
         Filter::all().zstd(),
     ];
@@ -1001,10 +1228,17 @@ fn relay_restart_replays_the_same_filtered_history() {
         .map(|f| spawn_client(&relay, f, &from0, vec![], &stop))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(relay.proc.terminate(Duration::from_secs(15)), "graceful stop:\n{}", relay.log_text());
+    assert!(
+        relay.proc.terminate(Duration::from_secs(15)),
+        "graceful stop:\n{}",
+        relay.log_text()
+    );
     let before: Vec<Outcome> = before.into_iter().map(join).collect();
     std::thread::sleep(Duration::from_millis(700));
-    assert!(mock.seq() < n as u64, "the mock is still producing while the relay is down");
+    assert!(
+        mock.seq() < n as u64,
+        "the mock is still producing while the relay is down"
+    );
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
     let refs = RefReaders::start(&relay, n);
     let r = refs.finish();
@@ -1014,7 +1248,11 @@ fn relay_restart_replays_the_same_filtered_history() {
         .collect();
     drain(&stop);
     for (f, o) in filters.iter().zip(before) {
-        assert_eq!(o.close.as_ref().map(|c| c.0), Some(1001), "{f:?}: close at shutdown");
+        assert_eq!(
+            o.close.as_ref().map(|c| c.0),
+            Some(1001),
+            "{f:?}: close at shutdown"
+        );
         let got = r.seqs(&o.frames, f.compressed, &format!("{f:?}"));
         assert!(!got.is_empty(), "{f:?}: events before the stop");
         let want = r.expect(f, 0);
@@ -1041,8 +1279,18 @@ fn read_close(ws: &mut Ws, within: Duration) -> Option<(u16, String)> {
 }
 
 fn status_and_body(resp: &str) -> (u16, String) {
-    let status = resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, resp.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim_end().to_string())
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        resp.split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .trim_end()
+            .to_string(),
+    )
 }
 
 /// An upgrade request with `query`: (status, body). Tolerates the relay closing while the
@@ -1054,8 +1302,10 @@ fn handshake(relay: &Relay, query: &str) -> (u16, String) {
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     let mut s = TcpStream::connect(("127.0.0.1", relay.port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    s.set_write_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let _ = s.write_all(req.as_bytes());
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
@@ -1072,50 +1322,100 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
     let stop = Arc::new(AtomicU8::new(RUN));
     let bystander = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
-    let watcher = spawn_client(&relay, &Filter::collections(&["app.bsky.feed.like"]), &Connect::default(), vec![], &stop);
+    let watcher = spawn_client(
+        &relay,
+        &Filter::collections(&["app.bsky.feed.like"]),
+        &Connect::default(),
+        vec![],
+        &stop,
+    );
 
-    let many_collections: Vec<String> = (0..101).map(|i| format!("wantedCollections=com.example.c{i}")).collect();
+    let many_collections: Vec<String> = (0..101)
+        .map(|i| format!("wantedCollections=com.example.c{i}"))
+        .collect();
     // DIDs no mock event has.
     let fake_did = |i: usize| format!("did:web:n{i}.example.com");
-    let many_dids_query: Vec<String> = (0..10_001).map(|i| format!("wantedDids={}", fake_did(i))).collect();
+    let many_dids_query: Vec<String> = (0..10_001)
+        .map(|i| format!("wantedDids={}", fake_did(i)))
+        .collect();
     let cases: Vec<(String, u16, String)> = vec![
-        ("cursor=yesterday".into(), 400, "invalid cursor: yesterday".into()),
+        (
+            "cursor=yesterday".into(),
+            400,
+            "invalid cursor: yesterday".into(),
+        ),
         ("cursor=1.5".into(), 400, "invalid cursor: 1.5".into()),
         (
             "wantedCollections=app.bsky.graph.fo*".into(),
             400,
             "invalid subscriber options: invalid collection: app.bsky.graph.fo*".into(),
         ),
-        ("wantedCollections=*".into(), 400, "invalid subscriber options: invalid collection: *".into()),
-        ("wantedCollections=app.bsky".into(), 400, "invalid subscriber options: invalid collection: app.bsky".into()),
-        (many_collections.join("&"), 400, "invalid subscriber options: too many wanted collections".into()),
-        ("wantedDids=bob".into(), 400, "invalid subscriber options".into()),
-        ("wantedDids=did:plc:".into(), 400, "invalid subscriber options".into()),
+        (
+            "wantedCollections=*".into(),
+            400,
+            "invalid subscriber options: invalid collection: *".into(),
+        ),
+        (
+            "wantedCollections=app.bsky".into(),
+            400,
+            "invalid subscriber options: invalid collection: app.bsky".into(),
+        ),
+        (
+            many_collections.join("&"),
+            400,
+            "invalid subscriber options: too many wanted collections".into(),
+        ),
+        (
+            "wantedDids=bob".into(),
+            400,
+            "invalid subscriber options".into(),
+        ),
+        (
+            "wantedDids=did:plc:".into(),
+            400,
+            "invalid subscriber options".into(),
+        ),
         // 10,001 DIDs do not fit in a request head at all.
-        (many_dids_query.join("&"), 431, "request head larger than 8192 bytes".into()),
+        (
+            many_dids_query.join("&"),
+            431,
+            "request head larger than 8192 bytes".into(),
+        ),
     ];
     for (query, status, reason) in &cases {
         let (got_status, body) = handshake(&relay, query);
         let shown = &query[..query.len().min(60)];
-        assert_eq!((got_status, body.as_str()), (*status, reason.as_str()), "{shown}");
+        assert_eq!(
+            (got_status, body.as_str()),
+            (*status, reason.as_str()),
+            "{shown}"
+        );
     }
     // 100 collections are fine; so are 10,000 DIDs (through options_update: they do not fit
     // in a request head), and they apply.
-    let hundred: Vec<String> = (0..100).map(|i| format!("wantedCollections=com.example.c{i}")).collect();
+    let hundred: Vec<String> = (0..100)
+        .map(|i| format!("wantedCollections=com.example.c{i}"))
+        .collect();
     drop(open(&relay.url(&hundred.join("&")), &[]));
     let real_did = Generator::new(SEED, DIDS).did_for(5);
     let mut ten_thousand: Vec<String> = (1..10_000).map(fake_did).collect();
     ten_thousand.push(real_did.clone());
-    let msg = serde_json::json!({"type":"options_update","payload":{"wantedDids": ten_thousand}}).to_string();
+    let msg = serde_json::json!({"type":"options_update","payload":{"wantedDids": ten_thousand}})
+        .to_string();
     let big_hello = spawn_client(
         &relay,
         &Filter::all(),
-        &Connect { require_hello: true, ..Connect::default() },
+        &Connect {
+            require_hello: true,
+            ..Connect::default()
+        },
         vec![step(0, 0, msg)],
         &stop,
     );
     let ten_thousand_one: Vec<String> = (0..10_001).map(fake_did).collect();
-    let dids_msg = serde_json::json!({"type":"options_update","payload":{"wantedDids": ten_thousand_one}}).to_string();
+    let dids_msg =
+        serde_json::json!({"type":"options_update","payload":{"wantedDids": ten_thousand_one}})
+            .to_string();
     let many_coll_list: Vec<String> = (0..101).map(|i| format!("com.example.c{i}")).collect();
     let over_cap = format!(
         r#"{{"type":"options_update","payload":{{"wantedCollections":["{}"]}}}}"#,
@@ -1178,8 +1478,17 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
         // Alternate plain, compressed and hello-pending clients.
         let (f, how) = match i % 3 {
             0 => (Filter::all(), Connect::default()),
-            1 => (Filter::collections(&["app.bsky.feed.post"]).zstd(), Connect::default()),
-            _ => (Filter::all(), Connect { require_hello: true, ..Connect::default() }),
+            1 => (
+                Filter::collections(&["app.bsky.feed.post"]).zstd(),
+                Connect::default(),
+            ),
+            _ => (
+                Filter::all(),
+                Connect {
+                    require_hello: true,
+                    ..Connect::default()
+                },
+            ),
         };
         let (url, headers) = request(&relay, &f, &how);
         let mut ws = open(&url, &headers);
@@ -1187,7 +1496,11 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
         ws.send(Message::text(text.clone())).expect("send");
         let shown = &text[..text.len().min(60)];
         let close = read_close(&mut ws, Duration::from_secs(10));
-        assert_eq!(close, Some((*code, reason.clone())), "options_update {shown}");
+        assert_eq!(
+            close,
+            Some((*code, reason.clone())),
+            "options_update {shown}"
+        );
         assert!(reason.len() <= 123, "a close reason fits a control frame");
     }
     // Still serving: a new client gets events, and the bystanders were never interrupted.
@@ -1195,10 +1508,18 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
     std::thread::sleep(Duration::from_millis(1500));
     halt(&stop);
     let o = join(late);
-    assert!(o.frames.len() > 200, "a new client after the refusals got {} events", o.frames.len());
+    assert!(
+        o.frames.len() > 200,
+        "a new client after the refusals got {} events",
+        o.frames.len()
+    );
     let o = join(big_hello);
     assert!(o.close.is_none(), "10,000 DIDs refused: {:?}", o.close);
-    assert!(o.frames.len() > 2, "events of the one real DID among 10,000: {}", o.frames.len());
+    assert!(
+        o.frames.len() > 2,
+        "events of the one real DID among 10,000: {}",
+        o.frames.len()
+    );
     for f in &o.frames {
         let v: serde_json::Value = serde_json::from_slice(&f.data).expect("json");
         assert_eq!(v["did"], real_did.as_str());
@@ -1216,12 +1537,18 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
             .collect();
         assert!(seqs.len() > 300, "{name} got {} events", seqs.len());
         if name == "bystander" {
-            assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{name}: contiguous");
+            assert!(
+                seqs.windows(2).all(|w| w[1] == w[0] + 1),
+                "{name}: contiguous"
+            );
         } else {
             assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{name}: in order");
             for f in &o.frames {
                 let v: serde_json::Value = serde_json::from_slice(&f.data).expect("json");
-                assert!(v["kind"] != "commit" || v["commit"]["collection"] == "app.bsky.feed.like", "{name}: {v}");
+                assert!(
+                    v["kind"] != "commit" || v["commit"]["collection"] == "app.bsky.feed.like",
+                    "{name}: {v}"
+                );
             }
         }
     }
@@ -1250,15 +1577,20 @@ fn control_frames_are_answered_promptly_on_idle_connections() {
                 }
                 Ok(m) => panic!("unexpected {m:?}"),
                 Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
-                        && t0.elapsed() < Duration::from_secs(5) => {}
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) && t0.elapsed() < Duration::from_secs(5) => {}
                 Err(e) => panic!("ping {i}: {e}"),
             }
         };
         rtts.push(rtt);
     }
     rtts.sort();
-    assert!(rtts[2] < Duration::from_millis(300), "pong round trips {rtts:?}");
+    assert!(
+        rtts[2] < Duration::from_millis(300),
+        "pong round trips {rtts:?}"
+    );
 
     let t0 = Instant::now();
     ws.close(Some(tungstenite::protocol::CloseFrame {
@@ -1269,7 +1601,10 @@ fn control_frames_are_answered_promptly_on_idle_connections() {
     let reply = read_close(&mut ws, Duration::from_secs(5));
     let close_rtt = t0.elapsed();
     assert_eq!(reply.map(|r| r.0), Some(1000), "close reply");
-    assert!(close_rtt < Duration::from_millis(300), "close reply after {close_rtt:?}");
+    assert!(
+        close_rtt < Duration::from_millis(300),
+        "close reply after {close_rtt:?}"
+    );
 
     let mut ws = open(&relay.url(&format!("cursor={future}")), &[]);
     let t0 = Instant::now();
@@ -1277,7 +1612,10 @@ fn control_frames_are_answered_promptly_on_idle_connections() {
     let close = read_close(&mut ws, Duration::from_secs(5));
     let rtt = t0.elapsed();
     assert_eq!(close.map(|c| c.0), Some(1000));
-    assert!(rtt < Duration::from_millis(300), "close for an invalid update after {rtt:?}");
+    assert!(
+        rtt < Duration::from_millis(300),
+        "close for an invalid update after {rtt:?}"
+    );
 }
 
 /// A replay whose filter matches rarely is not slowed down by the index walk's budget: it
@@ -1294,16 +1632,23 @@ fn sparse_did_replay_is_not_throttled() {
     let did = g.did_for(n - 10);
     let want: Vec<u64> = (0..n).filter(|&s| g.did_for(s) == did).collect();
     assert!(want.len() < 5 && want[0] > 30_000, "a sparse DID: {want:?}");
-    wait_until("the whole stream in the relay", Duration::from_secs(60), || {
-        let mut ws = open(&relay.url(&format!("wantedDids={}&cursor=0", g.did_for(n - 1))), &[]);
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(15) {
-            if let Got::Frame(f) = read_one(&mut ws) {
-                return Generator::seq_of(&f.data) == Some(n - 1);
+    wait_until(
+        "the whole stream in the relay",
+        Duration::from_secs(60),
+        || {
+            let mut ws = open(
+                &relay.url(&format!("wantedDids={}&cursor=0", g.did_for(n - 1))),
+                &[],
+            );
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(15) {
+                if let Got::Frame(f) = read_one(&mut ws) {
+                    return Generator::seq_of(&f.data) == Some(n - 1);
+                }
             }
-        }
-        false
-    });
+            false
+        },
+    );
     let t0 = Instant::now();
     let mut ws = open(&relay.url(&format!("wantedDids={did}&cursor=0")), &[]);
     let mut got = Vec::new();
@@ -1314,14 +1659,18 @@ fn sparse_did_replay_is_not_throttled() {
     }
     let took = t0.elapsed();
     assert_eq!(got, want);
-    assert!(took < Duration::from_millis(1500), "replaying {n} events for one DID took {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "replaying {n} events for one DID took {took:?}"
+    );
 }
 
 /// Sends `updates` round-robin every `every` while reading, until the stream is complete
 /// (`stop` drained and quiet).
 fn run_storm(mut ws: Ws, updates: Vec<String>, every: Duration, stop: Stop) -> (Outcome, usize) {
     if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(Duration::from_millis(2))).expect("read timeout");
+        s.set_read_timeout(Some(Duration::from_millis(2)))
+            .expect("read timeout");
     }
     let start = Instant::now();
     let mut last = start;
@@ -1331,7 +1680,10 @@ fn run_storm(mut ws: Ws, updates: Vec<String>, every: Duration, stop: Stop) -> (
     while start.elapsed() < CLIENT_DEADLINE {
         let stopping = stop.load(Ordering::SeqCst);
         if stopping == RUN && Instant::now() >= next_send {
-            if ws.send(Message::text(updates[sent % updates.len()].clone())).is_err() {
+            if ws
+                .send(Message::text(updates[sent % updates.len()].clone()))
+                .is_err()
+            {
                 break;
             }
             sent += 1;
@@ -1382,17 +1734,26 @@ fn options_update_storm_loses_and_duplicates_nothing() {
             Filter::all().max(cap).update(),
             Filter::collections(&["app.bsky.*", "fm.teal.*"]).update(),
         ];
-        let f = if compressed { Filter::all().zstd() } else { Filter::all() };
+        let f = if compressed {
+            Filter::all().zstd()
+        } else {
+            Filter::all()
+        };
         let (url, headers) = request(&relay, &f, &Connect::default());
         let ws = open(&url, &headers);
         let stop = stop.clone();
-        storms.push((compressed, std::thread::spawn(move || run_storm(ws, updates, Duration::from_millis(3), stop))));
+        storms.push((
+            compressed,
+            std::thread::spawn(move || run_storm(ws, updates, Duration::from_millis(3), stop)),
+        ));
     }
     let r = refs.finish();
     drain(&stop);
     assert!(
         r.evs.iter().all(|e| e.kind != "commit"
-            || e.collection.as_deref().is_some_and(|c| c.starts_with("app.bsky.") || c.starts_with("fm.teal."))),
+            || e.collection
+                .as_deref()
+                .is_some_and(|c| c.starts_with("app.bsky.") || c.starts_with("fm.teal."))),
         "the storm's collection filter passes every event"
     );
     for (compressed, h) in storms {
@@ -1421,8 +1782,12 @@ fn more_shapes_than_the_limit_fall_back_to_walking() {
     let stop = Arc::new(AtomicU8::new(RUN));
     let filters: Vec<Filter> = (0..40)
         .map(|i| {
-            let f = Filter::collections(&[["app.bsky.feed.post", "app.bsky.graph.*", "app.bsky.feed.repost"][i % 3]])
-                .max(300 + 25 * i);
+            let f = Filter::collections(&[[
+                "app.bsky.feed.post",
+                "app.bsky.graph.*",
+                "app.bsky.feed.repost",
+            ][i % 3]])
+            .max(300 + 25 * i);
             if i % 4 == 3 { f.zstd() } else { f }
         })
         .collect();
@@ -1438,7 +1803,10 @@ fn more_shapes_than_the_limit_fall_back_to_walking() {
         cursor: Some(0),
         ..Connect::default()
     };
-    let replay: Vec<_> = filters.iter().map(|f| spawn_client(&relay, f, &from0, vec![], &stop)).collect();
+    let replay: Vec<_> = filters
+        .iter()
+        .map(|f| spawn_client(&relay, f, &from0, vec![], &stop))
+        .collect();
     let r = refs.finish();
     drain(&stop);
     let b0 = first_seq(&r, &join(probe_before), false, "probe before");
@@ -1447,7 +1815,19 @@ fn more_shapes_than_the_limit_fall_back_to_walking() {
         let o = join(h);
         let what = format!("live #{i} {f:?}");
         let got = r.seqs(&o.frames, f.compressed, &what);
-        let end = check_phases(&r, &got, &[phase(None, 0), Phase { filter: Some(f.clone()), lo: b0, hi: a0 }], &what);
+        let end = check_phases(
+            &r,
+            &got,
+            &[
+                phase(None, 0),
+                Phase {
+                    filter: Some(f.clone()),
+                    lo: b0,
+                    hi: a0,
+                },
+            ],
+            &what,
+        );
         assert_eq!(end, vec![1], "{what}");
     }
     for (i, (f, h)) in filters.iter().zip(replay).enumerate() {
@@ -1456,7 +1836,10 @@ fn more_shapes_than_the_limit_fall_back_to_walking() {
         check_exact(&r, &r.seqs(&o.frames, f.compressed, &what), f, 0, &what);
     }
     let log = relay.log_text();
-    assert!(log.matches("shape created").count() >= 32, "the shape limit was reached");
+    assert!(
+        log.matches("shape created").count() >= 32,
+        "the shape limit was reached"
+    );
 }
 
 /// With a disk cap (the smallest allowed, 4 MiB) that keeps about a third of the stream, filtered replays from cursor 0 —
@@ -1477,7 +1860,9 @@ fn retention_trims_filtered_replays_consistently() {
     let dids = some_dids();
     let filters = [
         Filter::collections(&["app.bsky.feed.post", "app.bsky.graph.*"]),
-        Filter::collections(&["app.bsky.feed.repost"]).max(ZSTD_MEDIAN).zstd(),
+        Filter::collections(&["app.bsky.feed.repost"])
+            .max(ZSTD_MEDIAN)
+            .zstd(),
         Filter::all().max(PLAIN_MEDIAN),
         Filter::dids(&dids),
     ];
@@ -1493,7 +1878,16 @@ fn retention_trims_filtered_replays_consistently() {
     std::thread::sleep(Duration::from_millis(2500));
     let read_retained = |what: &str| -> u64 {
         let s = Arc::new(AtomicU8::new(DRAIN));
-        let o = join(spawn_client(&relay, &Filter::all(), &Connect { cursor: Some(0), ..Connect::default() }, vec![], &s));
+        let o = join(spawn_client(
+            &relay,
+            &Filter::all(),
+            &Connect {
+                cursor: Some(0),
+                ..Connect::default()
+            },
+            vec![],
+            &s,
+        ));
         let got = r.seqs(&o.frames, false, what);
         let first = *got.first().expect("retained events");
         check_exact(&r, &got, &Filter::all(), first, what);
@@ -1511,12 +1905,23 @@ fn retention_trims_filtered_replays_consistently() {
     drain(&stop);
     let replays: Vec<Outcome> = replays.into_iter().map(join).collect();
     let f2 = read_retained("retained after");
-    assert!(f1 > 3000 && f1 < r.n() - 1000, "retention kept events {f1}.. of {}", r.n());
+    assert!(
+        f1 > 3000 && f1 < r.n() - 1000,
+        "retention kept events {f1}.. of {}",
+        r.n()
+    );
     assert!(f2 >= f1);
     for (f, o) in filters.iter().zip(replays) {
         let what = format!("replay from 0 after retention {f:?}");
         let got = r.seqs(&o.frames, f.compressed, &what);
-        let phases = [phase(None, 0), Phase { filter: Some(f.clone()), lo: f1, hi: f2 }];
+        let phases = [
+            phase(None, 0),
+            Phase {
+                filter: Some(f.clone()),
+                lo: f1,
+                hi: f2,
+            },
+        ];
         assert_eq!(check_phases(&r, &got, &phases, &what), vec![1], "{what}");
         assert!(o.close.is_none(), "{what}: {:?}", o.close);
     }
@@ -1526,7 +1931,14 @@ fn retention_trims_filtered_replays_consistently() {
         let o = join(h);
         let what = format!("live under retention {f:?}");
         let got = r.seqs(&o.frames, f.compressed, &what);
-        let phases = [phase(None, 0), Phase { filter: Some(f.clone()), lo: b0, hi: a0 }];
+        let phases = [
+            phase(None, 0),
+            Phase {
+                filter: Some(f.clone()),
+                lo: b0,
+                hi: a0,
+            },
+        ];
         assert_eq!(check_phases(&r, &got, &phases, &what), vec![1], "{what}");
         assert!(o.close.is_none(), "{what}: {:?}", o.close);
     }
@@ -1552,21 +1964,42 @@ fn fragmented_options_update_with_interleaved_ping() {
     }
     let before_update = frames.len();
     let parts: [(&str, OpCode, bool); 3] = [
-        (r#"{"type":"options_update","#, OpCode::Data(Data::Text), false),
-        (r#""payload":{"wantedCollections":"#, OpCode::Data(Data::Continue), false),
-        (r#"["app.bsky.graph.*"]}}"#, OpCode::Data(Data::Continue), true),
+        (
+            r#"{"type":"options_update","#,
+            OpCode::Data(Data::Text),
+            false,
+        ),
+        (
+            r#""payload":{"wantedCollections":"#,
+            OpCode::Data(Data::Continue),
+            false,
+        ),
+        (
+            r#"["app.bsky.graph.*"]}}"#,
+            OpCode::Data(Data::Continue),
+            true,
+        ),
     ];
     for (i, (text, opcode, fin)) in parts.into_iter().enumerate() {
-        ws.send(Message::Frame(WsFrame::message(text.as_bytes().to_vec(), opcode, fin))).expect("fragment");
+        ws.send(Message::Frame(WsFrame::message(
+            text.as_bytes().to_vec(),
+            opcode,
+            fin,
+        )))
+        .expect("fragment");
         if i == 0 {
-            ws.send(Message::Ping(b"mid".to_vec().into())).expect("ping");
+            ws.send(Message::Ping(b"mid".to_vec().into()))
+                .expect("ping");
         }
     }
     let mut pong = false;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
         match ws.read() {
-            Ok(Message::Text(t)) => frames.push(Frame { binary: false, data: t.as_bytes().to_vec() }),
+            Ok(Message::Text(t)) => frames.push(Frame {
+                binary: false,
+                data: t.as_bytes().to_vec(),
+            }),
             Ok(Message::Pong(p)) => {
                 assert_eq!(p.as_ref(), b"mid");
                 pong = true;
@@ -1574,7 +2007,10 @@ fn fragmented_options_update_with_interleaved_ping() {
             Ok(Message::Close(c)) => panic!("closed: {c:?}"),
             Ok(_) => {}
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
             {
                 if frames.len() > before_update && refs.progress.load(Ordering::SeqCst) >= n {
                     // The stream is complete; allow the tail to arrive.
@@ -1593,10 +2029,20 @@ fn fragmented_options_update_with_interleaved_ping() {
     let graph = Filter::collections(&["app.bsky.graph.*"]);
     let phases = [
         phase(None, 0),
-        Phase { filter: Some(Filter::all()), lo: got[0], hi: got[0] },
+        Phase {
+            filter: Some(Filter::all()),
+            lo: got[0],
+            hi: got[0],
+        },
         phase(Some(graph.clone()), lo),
     ];
     // Only the last regime fits the end: unfiltered events after the switch were withheld.
-    assert_eq!(check_phases(&r, &got[..], &phases, "fragmented update"), vec![2]);
-    assert!(got.last().is_some_and(|&s| s > r.n() - 200), "followed to the end");
+    assert_eq!(
+        check_phases(&r, &got[..], &phases, "fragmented update"),
+        vec![2]
+    );
+    assert!(
+        got.last().is_some_and(|&s| s > r.n() - 200),
+        "followed to the end"
+    );
 }
