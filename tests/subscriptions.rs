@@ -674,6 +674,28 @@ fn some_dids() -> Vec<String> {
     vec![g.did_for(150), g.did_for(151), g.did_for(7)]
 }
 
+/// The relay's "shape created" log lines: (label, start_seq).
+fn shapes_created(relay: &Relay) -> Vec<(String, u64)> {
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for ch in relay.log_text().chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("shape created shape=")?.1;
+            let (label, seq) = rest.split_once(" start_seq=")?;
+            Some((label.to_string(), seq.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
@@ -717,6 +739,22 @@ fn filters_alone_and_combined_live_and_replay() {
             Filter::collections(&["app.bsky.feed.like", "app.bsky.graph.*"])
                 .max(ZSTD_MEDIAN)
                 .zstd(),
+            false,
+        ),
+        // A walker comparing compressed sizes.
+        (
+            "dids-size-zstd",
+            Filter::dids(&dids).max(ZSTD_MEDIAN).zstd(),
+            false,
+        ),
+        // Overlapping and repeated patterns: the same events as `app.bsky.feed.*` alone.
+        (
+            "overlapping",
+            Filter::collections(&[
+                "app.bsky.feed.post",
+                "app.bsky.feed.*",
+                "app.bsky.feed.post",
+            ]),
             false,
         ),
         ("header-zstd", Filter::all().zstd(), true),
@@ -856,6 +894,32 @@ fn filters_alone_and_combined_live_and_replay() {
             r.n()
         );
     }
+
+    // The replays above really crossed switch points: every shape began mid-stream, the
+    // replay-only one when that replay asked for it.
+    let created = shapes_created(&relay);
+    let start_of = |label: &str| {
+        created
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, s)| *s)
+            .unwrap_or_else(|| panic!("no shape {label} in {created:?}"))
+    };
+    for label in ["c:app.bsky.feed.post", "c:app.bsky.graph.*", "max:222+zstd"] {
+        assert!(
+            start_of(label) > 100,
+            "{label} created at {}",
+            start_of(label)
+        );
+    }
+    assert!(start_of("c:app.bsky.actor.status,app.bsky.feed.post+max:800") >= 1200);
+    // Eight of the specs have a shape (DID filters walk), plus the replay-only one.
+    assert_eq!(
+        created.len(),
+        9,
+        "one shape per distinct shape key: {created:?}"
+    );
+    start_of("c:app.bsky.feed.*");
 
     // Probes bracket the live clients' starts.
     let before = join(probe_before);
