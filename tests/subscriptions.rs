@@ -511,13 +511,36 @@ fn upstream(mock: &Mock) -> String {
     format!("{}?cursor=0", mock.url())
 }
 
-/// Starts a finite mock and a relay following it.
-fn setup(name: &str, rate: u64, count: usize) -> (Mock, Relay) {
+/// Removes a test's data directory and relay logs when the test passes (they are kept for
+/// inspection when it fails).
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+        let (Some(parent), Some(name)) = (self.0.parent(), self.0.file_name()) else {
+            return;
+        };
+        let prefix = format!("{}.relay-", name.to_string_lossy());
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Starts a finite mock and a relay following it (the cleanup comes first so that it runs
+/// after both are stopped).
+fn setup(name: &str, rate: u64, count: usize) -> (Cleanup, Mock, Relay) {
     let count = count.to_string();
     let mock = Mock::start(rate, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir(name);
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
-    (mock, relay)
+    (Cleanup(dir), mock, relay)
 }
 
 /// Reference readers (plain and compressed, cursor=0) started now; `progress` counts plain.
@@ -708,7 +731,7 @@ fn shapes_created(relay: &Relay) -> Vec<(String, u64)> {
 #[test]
 fn filters_alone_and_combined_live_and_replay() {
     let n = 3000;
-    let (_mock, relay) = setup("subs-filters", 600, n);
+    let (_clean, _mock, relay) = setup("subs-filters", 600, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(150, Duration::from_secs(30));
     let dids = some_dids();
@@ -965,7 +988,7 @@ fn filters_alone_and_combined_live_and_replay() {
 #[test]
 fn compressed_frames_decode_to_the_plain_json() {
     let n = 1500;
-    let (_mock, relay) = setup("subs-zstd", 1000, n);
+    let (_clean, _mock, relay) = setup("subs-zstd", 1000, n);
     let stop = Arc::new(AtomicU8::new(RUN));
     let all = Filter::all().zstd();
     let live_q = spawn_client(&relay, &all, &Connect::default(), vec![], &stop);
@@ -1034,7 +1057,7 @@ fn compressed_frames_decode_to_the_plain_json() {
 #[test]
 fn options_update_mid_stream() {
     let n = 4000;
-    let (_mock, relay) = setup("subs-update", 800, n);
+    let (_clean, _mock, relay) = setup("subs-update", 800, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
     let stop = Arc::new(AtomicU8::new(RUN));
@@ -1177,7 +1200,7 @@ fn options_update_mid_stream() {
 #[test]
 fn require_hello_holds_everything_until_the_first_update() {
     let n = 3000;
-    let (_mock, relay) = setup("subs-hello", 600, n);
+    let (_clean, _mock, relay) = setup("subs-hello", 600, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
     let stop = Arc::new(AtomicU8::new(RUN));
@@ -1264,6 +1287,7 @@ fn relay_restart_replays_the_same_filtered_history() {
     let count = n.to_string();
     let mock = Mock::start(600, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-restart");
+    let _clean = Cleanup(dir.clone());
     let mut relay = Relay::start(&upstream(&mock), &dir, &[]);
     let dids = some_dids();
     let filters = [
@@ -1383,6 +1407,7 @@ fn handshake(relay: &Relay, query: &str) -> (u16, String) {
 fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
     let mock = Mock::start(400, &["--dids", "40"]);
     let dir = temp_dir("subs-invalid");
+    let _clean = Cleanup(dir.clone());
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
     let stop = Arc::new(AtomicU8::new(RUN));
     let bystander = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
@@ -1623,7 +1648,7 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
 /// `options_update` (none may wait for the worker's next unrelated wake-up).
 #[test]
 fn control_frames_are_answered_promptly_on_idle_connections() {
-    let (_mock, relay) = setup("subs-ctrl", 1000, 300);
+    let (_clean, _mock, relay) = setup("subs-ctrl", 1000, 300);
     let refs = RefReaders::start(&relay, 300);
     refs.finish();
     // The stream is finished: a live client has nothing to receive.
@@ -1691,6 +1716,7 @@ fn sparse_did_replay_is_not_throttled() {
     // The default DID population: a DID has a handful of events in the whole stream.
     let mock = Mock::start(0, &["--count", &count]);
     let dir = temp_dir("subs-sparse");
+    let _clean = Cleanup(dir.clone());
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
     let g = Generator::new(SEED, jetrelay::mock::DEFAULT_DIDS);
     let did = g.did_for(n - 10);
@@ -1776,7 +1802,7 @@ fn run_storm(mut ws: Ws, updates: Vec<String>, every: Duration, stop: Stop) -> (
 #[test]
 fn options_update_storm_loses_and_duplicates_nothing() {
     let n = 16_000;
-    let (_mock, relay) = setup("subs-storm", 4000, n);
+    let (_clean, _mock, relay) = setup("subs-storm", 4000, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(200, Duration::from_secs(30));
     let stop = Arc::new(AtomicU8::new(RUN));
@@ -1840,7 +1866,7 @@ fn options_update_storm_loses_and_duplicates_nothing() {
 #[test]
 fn more_shapes_than_the_limit_fall_back_to_walking() {
     let n = 2500;
-    let (_mock, relay) = setup("subs-manyshapes", 600, n);
+    let (_clean, _mock, relay) = setup("subs-manyshapes", 600, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
     let stop = Arc::new(AtomicU8::new(RUN));
@@ -1917,6 +1943,7 @@ fn retention_trims_filtered_replays_consistently() {
     let count = n.to_string();
     let mock = Mock::start(4000, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-retention");
+    let _clean = Cleanup(dir.clone());
     let relay = Relay::start(&upstream(&mock), &dir, &["--max-disk", "4MiB"]);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
@@ -2015,7 +2042,7 @@ fn fragmented_options_update_with_interleaved_ping() {
     use tungstenite::protocol::frame::Frame as WsFrame;
     use tungstenite::protocol::frame::coding::{Data, OpCode};
     let n = 2500;
-    let (_mock, relay) = setup("subs-fragments", 800, n);
+    let (_clean, _mock, relay) = setup("subs-fragments", 800, n);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
     let mut ws = open(&relay.url(""), &[]);
@@ -2109,4 +2136,54 @@ fn fragmented_options_update_with_interleaved_ping() {
         got.last().is_some_and(|&s| s > r.n() - 200),
         "followed to the end"
     );
+}
+
+/// Retention keeps the disk cap even when the only readers of the compressed base log are
+/// clients that walked it briefly and then moved onto their shape's log: their worker must not
+/// keep reporting their old position (which would block retention for good, let the logs
+/// grow past the cap, and turn every older cursor into an immediate 1008 close).
+#[test]
+fn retention_is_not_held_back_by_clients_that_moved_to_a_shape() {
+    let n: u64 = 16_000;
+    let count = n.to_string();
+    let mock = Mock::start(4000, &["--count", &count, "--dids", "40"]);
+    let dir = temp_dir("subs-moved");
+    let _clean = Cleanup(dir.clone());
+    let relay = Relay::start(&upstream(&mock), &dir, &["--max-disk", "4MiB", "--workers", "2"]);
+    wait_until("500 events", Duration::from_secs(30), || mock.seq() >= 500);
+    let stop = Arc::new(AtomicU8::new(RUN));
+    // New shapes on a fast stream: each client's start (resolved at its handshake) is older
+    // than its shape (created when a worker attaches it), so it walks the base log first.
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let f = Filter::collections(&["app.bsky.feed.like"]).max(300 + 10 * i).zstd();
+            spawn_client(&relay, &f, &Connect::default(), vec![], &stop)
+        })
+        .collect();
+    wait_until("the whole stream", Duration::from_secs(30), || mock.seq() >= n);
+    // Retention runs once a second; give it a few passes on the finished stream.
+    std::thread::sleep(Duration::from_secs(4));
+    let used = du_bytes(&dir);
+    let mut ws = open(&relay.url("cursor=0&compress=true"), &[]);
+    let first = read_close_or_frame(&mut ws);
+    drain(&stop);
+    for h in clients {
+        join(h);
+    }
+    assert!(used <= 5 << 20, "data dir holds {used} bytes with --max-disk 4MiB");
+    assert!(first.is_ok(), "a cursor=0 client was refused: {first:?}");
+}
+
+/// The first thing a client receives: a data frame (Ok) or a close frame (Err).
+fn read_close_or_frame(ws: &mut Ws) -> Result<Frame, Option<(u16, String)>> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        match read_one(ws) {
+            Got::Frame(f) => return Ok(f),
+            Got::Close(code, reason) => return Err(Some((code, reason))),
+            Got::Gone => return Err(None),
+            Got::Nothing => {}
+        }
+    }
+    Err(None)
 }
