@@ -1079,8 +1079,15 @@ impl Worker {
                 }
             }
         }
-        // Streams with no reader here any more get NONE, so retention is not held back.
-        for st in &self.known_streams {
+        // Streams with no reader here any more get NONE, so retention is not held back. That
+        // includes every stream a client registered on and left between two ticks without
+        // being seen here (a walker that switched onto its shape, an options_update): the base
+        // logs and the live shapes are always checked, not only last tick's streams.
+        let mut candidates = std::mem::take(&mut self.known_streams);
+        candidates.push(self.hub.plain.clone());
+        candidates.push(self.hub.zstd.clone());
+        candidates.extend(self.hub.shapes.active().into_iter().map(|s| s.stream.clone()));
+        for st in &candidates {
             if !lows.iter().any(|(s2, _)| Arc::ptr_eq(s2, st)) {
                 st.set_worker_low(self.id, NONE);
             }
