@@ -2149,18 +2149,26 @@ fn retention_is_not_held_back_by_clients_that_moved_to_a_shape() {
     let mock = Mock::start(4000, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-moved");
     let _clean = Cleanup(dir.clone());
-    let relay = Relay::start(&upstream(&mock), &dir, &["--max-disk", "4MiB", "--workers", "2"]);
+    let relay = Relay::start(
+        &upstream(&mock),
+        &dir,
+        &["--max-disk", "4MiB", "--workers", "2"],
+    );
     wait_until("500 events", Duration::from_secs(30), || mock.seq() >= 500);
     let stop = Arc::new(AtomicU8::new(RUN));
     // New shapes on a fast stream: each client's start (resolved at its handshake) is older
     // than its shape (created when a worker attaches it), so it walks the base log first.
     let clients: Vec<_> = (0..6)
         .map(|i| {
-            let f = Filter::collections(&["app.bsky.feed.like"]).max(300 + 10 * i).zstd();
+            let f = Filter::collections(&["app.bsky.feed.like"])
+                .max(300 + 10 * i)
+                .zstd();
             spawn_client(&relay, &f, &Connect::default(), vec![], &stop)
         })
         .collect();
-    wait_until("the whole stream", Duration::from_secs(30), || mock.seq() >= n);
+    wait_until("the whole stream", Duration::from_secs(30), || {
+        mock.seq() >= n
+    });
     // Retention runs once a second; give it a few passes on the finished stream.
     std::thread::sleep(Duration::from_secs(4));
     let used = du_bytes(&dir);
@@ -2170,7 +2178,10 @@ fn retention_is_not_held_back_by_clients_that_moved_to_a_shape() {
     for h in clients {
         join(h);
     }
-    assert!(used <= 5 << 20, "data dir holds {used} bytes with --max-disk 4MiB");
+    assert!(
+        used <= 5 << 20,
+        "data dir holds {used} bytes with --max-disk 4MiB"
+    );
     assert!(first.is_ok(), "a cursor=0 client was refused: {first:?}");
 }
 
