@@ -623,6 +623,25 @@ impl EventIndex {
         }
     }
 
+    /// End offsets (plain, zstd) of the newest chunk retention wants gone: every complete chunk
+    /// last appended to before `cutoff_us`, and enough of the oldest ones to free `excess`
+    /// bytes. Readers below it are all kicked at once, so that one stalled reader does not
+    /// hold the others' kicks back chunk by chunk.
+    pub fn retention_target(&self, cutoff_us: i64, excess: u64) -> Option<(u64, u64)> {
+        let complete = self.chunks.len().saturating_sub(1);
+        let mut freed = 0u64;
+        let mut target = None;
+        for c in self.chunks.iter().take(complete) {
+            if c.appended_at_us >= cutoff_us && freed >= excess {
+                break;
+            }
+            let (p, z) = c.end_offsets();
+            freed += (p - c.plain_off) + (z - c.zstd_off);
+            target = Some((p, z));
+        }
+        target
+    }
+
     /// The oldest complete chunk, if any (retention looks at it).
     pub fn oldest_chunk(&self) -> Option<&Chunk> {
         self.chunks.front().filter(|_| self.chunks.len() > 1)
