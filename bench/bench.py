@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""jetrelay benchmark: mock upstream -> relay (pinned to core 0) -> swarm (core 1).
+
+Prints, per scenario: relay CPU %, relay CPU-seconds per GB delivered, delivered Gbps, latency
+p50/p99/max (receive time - time_us, measured by the swarm), clients behind, relay RSS and open
+fds per client; plus `iperf3 -Z` (one stream, same pinning) as the physical reference for one
+core. Every scenario runs the swarm with byte-exact, in-order verification: a figure from a run
+whose clients did not receive every event in order is marked FAILED.
+
+Usage:  cargo build --release && python3 bench/bench.py [--only NAME ...] [--json FILE]
+It is a benchmark, not a test: absolute numbers depend on the machine; compare ratios from one
+run (e.g. before/after a data-path change).
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+SEED = "7"
+RELAY_CORE = "0"
+LOAD_CORE = "1"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, within=20.0):
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def pinned(core, args, **kw):
+    return subprocess.Popen(["taskset", "-c", core] + args, **kw)
+
+
+class Scenario:
+    def __init__(self, name, clients, rate, queries=("",), duration=15, processes=1,
+                 relay_args=(), warmup=None, prefill=0, swarm_args=(), sidecar=False):
+        self.name, self.clients, self.rate = name, clients, rate
+        self.queries, self.duration, self.processes = list(queries), duration, processes
+        self.relay_args, self.prefill, self.swarm_args = list(relay_args), prefill, list(swarm_args)
+        self.sidecar = sidecar
+        # Time for all clients to connect before measuring.
+        self.warmup = warmup if warmup is not None else 2 + clients / 2000
+
+
+def run(sc, log):
+    data = tempfile.mkdtemp(prefix="jetrelay-bench-")
+    mport, rport = free_port(), free_port()
+    procs = []
+    try:
+        mock_args = [os.path.join(BIN, "jetrelay-mock"), "--listen", f"127.0.0.1:{mport}",
+                     "--rate", str(sc.rate), "--seed", SEED]
+        if sc.prefill:
+            mock_args += ["--count", str(sc.prefill), "--rate", "0"]
+        mock = pinned(LOAD_CORE, mock_args, stdout=log, stderr=log)
+        procs.append(mock)
+        wait_port(mport)
+        relay = pinned(RELAY_CORE, [
+            os.path.join(BIN, "jetrelay"), "--listen", f"127.0.0.1:{rport}",
+            "--upstream", f"ws://127.0.0.1:{mport}/subscribe?cursor=0", "--data-dir", data,
+            "--workers", "1", "--allow-ip", "127.0.0.0/8", "--max-clients", "1000000",
+        ] + sc.relay_args, stdout=log, stderr=log)
+        procs.append(relay)
+        wait_port(rport)
+        if sc.prefill:
+            # Wait until the relay has appended the whole prefill.
+            deadline = time.time() + 120
+            last, stable = -1, 0
+            while time.time() < deadline and stable < 3:
+                size = os.path.getsize(os.path.join(data, "plain.log"))
+                stable = stable + 1 if size == last else 0
+                last = size
+                time.sleep(0.5)
+        urls = []
+        for q in sc.queries:
+            urls += ["--url", f"ws://127.0.0.1:{rport}/subscribe" + (f"?{q}" if q else "")]
+        swarm = pinned(LOAD_CORE, [
+            os.path.join(BIN, "jetrelay-swarm"), *urls, "--clients", str(sc.clients),
+            "--processes", str(sc.processes), "--duration", f"{sc.duration}s", "--seed", SEED,
+            "--json", "--expect-in-order", "--connect-rate", "5000", *sc.swarm_args,
+        ], stdout=subprocess.PIPE, stderr=log, text=True)
+        procs.append(swarm)
+        time.sleep(sc.warmup)
+        c0, t0 = cpu_seconds(relay.pid), time.time()
+        window = max(1.0, sc.duration - sc.warmup - 1.5)
+        time.sleep(window)
+        c1, t1 = cpu_seconds(relay.pid), time.time()
+        rss, nfd = rss_kib(relay.pid), fds(relay.pid)
+        out, _ = swarm.communicate(timeout=sc.duration + 120)
+        report = json.loads(out.strip().splitlines()[-1])
+        cpu = (c1 - c0) / (t1 - t0)
+        gbps = report["gbps"]
+        gb_per_s = gbps / 8
+        lat = report["latency"]
+        return {
+            "scenario": sc.name,
+            "clients": sc.clients,
+            "rate": sc.rate,
+            "passed": report["passed"] and report["connected"] == sc.clients,
+            "connected": report["connected"],
+            "relay_cpu_pct": round(cpu * 100, 1),
+            "cpu_s_per_gb": round(cpu / gb_per_s, 3) if gb_per_s > 0 else None,
+            "gbps": round(gbps, 3),
+            "p50_ms": lat["p50_us"] / 1000,
+            "p99_ms": lat["p99_us"] / 1000,
+            "max_ms": lat["max_us"] / 1000,
+            "clients_behind": report["clients_behind"],
+            "rss_mib": round(rss / 1024, 1),
+            "fds_per_client": round(nfd / sc.clients, 3),
+            "rss_per_client_kib": round(rss / sc.clients, 2),
+        }
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(["rm", "-rf", data])
+
+
+def iperf3():
+    port = free_port()
+    srv = pinned(LOAD_CORE, ["iperf3", "-s", "-1", "-p", str(port)],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        out = subprocess.run(["taskset", "-c", RELAY_CORE, "iperf3", "-c", "127.0.0.1", "-p",
+                              str(port), "-Z", "-t", "5", "-J"], capture_output=True, text=True,
+                             timeout=30).stdout
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    except Exception as e:  # noqa: BLE001 — a missing iperf3 must not hide the other figures
+        print(f"iperf3 failed: {e}", file=sys.stderr)
+        return None
+    finally:
+        srv.kill()
+
+
+POPULAR = ["app.bsky.feed.like", "app.bsky.feed.post", "app.bsky.feed.repost",
+           "app.bsky.graph.follow", "app.bsky.graph.*", "app.bsky.feed.*",
+           "app.bsky.feed.post&compress=true", "app.bsky.feed.like&maxMessageSizeBytes=600",
+           "app.bsky.actor.profile", "app.bsky.feed.post,app.bsky.feed.repost"]
+
+
+def shape_queries():
+    qs = []
+    for p in POPULAR:
+        base, _, extra = p.partition("&")
+        cols = "&".join(f"wantedCollections={c}" for c in base.split(","))
+        qs.append(cols + (f"&{extra}" if extra else ""))
+    return qs
+
+
+def did_queries(n_filters, per_filter):
+    # DIDs the mock generates (seed 7, its default population).
+    sys.path.insert(0, os.path.dirname(__file__))
+    out = subprocess.run([os.path.join(BIN, "jetrelay-mock"), "--print-dids",
+                          str(n_filters * per_filter), "--seed", SEED],
+                         capture_output=True, text=True)
+    dids = out.stdout.split()
+    if len(dids) < n_filters * per_filter:
+        return None
+    return ["&".join(f"wantedDids={d}" for d in dids[i * per_filter:(i + 1) * per_filter])
+            for i in range(n_filters)]
+
+
+SCENARIOS = {
+    "core-1000x500": lambda: Scenario("core-1000x500", 1000, 500),
+    "core-5000x500": lambda: Scenario("core-5000x500", 5000, 500, duration=20),
+    "core-100x50": lambda: Scenario("core-100x50", 100, 50),
+    "core-12000x50": lambda: Scenario("core-12000x50", 12000, 50, duration=25, processes=2),
+    "saturation-replay": lambda: Scenario("saturation-replay", 200, 0, queries=["cursor=0"],
+                                          prefill=300_000, duration=25, warmup=3),
+    "subs-full": lambda: Scenario("subs-full", 1000, 500),
+    "subs-post": lambda: Scenario("subs-post", 1000, 500,
+                                  queries=["wantedCollections=app.bsky.feed.post"]),
+    "subs-10-shapes": lambda: Scenario("subs-10-shapes", 1000, 500, queries=shape_queries()),
+    "subs-compress": lambda: Scenario("subs-compress", 1000, 500, queries=["compress=true"]),
+    "subs-100-dids": lambda: Scenario("subs-100-dids", 1000, 500,
+                                      queries=did_queries(200, 100) or ["wantedDids=did:plc:x"]),
+    "metrics-off": lambda: Scenario("metrics-off", 1000, 500, relay_args=["--metrics-listen", ""]),
+    "metrics-on": lambda: Scenario("metrics-on", 1000, 500),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", help=f"scenarios: {', '.join(SCENARIOS)}")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    names = args.only or list(SCENARIOS)
+    log = open(os.path.join(tempfile.gettempdir(), "jetrelay-bench.log"), "w")
+    ref = iperf3()
+    print(f"iperf3 -Z (1 stream, client on core {RELAY_CORE}): "
+          + (f"{ref:.2f} Gbps" if ref else "unavailable"))
+    cols = ["scenario", "clients", "rate", "passed", "relay_cpu_pct", "cpu_s_per_gb", "gbps",
+            "p50_ms", "p99_ms", "max_ms", "clients_behind", "rss_mib", "fds_per_client"]
+    print(" | ".join(cols))
+    results = []
+    for n in names:
+        r = run(SCENARIOS[n](), log)
+        if n.startswith("saturation") and ref:
+            r["share_of_iperf3"] = round(r["gbps"] / ref, 3)
+        results.append(r)
+        print(" | ".join(str(r.get(c)) for c in cols)
+              + (f" | {r['share_of_iperf3']:.0%} of iperf3" if "share_of_iperf3" in r else ""),
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"iperf3_gbps": ref, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
