@@ -182,7 +182,7 @@ fn python_websockets_client_interoperates() {
     let mock = Mock::start(1000, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("interop-python");
     let _clean = Cleanup(vec![dir.clone()]);
-    let relay = Relay::start(&format!("{}?cursor=0", mock.url()), &dir, &[]);
+    let relay = Relay::start(&mock.url(), &dir, &[]);
     let events = reference(&relay);
     let out_dir = temp_dir("interop-python-out");
     let _clean_out = Cleanup(vec![out_dir.clone()]);

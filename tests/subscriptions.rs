@@ -508,7 +508,7 @@ fn join<T>(h: JoinHandle<T>) -> T {
 
 /// The upstream URL: from cursor 0, so the relay holds the mock's whole stream.
 fn upstream(mock: &Mock) -> String {
-    format!("{}?cursor=0", mock.url())
+    mock.url()
 }
 
 /// Removes a test's data directory and relay logs when the test passes (they are kept for
