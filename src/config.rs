@@ -190,7 +190,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n.checked_mul(60).ok_or("duration overflows")?,
         "h" => n.checked_mul(3600).ok_or("duration overflows")?,
         "d" => n.checked_mul(86_400).ok_or("duration overflows")?,
-        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m, h, d)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m, h, d)"
+            ));
+        }
     };
     Ok(Duration::from_secs(secs))
 }
@@ -213,7 +217,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
-        other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB)"
+            ));
+        }
     };
     n.checked_mul(mult).ok_or_else(|| "size overflows".into())
 }
@@ -224,10 +232,7 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
         Some((a, l)) => (a, Some(l)),
         None => (s, None),
     };
-    let ip: std::net::IpAddr = addr
-        .trim()
-        .parse()
-        .map_err(|e| format!("`{s}`: {e}"))?;
+    let ip: std::net::IpAddr = addr.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = match len {
         Some(l) => l
@@ -250,11 +255,17 @@ impl RawSettings {
             Some(s) => Some(s.parse().map_err(|e| bad("trusted_listen", e))?),
         };
         if !self.demo && self.upstream.is_empty() {
-            return Err(bad("upstream", "at least one upstream URL is needed (or --demo)"));
+            return Err(bad(
+                "upstream",
+                "at least one upstream URL is needed (or --demo)",
+            ));
         }
         for u in &self.upstream {
             if !(u.starts_with("ws://") || u.starts_with("wss://")) {
-                return Err(bad("upstream", format!("`{u}` must start with ws:// or wss://")));
+                return Err(bad(
+                    "upstream",
+                    format!("`{u}` must start with ws:// or wss://"),
+                ));
             }
         }
         let data_dir = self
@@ -417,7 +428,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("jetrelay-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("relay.toml");
-        std::fs::write(&file, "workers = 3\nretention = \"2h\"\nmax_disk = \"1GiB\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "workers = 3\nretention = \"2h\"\nmax_disk = \"1GiB\"\n",
+        )
+        .unwrap();
         #[derive(Serialize)]
         struct Flags {
             retention: &'static str,

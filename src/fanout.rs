@@ -22,9 +22,9 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -124,7 +124,14 @@ impl Fanout {
             let (tx, rx) = channel();
             let wake = Arc::new(Waker::new()?);
             let clients = Arc::new(AtomicU64::new(0));
-            let mut worker = Worker::new(id, hub.clone(), rx, wake.clone(), clients.clone(), ping_interval)?;
+            let mut worker = Worker::new(
+                id,
+                hub.clone(),
+                rx,
+                wake.clone(),
+                clients.clone(),
+                ping_interval,
+            )?;
             let thread = std::thread::Builder::new()
                 .name(format!("fanout-{id}"))
                 .spawn(move || {
@@ -370,7 +377,9 @@ impl Worker {
         let ring = build_ring()?;
         let mut pipes = Vec::with_capacity(PIPES_PER_WORKER);
         for _ in 0..PIPES_PER_WORKER {
-            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)?;
+            let (r, w) = rustix::pipe::pipe_with(
+                rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+            )?;
             // Best effort: a smaller pipe only means smaller splice batches.
             let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_BYTES);
             pipes.push(Pipe { r, w });
@@ -484,7 +493,12 @@ impl Worker {
     fn submit_now(&mut self) -> std::io::Result<()> {
         match self.ring.submit() {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -492,7 +506,12 @@ impl Worker {
     fn submit_and_wait(&mut self) -> std::io::Result<()> {
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -563,7 +582,9 @@ impl Worker {
     }
 
     fn arm_pollin(&mut self, slot: u32, fd: RawFd) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         c.inflight += 1;
         let ud = user_data(slot, c.generation, OP_POLLIN);
         let sqe = opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
@@ -588,7 +609,9 @@ impl Worker {
         let mut ring_sends = false;
         let n = self.ready.len();
         for _ in 0..n {
-            let Some(slot) = self.ready.pop_front() else { break };
+            let Some(slot) = self.ready.pop_front() else {
+                break;
+            };
             if let Some(c) = self.slots[slot as usize].as_mut() {
                 c.queued = false;
             }
@@ -603,13 +626,20 @@ impl Worker {
     /// Decides and queues the next operation for one client. Returns true for a ring send.
     fn serve(&mut self, slot: u32) -> bool {
         let hub = self.hub.clone();
-        let Some(c) = self.slots[slot as usize].as_mut() else { return false };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return false;
+        };
         if c.busy || c.blocked || c.shut {
             return false;
         }
         // Residual bytes in a pipe go first (they are mid-range).
         if let Some(p) = c.pipe {
-            let (ud, fd, pr, len) = (user_data(slot, c.generation, OP_SPLICE_OUT), c.fd.as_raw_fd(), self.pipes[p].r.as_raw_fd(), c.pipe_fill);
+            let (ud, fd, pr, len) = (
+                user_data(slot, c.generation, OP_SPLICE_OUT),
+                c.fd.as_raw_fd(),
+                self.pipes[p].r.as_raw_fd(),
+                c.pipe_fill,
+            );
             c.busy = true;
             c.inflight += 1;
             self.push(splice_out(pr, fd, len, ud));
@@ -636,7 +666,10 @@ impl Worker {
             if c.ctrl.is_none()
                 && let Some(next) = c.ctrl_queue.pop()
             {
-                c.ctrl = Some(Box::new(Ctrl { bytes: next, sent: 0 }));
+                c.ctrl = Some(Box::new(Ctrl {
+                    bytes: next,
+                    sent: 0,
+                }));
             }
             if let Some(ctrl) = c.ctrl.as_ref().filter(|x| x.sent < x.bytes.len()) {
                 let ptr = ctrl.bytes[ctrl.sent..].as_ptr();
@@ -678,12 +711,20 @@ impl Worker {
                         return false;
                     }
                     let walked_from = w.next.seq;
-                    if let Some((from, to)) = w.next_run(&index, hub.plain.file(), c.compressed, c.shape.as_ref().map(|s| s.start_seq)) {
+                    if let Some((from, to)) = w.next_run(
+                        &index,
+                        hub.plain.file(),
+                        c.compressed,
+                        c.shape.as_ref().map(|s| s.start_seq),
+                    ) {
                         c.pos = from;
                         c.boundary = to;
                     }
                     // (No progress — retention overtook the walk — waits for the kick instead.)
-                    if w.next.seq < index.next_seq() && c.pos == c.boundary && w.next.seq > walked_from {
+                    if w.next.seq < index.next_seq()
+                        && c.pos == c.boundary
+                        && w.next.seq > walked_from
+                    {
                         // Budget exhausted without a match: continue next loop.
                         drop(index);
                         c.queued = true;
@@ -727,7 +768,12 @@ impl Worker {
             .flags(squeue::Flags::IO_LINK)
             .user_data(user_data(slot, gen_, OP_SPLICE_IN));
         self.push(sin);
-        self.push(splice_out(pr, fd, len, user_data(slot, gen_, OP_SPLICE_OUT)));
+        self.push(splice_out(
+            pr,
+            fd,
+            len,
+            user_data(slot, gen_, OP_SPLICE_OUT),
+        ));
         false
     }
 
@@ -754,7 +800,9 @@ impl Worker {
             let slot = (ud >> 32) as u32;
             let generation = ((ud >> 8) & 0xFF_FFFF) as u32;
             let op = ud & 0xFF;
-            let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { continue };
+            let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else {
+                continue;
+            };
             if c.generation & 0xFF_FFFF != generation {
                 continue;
             }
@@ -778,7 +826,10 @@ impl Worker {
                         self.on_readable(slot);
                     }
                     if final_cqe {
-                        let fd = self.slots[slot as usize].as_ref().filter(|c| !c.shut).map(|c| c.fd.as_raw_fd());
+                        let fd = self.slots[slot as usize]
+                            .as_ref()
+                            .filter(|c| !c.shut)
+                            .map(|c| c.fd.as_raw_fd());
                         if let Some(fd) = fd {
                             self.arm_pollin(slot, fd);
                         }
@@ -791,7 +842,9 @@ impl Worker {
     }
 
     fn on_send(&mut self, slot: u32, res: i32) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         c.busy = false;
         if res > 0 {
             c.pos += res as u64;
@@ -805,7 +858,9 @@ impl Worker {
     }
 
     fn on_ctrl(&mut self, slot: u32, res: i32) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         c.busy = false;
         if res > 0 {
             if let Some(ctrl) = c.ctrl.as_mut() {
@@ -823,7 +878,9 @@ impl Worker {
     }
 
     fn on_splice_in(&mut self, slot: u32, res: i32) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         if res > 0 {
             c.pipe_fill += res as u32;
         } else if res < 0 {
@@ -834,7 +891,9 @@ impl Worker {
     }
 
     fn on_splice_out(&mut self, slot: u32, res: i32) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         c.busy = false;
         if res > 0 {
             c.pos += res as u64;
@@ -855,12 +914,16 @@ impl Worker {
     }
 
     fn release_pipe(&mut self, slot: u32) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         if let Some(p) = c.pipe.take() {
             if c.pipe_fill != 0 {
                 // Drop residue a closing client never took: recreate the pipe empty.
                 c.pipe_fill = 0;
-                if let Ok((r, w)) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK) {
+                if let Ok((r, w)) = rustix::pipe::pipe_with(
+                    rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+                ) {
                     let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_BYTES);
                     self.pipes[p] = Pipe { r, w };
                 }
@@ -873,7 +936,9 @@ impl Worker {
     }
 
     fn block(&mut self, slot: u32) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         if c.shut {
             return;
         }
@@ -946,7 +1011,9 @@ impl Worker {
     }
 
     fn on_message(&mut self, slot: u32, m: InboundMessage) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         match m {
             InboundMessage::Ping(_) if c.closing.is_some() => {}
             InboundMessage::Ping(payload) => {
@@ -963,32 +1030,34 @@ impl Worker {
                 }
                 self.enqueue(slot);
             }
-            InboundMessage::Text(text) => {
-                match crate::subscription::parse_options_update(&text) {
-                    Ok(opts) => {
-                        c.pending_options = Some(opts);
-                        self.enqueue(slot);
-                    }
-                    Err(e) => {
-                        let reason = e.to_string();
-                        self.close_with(slot, 1000, &reason, CloseWhy::Protocol);
-                    }
+            InboundMessage::Text(text) => match crate::subscription::parse_options_update(&text) {
+                Ok(opts) => {
+                    c.pending_options = Some(opts);
+                    self.enqueue(slot);
                 }
-            }
+                Err(e) => {
+                    let reason = e.to_string();
+                    self.close_with(slot, 1000, &reason, CloseWhy::Protocol);
+                }
+            },
             InboundMessage::Binary(_) => {}
         }
     }
 
     /// Queues a close frame (sent at the next frame boundary) and marks the client closing.
     fn close_with(&mut self, slot: u32, code: u16, reason: &str, why: CloseWhy) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         if c.closing.is_some() {
             return;
         }
         c.closing = Some((why, Instant::now()));
         match why {
             CloseWhy::Retention => Counters::add(&self.hub.counters.kicked_retention, 1),
-            CloseWhy::Dead | CloseWhy::Protocol => Counters::add(&self.hub.counters.kicked_other, 1),
+            CloseWhy::Dead | CloseWhy::Protocol => {
+                Counters::add(&self.hub.counters.kicked_other, 1)
+            }
             _ => {}
         }
         tracing::info!(peer = %c.peer, ?why, code, reason, "closing client");
@@ -1009,7 +1078,9 @@ impl Worker {
 
     /// Shuts the socket down so every in-flight op completes; the slot is freed at 0 in flight.
     fn shutdown_client(&mut self, slot: u32) {
-        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        let Some(c) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         if c.shut {
             return;
         }
@@ -1017,14 +1088,16 @@ impl Worker {
         let _ = rustix::net::shutdown(&c.fd, rustix::net::Shutdown::Both);
         c.inflight += 1;
         let ud = user_data(slot, c.generation, OP_CANCEL);
-        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(c.fd.as_raw_fd())).all())
-            .build()
-            .user_data(ud);
+        let sqe =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(c.fd.as_raw_fd())).all())
+                .build()
+                .user_data(ud);
         self.push(sqe);
     }
 
     fn maybe_free(&mut self, slot: u32) {
-        let done = matches!(self.slots[slot as usize].as_ref(), Some(c) if c.shut && c.inflight == 0);
+        let done =
+            matches!(self.slots[slot as usize].as_ref(), Some(c) if c.shut && c.inflight == 0);
         if !done {
             return;
         }
@@ -1050,7 +1123,9 @@ impl Worker {
         let now = Instant::now();
         let mut lows: Vec<(Arc<Stream>, u64)> = Vec::new();
         for slot in 0..self.slots.len() as u32 {
-            let Some(c) = self.slots[slot as usize].as_mut() else { continue };
+            let Some(c) = self.slots[slot as usize].as_mut() else {
+                continue;
+            };
             if let Some((_, since)) = c.closing {
                 let fin_expired = c.fin_at.is_some_and(|t| now.duration_since(t) > FIN_GRACE);
                 if (fin_expired || now.duration_since(since) > CLOSE_GRACE) && !c.shut {
@@ -1088,7 +1163,13 @@ impl Worker {
         let mut candidates = std::mem::take(&mut self.known_streams);
         candidates.push(self.hub.plain.clone());
         candidates.push(self.hub.zstd.clone());
-        candidates.extend(self.hub.shapes.active().into_iter().map(|s| s.stream.clone()));
+        candidates.extend(
+            self.hub
+                .shapes
+                .active()
+                .into_iter()
+                .map(|s| s.stream.clone()),
+        );
         for st in &candidates {
             if !lows.iter().any(|(s2, _)| Arc::ptr_eq(s2, st)) {
                 st.set_worker_low(self.id, NONE);
@@ -1116,12 +1197,24 @@ struct AttachPoint {
     pos: u64,
 }
 
-fn attach_point(hub: &Hub, compressed: bool, options: SubscriberOptions, start: EventPos) -> AttachPoint {
+fn attach_point(
+    hub: &Hub,
+    compressed: bool,
+    options: SubscriberOptions,
+    start: EventPos,
+) -> AttachPoint {
     let base = hub.base(compressed).clone();
     let key = options.shape_key(compressed);
-    let unfiltered = options.wanted_dids.is_empty() && key.collections.is_empty() && key.max_message_size.is_none();
+    let unfiltered = options.wanted_dids.is_empty()
+        && key.collections.is_empty()
+        && key.max_message_size.is_none();
     if unfiltered {
-        return AttachPoint { stream: base, shape: None, source: Source::Contiguous, pos: start.offset(compressed) };
+        return AttachPoint {
+            stream: base,
+            shape: None,
+            source: Source::Contiguous,
+            pos: start.offset(compressed),
+        };
     }
     let shape = if options.wanted_dids.is_empty() {
         hub.shapes.get_or_create(&key, || hub.index().next_seq())
@@ -1132,8 +1225,17 @@ fn attach_point(hub: &Hub, compressed: bool, options: SubscriberOptions, start: 
         shape.add_client();
         if start.seq >= shape.start_seq {
             let end = shape.stream.end();
-            let pos = shape.table.read().unwrap_or_else(|p| p.into_inner()).offset_from_seq(start.seq, end);
-            return AttachPoint { stream: shape.stream.clone(), shape: Some(shape.clone()), source: Source::Contiguous, pos };
+            let pos = shape
+                .table
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .offset_from_seq(start.seq, end);
+            return AttachPoint {
+                stream: shape.stream.clone(),
+                shape: Some(shape.clone()),
+                source: Source::Contiguous,
+                pos,
+            };
         }
     }
     AttachPoint {
@@ -1146,13 +1248,19 @@ fn attach_point(hub: &Hub, compressed: bool, options: SubscriberOptions, start: 
 
 /// Moves a walking client onto its shape's log once the walk reaches the shape's start.
 fn switch_to_shape(worker: usize, c: &mut Client) {
-    let Source::Filtered(w) = &c.source else { return };
+    let Source::Filtered(w) = &c.source else {
+        return;
+    };
     let Some(shape) = &c.shape else { return };
     if w.next.seq < shape.start_seq {
         return;
     }
     let end = shape.stream.end();
-    let pos = shape.table.read().unwrap_or_else(|p| p.into_inner()).offset_from_seq(w.next.seq, end);
+    let pos = shape
+        .table
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .offset_from_seq(w.next.seq, end);
     c.stream = shape.stream.clone();
     c.source = Source::Contiguous;
     c.pos = pos;
@@ -1174,7 +1282,10 @@ fn switch_point(hub: &Hub, c: &Client) -> Option<EventPos> {
         (Source::Filtered(w), _) => w.next.seq,
         (Source::Contiguous, Some(shape)) => {
             let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
-            if table.last_seq_before(c.pos).is_some_and(|s| s >= index.next_seq()) {
+            if table
+                .last_seq_before(c.pos)
+                .is_some_and(|s| s >= index.next_seq())
+            {
                 return None;
             }
             table.seq_at_offset(c.pos, index.next_seq())
@@ -1188,7 +1299,13 @@ fn switch_point(hub: &Hub, c: &Client) -> Option<EventPos> {
     Some(index.pos_of(seq))
 }
 
-fn apply_options(hub: &Hub, worker: usize, c: &mut Client, opts: SubscriberOptions, next: EventPos) {
+fn apply_options(
+    hub: &Hub,
+    worker: usize,
+    c: &mut Client,
+    opts: SubscriberOptions,
+    next: EventPos,
+) {
     c.hello_pending = false;
     if let Some(old) = c.shape.take() {
         old.remove_client();
@@ -1225,7 +1342,11 @@ fn build_ring() -> std::io::Result<IoUring> {
             .build(entries)
         {
             Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && entries > 256 => {
-                tracing::warn!(entries, cq, "io_uring setup hit ENOMEM; retrying with smaller queues");
+                tracing::warn!(
+                    entries,
+                    cq,
+                    "io_uring setup hit ENOMEM; retrying with smaller queues"
+                );
                 entries /= 2;
                 cq /= 2;
             }
@@ -1250,7 +1371,11 @@ fn splice_out(pipe_r: RawFd, sock: RawFd, len: u32, ud: u64) -> squeue::Entry {
 
 impl Walker {
     fn new(next: EventPos, options: SubscriberOptions) -> Walker {
-        let mut did_hashes: Vec<u32> = options.wanted_dids.iter().map(|d| crate::event::did_hash(d)).collect();
+        let mut did_hashes: Vec<u32> = options
+            .wanted_dids
+            .iter()
+            .map(|d| crate::event::did_hash(d))
+            .collect();
         did_hashes.sort_unstable();
         Walker {
             next,
@@ -1322,7 +1447,9 @@ impl Walker {
                 COLLECTION_NONE => true,
                 COLLECTION_UNKNOWN => {
                     let json = read_payload(plain, pos.plain_off, e.plain_len);
-                    let meta = json.as_deref().and_then(|j| crate::event::parse_event(j).ok());
+                    let meta = json
+                        .as_deref()
+                        .and_then(|j| crate::event::parse_event(j).ok());
                     meta.is_some_and(|m| o.collection_allowed(m.kind, m.collection.as_deref()))
                 }
                 id => {
@@ -1347,7 +1474,9 @@ impl Walker {
             }
             // Confirm on the JSON: a 32-bit hash can collide.
             let json = read_payload(plain, pos.plain_off, e.plain_len);
-            let meta = json.as_deref().and_then(|j| crate::event::parse_event(j).ok());
+            let meta = json
+                .as_deref()
+                .and_then(|j| crate::event::parse_event(j).ok());
             return meta.is_some_and(|m| o.did_allowed(&m.did));
         }
         true

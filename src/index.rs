@@ -126,9 +126,11 @@ pub struct Chunk {
 impl Chunk {
     /// Offsets just past this chunk's last frame.
     pub fn end_offsets(&self) -> (u64, u64) {
-        self.entries.iter().fold((self.plain_off, self.zstd_off), |(p, z), e| {
-            (p + e.plain_len as u64, z + e.zstd_len as u64)
-        })
+        self.entries
+            .iter()
+            .fold((self.plain_off, self.zstd_off), |(p, z), e| {
+                (p + e.plain_len as u64, z + e.zstd_len as u64)
+            })
     }
 }
 
@@ -146,7 +148,11 @@ pub struct EventPos {
 impl EventPos {
     /// Offset in the chosen base log.
     pub fn offset(&self, compressed: bool) -> u64 {
-        if compressed { self.zstd_off } else { self.plain_off }
+        if compressed {
+            self.zstd_off
+        } else {
+            self.plain_off
+        }
     }
 }
 
@@ -272,7 +278,12 @@ impl EventIndex {
                 collections.names.push(line);
             }
         }
-        collections.file = Some(OpenOptions::new().append(true).create(true).open(&coll_path)?);
+        collections.file = Some(
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&coll_path)?,
+        );
 
         let mut recovery = Recovery::default();
         let n_records = events_file.metadata()?.len() / ENTRY_BYTES;
@@ -407,7 +418,9 @@ impl EventIndex {
     fn truncate_to(&mut self, keep_seq: u64) {
         loop {
             let len = self.chunks.len();
-            let Some(last) = self.chunks.back_mut() else { break };
+            let Some(last) = self.chunks.back_mut() else {
+                break;
+            };
             if last.first_seq >= keep_seq && len > 1 {
                 self.chunks.pop_back();
                 continue;
@@ -535,7 +548,11 @@ impl EventIndex {
     /// `cursor`. Returns (chunk start, running max before the chunk), or None if no retained
     /// event has `time_us >= cursor` (the cursor is live).
     pub fn cursor_chunk(&self, cursor: i64) -> Option<(EventPos, Vec<EventEntry>)> {
-        let retained: Vec<&Chunk> = self.chunks.iter().filter(|c| !c.entries.is_empty()).collect();
+        let retained: Vec<&Chunk> = self
+            .chunks
+            .iter()
+            .filter(|c| !c.entries.is_empty())
+            .collect();
         let i = retained.partition_point(|c| c.max_time_us < cursor);
         let c = retained.get(i)?;
         Some((
@@ -557,7 +574,9 @@ impl EventIndex {
         if seq >= self.next_seq() {
             return self.end_pos();
         }
-        let i = self.chunks.partition_point(|c| c.first_seq + CHUNK_EVENTS <= seq);
+        let i = self
+            .chunks
+            .partition_point(|c| c.first_seq + CHUNK_EVENTS <= seq);
         let c = &self.chunks[i];
         let mut pos = EventPos {
             seq: c.first_seq,
@@ -605,8 +624,15 @@ impl EventIndex {
     }
 
     /// Calls `f` for each event from `from` on (at most `max` events), with its position.
-    pub fn walk(&self, from: EventPos, max: usize, mut f: impl FnMut(EventPos, &EventEntry) -> bool) {
-        let i = self.chunks.partition_point(|c| c.first_seq + CHUNK_EVENTS <= from.seq);
+    pub fn walk(
+        &self,
+        from: EventPos,
+        max: usize,
+        mut f: impl FnMut(EventPos, &EventEntry) -> bool,
+    ) {
+        let i = self
+            .chunks
+            .partition_point(|c| c.first_seq + CHUNK_EVENTS <= from.seq);
         let mut pos = from;
         let mut n = 0;
         for c in self.chunks.iter().skip(i) {
@@ -742,7 +768,9 @@ mod tests {
     fn non_monotonic_cursor_lookup() {
         let mut idx = EventIndex::in_memory();
         // time_us goes backwards inside and across chunks.
-        let times: Vec<i64> = (0..1000).map(|i| 1_000 + i * 10 - if i % 3 == 0 { 25 } else { 0 }).collect();
+        let times: Vec<i64> = (0..1000)
+            .map(|i| 1_000 + i * 10 - if i % 3 == 0 { 25 } else { 0 })
+            .collect();
         for (i, t) in times.iter().enumerate() {
             idx.append(entry(100 + i as u32 % 7), *t, 0).unwrap();
         }

@@ -84,11 +84,19 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
 fn in_network(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len as u32)
+            };
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len as u32)
+            };
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -122,14 +130,17 @@ impl Limits {
         if *total >= self.config.max_clients {
             self.refusals.full.fetch_add(1, Ordering::Relaxed);
             return Admission::Refused(
-                HttpError::new(503, "server full: too many clients").with_header("Retry-After", "10".into()),
+                HttpError::new(503, "server full: too many clients")
+                    .with_header("Retry-After", "10".into()),
             );
         }
         if !exempt {
             let rate = self.config.conn_rate_per_ip;
             let burst = (rate * 2.0).max(1.0);
             if table.len() > GC_THRESHOLD {
-                table.retain(|_, e| e.conns > 0 || now.duration_since(e.refilled).as_secs_f64() * rate < burst);
+                table.retain(|_, e| {
+                    e.conns > 0 || now.duration_since(e.refilled).as_secs_f64() * rate < burst
+                });
             }
             let e = table.entry(key).or_insert(Entry {
                 conns: 0,
@@ -206,7 +217,11 @@ mod tests {
         assert_eq!(status(l.admit(ip)), 200);
         assert_eq!(status(l.admit(ip)), 200);
         assert_eq!(status(l.admit(ip)), 429);
-        assert_eq!(status(l.admit("192.0.2.2".parse().unwrap())), 200, "other IPs unaffected");
+        assert_eq!(
+            status(l.admit("192.0.2.2".parse().unwrap())),
+            200,
+            "other IPs unaffected"
+        );
         l.release(ip);
         assert_eq!(status(l.admit(ip)), 200);
     }

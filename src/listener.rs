@@ -165,7 +165,9 @@ impl Listener {
             let next_deadline = pending.values().map(|p| p.deadline).min();
             // Why 500 ms at most: the shutdown flag is checked at least that often.
             let timeout = next_deadline
-                .map_or(Duration::from_millis(500), |d| d.saturating_duration_since(now))
+                .map_or(Duration::from_millis(500), |d| {
+                    d.saturating_duration_since(now)
+                })
                 .min(Duration::from_millis(500));
             events.clear();
             let ts = rustix::time::Timespec {
@@ -227,7 +229,10 @@ impl Listener {
             };
             if pending.len() >= MAX_HANDSHAKES {
                 Counters::add(&self.hub.counters.handshakes_refused, 1);
-                let _ = write_all_nb(&fd, &HttpError::new(503, "too many handshakes in progress").to_response());
+                let _ = write_all_nb(
+                    &fd,
+                    &HttpError::new(503, "too many handshakes in progress").to_response(),
+                );
                 continue;
             }
             let token = *next_token;
@@ -283,15 +288,25 @@ impl Listener {
                 Ok(ProxyParse::Complete { source, consumed }) => {
                     p.proxy_done = true;
                     // LOCAL (health checks): the sidecar itself.
-                    p.peer = Some(source.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)));
+                    p.peer =
+                        Some(source.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)));
                     p.buf.drain(..consumed);
                 }
                 Err(e) => {
-                    return self.refuse_ref(p, HttpError::new(400, format!("trusted listener requires a PROXY v2 header: {e}")));
+                    return self.refuse_ref(
+                        p,
+                        HttpError::new(
+                            400,
+                            format!("trusted listener requires a PROXY v2 header: {e}"),
+                        ),
+                    );
                 }
             }
         } else if !p.trusted && proxy_protocol::looks_like_proxy(&p.buf) {
-            return self.refuse_ref(p, HttpError::new(400, "PROXY protocol header not accepted on this listener"));
+            return self.refuse_ref(
+                p,
+                HttpError::new(400, "PROXY protocol header not accepted on this listener"),
+            );
         }
         if p.admitted_ip.is_none()
             && let Some(peer) = p.peer
@@ -314,7 +329,11 @@ impl Listener {
         };
         match (request.method, request.path) {
             ("GET", "/") => {
-                let body = handshake::simple_response(200, "text/plain; charset=utf-8", ROOT_TEXT.as_bytes());
+                let body = handshake::simple_response(
+                    200,
+                    "text/plain; charset=utf-8",
+                    ROOT_TEXT.as_bytes(),
+                );
                 let _ = write_all_nb(&p.fd, &body);
                 self.release(p);
                 Progress::Done
@@ -341,7 +360,9 @@ impl Listener {
                 let Some(fd) = p.fd.try_clone().ok() else {
                     return self.drop_silently(p);
                 };
-                let peer = p.peer.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+                let peer = p
+                    .peer
+                    .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
                 tracing::info!(%peer, cursor = ?params.cursor, compress = params.compress,
                     collections = params.options.wanted_collections.len(),
                     dids = params.options.wanted_dids.len(), "client connected");
@@ -357,7 +378,10 @@ impl Listener {
                 });
                 Progress::Done
             }
-            ("GET", _) => self.refuse_ref(p, HttpError::new(404, format!("no such path: {}", request.path))),
+            ("GET", _) => self.refuse_ref(
+                p,
+                HttpError::new(404, format!("no such path: {}", request.path)),
+            ),
             (_, _) => self.refuse_ref(
                 p,
                 HttpError::new(405, "method not allowed").with_header("Allow", "GET".into()),
@@ -404,9 +428,7 @@ fn write_all_nb(fd: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
     while off < bytes.len() {
         match rustix::io::write(fd, &bytes[off..]) {
             Ok(n) => off += n,
-            Err(rustix::io::Errno::AGAIN) if Instant::now() < deadline => {
-                std::thread::yield_now()
-            }
+            Err(rustix::io::Errno::AGAIN) if Instant::now() < deadline => std::thread::yield_now(),
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }

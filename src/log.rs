@@ -147,7 +147,11 @@ impl Stream {
     }
 
     /// Creates a fresh, empty stream file (truncating any leftover).
-    pub fn create(label: impl Into<String>, path: &Path, ring_capacity: usize) -> io::Result<Stream> {
+    pub fn create(
+        label: impl Into<String>,
+        path: &Path,
+        ring_capacity: usize,
+    ) -> io::Result<Stream> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -257,7 +261,11 @@ impl Stream {
             // n <= capacity - pos); no pinned reader covers the offsets being overwritten
             // (checked above), and only this thread writes the ring.
             unsafe {
-                std::ptr::copy_nonoverlapping(bytes[off..].as_ptr(), ring.base.add(pos as usize), n);
+                std::ptr::copy_nonoverlapping(
+                    bytes[off..].as_ptr(),
+                    ring.base.add(pos as usize),
+                    n,
+                );
             }
             off += n;
         }
@@ -419,16 +427,26 @@ mod tests {
         s.sync().unwrap();
         let before = s.allocated_bytes();
         s.request_kick(600_000);
-        assert!(!s.register_reader(1, 10), "a reader below the kick point is refused");
+        assert!(
+            !s.register_reader(1, 10),
+            "a reader below the kick point is refused"
+        );
         s.set_worker_low(1, NONE);
         assert_eq!(s.lowest_reader(), NONE);
         let freed = s.punch_below(600_000).unwrap();
         assert_eq!(freed, 600_000 / 4096 * 4096);
         assert!(s.allocated_bytes() < before);
-        assert_eq!(s.file().metadata().unwrap().len(), end, "apparent size unchanged");
+        assert_eq!(
+            s.file().metadata().unwrap().len(),
+            end,
+            "apparent size unchanged"
+        );
         let mut tail = vec![0; 4096];
         s.file().read_exact_at(&mut tail, 700_000).unwrap();
-        assert!(tail.iter().all(|b| *b == 7), "data past the punch is intact");
+        assert!(
+            tail.iter().all(|b| *b == 7),
+            "data past the punch is intact"
+        );
         assert_eq!(s.start(), 600_000);
         std::fs::remove_dir_all(path.parent().unwrap()).ok();
     }

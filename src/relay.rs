@@ -67,8 +67,14 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex)> {
             .position(|(pos, e)| !frame_ok(&plain, &zstd, pos, e))
             .unwrap_or(events.len())
     };
-    let (mut index, recovery) =
-        EventIndex::open(dir, plain_len, zstd_len, plain_first, zstd_first, &mut verify)?;
+    let (mut index, recovery) = EventIndex::open(
+        dir,
+        plain_len,
+        zstd_len,
+        plain_first,
+        zstd_first,
+        &mut verify,
+    )?;
     // Rebuild the newest chunk's running max of time_us from its frames.
     let end = index.end_pos();
     let tail_from = index.pos_of(end.seq - end.seq % crate::index::CHUNK_EVENTS);
@@ -86,14 +92,32 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex)> {
         tracing::warn!(
             dropped_records = recovery.dropped_records,
             invalid_tail = recovery.invalid_tail_events,
-            truncated_bytes = plain_len.saturating_sub(end.plain_off) + zstd_len.saturating_sub(end.zstd_off),
+            truncated_bytes =
+                plain_len.saturating_sub(end.plain_off) + zstd_len.saturating_sub(end.zstd_off),
             "recovered a torn log tail"
         );
     }
-    tracing::info!(events = recovery.events, first_seq = start.seq, next_seq = end.seq, "log recovered");
+    tracing::info!(
+        events = recovery.events,
+        first_seq = start.seq,
+        next_seq = end.seq,
+        "log recovered"
+    );
     drop((plain, zstd));
-    let plain = Stream::open("plain", &dir.join("plain.log"), BASE_RING_BYTES, start.plain_off, end.plain_off)?;
-    let zstd = Stream::open("zstd", &dir.join("zstd.log"), BASE_RING_BYTES, start.zstd_off, end.zstd_off)?;
+    let plain = Stream::open(
+        "plain",
+        &dir.join("plain.log"),
+        BASE_RING_BYTES,
+        start.plain_off,
+        end.plain_off,
+    )?;
+    let zstd = Stream::open(
+        "zstd",
+        &dir.join("zstd.log"),
+        BASE_RING_BYTES,
+        start.zstd_off,
+        end.zstd_off,
+    )?;
     Ok((plain, zstd, index))
 }
 
@@ -120,7 +144,9 @@ fn frame_ok(plain: &std::fs::File, zstd: &std::fs::File, pos: &EventPos, e: &Eve
         return false;
     }
     match crate::event::parse_event(&json) {
-        Ok(meta) => crate::event::did_hash(&meta.did) == e.did_hash && kind_code(meta.kind) == e.kind,
+        Ok(meta) => {
+            crate::event::did_hash(&meta.did) == e.did_hash && kind_code(meta.kind) == e.kind
+        }
         Err(_) => false,
     }
 }
@@ -160,7 +186,11 @@ impl Relay {
         });
         let shapes = crate::shapes::Shapes::new(settings.data_dir.join("shapes"))?;
         let hub = Arc::new(Hub::new(plain, zstd, index, limits, shapes));
-        let fanout = Arc::new(Fanout::start(hub.clone(), settings.workers, settings.ping_interval)?);
+        let fanout = Arc::new(Fanout::start(
+            hub.clone(),
+            settings.workers,
+            settings.ping_interval,
+        )?);
 
         let mut listeners = Vec::new();
         let public = Bound::bind(&settings.listen)
@@ -225,11 +255,15 @@ impl Relay {
             );
         }
         let listener = Listener::new(hub.clone(), fanout.clone(), listeners, settings);
-        threads.push(std::thread::Builder::new().name("listener".into()).spawn(move || {
-            if let Err(e) = listener.run() {
-                tracing::error!(error = %e, "listener failed");
-            }
-        })?);
+        threads.push(
+            std::thread::Builder::new()
+                .name("listener".into())
+                .spawn(move || {
+                    if let Err(e) = listener.run() {
+                        tracing::error!(error = %e, "listener failed");
+                    }
+                })?,
+        );
         tracing::info!(listen = %settings.listen, workers = settings.workers, "jetrelay serving");
         Ok(Relay {
             hub,

@@ -59,7 +59,9 @@ impl ShapeTable {
     /// has been sent), if any.
     pub fn last_seq_before(&self, offset: u64) -> Option<u64> {
         let i = self.frames.partition_point(|(_, o)| *o < offset);
-        i.checked_sub(1).and_then(|i| self.frames.get(i)).map(|(s, _)| *s)
+        i.checked_sub(1)
+            .and_then(|i| self.frames.get(i))
+            .map(|(s, _)| *s)
     }
 
     /// Drops frames with seq < `seq`; returns the new first offset (or None if unchanged).
@@ -92,7 +94,8 @@ pub struct Shape {
 impl Shape {
     /// Whether this shape carries the event whose frame would be `payload_len` bytes of payload.
     pub fn wants(&self, meta: &EventMeta<'_>, payload_len: usize) -> bool {
-        self.key.collection_allowed(meta.kind, meta.collection.as_deref())
+        self.key
+            .collection_allowed(meta.kind, meta.collection.as_deref())
             && self.key.size_allowed(payload_len)
     }
 
@@ -136,7 +139,10 @@ impl Shapes {
 
     /// Snapshot of the live shapes.
     pub fn active(&self) -> Vec<Arc<Shape>> {
-        self.active.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The live shapes, read-locked: the writer holds this across appending an event to the
@@ -149,7 +155,11 @@ impl Shapes {
     /// The shape for `key`, creating it (fed from `next_seq` on) if there is room.
     /// `next_seq` must be read under the index lock so no event is missed or doubled: the
     /// writer appends shapes' frames before the index entry, under the same registry lock.
-    pub fn get_or_create(&self, key: &ShapeKey, next_seq: impl FnOnce() -> u64) -> Option<Arc<Shape>> {
+    pub fn get_or_create(
+        &self,
+        key: &ShapeKey,
+        next_seq: impl FnOnce() -> u64,
+    ) -> Option<Arc<Shape>> {
         if let Some(s) = self.active().into_iter().find(|s| &s.key == key) {
             return Some(s);
         }
@@ -208,7 +218,10 @@ impl Shapes {
 
     /// Bytes allocated on disk by all shape logs.
     pub fn allocated_bytes(&self) -> u64 {
-        self.active().iter().map(|s| s.stream.allocated_bytes()).sum()
+        self.active()
+            .iter()
+            .map(|s| s.stream.allocated_bytes())
+            .sum()
     }
 
     /// Retention: drops every shape frame of an event with seq < `first_seq`, once no reader
@@ -254,7 +267,12 @@ pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result
 
 /// Total shape frames retained (metrics).
 pub fn frames(shape: &Shape) -> usize {
-    shape.table.read().unwrap_or_else(|p| p.into_inner()).frames.len()
+    shape
+        .table
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .frames
+        .len()
 }
 
 #[allow(dead_code)]

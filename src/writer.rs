@@ -209,7 +209,10 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
     // Shapes follow the base logs (a shape whose readers are still being kicked catches up on
     // a later pass).
     let first_seq = hub.index().first_seq();
-    Counters::add(&hub.counters.punched_bytes, hub.shapes.drop_before(first_seq)?);
+    Counters::add(
+        &hub.counters.punched_bytes,
+        hub.shapes.drop_before(first_seq)?,
+    );
     hub.shapes.retire_idle();
     Ok(dropped)
 }

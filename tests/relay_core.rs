@@ -73,7 +73,10 @@ fn cursor_replay_is_exact_with_non_monotonic_time() {
     assert_eq!(all.len(), 1200, "full replay");
     let times: Vec<i64> = all.iter().map(|e| time_us(e)).collect();
     let backwards = times.windows(2).filter(|w| w[1] < w[0]).count();
-    assert!(backwards > 50, "the mock's time_us must be non-monotonic here ({backwards})");
+    assert!(
+        backwards > 50,
+        "the mock's time_us must be non-monotonic here ({backwards})"
+    );
     for k in [1usize, 200, 601, 1000, 1199] {
         let cursor = times[k];
         let first = times.iter().position(|t| *t >= cursor).unwrap();
@@ -87,10 +90,18 @@ fn cursor_replay_is_exact_with_non_monotonic_time() {
     }
     // A cursor in the future is live: nothing old arrives.
     let future = times.iter().max().unwrap() + 10_000_000_000;
-    let got = read_all(&relay.url(&format!("cursor={future}")), Duration::from_millis(400), 10);
+    let got = read_all(
+        &relay.url(&format!("cursor={future}")),
+        Duration::from_millis(400),
+        10,
+    );
     assert!(got.is_empty(), "future cursor got {} old events", got.len());
     // Compressed replay carries the same events.
-    let z = read_all(&relay.url("cursor=0&compress=true"), Duration::from_millis(500), 5000);
+    let z = read_all(
+        &relay.url("cursor=0&compress=true"),
+        Duration::from_millis(500),
+        5000,
+    );
     assert_eq!(z.len(), 1200);
     let mut dec = jetrelay::compress::EventDecompressor::new().unwrap();
     for (c, p) in z.iter().zip(&all) {
@@ -107,7 +118,10 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext
 }
 
 fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Each bad handshake gets its HTTP error with a one-line reason; the relay keeps serving.
@@ -138,16 +152,35 @@ fn bad_handshakes_get_errors_and_relay_keeps_serving() {
     ];
     for (req, want, reason) in cases {
         let resp = raw_http(p, &req);
-        assert_eq!(status_of(&resp), want, "{:?} -> {resp}", String::from_utf8_lossy(&req[..req.len().min(60)]));
+        assert_eq!(
+            status_of(&resp),
+            want,
+            "{:?} -> {resp}",
+            String::from_utf8_lossy(&req[..req.len().min(60)])
+        );
         assert!(resp.contains(reason), "reason {reason:?} missing in {resp}");
         let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        assert_eq!(body.trim_end().lines().count(), 1, "one-line reason: {body:?}");
+        assert_eq!(
+            body.trim_end().lines().count(),
+            1,
+            "one-line reason: {body:?}"
+        );
     }
     let (status, body) = http_get(p, "/");
     assert_eq!(status, 200);
     assert!(body.contains("jetrelay"));
     // Still serving real clients.
-    swarm_ok(&["--url", &relay.url(""), "--clients", "20", "--duration", "3s", "--expect-in-order", "--expect-min-events", "300"]);
+    swarm_ok(&[
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "20",
+        "--duration",
+        "3s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "300",
+    ]);
 }
 
 /// A slowloris client (a request head that never completes) is cut off at the deadline
@@ -160,12 +193,23 @@ fn slowloris_handshake_times_out() {
     let mut slow: Vec<TcpStream> = (0..50)
         .map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
-            s.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
             s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
             s
         })
         .collect();
-    swarm_ok(&["--url", &relay.url(""), "--clients", "10", "--duration", "2s", "--expect-in-order", "--expect-min-events", "200"]);
+    swarm_ok(&[
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "10",
+        "--duration",
+        "2s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "200",
+    ]);
     let t0 = Instant::now();
     for s in &mut slow {
         let mut buf = Vec::new();
@@ -173,7 +217,10 @@ fn slowloris_handshake_times_out() {
         let text = String::from_utf8_lossy(&buf);
         assert!(text.starts_with("HTTP/1.1 408"), "slowloris got {text:?}");
     }
-    assert!(t0.elapsed() < Duration::from_secs(6), "closed at the deadline");
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "closed at the deadline"
+    );
 }
 
 /// The upstream connection is dropped repeatedly mid-stream: clients see no gap and no
@@ -194,7 +241,10 @@ fn upstream_drops_cause_no_gap_and_no_duplicate() {
         "--expect-min-events",
         "3500",
     ]);
-    assert!(relay.log_text().matches("upstream connected").count() >= 3, "reconnects happened");
+    assert!(
+        relay.log_text().matches("upstream connected").count() >= 3,
+        "reconnects happened"
+    );
 }
 
 /// Malformed upstream messages (invalid JSON, no time_us, binary, oversized) are skipped:

@@ -19,30 +19,66 @@ fn scale_twin_basic_5000_clients_replay_and_restart() {
     let mut relay = Relay::start(&mock.url(), &dir, &[]);
     let port = relay.port;
     swarm_ok(&[
-        "--url", &relay.url(""), "--clients", "5000", "--processes", "2",
-        "--duration", "15s", "--expect-connected", "5000", "--expect-in-order",
-        "--expect-min-events", "1000",
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "5000",
+        "--processes",
+        "2",
+        "--duration",
+        "15s",
+        "--expect-connected",
+        "5000",
+        "--expect-in-order",
+        "--expect-min-events",
+        "1000",
     ]);
     // Cursor replay from the beginning: every client starts at seq 0.
     swarm_ok(&[
-        "--url", &relay.url("cursor=1"), "--clients", "200", "--duration", "5s",
-        "--expect-in-order", "--expect-first-seq", "0", "--expect-min-events", "1500",
+        "--url",
+        &relay.url("cursor=1"),
+        "--clients",
+        "200",
+        "--duration",
+        "5s",
+        "--expect-in-order",
+        "--expect-first-seq",
+        "0",
+        "--expect-min-events",
+        "1500",
     ]);
     // Restart mid-stream: reconnecting clients resume with their cursor, no gap.
     let clients = swarm_spawn(&[
-        "--url", &relay.url(""), "--clients", "2000", "--duration", "20s", "--reconnect",
-        "--expect-in-order", "--expect-min-events", "1500",
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "2000",
+        "--duration",
+        "20s",
+        "--reconnect",
+        "--expect-in-order",
+        "--expect-min-events",
+        "1500",
     ]);
     std::thread::sleep(Duration::from_secs(6));
-    assert!(relay.proc.terminate(Duration::from_secs(15)), "graceful stop");
+    assert!(
+        relay.proc.terminate(Duration::from_secs(15)),
+        "graceful stop"
+    );
     let relay = Relay::start_on(port, &mock.url(), &dir, &[]);
     let report = swarm_wait(clients);
-    assert!(report["closes"]["1001"].as_u64().unwrap_or(0) >= 1, "clients saw the going-away close: {report}");
+    assert!(
+        report["closes"]["1001"].as_u64().unwrap_or(0) >= 1,
+        "clients saw the going-away close: {report}"
+    );
     drop(relay);
 }
 
 fn haproxy_available() -> bool {
-    Command::new("haproxy").arg("-v").output().is_ok_and(|o| o.status.success())
+    Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// vm-tests/fleet.nix: two relays follow one upstream behind HAProxy (TCP mode, PROXY v2 to
@@ -57,8 +93,16 @@ fn twin_fleet_haproxy_failover_and_chain() {
     let mock = Mock::start(200, &[]);
     let (d1, d2, d3) = (temp_dir("fleet1"), temp_dir("fleet2"), temp_dir("fleet3"));
     let (t1, t2) = (free_port(), free_port());
-    let mut r1 = Relay::start(&mock.url(), &d1, &["--trusted-listen", &format!("127.0.0.1:{t1}")]);
-    let r2 = Relay::start(&mock.url(), &d2, &["--trusted-listen", &format!("127.0.0.1:{t2}")]);
+    let mut r1 = Relay::start(
+        &mock.url(),
+        &d1,
+        &["--trusted-listen", &format!("127.0.0.1:{t1}")],
+    );
+    let r2 = Relay::start(
+        &mock.url(),
+        &d2,
+        &["--trusted-listen", &format!("127.0.0.1:{t2}")],
+    );
     let lb_port = free_port();
     let cfg = d1.with_extension("haproxy.cfg");
     std::fs::write(
@@ -82,23 +126,48 @@ backend relays\n  balance roundrobin\n  server r1 127.0.0.1:{t1} send-proxy-v2 c
     };
     wait_for_port(lb_port, Duration::from_secs(10));
     // A relay following relay 2 (a chain).
-    let chain = Relay::start(&format!("ws://127.0.0.1:{}/subscribe?cursor=0", r2.port), &d3, &[]);
+    let chain = Relay::start(
+        &format!("ws://127.0.0.1:{}/subscribe?cursor=0", r2.port),
+        &d3,
+        &[],
+    );
     std::thread::sleep(Duration::from_secs(1));
     let lb_url = format!("ws://127.0.0.1:{lb_port}/subscribe");
     let through_lb = swarm_spawn(&[
-        "--url", &lb_url, "--clients", "200", "--duration", "16s", "--reconnect",
-        "--expect-in-order", "--expect-min-events", "2000",
+        "--url",
+        &lb_url,
+        "--clients",
+        "200",
+        "--duration",
+        "16s",
+        "--reconnect",
+        "--expect-in-order",
+        "--expect-min-events",
+        "2000",
     ]);
     let on_chain = swarm_spawn(&[
-        "--url", &chain.url(""), "--clients", "50", "--duration", "16s",
-        "--expect-in-order", "--expect-min-events", "2000",
+        "--url",
+        &chain.url(""),
+        "--clients",
+        "50",
+        "--duration",
+        "16s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "2000",
     ]);
     std::thread::sleep(Duration::from_secs(6));
     // Relay 1 goes away: its clients reconnect through HAProxy to relay 2 with their cursor.
     assert!(r1.proc.terminate(Duration::from_secs(15)));
     let lb_report = swarm_wait(through_lb);
     swarm_wait(on_chain);
-    assert!(lb_report["closes"]["1001"].as_u64().unwrap_or(0) > 0, "some clients were on relay 1: {lb_report}");
+    assert!(
+        lb_report["closes"]["1001"].as_u64().unwrap_or(0) > 0,
+        "some clients were on relay 1: {lb_report}"
+    );
     // Relay 2 saw real client addresses through PROXY v2.
-    assert!(r2.log_text().contains("peer=127.0.0.1:"), "real peers logged");
+    assert!(
+        r2.log_text().contains("peer=127.0.0.1:"),
+        "real peers logged"
+    );
 }

@@ -117,7 +117,11 @@ fn main() -> anyhow::Result<()> {
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
         let since = last_status.elapsed();
-        if since >= watchdog_every.unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5)) {
+        if since
+            >= watchdog_every
+                .unwrap_or(Duration::from_secs(5))
+                .min(Duration::from_secs(5))
+        {
             let c = &relay.hub.counters;
             let bytes = c.bytes_sent.load(Ordering::Relaxed);
             let gbps = (bytes - last_bytes) as f64 * 8.0 / since.as_secs_f64() / 1e9;

@@ -105,7 +105,9 @@ fn spawn(name: &str, bin: &str, args: &[String], log: Option<&Path>) -> Proc {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
     }
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
     Proc {
         child,
         name: name.into(),
@@ -290,7 +292,10 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     (status, body)
 }
 
