@@ -1,0 +1,228 @@
+//! jetrelay-mock: a Jetstream-compatible upstream simulator.
+//!
+//! It serves `GET /subscribe` like the official Jetstream server (plain text frames, `cursor`
+//! replay with inclusive `time_us >= cursor` semantics) and emits the deterministic event stream
+//! of [`Generator`] at a fixed rate on an absolute schedule. Because every event is a pure function
+//! of `(seed, dids, seq, time_us)`, the history ring stores only `(seq, time_us)` pairs and
+//! re-renders bytes on demand: the bytes are identical to what was sent live, and two million
+//! history entries cost 32 MB instead of a gigabyte.
+//!
+//! Fault injection: `drop_connections()` / `GET /drop` / `drop_every` close subscriber TCP
+//! connections abruptly (no close frame); `malformed_every` interleaves messages a relay must
+//! survive (invalid JSON, JSON without `time_us`, a binary frame, a 2 MiB text frame). Those carry
+//! no seq, do not count as events and are live-only history entries like the rest.
+//!
+//! A thread per subscriber and blocking tungstenite I/O: this is a test tool with a handful of
+//! subscribers (usually one relay), so simplicity wins over scale.
+
+mod generator;
+mod server;
+
+pub use generator::{DEFAULT_DIDS, DID_LEN, Generator, MAX_SEQ, TEMPLATE_COUNT, TID_LEN};
+pub(crate) use generator::{mix64, parse_canonical_i64, push_i64};
+pub use server::{MockHandle, spawn};
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Default `--listen` of jetrelay-mock.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6010";
+
+/// Default `--rate` (events/s).
+pub const DEFAULT_RATE: u64 = 500;
+
+/// Default `--history` (events kept for cursor replay).
+pub const DEFAULT_HISTORY: usize = 2_000_000;
+
+/// The official server pings every 30 s; so does the mock.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Size of the oversized malformed text frame: above any sane per-event limit (real events are
+/// < 100 KiB) yet small enough to send quickly.
+pub const OVERSIZED_FRAME_LEN: usize = 2 * 1024 * 1024;
+
+/// Configuration of a mock upstream.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port; see `MockHandle::local_addr`).
+    pub listen: SocketAddr,
+    /// Events per second; 0 = as fast as subscribers consume (never evicting unsent history).
+    pub rate: u64,
+    /// Generator seed (DIDs); the swarm must use the same.
+    pub seed: u64,
+    /// DID population size of the generator.
+    pub dids: u64,
+    /// Stop generating after this many events (keep serving).
+    pub count: Option<u64>,
+    /// History entries kept for cursor replay.
+    pub history: usize,
+    /// Periodically drop every subscriber connection.
+    pub drop_every: Option<Duration>,
+    /// Inject one malformed message after every N events.
+    pub malformed_every: Option<u64>,
+    /// When > 0, ~30% of events get `time_us` = emission time minus a deterministic 0..J ms.
+    pub time_jitter_ms: u64,
+    /// How often subscribers are pinged.
+    pub ping_interval: Duration,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6010)),
+            rate: DEFAULT_RATE,
+            seed: 1,
+            dids: DEFAULT_DIDS,
+            count: None,
+            history: DEFAULT_HISTORY,
+            drop_every: None,
+            malformed_every: None,
+            time_jitter_ms: 0,
+            ping_interval: DEFAULT_PING_INTERVAL,
+        }
+    }
+}
+
+/// Errors of the mock and of the small parsers shared with the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum MockError {
+    /// Binding or configuring the listener failed.
+    #[error("mock listener: {0}")]
+    Io(#[from] std::io::Error),
+    /// A duration string was not understood.
+    #[error("invalid duration {0:?} (expected e.g. 500ms, 30s, 10m, 2h)")]
+    Duration(String),
+}
+
+/// Parses a humantime-like duration: `500ms`, `30s`, `1.5s`, `10m`, `2h`, `1d`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, MockError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| MockError::Duration(s.into()))?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "m" | "min" | "mins" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(MockError::Duration(s.into())),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|_| MockError::Duration(s.into()))
+}
+
+/// Which malformed message to inject next (they cycle in this order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MalformedKind {
+    /// A text frame whose payload is truncated JSON.
+    InvalidJson,
+    /// A valid JSON event object without `time_us`.
+    MissingTimeUs,
+    /// A binary frame (Jetstream only sends binary frames to compressed clients).
+    Binary,
+    /// A syntactically valid event of [`OVERSIZED_FRAME_LEN`] bytes.
+    Oversized,
+}
+
+impl MalformedKind {
+    /// The `n`-th malformed message kind of the cycle.
+    pub fn nth(n: u64) -> Self {
+        match n % 4 {
+            0 => MalformedKind::InvalidJson,
+            1 => MalformedKind::MissingTimeUs,
+            2 => MalformedKind::Binary,
+            _ => MalformedKind::Oversized,
+        }
+    }
+
+    /// The payload and whether it goes in a text frame (`false` = binary).
+    pub fn payload(self, time_us: i64) -> (Vec<u8>, bool) {
+        match self {
+            MalformedKind::InvalidJson => (
+                br#"{"did":"did:plc:malformedmalformedmalform","time_us":"#.to_vec(),
+                true,
+            ),
+            MalformedKind::MissingTimeUs => (
+                br#"{"did":"did:plc:malformedmalformedmalform","kind":"identity","identity":{"did":"did:plc:malformedmalformedmalform","seq":1,"time":"2026-07-04T14:38:07.877Z"}}"#.to_vec(),
+                true,
+            ),
+            MalformedKind::Binary => (b"\x28\xb5\x2f\xfd not really zstd".to_vec(), false),
+            MalformedKind::Oversized => {
+                let mut head = br#"{"did":"did:plc:malformedmalformedmalform","time_us":"#.to_vec();
+                push_i64(time_us, &mut head);
+                head.extend_from_slice(
+                    br#","kind":"commit","commit":{"rev":"2222222222222","operation":"create","collection":"app.bsky.feed.post","rkey":"2222222222222","record":{"$type":"app.bsky.feed.post","text":""#,
+                );
+                let tail = br#""}}}"#;
+                let fill = OVERSIZED_FRAME_LEN.saturating_sub(head.len() + tail.len());
+                head.resize(head.len() + fill, b'a');
+                head.extend_from_slice(tail);
+                (head, true)
+            }
+        }
+    }
+}
+
+/// `time_us` for event `seq` emitted at `now_us`: jittered backwards for ~30% of events when
+/// `jitter_ms > 0`, deterministically from `(seed, seq)` so tests can predict it.
+pub fn jittered_time(seed: u64, seq: u64, now_us: i64, jitter_ms: u64) -> i64 {
+    if jitter_ms == 0 {
+        return now_us;
+    }
+    let h = mix64(seq ^ mix64(seed ^ 0x1177e4));
+    if h % 10 >= 3 {
+        return now_us;
+    }
+    let back = (h >> 8) % (jitter_ms * 1000);
+    now_us - back as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn malformed_payloads() {
+        let (p, text) = MalformedKind::nth(0).payload(1);
+        assert!(text && serde_json::from_slice::<serde_json::Value>(&p).is_err());
+        let (p, text) = MalformedKind::nth(1).payload(1);
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert!(text && v.get("time_us").is_none());
+        assert!(!MalformedKind::nth(2).payload(1).1);
+        let (p, text) = MalformedKind::nth(3).payload(1_783_175_888_000_000);
+        assert!(text);
+        assert_eq!(p.len(), OVERSIZED_FRAME_LEN);
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(v["time_us"], 1_783_175_888_000_000i64);
+        assert_eq!(Generator::seq_of(&p), None, "malformed messages carry no seq");
+    }
+
+    #[test]
+    fn jitter_is_backwards_bounded_and_partial() {
+        let now = 1_783_175_888_000_000;
+        let mut moved = 0;
+        for seq in 0..10_000 {
+            let t = jittered_time(1, seq, now, 50);
+            assert!(t <= now && t > now - 50_000);
+            moved += usize::from(t != now);
+            assert_eq!(jittered_time(1, seq, now, 0), now);
+        }
+        assert!((2500..3500).contains(&moved), "{moved} of 10000 jittered");
+    }
+}

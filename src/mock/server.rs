@@ -1,0 +1,763 @@
+//! The mock's threads: an accept loop, a generator on an absolute schedule, and one thread per
+//! HTTP connection / WebSocket subscriber, all sharing a history ring under one mutex.
+
+use super::{Generator, MalformedKind, MockConfig, MockError, jittered_time};
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+/// Longest HTTP request head accepted: Jetstream URLs with many filters are a few KiB.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// How long a client may take to send its request head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Polling granularity of every blocking wait, which bounds how long `stop()` takes.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Items a subscriber copies out of the ring per lock, so the generator is never starved.
+const SUBSCRIBER_BATCH: usize = 1024;
+
+/// Events the generator appends per lock when catching up (rate 0, or after a stall).
+const GENERATOR_BATCH: u64 = 4096;
+
+/// Locks a mutex, ignoring poisoning (a panicked subscriber thread must not take the mock down).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wall-clock time in µs since the Unix epoch.
+pub(crate) fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// One entry of the history ring.
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    /// Generated event `seq` with its `time_us` (bytes are re-rendered from these).
+    Event {
+        /// Event number.
+        seq: u64,
+        /// Its `time_us`.
+        time_us: i64,
+    },
+    /// An injected malformed message.
+    Malformed {
+        /// Which one.
+        kind: MalformedKind,
+        /// Emission time (the oversized message embeds it).
+        time_us: i64,
+    },
+}
+
+/// The history ring: positions are absolute (never reused), so subscribers can hold one.
+#[derive(Debug)]
+struct Ring {
+    /// Retained items, oldest first.
+    items: VecDeque<Item>,
+    /// Absolute position of `items[0]`.
+    first_pos: u64,
+    /// Events generated so far (= seq of the next event).
+    next_seq: u64,
+    /// Malformed messages injected so far (selects the next kind).
+    malformed: u64,
+    /// Events since the last malformed injection.
+    since_malformed: u64,
+}
+
+impl Ring {
+    /// Absolute position one past the newest item.
+    fn end_pos(&self) -> u64 {
+        self.first_pos + self.items.len() as u64
+    }
+}
+
+/// A registered subscriber, reachable from `drop_connections` and the generator.
+#[derive(Debug)]
+struct Subscriber {
+    /// A clone of its socket, to shut it down from outside its thread.
+    stream: TcpStream,
+    /// Next ring position it will send (rate 0 must not evict what it has not sent).
+    pos: Arc<AtomicU64>,
+}
+
+/// State shared by all mock threads.
+#[derive(Debug)]
+struct Shared {
+    /// The configuration.
+    config: MockConfig,
+    /// Renders events.
+    generator: Generator,
+    /// History ring.
+    ring: Mutex<Ring>,
+    /// Signalled when the ring grows or a subscriber advances.
+    changed: Condvar,
+    /// Set by `stop()`.
+    stop: AtomicBool,
+    /// Live subscribers by id.
+    subscribers: Mutex<HashMap<u64, Subscriber>>,
+    /// Next subscriber id.
+    next_id: AtomicU64,
+    /// Number of forced drops performed (for /stats).
+    drops: AtomicU64,
+    /// Connection threads to join on stop.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// Closes every subscriber's TCP connection without a close frame; returns how many.
+    fn drop_all(&self) -> usize {
+        let subs = lock(&self.subscribers);
+        for s in subs.values() {
+            // Errors mean the socket is already gone, which is the goal anyway.
+            let _ = s.stream.shutdown(Shutdown::Both);
+        }
+        self.drops.fetch_add(1, Ordering::Relaxed);
+        subs.len()
+    }
+
+    /// The `/stats` body.
+    fn stats_json(&self) -> String {
+        let (seq, first, malformed) = {
+            let r = lock(&self.ring);
+            (r.next_seq, r.first_pos, r.malformed)
+        };
+        serde_json::json!({
+            "seq": seq,
+            "subscribers": lock(&self.subscribers).len(),
+            "malformed": malformed,
+            "drops": self.drops.load(Ordering::Relaxed),
+            "history_first_pos": first,
+            "rate": self.config.rate,
+        })
+        .to_string()
+    }
+}
+
+/// A running mock; dropping it stops it.
+#[derive(Debug)]
+pub struct MockHandle {
+    /// Shared state.
+    shared: Arc<Shared>,
+    /// Bound address.
+    addr: SocketAddr,
+    /// Accept loop and generator.
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl MockHandle {
+    /// The address the mock listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Abruptly closes every subscriber connection (no close frame); returns how many.
+    pub fn drop_connections(&self) -> usize {
+        self.shared.drop_all()
+    }
+
+    /// Events generated so far (= the seq the next event will have).
+    pub fn seq(&self) -> u64 {
+        lock(&self.shared.ring).next_seq
+    }
+
+    /// Connected WebSocket subscribers.
+    pub fn subscribers(&self) -> usize {
+        lock(&self.shared.subscribers).len()
+    }
+
+    /// `(seq, time_us)` of every event in history, oldest first (tests use it to predict replay).
+    pub fn history_events(&self) -> Vec<(u64, i64)> {
+        lock(&self.shared.ring)
+            .items
+            .iter()
+            .filter_map(|i| match *i {
+                Item::Event { seq, time_us } => Some((seq, time_us)),
+                Item::Malformed { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Stops all threads and closes all connections; idempotent.
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+        self.shared.drop_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let conns: Vec<_> = lock(&self.shared.threads).drain(..).collect();
+        for t in conns {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MockHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a mock upstream.
+pub fn spawn(config: MockConfig) -> Result<MockHandle, MockError> {
+    let listener = TcpListener::bind(config.listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        generator: Generator::new(config.seed, config.dids),
+        ring: Mutex::new(Ring {
+            items: VecDeque::new(),
+            first_pos: 0,
+            next_seq: 0,
+            malformed: 0,
+            since_malformed: 0,
+        }),
+        config,
+        changed: Condvar::new(),
+        stop: AtomicBool::new(false),
+        subscribers: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+        drops: AtomicU64::new(0),
+        threads: Mutex::new(Vec::new()),
+    });
+    let s1 = shared.clone();
+    let acceptor = std::thread::Builder::new()
+        .name("mock-accept".into())
+        .spawn(move || accept_loop(&s1, listener))?;
+    let s2 = shared.clone();
+    let generator = std::thread::Builder::new()
+        .name("mock-generator".into())
+        .spawn(move || generate_loop(&s2))?;
+    tracing::info!(%addr, rate = shared.config.rate, seed = shared.config.seed, "mock upstream listening");
+    Ok(MockHandle {
+        shared,
+        addr,
+        threads: vec![acceptor, generator],
+    })
+}
+
+/// Accepts connections until stopped, one thread each.
+fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let s = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("mock-conn".into())
+                    .spawn(move || handle_connection(&s, stream, peer));
+                match spawned {
+                    Ok(h) => {
+                        let mut threads = lock(&shared.threads);
+                        threads.retain(|t| !t.is_finished());
+                        threads.push(h);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot spawn connection thread"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(TICK / 5),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(TICK);
+            }
+        }
+    }
+}
+
+/// Appends one event (and possibly a malformed message) to the ring, evicting the oldest items.
+fn push_event(shared: &Shared, ring: &mut Ring, now: i64) {
+    let cfg = &shared.config;
+    let seq = ring.next_seq;
+    let time_us = jittered_time(cfg.seed, seq, now, cfg.time_jitter_ms);
+    let push = |ring: &mut Ring, item| {
+        if ring.items.len() >= cfg.history.max(1) {
+            ring.items.pop_front();
+            ring.first_pos += 1;
+        }
+        ring.items.push_back(item);
+    };
+    push(ring, Item::Event { seq, time_us });
+    ring.next_seq += 1;
+    if let Some(every) = cfg.malformed_every.filter(|&n| n > 0) {
+        ring.since_malformed += 1;
+        if ring.since_malformed >= every {
+            ring.since_malformed = 0;
+            let kind = MalformedKind::nth(ring.malformed);
+            ring.malformed += 1;
+            push(ring, Item::Malformed { kind, time_us: now });
+        }
+    }
+}
+
+/// Generates events on an absolute schedule (rate > 0) or as fast as the slowest subscriber
+/// consumes (rate 0), and performs periodic drops.
+fn generate_loop(shared: &Shared) {
+    let cfg = &shared.config;
+    let start = Instant::now();
+    let mut next_drop = cfg.drop_every.map(|d| start + d);
+    let limit = cfg.count.unwrap_or(u64::MAX);
+    while !shared.stop.load(Ordering::SeqCst) {
+        if let (Some(at), Some(every)) = (next_drop, cfg.drop_every) {
+            if Instant::now() >= at {
+                let n = shared.drop_all();
+                tracing::info!(subscribers = n, "periodic drop");
+                next_drop = Some(at + every);
+            }
+        }
+        let mut ring = lock(&shared.ring);
+        if ring.next_seq >= limit {
+            drop(shared.changed.wait_timeout(ring, TICK));
+            continue;
+        }
+        let budget = if cfg.rate == 0 {
+            let subs = lock(&shared.subscribers);
+            let min_pos = subs.values().map(|s| s.pos.load(Ordering::SeqCst)).min();
+            drop(subs);
+            match min_pos {
+                // Nobody to send to: don't spin generating into the void.
+                None => 0,
+                Some(min_pos) => {
+                    let used = ring.end_pos().saturating_sub(min_pos);
+                    (cfg.history.max(1) as u64).saturating_sub(used + 1)
+                }
+            }
+        } else {
+            let due = (start.elapsed().as_secs_f64() * cfg.rate as f64) as u64;
+            due.saturating_sub(ring.next_seq)
+        };
+        let n = budget.min(GENERATOR_BATCH).min(limit - ring.next_seq);
+        if n == 0 {
+            let wait = if cfg.rate == 0 {
+                TICK
+            } else {
+                let next_at = (ring.next_seq + 1) as f64 / cfg.rate as f64;
+                Duration::from_secs_f64(next_at)
+                    .saturating_sub(start.elapsed())
+                    .min(TICK)
+            };
+            drop(shared.changed.wait_timeout(ring, wait));
+            continue;
+        }
+        let now = now_us();
+        for _ in 0..n {
+            push_event(shared, &mut ring, now);
+        }
+        drop(ring);
+        shared.changed.notify_all();
+    }
+}
+
+/// A parsed HTTP request head.
+#[derive(Debug)]
+struct Request {
+    /// Request path without the query.
+    path: String,
+    /// Raw query string (without `?`).
+    query: String,
+    /// `Sec-WebSocket-Key`, when this is a WebSocket upgrade.
+    ws_key: Option<Vec<u8>>,
+}
+
+/// Reads and parses the request head; returns it and any bytes read past it.
+fn read_request(shared: &Shared, stream: &mut TcpStream) -> Option<(Request, Vec<u8>)> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    stream.set_read_timeout(Some(TICK)).ok()?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if shared.stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+            return None;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => return None,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let target = req.path.unwrap_or("/");
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| h.value)
+                };
+                let upgrade = header("upgrade")
+                    .is_some_and(|v| String::from_utf8_lossy(v).eq_ignore_ascii_case("websocket"));
+                let ws_key = header("sec-websocket-key")
+                    .filter(|_| upgrade)
+                    .map(|v| v.to_vec());
+                let request = Request {
+                    path: path.to_string(),
+                    query: query.to_string(),
+                    ws_key,
+                };
+                return Some((request, buf[len..].to_vec()));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Writes a small plain-text HTTP response and closes.
+fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: &str) {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body.as_bytes());
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Serves one accepted connection: plain HTTP endpoints or a WebSocket subscriber.
+fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let Some((req, leftover)) = read_request(shared, &mut stream) else {
+        return;
+    };
+    match (req.path.as_str(), req.ws_key.as_ref()) {
+        ("/subscribe", Some(key)) => {
+            let mut cursor = None;
+            for (k, v) in url_query_pairs(&req.query) {
+                match k.as_str() {
+                    "cursor" => match v.parse::<i64>() {
+                        Ok(c) => cursor = Some(c),
+                        Err(_) => {
+                            respond(
+                                stream,
+                                "400 Bad Request",
+                                "text/plain",
+                                &format!("invalid cursor: {v}"),
+                            );
+                            return;
+                        }
+                    },
+                    "compress" if v == "true" => {
+                        respond(
+                            stream,
+                            "400 Bad Request",
+                            "text/plain",
+                            "the mock serves uncompressed streams only",
+                        );
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            let accept = tungstenite::handshake::derive_accept_key(key);
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            if stream.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            subscribe(shared, stream, peer, cursor, leftover);
+        }
+        ("/drop", _) => {
+            let n = shared.drop_all();
+            tracing::info!(subscribers = n, "drop requested over HTTP");
+            respond(stream, "200 OK", "text/plain", &format!("dropped {n}\n"));
+        }
+        ("/stats", _) => {
+            let body = shared.stats_json();
+            respond(stream, "200 OK", "application/json", &body);
+        }
+        ("/", _) => respond(
+            stream,
+            "200 OK",
+            "text/plain",
+            "jetrelay-mock: a simulated Jetstream upstream. GET /subscribe (WebSocket, cursor), /stats, /drop\n",
+        ),
+        _ => respond(stream, "404 Not Found", "text/plain", "not found\n"),
+    }
+}
+
+/// Splits a query string into percent-decoded pairs.
+pub(crate) fn url_query_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// Decodes `%XX` escapes and `+` (as space); invalid escapes are kept literally.
+pub(crate) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Ring position where a subscriber with `cursor` starts: the first event with
+/// `time_us >= cursor` (inclusive, in history order), or the live end.
+fn start_position(ring: &Ring, cursor: Option<i64>) -> u64 {
+    let Some(cursor) = cursor else {
+        return ring.end_pos();
+    };
+    ring.items
+        .iter()
+        .position(|i| matches!(*i, Item::Event { time_us, .. } if time_us >= cursor))
+        .map(|p| ring.first_pos + p as u64)
+        .unwrap_or_else(|| ring.end_pos())
+}
+
+/// Registers a WebSocket subscriber and streams to it until it goes away or the mock stops.
+fn subscribe(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cursor: Option<i64>,
+    leftover: Vec<u8>,
+) {
+    let Ok(clone) = stream.try_clone() else {
+        return;
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let pos = {
+        // Register under the ring lock so the generator cannot evict our start meanwhile.
+        let ring = lock(&shared.ring);
+        let start = start_position(&ring, cursor);
+        let pos = Arc::new(AtomicU64::new(start));
+        lock(&shared.subscribers).insert(
+            id,
+            Subscriber {
+                stream: clone,
+                pos: pos.clone(),
+            },
+        );
+        pos
+    };
+    tracing::info!(%peer, id, ?cursor, start = pos.load(Ordering::SeqCst), "subscriber connected");
+    let reason = stream_to(shared, stream, &pos, leftover);
+    lock(&shared.subscribers).remove(&id);
+    shared.changed.notify_all();
+    tracing::info!(%peer, id, reason, "subscriber gone");
+}
+
+/// The subscriber loop; returns why it ended.
+fn stream_to(
+    shared: &Shared,
+    stream: TcpStream,
+    pos_shared: &AtomicU64,
+    leftover: Vec<u8>,
+) -> &'static str {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let fd = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return "clone failed",
+    };
+    let mut config = WebSocketConfig::default();
+    // The mock sends the 2 MiB malformed frame; never refuse to write it.
+    config.max_frame_size = None;
+    let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(config));
+    let mut pos = pos_shared.load(Ordering::SeqCst);
+    let mut batch: Vec<Item> = Vec::with_capacity(SUBSCRIBER_BATCH);
+    let mut next_ping = Instant::now() + shared.config.ping_interval;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return "mock stopping";
+        }
+        batch.clear();
+        {
+            let mut ring = lock(&shared.ring);
+            if pos < ring.first_pos {
+                return "fell out of the history ring";
+            }
+            if pos >= ring.end_pos() {
+                ring = shared
+                    .changed
+                    .wait_timeout(ring, TICK)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+                if pos < ring.first_pos {
+                    return "fell out of the history ring";
+                }
+            }
+            let skip = (pos - ring.first_pos) as usize;
+            batch.extend(ring.items.iter().skip(skip).take(SUBSCRIBER_BATCH));
+        }
+        for item in &batch {
+            let msg = match *item {
+                Item::Event { seq, time_us } => {
+                    buf.clear();
+                    shared.generator.event(seq, time_us, &mut buf);
+                    match tungstenite::Utf8Bytes::try_from(std::mem::take(&mut buf)) {
+                        Ok(t) => Message::Text(t),
+                        Err(_) => return "generated invalid UTF-8",
+                    }
+                }
+                Item::Malformed { kind, time_us } => {
+                    let (payload, text) = kind.payload(time_us);
+                    if text {
+                        // Invalid UTF-8 cannot occur in our payloads; raw frames avoid the check.
+                        Message::Frame(tungstenite::protocol::frame::Frame::message(
+                            payload,
+                            tungstenite::protocol::frame::coding::OpCode::Data(
+                                tungstenite::protocol::frame::coding::Data::Text,
+                            ),
+                            true,
+                        ))
+                    } else {
+                        Message::Binary(payload.into())
+                    }
+                }
+            };
+            if ws.write(msg).is_err() {
+                return "write failed";
+            }
+        }
+        if !batch.is_empty() {
+            pos += batch.len() as u64;
+            pos_shared.store(pos, Ordering::SeqCst);
+            shared.changed.notify_all();
+        }
+        if Instant::now() >= next_ping {
+            next_ping += shared.config.ping_interval;
+            if ws.write(Message::Ping(Vec::new().into())).is_err() {
+                return "ping failed";
+            }
+        }
+        if ws.flush().is_err() {
+            return "flush failed";
+        }
+        // Read whatever the subscriber sent (pongs, pings, close, options_update) without
+        // blocking the stream: tungstenite answers pings and close frames itself.
+        while readable(&fd) {
+            match ws.read() {
+                Ok(Message::Close(_)) => {}
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(tungstenite::Error::ConnectionClosed) => return "closed by subscriber",
+                Err(_) => return "read failed",
+            }
+        }
+    }
+}
+
+/// Whether `stream` has bytes (or EOF) to read right now.
+fn readable(stream: &TcpStream) -> bool {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let mut fds = [PollFd::new(stream, PollFlags::IN)];
+    matches!(poll(&mut fds, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(n) if n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            url_query_pairs("cursor=12&wantedCollections=app.bsky.*&x=%41%2"),
+            vec![
+                ("cursor".into(), "12".into()),
+                ("wantedCollections".into(), "app.bsky.*".into()),
+                ("x".into(), "A%2".into()),
+            ]
+        );
+        assert_eq!(percent_decode("a+b%20c"), "a b c");
+    }
+
+    fn ring_with(times: &[i64]) -> Ring {
+        let mut r = Ring {
+            items: VecDeque::new(),
+            first_pos: 100,
+            next_seq: 0,
+            malformed: 0,
+            since_malformed: 0,
+        };
+        for (i, &t) in times.iter().enumerate() {
+            r.items.push_back(Item::Event {
+                seq: i as u64,
+                time_us: t,
+            });
+            if i == 1 {
+                r.items.push_back(Item::Malformed {
+                    kind: MalformedKind::Binary,
+                    time_us: 1_000,
+                });
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn cursor_start_is_first_event_with_time_at_or_after_cursor() {
+        // Non-monotonic times: 10, 30, [malformed], 20, 40.
+        let r = ring_with(&[10, 30, 20, 40]);
+        assert_eq!(start_position(&r, None), 105);
+        assert_eq!(start_position(&r, Some(5)), 100);
+        assert_eq!(start_position(&r, Some(10)), 100);
+        assert_eq!(start_position(&r, Some(11)), 101, "30 is the first >= 11");
+        assert_eq!(start_position(&r, Some(25)), 101);
+        assert_eq!(start_position(&r, Some(31)), 104);
+        assert_eq!(start_position(&r, Some(41)), 105, "nothing newer: live");
+        assert_eq!(
+            start_position(&r, Some(500)),
+            105,
+            "malformed items never match a cursor"
+        );
+    }
+}
