@@ -21,6 +21,7 @@ mod server;
 pub use generator::{DEFAULT_DIDS, DID_LEN, Generator, MAX_SEQ, TEMPLATE_COUNT, TID_LEN};
 pub(crate) use generator::{mix64, parse_canonical_i64, push_i64};
 pub use server::{MockHandle, spawn};
+pub(crate) use server::url_query_pairs;
 
 use std::net::SocketAddr;
 use std::time::Duration;
