@@ -306,12 +306,12 @@ fn generate_loop(shared: &Shared) {
     let mut next_drop = cfg.drop_every.map(|d| start + d);
     let limit = cfg.count.unwrap_or(u64::MAX);
     while !shared.stop.load(Ordering::SeqCst) {
-        if let (Some(at), Some(every)) = (next_drop, cfg.drop_every) {
-            if Instant::now() >= at {
-                let n = shared.drop_all();
-                tracing::info!(subscribers = n, "periodic drop");
-                next_drop = Some(at + every);
-            }
+        if let (Some(at), Some(every)) = (next_drop, cfg.drop_every)
+            && Instant::now() >= at
+        {
+            let n = shared.drop_all();
+            tracing::info!(subscribers = n, "periodic drop");
+            next_drop = Some(at + every);
         }
         let mut ring = lock(&shared.ring);
         if ring.next_seq >= limit {

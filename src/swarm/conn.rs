@@ -7,6 +7,7 @@
 
 use super::filter::Filter;
 use super::histogram::Histogram;
+pub use super::verify::Checks;
 use super::verify::{Accepted, Order, Verifier};
 use crate::frame::{self, FrameHeader, Opcode};
 
@@ -113,17 +114,6 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// Verification options shared by all clients.
-#[derive(Debug, Clone, Default)]
-pub struct Checks {
-    /// Contiguity check on.
-    pub in_order: bool,
-    /// Required first seq.
-    pub first_seq: Option<u64>,
-    /// Whether compressed (binary) frames are expected instead of text.
-    pub compressed: bool,
-}
-
 /// Process-wide counters and samples, shared by all sessions.
 #[derive(Debug, Default)]
 pub struct Totals {
@@ -223,16 +213,16 @@ impl Session {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     // A partial frame must still be one we can hold.
-                    if let Ok(Some(h)) = frame::parse_header(&buf[at..]) {
-                        if h.payload_len > super::verify::MAX_EVENT_LEN as u64 {
-                            totals.fail(
-                                client.id,
-                                None,
-                                format!("frame of {} bytes exceeds the limit", h.payload_len),
-                            );
-                            client.failures += 1;
-                            return (at, Next::Abort);
-                        }
+                    if let Ok(Some(h)) = frame::parse_header(&buf[at..])
+                        && h.payload_len > super::verify::MAX_EVENT_LEN as u64
+                    {
+                        totals.fail(
+                            client.id,
+                            None,
+                            format!("frame of {} bytes exceeds the limit", h.payload_len),
+                        );
+                        client.failures += 1;
+                        return (at, Next::Abort);
                     }
                     return (at, Next::Continue);
                 }
@@ -321,9 +311,11 @@ impl Session {
             Opcode::Text if checks.compressed => Err(super::verify::VerifyError::WrongFrameType(
                 "text frame on a compressed subscription",
             )),
-            Opcode::Binary if !checks.compressed => Err(super::verify::VerifyError::WrongFrameType(
-                "binary frame on an uncompressed subscription",
-            )),
+            Opcode::Binary if !checks.compressed => {
+                Err(super::verify::VerifyError::WrongFrameType(
+                    "binary frame on an uncompressed subscription",
+                ))
+            }
             Opcode::Text => verifier.verify_plain(payload),
             Opcode::Binary => {
                 let predicted = client.order.last.map(|l| l + 1);
@@ -350,15 +342,10 @@ impl Session {
         let accepted = match (verifier.generator(), v.seq) {
             (Some(g), Some(seq)) => {
                 let t = v.time_us.unwrap_or(0);
-                match client.order.accept(
-                    g,
-                    filter,
-                    seq,
-                    t,
-                    payload.len(),
-                    checks.in_order,
-                    checks.first_seq,
-                ) {
+                match client
+                    .order
+                    .accept(g, filter, seq, t, payload.len(), checks)
+                {
                     Ok(a) => a,
                     Err(e) => {
                         fail(totals, Some(seq), e.to_string());
@@ -463,7 +450,9 @@ mod tests {
         let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
         assert_eq!(
             parse_upgrade_response(ok, key),
-            Ok(Some(Upgrade::Accepted { head_len: ok.len() - 2 }))
+            Ok(Some(Upgrade::Accepted {
+                head_len: ok.len() - 2
+            }))
         );
         assert_eq!(parse_upgrade_response(&ok[..20], key), Ok(None));
         let bad = String::from_utf8_lossy(ok).replace("s3pPL", "xxxxx");
@@ -477,7 +466,10 @@ mod tests {
             Err(UpgradeError::NotUpgrade)
         );
         assert_eq!(
-            parse_upgrade_response(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", key),
+            parse_upgrade_response(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+                key
+            ),
             Ok(Some(Upgrade::Refused { status: 400 }))
         );
         assert_eq!(
@@ -517,7 +509,11 @@ mod tests {
         h.feed(&b, 50);
         assert_eq!(h.totals.failures, 1);
         assert_eq!(h.totals.examples[0].seq, Some(4));
-        assert!(h.totals.examples[0].reason.contains("expected seq 3"), "{:?}", h.totals.examples);
+        assert!(
+            h.totals.examples[0].reason.contains("expected seq 3"),
+            "{:?}",
+            h.totals.examples
+        );
         // Duplicate and reorder.
         let mut h = Harness::new("");
         let mut b = Vec::new();
@@ -565,9 +561,7 @@ mod tests {
         let q = "wantedCollections=app.bsky.feed.post&wantedCollections=app.bsky.graph.*";
         let h0 = Harness::new(q);
         let wanted: Vec<u64> = (0..1000)
-            .filter(|&s| {
-                h0.filter.verdict(&h0.g, s, T0) == super::super::filter::Verdict::Deliver
-            })
+            .filter(|&s| h0.filter.verdict(&h0.g, s, T0) == super::super::filter::Verdict::Deliver)
             .collect();
         let mut h = Harness::new(q);
         let mut b = Vec::new();

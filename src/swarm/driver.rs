@@ -370,8 +370,7 @@ impl Driver<'_> {
             }
             self.fire_timers(now);
             // Refill and spend connect tokens.
-            self.tokens = (self.tokens
-                + now.duration_since(self.refilled).as_secs_f64() * rate)
+            self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate)
                 .min(CONNECT_BURST.max(1.0));
             self.refilled = now;
             while self.tokens >= 1.0 {
@@ -492,8 +491,12 @@ impl Driver<'_> {
             _ => Transport::Plain,
         };
         let interest = epoll::EventFlags::IN | epoll::EventFlags::OUT | epoll::EventFlags::RDHUP;
-        if let Err(e) = epoll::add(&self.epoll, &fd, epoll::EventData::new_u64(i as u64), interest)
-        {
+        if let Err(e) = epoll::add(
+            &self.epoll,
+            &fd,
+            epoll::EventData::new_u64(i as u64),
+            interest,
+        ) {
             return self.connect_failed(i, format!("epoll add: {e}"), now);
         }
         let c = &mut self.clients[i];
@@ -573,10 +576,10 @@ impl Driver<'_> {
     fn connected(&mut self, i: usize, now: Instant) {
         let target = &self.targets[self.clients[i].target];
         let mut path = target.path_and_query.clone();
-        if self.config.reconnect {
-            if let Some(t) = self.clients[i].state.max_time_us {
-                path = super::with_cursor(&path, t);
-            }
+        if self.config.reconnect
+            && let Some(t) = self.clients[i].state.max_time_us
+        {
+            path = super::with_cursor(&path, t);
         }
         let key = tungstenite::handshake::client::generate_key();
         let request = conn::upgrade_request(&target.host_header, &path, &key);
@@ -706,7 +709,9 @@ impl Driver<'_> {
             r.map(|n| (n, true))
         } else {
             buf[..carried].copy_from_slice(&c.carry);
-            c.transport.recv(fd, &mut buf[carried..]).map(|n| (n, false))
+            c.transport
+                .recv(fd, &mut buf[carried..])
+                .map(|n| (n, false))
         };
         match result {
             Ok((0, _)) => self.disconnected(i, now),
@@ -775,10 +780,7 @@ impl Driver<'_> {
         // The one-off stall.
         let c = &mut self.clients[i];
         if let Some(after) = self.config.pause_after {
-            let eligible = self
-                .config
-                .pause_clients
-                .is_none_or(|m| c.state.id < m);
+            let eligible = self.config.pause_clients.is_none_or(|m| c.state.id < m);
             if eligible && !c.paused && c.state.events >= after {
                 c.paused = true;
                 c.reading_suspended = true;

@@ -82,13 +82,9 @@ impl Filter {
             self.add_collection(&c);
         }
         self.dids.extend(strings("wantedDids"));
-        self.max_size = p["maxMessageSizeBytes"].as_i64().and_then(|n| {
-            if n > 0 {
-                Some(n as u64)
-            } else {
-                None
-            }
-        });
+        self.max_size = p["maxMessageSizeBytes"]
+            .as_i64()
+            .and_then(|n| if n > 0 { Some(n as u64) } else { None });
         true
     }
 
@@ -126,12 +122,11 @@ impl Filter {
     fn content_ok(&self, generator: &Generator, seq: u64) -> bool {
         let (kind, collection) =
             Generator::template_kind_and_collection(Generator::template_index(seq));
-        if kind == "commit" {
-            if let Some(c) = collection {
-                if !self.collection_ok(c) {
-                    return false;
-                }
-            }
+        if kind == "commit"
+            && let Some(c) = collection
+            && !self.collection_ok(c)
+        {
+            return false;
         }
         self.dids.is_empty() || self.dids.contains(&generator.did_for(seq))
     }
@@ -210,7 +205,9 @@ mod tests {
         assert_eq!(f.verdict(&g, identity, 1), Verdict::Deliver);
         assert_eq!(f.verdict(&g, account, 1), Verdict::Deliver);
 
-        let f = Filter::from_query("wantedCollections=app.bsky.feed.*&wantedCollections=fm.teal.alpha.actor.status");
+        let f = Filter::from_query(
+            "wantedCollections=app.bsky.feed.*&wantedCollections=fm.teal.alpha.actor.status",
+        );
         assert_eq!(f.verdict(&g, like, 1), Verdict::Deliver);
         assert_eq!(f.verdict(&g, post, 1), Verdict::Deliver);
         assert_eq!(f.verdict(&g, follow, 1), Verdict::Skip);
@@ -218,7 +215,8 @@ mod tests {
 
         // "app.bsky.feed" (no .*) is an exact name that matches nothing; a prefix keeps its dot
         // so "app.bsky.f.*" must not match "app.bsky.feed.like".
-        let f = Filter::from_query("wantedCollections=app.bsky.feed&wantedCollections=app.bsky.f.*");
+        let f =
+            Filter::from_query("wantedCollections=app.bsky.feed&wantedCollections=app.bsky.f.*");
         assert_eq!(f.verdict(&g, like, 1), Verdict::Skip);
         assert_eq!(f.verdict(&g, identity, 1), Verdict::Deliver);
     }
@@ -239,7 +237,10 @@ mod tests {
         }
         assert!((100..400).contains(&delivered), "{delivered}");
         // An identity event of another DID is skipped even though it has no collection.
-        let other = (identity..).step_by(TEMPLATE_COUNT).find(|&s| g.did_for(s) != target).unwrap();
+        let other = (identity..)
+            .step_by(TEMPLATE_COUNT)
+            .find(|&s| g.did_for(s) != target)
+            .unwrap();
         assert_eq!(f.verdict(&g, other, 1), Verdict::Skip);
     }
 

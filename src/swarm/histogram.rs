@@ -144,7 +144,10 @@ mod tests {
             prev = i;
             assert!(upper(i) >= v, "v {v} bucket {i} upper {}", upper(i));
             // Relative error bound.
-            assert!((upper(i) - v) as f64 <= v as f64 / SUB as f64 + 1.0, "v {v}");
+            assert!(
+                (upper(i) - v) as f64 <= v as f64 / SUB as f64 + 1.0,
+                "v {v}"
+            );
         }
     }
 

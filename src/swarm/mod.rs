@@ -220,7 +220,11 @@ pub fn parse_target(url: &str, compress: bool) -> Result<Target, SwarmError> {
         .map(|(_, q)| q.to_string())
         .unwrap_or_default();
     if compress && !query.split('&').any(|p| p == "compress=true") {
-        let sep = if path_and_query.contains('?') { "&" } else { "?" };
+        let sep = if path_and_query.contains('?') {
+            "&"
+        } else {
+            "?"
+        };
         path_and_query.push_str(sep);
         path_and_query.push_str("compress=true");
         query = path_and_query

@@ -1,9 +1,9 @@
 //! The swarm's report: built per process, merged by the parent, judged against expectations.
 
+use super::Expectations;
 use super::conn::{ClientState, Failure, MAX_FAILURE_EXAMPLES};
 use super::driver::Outcome;
 use super::histogram::{Histogram, SparseHistogram};
-use super::Expectations;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -351,17 +351,20 @@ impl Report {
                 0,
                 global(
                     what.into(),
-                    format!("{} verification failures; {first}", self.verification_failures),
+                    format!(
+                        "{} verification failures; {first}",
+                        self.verification_failures
+                    ),
                 ),
             );
         }
-        if let Some(n) = expect.connected {
-            if self.connected < n {
-                self.expectation_failures.push(global(
-                    format!("--expect-connected {n}"),
-                    format!("only {} clients completed the upgrade", self.connected),
-                ));
-            }
+        if let Some(n) = expect.connected
+            && self.connected < n
+        {
+            self.expectation_failures.push(global(
+                format!("--expect-connected {n}"),
+                format!("only {} clients completed the upgrade", self.connected),
+            ));
         }
         if let Some(ms) = expect.p99_ms {
             let p99_ms = self.latency.p99_us as f64 / 1000.0;

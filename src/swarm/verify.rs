@@ -28,6 +28,17 @@ pub const MAX_EVENT_LEN: usize = 4 * 1024 * 1024;
 /// than this is reported instead of stalling the swarm.
 const MAX_GAP_SCAN: u64 = 20_000_000;
 
+/// Verification options shared by all clients.
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
+    /// Contiguity check on.
+    pub in_order: bool,
+    /// Required first seq.
+    pub first_seq: Option<u64>,
+    /// Whether compressed (binary) frames are expected instead of text.
+    pub compressed: bool,
+}
+
 /// Why a received frame failed verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
@@ -35,7 +46,9 @@ pub enum VerifyError {
     #[error("cannot decode a seq from the event ({0})")]
     Undecodable(String),
     /// The bytes differ from the regenerated event.
-    #[error("seq {seq}: bytes differ from the expected event at offset {offset} (got {got:?}, want {want:?})")]
+    #[error(
+        "seq {seq}: bytes differ from the expected event at offset {offset} (got {got:?}, want {want:?})"
+    )]
     Mismatch {
         /// Decoded seq.
         seq: u64,
@@ -287,7 +300,8 @@ pub struct Order {
 
 impl Order {
     /// Decides about verified event `seq` (arriving with `time_us`, `sent_len` payload bytes).
-    /// `in_order` enables the contiguity check; `first_seq` requires a specific first event.
+    /// `checks.in_order` enables the contiguity check; `checks.first_seq` requires a specific
+    /// first event.
     pub fn accept(
         &mut self,
         generator: &Generator,
@@ -295,9 +309,9 @@ impl Order {
         seq: u64,
         time_us: i64,
         sent_len: usize,
-        in_order: bool,
-        first_seq: Option<u64>,
+        checks: &Checks,
     ) -> Result<Accepted, OrderError> {
+        let (in_order, first_seq) = (checks.in_order, checks.first_seq);
         let Some(last) = self.last else {
             if let Some(expected) = first_seq.filter(|&e| e != seq) {
                 return Err(OrderError::FirstSeq { expected, got: seq });
@@ -369,7 +383,13 @@ mod tests {
         for seq in [0u64, 1, 2, 151, 152, 9000, 9000 + CACHE_SLOTS as u64] {
             let t = 1_783_175_888_000_000 + seq as i64 * 7;
             let got = v.verify_plain(&event(&g, seq, t)).unwrap();
-            assert_eq!(got, Verified { seq: Some(seq), time_us: Some(t) });
+            assert_eq!(
+                got,
+                Verified {
+                    seq: Some(seq),
+                    time_us: Some(t)
+                }
+            );
         }
         // Second pass hits the cache.
         let before = v.generated;
@@ -456,7 +476,11 @@ mod tests {
     }
 
     fn accept(o: &mut Order, g: &Generator, f: &Filter, seq: u64) -> Result<Accepted, OrderError> {
-        o.accept(g, f, seq, 1_783_175_888_000_000, 100, true, None)
+        let checks = Checks {
+            in_order: true,
+            ..Default::default()
+        };
+        o.accept(g, f, seq, 1_783_175_888_000_000, 100, &checks)
     }
 
     #[test]
@@ -464,11 +488,18 @@ mod tests {
         let g = Generator::new(1, 10);
         let f = Filter::from_query("");
         let mut o = Order::default();
-        assert_eq!(accept(&mut o, &g, &f, 500), Ok(Accepted::New), "any first seq");
+        assert_eq!(
+            accept(&mut o, &g, &f, 500),
+            Ok(Accepted::New),
+            "any first seq"
+        );
         assert_eq!(accept(&mut o, &g, &f, 501), Ok(Accepted::New));
         assert_eq!(
             accept(&mut o, &g, &f, 503),
-            Err(OrderError::Gap { expected: 502, got: 503 })
+            Err(OrderError::Gap {
+                expected: 502,
+                got: 503
+            })
         );
         let mut o = Order::default();
         accept(&mut o, &g, &f, 10).unwrap();
@@ -489,12 +520,29 @@ mod tests {
         o.replaying = true;
         assert_eq!(
             accept(&mut o, &g, &f, 13),
-            Err(OrderError::Gap { expected: 12, got: 13 })
+            Err(OrderError::Gap {
+                expected: 12,
+                got: 13
+            })
         );
         let mut o = Order::default();
         assert_eq!(
-            o.accept(&g, &f, 4, 1, 100, true, Some(3)),
-            Err(OrderError::FirstSeq { expected: 3, got: 4 })
+            o.accept(
+                &g,
+                &f,
+                4,
+                1,
+                100,
+                &Checks {
+                    in_order: true,
+                    first_seq: Some(3),
+                    compressed: false
+                }
+            ),
+            Err(OrderError::FirstSeq {
+                expected: 3,
+                got: 4
+            })
         );
     }
 
@@ -515,7 +563,10 @@ mod tests {
         accept(&mut o, &g, &f, wanted[0]).unwrap();
         assert_eq!(
             accept(&mut o, &g, &f, wanted[2]),
-            Err(OrderError::Gap { expected: wanted[1], got: wanted[2] })
+            Err(OrderError::Gap {
+                expected: wanted[1],
+                got: wanted[2]
+            })
         );
         // Receiving an unwanted event fails.
         let unwanted = (0..2000).find(|s| !wanted.contains(s)).unwrap();
