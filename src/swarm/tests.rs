@@ -394,3 +394,88 @@ fn url_parsing_and_cursor_rewrite() {
     );
     assert_eq!(with_cursor("/subscribe", 7), "/subscribe?cursor=7");
 }
+
+/// A TLS terminator in front of the mock (tokio-rustls, test-only), returning its port and a
+/// shutdown handle.
+fn tls_front(
+    backend: std::net::SocketAddr,
+    cert: &rcgen::CertifiedKey,
+) -> (
+    u16,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    accepted = listener.accept() => {
+                        let Ok((tcp, _)) = accepted else { continue };
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                            let Ok(mut up) = tokio::net::TcpStream::connect(backend).await else {
+                                return;
+                            };
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                        });
+                    }
+                }
+            }
+        });
+    });
+    (port, stop_tx, thread)
+}
+
+#[test]
+fn wss_through_a_tls_terminator() {
+    let m = start_mock(1000, 9, 0);
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let ca =
+        std::env::temp_dir().join(format!("jetrelay-swarm-test-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let (port, stop, thread) = tls_front(m.local_addr(), &cert);
+    let mut cfg = swarm(
+        format!("wss://127.0.0.1:{port}/subscribe"),
+        10,
+        1.5,
+        Some(9),
+    );
+    cfg.ca_file = Some(ca.clone());
+    cfg.expect.in_order = true;
+    cfg.expect.min_events = Some(300);
+    cfg.expect.connected = Some(10);
+    let r = run(&cfg).unwrap();
+    assert!(r.passed, "{}", r.human());
+    // Without the CA the handshake must fail (the certificate is self-signed).
+    let mut cfg = swarm(format!("wss://127.0.0.1:{port}/subscribe"), 2, 0.5, Some(9));
+    cfg.expect.connected = Some(1);
+    let r = run(&cfg).unwrap();
+    assert!(!r.passed, "{}", r.human());
+    assert_eq!(r.connected, 0);
+    let _ = stop.send(());
+    thread.join().unwrap();
+    let _ = std::fs::remove_file(ca);
+}
