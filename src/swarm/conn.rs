@@ -278,10 +278,10 @@ impl Session {
             );
             return Next::Abort;
         }
-        let mask = fastrand::u32(..).to_ne_bytes();
+        let mask = || fastrand::u32(..).to_ne_bytes();
         let verified = match header.opcode {
             Opcode::Ping => {
-                frame::encode_client_frame(Opcode::Pong, payload, mask, out);
+                frame::encode_client_frame(Opcode::Pong, payload, mask(), out);
                 return Next::Continue;
             }
             Opcode::Pong => return Next::Continue,
@@ -305,7 +305,7 @@ impl Session {
                 } else {
                     1000
                 };
-                frame::encode_client_close(frame::CloseCode(reply), "", mask, out);
+                frame::encode_client_close(frame::CloseCode(reply), "", mask(), out);
                 return Next::Closed;
             }
             Opcode::Text if checks.compressed => Err(super::verify::VerifyError::WrongFrameType(

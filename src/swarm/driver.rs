@@ -260,8 +260,8 @@ struct Driver<'a> {
     conns: ConnTotals,
     /// TLS configuration (built once, when a target is wss).
     tls: Option<Arc<rustls::ClientConfig>>,
-    /// Verification options.
-    checks: conn::Checks,
+    /// Verification options per target (compression is a property of the URL).
+    checks: Vec<conn::Checks>,
 }
 
 /// Wall-clock µs.
@@ -339,11 +339,15 @@ pub fn run(
         totals: Totals::default(),
         conns: ConnTotals::default(),
         tls,
-        checks: conn::Checks {
-            in_order: config.expect.in_order,
-            first_seq: config.expect.first_seq,
-            compressed: config.compress,
-        },
+        checks: targets
+            .iter()
+            .map(|t| conn::Checks {
+                in_order: config.expect.in_order,
+                first_seq: config.expect.first_seq,
+                // The URL may ask for compression itself.
+                compressed: config.compress || Filter::from_query(&t.query).compressed(),
+            })
+            .collect(),
     };
     let start = Instant::now();
     d.event_loop(start + config.duration)?;
@@ -740,7 +744,7 @@ impl Driver<'_> {
                 &mut c.state,
                 filter,
                 &mut self.verifier,
-                &self.checks,
+                &self.checks[c.target],
                 &mut self.totals,
                 now_us,
                 &mut c.out,
@@ -754,7 +758,7 @@ impl Driver<'_> {
                 &mut c.state,
                 filter,
                 &mut self.verifier,
-                &self.checks,
+                &self.checks[c.target],
                 &mut self.totals,
                 now_us,
                 &mut c.out,

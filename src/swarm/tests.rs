@@ -479,3 +479,111 @@ fn wss_through_a_tls_terminator() {
     thread.join().unwrap();
     let _ = std::fs::remove_file(ca);
 }
+
+/// A scripted upstream: upgrades up to `conns` connections and sends each the same messages,
+/// then a close frame with `close_code`, and waits (bounded) for the client's reply.
+fn scripted_server(
+    conns: usize,
+    script: Vec<tungstenite::Message>,
+    close_code: u16,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<Vec<bool>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let thread = std::thread::spawn(move || {
+        let mut got_close_reply = Vec::new();
+        for _ in 0..conns {
+            let (stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut ws = tungstenite::accept(stream).unwrap();
+            for m in &script {
+                ws.send(m.clone()).unwrap();
+            }
+            ws.close(Some(tungstenite::protocol::CloseFrame {
+                code: close_code.into(),
+                reason: "scripted".into(),
+            }))
+            .unwrap();
+            let mut replied = false;
+            loop {
+                match ws.read() {
+                    Ok(tungstenite::Message::Close(Some(f))) => {
+                        replied = u16::from(f.code) == close_code;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            got_close_reply.push(replied);
+        }
+        got_close_reply
+    });
+    (addr, thread)
+}
+
+#[test]
+fn compressed_stream_and_close_code_end_to_end() {
+    let g = mock::Generator::new(21, 1000);
+    let mut c =
+        zstd::bulk::Compressor::with_dictionary(3, include_bytes!("../../assets/zstd_dictionary"))
+            .unwrap();
+    let now = 1_783_175_888_000_000;
+    let script: Vec<_> = (500..800u64)
+        .map(|seq| {
+            let mut ev = Vec::new();
+            g.event(seq, now + seq as i64, &mut ev);
+            tungstenite::Message::Binary(c.compress(&ev).unwrap().into())
+        })
+        .collect();
+    let (addr, server) = scripted_server(3, script, 1001);
+    let mut cfg = swarm(format!("ws://{addr}/subscribe"), 3, 1.5, Some(21));
+    cfg.compress = true;
+    cfg.connect_rate = 3;
+    cfg.expect.in_order = true;
+    cfg.expect.first_seq = Some(500);
+    cfg.expect.min_events = Some(300);
+    cfg.expect.max_events = Some(300);
+    cfg.expect.close_code = Some(1001);
+    let r = run(&cfg).unwrap();
+    assert!(r.passed, "{}", r.human());
+    assert_eq!(r.closes.get("1001"), Some(&3));
+    assert_eq!(r.events, 900);
+    // Identical frames: one decompression per event, not per client (plus each client's first
+    // frame, which has no predicted seq).
+    assert!(r.frames_decompressed <= 303, "{}", r.human());
+    assert_eq!(
+        server.join().unwrap(),
+        vec![true; 3],
+        "close replies echo the code"
+    );
+}
+
+#[test]
+fn compressed_stream_with_a_gap_fails() {
+    let g = mock::Generator::new(21, 1000);
+    let mut c =
+        zstd::bulk::Compressor::with_dictionary(3, include_bytes!("../../assets/zstd_dictionary"))
+            .unwrap();
+    let script: Vec<_> = [1u64, 2, 3, 5, 6]
+        .iter()
+        .map(|&seq| {
+            let mut ev = Vec::new();
+            g.event(seq, 1_783_175_888_000_000, &mut ev);
+            tungstenite::Message::Binary(c.compress(&ev).unwrap().into())
+        })
+        .collect();
+    let (addr, server) = scripted_server(1, script, 1000);
+    let mut cfg = swarm(
+        format!("ws://{addr}/subscribe?compress=true"),
+        1,
+        1.0,
+        Some(21),
+    );
+    cfg.expect.in_order = true;
+    let r = run(&cfg).unwrap();
+    assert!(!r.passed);
+    assert_eq!(r.verification_failures, 1, "{}", r.human());
+    assert_eq!(r.failure_examples[0].seq, Some(5));
+    server.join().unwrap();
+}
