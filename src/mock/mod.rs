@@ -18,8 +18,10 @@
 mod generator;
 mod server;
 
-pub use generator::{DEFAULT_DIDS, DID_LEN, Generator, MAX_SEQ, TEMPLATE_COUNT, TID_LEN};
-pub(crate) use generator::{mix64, parse_canonical_i64, push_i64};
+pub use generator::{
+    DEFAULT_DIDS, DID_LEN, EventHead, Generator, MAX_SEQ, TEMPLATE_COUNT, TID_LEN,
+};
+pub(crate) use generator::{mix64, push_i64};
 pub(crate) use server::url_query_pairs;
 pub use server::{MockHandle, spawn};
 

@@ -14,7 +14,7 @@
 //! one the client must receive next, given its filter.
 
 use super::filter::{Filter, Verdict};
-use crate::mock::{Generator, parse_canonical_i64};
+use crate::mock::Generator;
 
 /// Expected renderings kept: covers clients spread over this many consecutive seqs without
 /// regenerating (a few seconds of stream at typical rates).
@@ -185,8 +185,9 @@ impl Verifier {
                 time_us: Generator::time_us_of(payload),
             });
         };
-        let seq = Generator::seq_of(payload)
+        let head = Generator::head_of(payload)
             .ok_or_else(|| VerifyError::Undecodable(snippet(payload, 0)))?;
+        let seq = head.seq;
         let slot = &mut self.cache[(seq % CACHE_SLOTS as u64) as usize];
         if slot.seq != Some(seq) {
             slot.bytes.clear();
@@ -203,14 +204,16 @@ impl Verifier {
             got: snippet(payload, offset),
             want: snippet(want, offset.min(want.len())),
         };
-        if payload.len() < at || payload[..at] != want[..at] {
+        // The head parser found canonical time digits at `time_start..time_end`; equal bytes
+        // around them are equivalent to comparing with the event regenerated at that time.
+        if head.time_start != at || payload[..at] != want[..at] {
             return Err(mismatch(first_difference(payload, want)));
         }
-        let (time_us, digits) = parse_canonical_i64(&payload[at..]).ok_or_else(|| mismatch(at))?;
-        if payload[at + digits..] != want[at..] {
-            let d = first_difference(&payload[at + digits..], &want[at..]);
-            return Err(mismatch(at + digits + d));
+        if payload[head.time_end..] != want[at..] {
+            let d = first_difference(&payload[head.time_end..], &want[at..]);
+            return Err(mismatch(head.time_end + d));
         }
+        let time_us = head.time_us;
         Ok(Verified {
             seq: Some(seq),
             time_us: Some(time_us),
