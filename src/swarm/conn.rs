@@ -131,6 +131,8 @@ pub struct Totals {
     pub duplicates: u64,
     /// Bytes of all frames received (headers included).
     pub frame_bytes: u64,
+    /// The first close reason seen per close code.
+    pub close_reasons: std::collections::BTreeMap<u16, String>,
 }
 
 impl Totals {
@@ -288,7 +290,14 @@ impl Session {
             Opcode::Close => {
                 self.closed = true;
                 let code = match frame::parse_close(payload) {
-                    Ok((code, _reason)) => code.unwrap_or(1005),
+                    Ok((code, reason)) => {
+                        let code = code.unwrap_or(1005);
+                        totals
+                            .close_reasons
+                            .entry(code)
+                            .or_insert_with(|| reason.to_string());
+                        code
+                    }
                     Err(e) => {
                         fail(totals, None, format!("invalid close frame: {e:?}"));
                         payload
@@ -590,6 +599,10 @@ mod tests {
         frame::encode_close(frame::CloseCode(1001), "bye", &mut b);
         assert_eq!(h.feed(&b, 3), Next::Closed);
         assert_eq!(h.client.closes, vec![1001]);
+        assert_eq!(
+            h.totals.close_reasons.get(&1001).map(String::as_str),
+            Some("bye")
+        );
         assert_eq!(h.client.events, 1);
         // Replies: a masked pong echoing the payload, then a masked close 1001.
         let (ph, pp) = frame::split_frame(&h.out).unwrap().unwrap();

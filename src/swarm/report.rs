@@ -69,6 +69,8 @@ pub struct Report {
     pub refused: BTreeMap<String, u64>,
     /// Close frames received by close code (1005 = no code).
     pub closes: BTreeMap<String, u64>,
+    /// One example close reason per close code.
+    pub close_reasons: BTreeMap<String, String>,
     /// Upgraded connections that ended without a close frame.
     pub disconnects_without_close: u64,
     /// New events received (duplicates excluded).
@@ -157,6 +159,12 @@ impl Report {
             ..Default::default()
         };
         r.latency.negative = o.totals.negative_latency;
+        r.close_reasons = o
+            .totals
+            .close_reasons
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let mut max_times: BTreeMap<i64, u64> = BTreeMap::new();
         for c in &o.clients {
             r.connected += u64::from(c.upgrades > 0);
@@ -252,6 +260,11 @@ impl Report {
         }
         for (k, v) in &o.closes {
             *self.closes.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.close_reasons {
+            self.close_reasons
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
         }
         self.disconnects_without_close += o.disconnects_without_close;
         self.events += o.events;
@@ -397,8 +410,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "closes by code {:?}, disconnects without close {}",
-            self.closes, self.disconnects_without_close
+            "closes by code {:?} (reasons {:?}), disconnects without close {}",
+            self.closes, self.close_reasons, self.disconnects_without_close
         );
         let _ = writeln!(
             s,
