@@ -1,1 +1,434 @@
-//! TODO
+//! Relay settings: one struct, layered with figment as defaults < TOML file < `JETRELAY_*`
+//! environment < command-line flags, then validated so that a bad setting fails at start with
+//! the key and the reason instead of surfacing later as an odd runtime error.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The four public Jetstream instances, used in turn for failover (as official clients do).
+pub const DEFAULT_UPSTREAMS: [&str; 4] = [
+    "wss://jetstream1.us-east.bsky.network/subscribe",
+    "wss://jetstream2.us-east.bsky.network/subscribe",
+    "wss://jetstream1.us-west.bsky.network/subscribe",
+    "wss://jetstream2.us-west.bsky.network/subscribe",
+];
+
+/// Why: io_uring rings and per-worker pipe pools are per thread; more workers than this buys
+/// nothing on any machine this relay targets and would only multiply fixed costs.
+pub const MAX_WORKERS: usize = 64;
+
+/// Where a listener binds: a TCP address or a Unix socket path (`unix:/run/jetrelay/x.sock`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP socket address.
+    Tcp(SocketAddr),
+    /// A filesystem path for a Unix stream socket.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>()
+            .map(ListenAddr::Tcp)
+            .map_err(|e| format!("`{s}` is neither HOST:PORT nor unix:PATH ({e})"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The raw, layered settings as they appear in TOML (`snake_case` keys = flag names).
+/// Durations and sizes stay strings here so that the file can say `24h` and `20GiB`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    /// Public WebSocket listener.
+    pub listen: String,
+    /// Listener that requires a PROXY v2 header (for the TLS sidecar).
+    pub trusted_listen: Option<String>,
+    /// Upstream Jetstream URLs, used in turn.
+    pub upstream: Vec<String>,
+    /// Directory holding the logs and their indexes.
+    pub data_dir: Option<PathBuf>,
+    /// Age retention.
+    pub retention: String,
+    /// Disk cap for all logs together.
+    pub max_disk: String,
+    /// Fan-out worker threads (0 = one per CPU).
+    pub workers: usize,
+    /// Upstream reconnect rewind window.
+    pub rewind: String,
+    /// Run an embedded simulated upstream instead of following `upstream`.
+    pub demo: bool,
+    /// Events per second of the demo upstream.
+    pub demo_rate: u64,
+    /// Metrics / dashboard / health listener ("" disables it).
+    pub metrics_listen: String,
+    /// Cap on connected clients.
+    pub max_clients: usize,
+    /// Cap on concurrent connections from one IP (or one IPv6 /64).
+    pub max_conns_per_ip: usize,
+    /// New connections per second from one IP (token bucket rate; burst = 2× rate).
+    pub conn_rate_per_ip: f64,
+    /// Addresses exempt from per-IP limits (CIDR or plain address).
+    pub allow_ip: Vec<String>,
+    /// Deadline for a client to complete its HTTP upgrade.
+    pub handshake_timeout: String,
+    /// How often idle clients are pinged.
+    pub ping_interval: String,
+}
+
+impl Default for RawSettings {
+    fn default() -> Self {
+        RawSettings {
+            listen: "127.0.0.1:6008".into(),
+            trusted_listen: None,
+            upstream: DEFAULT_UPSTREAMS.iter().map(|s| s.to_string()).collect(),
+            data_dir: None,
+            retention: "24h".into(),
+            max_disk: "20GiB".into(),
+            workers: 0,
+            rewind: "5s".into(),
+            demo: false,
+            demo_rate: 50,
+            metrics_listen: "127.0.0.1:6009".into(),
+            max_clients: 100_000,
+            max_conns_per_ip: 64,
+            conn_rate_per_ip: 10.0,
+            allow_ip: Vec::new(),
+            handshake_timeout: "10s".into(),
+            ping_interval: "30s".into(),
+        }
+    }
+}
+
+/// Validated settings the relay runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Public WebSocket listener.
+    pub listen: ListenAddr,
+    /// PROXY-v2 listener for the TLS sidecar.
+    pub trusted_listen: Option<ListenAddr>,
+    /// Upstream URLs (ignored with `demo`).
+    pub upstreams: Vec<String>,
+    /// Log directory.
+    pub data_dir: PathBuf,
+    /// Events older than this are punched out of the logs.
+    pub retention: Duration,
+    /// The logs' allocated size is kept under this many bytes.
+    pub max_disk: u64,
+    /// Fan-out worker threads.
+    pub workers: usize,
+    /// How far before the last appended event a reconnect resumes.
+    pub rewind: Duration,
+    /// Embedded simulated upstream.
+    pub demo: bool,
+    /// Demo upstream rate.
+    pub demo_rate: u64,
+    /// Metrics listener, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Cap on connected clients.
+    pub max_clients: usize,
+    /// Per-IP concurrent connection cap.
+    pub max_conns_per_ip: usize,
+    /// Per-IP connection rate (per second).
+    pub conn_rate_per_ip: f64,
+    /// Exempt networks as (address, prefix length).
+    pub allow_ip: Vec<(std::net::IpAddr, u8)>,
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Idle ping period.
+    pub ping_interval: Duration,
+}
+
+/// A setting that failed validation, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting `{key}`: {reason}")]
+pub struct SettingError {
+    /// The TOML key / flag name (with `_`).
+    pub key: &'static str,
+    /// Why the value was refused.
+    pub reason: String,
+}
+
+fn bad(key: &'static str, reason: impl Into<String>) -> SettingError {
+    SettingError {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Parses `500ms`, `30s`, `10m`, `24h`, `7d` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s, 10m, 24h"))?;
+    let secs = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => n,
+        "m" => n.checked_mul(60).ok_or("duration overflows")?,
+        "h" => n.checked_mul(3600).ok_or("duration overflows")?,
+        "d" => n.checked_mul(86_400).ok_or("duration overflows")?,
+        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Parses `4096`, `512KiB`, `20GiB`, `1TiB` (also KB/MB/GB/TB as powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512MiB or 20GiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| "size overflows".into())
+}
+
+/// Parses `10.0.0.0/8`, `2001:db8::/64` or a plain address (a /32 or /128).
+pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{s}`: {e}"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        Some(l) => l
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+        None => max,
+    };
+    Ok((ip, len))
+}
+
+impl RawSettings {
+    /// Validates every field, naming the first bad key.
+    pub fn validate(self) -> Result<Settings, SettingError> {
+        let listen = self.listen.parse().map_err(|e| bad("listen", e))?;
+        let trusted_listen = match self.trusted_listen.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(s.parse().map_err(|e| bad("trusted_listen", e))?),
+        };
+        if !self.demo && self.upstream.is_empty() {
+            return Err(bad("upstream", "at least one upstream URL is needed (or --demo)"));
+        }
+        for u in &self.upstream {
+            if !(u.starts_with("ws://") || u.starts_with("wss://")) {
+                return Err(bad("upstream", format!("`{u}` must start with ws:// or wss://")));
+            }
+        }
+        let data_dir = self
+            .data_dir
+            .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("jetrelay-data"));
+        let retention = parse_duration(&self.retention).map_err(|e| bad("retention", e))?;
+        if retention < Duration::from_secs(1) {
+            return Err(bad("retention", "must be at least 1s"));
+        }
+        let max_disk = parse_size(&self.max_disk).map_err(|e| bad("max_disk", e))?;
+        // Why: below a few MiB the retention loop would punch continuously and clients could
+        // never replay anything; such a value is a typo, not a configuration.
+        if max_disk < 4 << 20 {
+            return Err(bad("max_disk", "must be at least 4MiB"));
+        }
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        if workers > MAX_WORKERS {
+            return Err(bad("workers", format!("at most {MAX_WORKERS}")));
+        }
+        let rewind = parse_duration(&self.rewind).map_err(|e| bad("rewind", e))?;
+        if self.demo_rate == 0 || self.demo_rate > 1_000_000 {
+            return Err(bad("demo_rate", "must be 1..=1000000 events/s"));
+        }
+        let metrics_listen = match self.metrics_listen.trim() {
+            "" => None,
+            s => Some(
+                s.parse::<SocketAddr>()
+                    .map_err(|e| bad("metrics_listen", format!("`{s}`: {e}")))?,
+            ),
+        };
+        if self.max_clients == 0 {
+            return Err(bad("max_clients", "must be at least 1"));
+        }
+        if self.max_conns_per_ip == 0 {
+            return Err(bad("max_conns_per_ip", "must be at least 1"));
+        }
+        if !(self.conn_rate_per_ip > 0.0 && self.conn_rate_per_ip.is_finite()) {
+            return Err(bad("conn_rate_per_ip", "must be a positive number"));
+        }
+        let allow_ip = self
+            .allow_ip
+            .iter()
+            .map(|s| parse_cidr(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("allow_ip", e))?;
+        let handshake_timeout =
+            parse_duration(&self.handshake_timeout).map_err(|e| bad("handshake_timeout", e))?;
+        if handshake_timeout.is_zero() {
+            return Err(bad("handshake_timeout", "must be positive"));
+        }
+        let ping_interval =
+            parse_duration(&self.ping_interval).map_err(|e| bad("ping_interval", e))?;
+        if ping_interval < Duration::from_secs(1) {
+            return Err(bad("ping_interval", "must be at least 1s"));
+        }
+        Ok(Settings {
+            listen,
+            trusted_listen,
+            upstreams: self.upstream,
+            data_dir,
+            retention,
+            max_disk,
+            workers,
+            rewind,
+            demo: self.demo,
+            demo_rate: self.demo_rate,
+            metrics_listen,
+            max_clients: self.max_clients,
+            max_conns_per_ip: self.max_conns_per_ip,
+            conn_rate_per_ip: self.conn_rate_per_ip,
+            allow_ip,
+            handshake_timeout,
+            ping_interval,
+        })
+    }
+}
+
+/// Layers defaults < TOML file < `JETRELAY_*` env < `overrides` (the flags that were given).
+/// The figment error names the key on type errors; validation names it on value errors.
+pub fn load(
+    config_file: Option<&std::path::Path>,
+    overrides: &impl Serialize,
+) -> anyhow::Result<Settings> {
+    let mut fig = Figment::from(Serialized::defaults(RawSettings::default()));
+    if let Some(path) = config_file {
+        if !path.exists() {
+            anyhow::bail!("config file {} does not exist", path.display());
+        }
+        fig = fig.merge(Toml::file(path));
+    }
+    let fig = fig
+        .merge(Env::prefixed("JETRELAY_").ignore(&["config"]))
+        .merge(Serialized::defaults(overrides));
+    let raw: RawSettings = fig
+        .extract()
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    Ok(raw.validate()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5 weeks").is_err());
+        assert_eq!(parse_size("20GiB").unwrap(), 20 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1PiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        let (ip, len) = parse_cidr("10.1.0.0/16").unwrap();
+        assert_eq!(ip.to_string(), "10.1.0.0");
+        assert_eq!(len, 16);
+        assert_eq!(parse_cidr("::1").unwrap().1, 128);
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let s = RawSettings::default().validate().unwrap();
+        assert_eq!(s.listen, ListenAddr::Tcp("127.0.0.1:6008".parse().unwrap()));
+        assert_eq!(s.upstreams.len(), 4);
+        assert_eq!(s.retention, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let raw = RawSettings {
+            retention: "forever".into(),
+            ..RawSettings::default()
+        };
+        let err = raw.validate().unwrap_err().to_string();
+        assert!(err.contains("`retention`"), "{err}");
+        let raw = RawSettings {
+            listen: "nowhere".into(),
+            ..RawSettings::default()
+        };
+        assert!(raw.validate().unwrap_err().to_string().contains("`listen`"));
+    }
+
+    #[test]
+    fn layering_file_env_flags() {
+        let dir = std::env::temp_dir().join(format!("jetrelay-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("relay.toml");
+        std::fs::write(&file, "workers = 3\nretention = \"2h\"\nmax_disk = \"1GiB\"\n").unwrap();
+        #[derive(Serialize)]
+        struct Flags {
+            retention: &'static str,
+        }
+        let s = load(Some(&file), &Flags { retention: "1h" }).unwrap();
+        assert_eq!(s.workers, 3);
+        assert_eq!(s.max_disk, 1 << 30);
+        assert_eq!(s.retention, Duration::from_secs(3600));
+        #[derive(Serialize)]
+        struct NoFlags {}
+        std::fs::write(&file, "workers = \"many\"\n").unwrap();
+        let err = load(Some(&file), &NoFlags {}).unwrap_err().to_string();
+        assert!(err.contains("workers"), "{err}");
+        std::fs::write(&file, "wrokers = 2\n").unwrap();
+        let err = load(Some(&file), &NoFlags {}).unwrap_err().to_string();
+        assert!(err.contains("wrokers"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

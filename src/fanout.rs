@@ -1,1 +1,1310 @@
-//! TODO
+//! Fan-out: worker threads, each with its own io_uring and its own clients, keep every
+//! client's position moving to the end of its log.
+//!
+//! One loop iteration = one `io_uring_enter` that submits the sends of *all* clients that have
+//! something to send and reaps completions, so the syscalls per loop do not grow with the
+//! number of clients. Per client, per batch, exactly one of:
+//! - **live path**: `SEND` (`MSG_DONTWAIT`) straight from the stream's tail ring — the bytes
+//!   the writer copied once for everyone; the kernel copies them into the socket;
+//! - **catch-up path**: a linked pair of `SPLICE`s, file → pooled pipe → socket, zero-copy from
+//!   the page cache, for clients whose position is older than the ring;
+//! - a control frame (pong, ping, close) from the client's own small buffer, only at a frame
+//!   boundary of the log stream.
+//!
+//! A client that cannot keep up just lags (the log is its buffer): its socket reports full,
+//! the worker arms a one-shot `POLLOUT` and forgets it until the kernel says it can take more.
+//! Wake-up: the writer writes to each worker's eventfd, whose read is always armed in the ring
+//! (no polling timer in the data path). A 1-second housekeeping timeout does pings, dead-peer
+//! detection and retention kicks.
+//!
+//! File descriptors: one per client (its socket) plus a fixed pipe pool per worker.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use crate::frame::{InboundDecoder, InboundMessage, Opcode};
+use crate::hub::{Counters, Hub, stored_payload_len};
+use crate::index::{COLLECTION_NONE, COLLECTION_UNKNOWN, EventPos};
+use crate::log::{NONE, Stream};
+use crate::shapes::Shape;
+use crate::subscription::{MAX_OPTIONS_UPDATE_BYTES, SubscriberOptions};
+
+/// Why 4096: enough SQEs to serve thousands of clients in one `io_uring_enter`; beyond that a
+/// loop simply submits more than once.
+const RING_ENTRIES: u32 = 4096;
+/// Completion queue size: at most two CQEs per SQE in flight plus multishot polls.
+const CQ_ENTRIES: u32 = 65536;
+/// Why 256 KiB: a far-behind client gets large batches (few SQEs per MB) while one send never
+/// monopolizes a socket buffer's worth of the ring.
+const MAX_SEND: usize = 256 * 1024;
+/// Pipes per worker for the splice path (2 fds each). Why 32: catch-up clients take turns on
+/// them; enough to keep the page cache → socket path busy without costing fds per client.
+const PIPES_PER_WORKER: usize = 32;
+/// Pipe capacity (F_SETPIPE_SZ): one splice moves at most this much.
+const PIPE_BYTES: usize = 256 * 1024;
+/// Housekeeping period: pings, dead peers, retention kicks, `worker_low` refresh.
+const TICK: Duration = Duration::from_secs(1);
+/// A kicked or shutting-down client gets this long to drain its current range and read its
+/// close frame before the socket is simply closed.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// After our FIN, how long the peer gets to close its side before the socket is closed.
+const FIN_GRACE: Duration = Duration::from_secs(2);
+/// Inbound bytes read per readable event (the per-worker scratch buffer).
+const RECV_CHUNK: usize = 16 * 1024;
+/// Events a filtered client may examine per loop before yielding to others.
+const WALK_BUDGET: usize = 8192;
+
+// user_data layout: [slot: 32 | generation: 24 | op: 8]
+const OP_SEND: u64 = 1;
+const OP_SPLICE_IN: u64 = 2;
+const OP_SPLICE_OUT: u64 = 3;
+const OP_POLLOUT: u64 = 4;
+const OP_POLLIN: u64 = 5;
+const OP_CANCEL: u64 = 6;
+const OP_CTRL: u64 = 7;
+const WORKER_EVENTFD: u64 = 0xF0;
+const WORKER_TICK: u64 = 0xF1;
+
+fn user_data(slot: u32, generation: u32, op: u64) -> u64 {
+    ((slot as u64) << 32) | (((generation & 0xFF_FFFF) as u64) << 8) | op
+}
+
+/// A client handed over by the listener after a successful upgrade.
+pub struct NewClient {
+    /// The connected socket (non-blocking).
+    pub fd: OwnedFd,
+    /// Real client address (from PROXY v2 when behind the sidecar).
+    pub peer: SocketAddr,
+    /// zstd binary frames instead of text frames.
+    pub compressed: bool,
+    /// Filters from the query string.
+    pub options: SubscriberOptions,
+    /// Where its stream starts (from `cursor`, or live).
+    pub start: EventPos,
+    /// Hold everything until the first `options_update`.
+    pub require_hello: bool,
+    /// The address this client is counted under in the per-IP limits (released on leave).
+    pub counted_ip: Option<std::net::IpAddr>,
+}
+
+enum Command {
+    Attach(Box<NewClient>),
+}
+
+/// The listener's handle on one worker.
+pub struct WorkerHandle {
+    /// Channel for new clients.
+    tx: Sender<Command>,
+    /// Eventfd the writer and the listener write to.
+    wake: Arc<Waker>,
+    /// Clients currently owned (for least-loaded placement and metrics).
+    pub clients: Arc<AtomicU64>,
+    /// Thread handle, joined at shutdown.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// All workers.
+pub struct Fanout {
+    /// One per thread.
+    workers: Vec<WorkerHandle>,
+}
+
+impl Fanout {
+    /// Starts `n` workers.
+    pub fn start(hub: Arc<Hub>, n: usize, ping_interval: Duration) -> std::io::Result<Fanout> {
+        let mut workers = Vec::with_capacity(n);
+        for id in 0..n {
+            let (tx, rx) = channel();
+            let wake = Arc::new(Waker::new()?);
+            let clients = Arc::new(AtomicU64::new(0));
+            let mut worker = Worker::new(id, hub.clone(), rx, wake.clone(), clients.clone(), ping_interval)?;
+            let thread = std::thread::Builder::new()
+                .name(format!("fanout-{id}"))
+                .spawn(move || {
+                    if let Err(e) = worker.run() {
+                        tracing::error!(worker = id, error = %e, "fan-out worker failed");
+                    }
+                })?;
+            workers.push(WorkerHandle {
+                tx,
+                wake,
+                clients,
+                thread: Some(thread),
+            });
+        }
+        Ok(Fanout { workers })
+    }
+
+    /// Hands a client to the least-loaded worker.
+    pub fn attach(&self, client: NewClient) {
+        let Some(w) = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.clients.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        w.clients.fetch_add(1, Ordering::Relaxed);
+        if w.tx.send(Command::Attach(Box::new(client))).is_ok() {
+            // Not coalesced: a new client must be picked up even while data wake-ups pend.
+            let _ = rustix::io::write(&w.wake.fd, &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Eventfds to write after publishing new data.
+    pub fn wakers(&self) -> Vec<Arc<Waker>> {
+        self.workers.iter().map(|w| w.wake.clone()).collect()
+    }
+
+    /// Clients per worker.
+    pub fn clients_per_worker(&self) -> Vec<u64> {
+        self.workers
+            .iter()
+            .map(|w| w.clients.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits for every worker to finish closing its clients (after `hub.shutdown` is set).
+    pub fn join(&mut self) {
+        for w in &self.workers {
+            let _ = rustix::io::write(&w.wake.fd, &1u64.to_ne_bytes());
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// A worker's wake-up: an eventfd plus a flag that coalesces wake-ups the worker has not
+/// consumed yet, so a busy writer does not pay a syscall per event per worker.
+pub struct Waker {
+    /// The eventfd whose read is armed in the worker's ring.
+    fd: OwnedFd,
+    /// Set by `wake`, cleared by the worker when the read completes.
+    pending: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> std::io::Result<Waker> {
+        Ok(Waker {
+            fd: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?,
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    /// Wakes the worker unless a wake-up is already pending. SeqCst pairs with the worker's
+    /// clear-then-read-ends, so a publish is never missed.
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::SeqCst) {
+            let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+        }
+    }
+
+    fn consumed(&self) {
+        self.pending.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Where a client's bytes come from.
+enum Source {
+    /// Every frame of a stream, contiguously (no filter).
+    Contiguous,
+    /// Frames of the base stream that pass a filter, found by walking the index.
+    Filtered(Box<Walker>),
+}
+
+/// A filtered client's walk over the event index.
+struct Walker {
+    /// The next event to examine.
+    next: EventPos,
+    /// Filters.
+    options: SubscriberOptions,
+    /// `did_hash` of each wanted DID, sorted (a hash match is confirmed on the JSON).
+    did_hashes: Vec<u32>,
+    /// Per collection id: 0 = not yet evaluated, 1 = allowed, 2 = refused.
+    collection_verdicts: Vec<u8>,
+}
+
+/// Why a client is being closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CloseWhy {
+    /// It asked (close frame) or went away.
+    Peer,
+    /// It fell behind retention.
+    Retention,
+    /// It stopped answering pings.
+    Dead,
+    /// It broke the protocol or sent invalid options.
+    Protocol,
+    /// The relay is shutting down.
+    Shutdown,
+}
+
+/// Pending control bytes (a pong, ping or close frame), sent only at a frame boundary.
+struct Ctrl {
+    /// Complete frame(s).
+    bytes: Vec<u8>,
+    /// Sent so far.
+    sent: usize,
+}
+
+struct Client {
+    /// The socket.
+    fd: OwnedFd,
+    /// Peer address for logs.
+    peer: SocketAddr,
+    /// Per-IP limit slot to release when the client leaves.
+    counted_ip: Option<std::net::IpAddr>,
+    /// Generation of this slot, so late CQEs for a previous occupant are ignored.
+    generation: u32,
+    /// zstd client?
+    compressed: bool,
+    /// The log it reads: a base log, or its shape's log.
+    stream: Arc<Stream>,
+    /// The shape it belongs to (reading it, or walking the base log towards it).
+    shape: Option<Arc<Shape>>,
+    /// Where the bytes come from.
+    source: Source,
+    /// Next log byte to hand to the socket.
+    pos: u64,
+    /// End of the current range; always a frame boundary. `pos == boundary` ⇒ between frames.
+    boundary: u64,
+    /// SQEs in flight for this client (it may only be freed at 0).
+    inflight: u32,
+    /// A send or splice is in flight (one data/ctrl op at a time).
+    busy: bool,
+    /// Waiting for POLLOUT.
+    blocked: bool,
+    /// Pipe index while bytes sit in a pooled pipe.
+    pipe: Option<usize>,
+    /// Bytes currently in that pipe.
+    pipe_fill: u32,
+    /// Pending control frame.
+    ctrl: Option<Box<Ctrl>>,
+    /// Queue for control frames that arrive while one is being sent.
+    ctrl_queue: Vec<Vec<u8>>,
+    /// Inbound frame decoder.
+    inbound: InboundDecoder,
+    /// Last time anything arrived from the client.
+    last_rx: Instant,
+    /// A ping was sent and not answered yet.
+    ping_outstanding: bool,
+    /// Nothing is sent until the first options_update.
+    hello_pending: bool,
+    /// New options to apply at the next frame boundary.
+    pending_options: Option<SubscriberOptions>,
+    /// Set once the client is being closed.
+    closing: Option<(CloseWhy, Instant)>,
+    /// The close frame was queued.
+    close_sent: bool,
+    /// The socket was shut down; waiting for in-flight ops before close(2).
+    shut: bool,
+    /// When our FIN went out after the close frame.
+    fin_at: Option<Instant>,
+    /// In the ready queue already.
+    queued: bool,
+}
+
+impl Client {
+    /// Lowest log offset this client may still read.
+    fn low_mark(&self) -> u64 {
+        if self.shut || (self.closing.is_some() && self.pos == self.boundary) {
+            return NONE;
+        }
+        match &self.source {
+            Source::Filtered(w) if self.pos == self.boundary => w.next.offset(self.compressed),
+            _ => self.pos,
+        }
+    }
+}
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+struct Worker {
+    id: usize,
+    hub: Arc<Hub>,
+    ring: IoUring,
+    rx: Receiver<Command>,
+    wake_fd: Arc<Waker>,
+    wake_buf: Box<[u8; 8]>,
+    tick_ts: Box<types::Timespec>,
+    client_count: Arc<AtomicU64>,
+    ping_interval: Duration,
+    slots: Vec<Option<Client>>,
+    free: Vec<u32>,
+    generations: Vec<u32>,
+    ready: VecDeque<u32>,
+    idle: Vec<u32>,
+    pipes: Vec<Pipe>,
+    free_pipes: Vec<usize>,
+    pipe_waiters: VecDeque<u32>,
+    scratch: Vec<u8>,
+    /// Rings pinned for this batch, with the lowest offset each may be sent from.
+    pinned: Vec<(Arc<Stream>, u64)>,
+    /// Streams this worker published a `worker_low` for at the last tick.
+    known_streams: Vec<Arc<Stream>>,
+    new_data: bool,
+}
+
+impl Worker {
+    fn new(
+        id: usize,
+        hub: Arc<Hub>,
+        rx: Receiver<Command>,
+        wake_fd: Arc<Waker>,
+        client_count: Arc<AtomicU64>,
+        ping_interval: Duration,
+    ) -> std::io::Result<Worker> {
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .setup_coop_taskrun()
+            .setup_submit_all()
+            .build(RING_ENTRIES)?;
+        let mut pipes = Vec::with_capacity(PIPES_PER_WORKER);
+        for _ in 0..PIPES_PER_WORKER {
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)?;
+            // Best effort: a smaller pipe only means smaller splice batches.
+            let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_BYTES);
+            pipes.push(Pipe { r, w });
+        }
+        Ok(Worker {
+            id,
+            hub,
+            ring,
+            rx,
+            wake_fd,
+            wake_buf: Box::new([0; 8]),
+            tick_ts: Box::new(types::Timespec::new().sec(TICK.as_secs())),
+            client_count,
+            ping_interval,
+            slots: Vec::new(),
+            free: Vec::new(),
+            generations: Vec::new(),
+            ready: VecDeque::new(),
+            idle: Vec::new(),
+            free_pipes: (0..PIPES_PER_WORKER).rev().collect(),
+            pipes,
+            pipe_waiters: VecDeque::new(),
+            scratch: vec![0; RECV_CHUNK],
+            pinned: Vec::new(),
+            known_streams: Vec::new(),
+            new_data: false,
+        })
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        // SAFETY: every pointer in the SQEs built by this worker stays valid until the
+        // completion: ring bytes are pinned until submit returns (MSG_DONTWAIT sends complete
+        // inline), control buffers and the eventfd/timeout buffers are boxed and owned by the
+        // worker or the client, which is only freed once `inflight` drops to zero.
+        unsafe {
+            while self.ring.submission().push(&sqe).is_err() {
+                let _ = self.ring.submit();
+            }
+        }
+    }
+
+    fn unpin_all(&mut self) {
+        for (st, _) in self.pinned.drain(..) {
+            st.unpin_ring(self.id);
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let fd = self.wake_fd.fd.as_raw_fd();
+        let sqe = opcode::Read::new(types::Fd(fd), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WORKER_EVENTFD);
+        self.push(sqe);
+    }
+
+    fn arm_tick(&mut self) {
+        let ts: *const types::Timespec = &*self.tick_ts;
+        self.push(opcode::Timeout::new(ts).build().user_data(WORKER_TICK));
+    }
+
+    fn run(&mut self) -> std::io::Result<()> {
+        self.arm_wake();
+        self.arm_tick();
+        let mut last_tick = Instant::now();
+        let mut shutdown_started: Option<Instant> = None;
+        loop {
+            self.take_commands();
+            if self.hub.shutting_down() && shutdown_started.is_none() {
+                shutdown_started = Some(Instant::now());
+                for slot in 0..self.slots.len() as u32 {
+                    self.begin_close(slot, CloseWhy::Shutdown);
+                }
+            }
+            if let Some(t) = shutdown_started
+                && (self.live_clients() == 0 || t.elapsed() > CLOSE_GRACE)
+            {
+                return Ok(());
+            }
+            if self.new_data {
+                self.new_data = false;
+                let idle = std::mem::take(&mut self.idle);
+                for slot in idle {
+                    self.enqueue(slot);
+                }
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.housekeeping();
+            }
+            let ring_sends = self.build_batch();
+            Counters::add(&self.hub.counters.ring_loops, 1);
+            if ring_sends {
+                self.ring.submit()?;
+                self.unpin_all();
+                if self.ring.completion().is_empty() {
+                    self.submit_and_wait()?;
+                }
+            } else {
+                self.submit_and_wait()?;
+            }
+            self.reap();
+        }
+    }
+
+    fn submit_and_wait(&mut self) -> std::io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn live_clients(&self) -> usize {
+        self.slots.iter().filter(|c| c.is_some()).count()
+    }
+
+    fn take_commands(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Command::Attach(c)) => self.attach(*c),
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn attach(&mut self, nc: NewClient) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.generations.push(0);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let generation = self.generations[slot as usize];
+        let point = attach_point(&self.hub, nc.compressed, nc.options, nc.start);
+        let admitted = point.stream.register_reader(self.id, point.pos);
+        let client = Client {
+            fd: nc.fd,
+            peer: nc.peer,
+            counted_ip: nc.counted_ip,
+            generation,
+            compressed: nc.compressed,
+            stream: point.stream,
+            shape: point.shape,
+            source: point.source,
+            pos: point.pos,
+            boundary: point.pos,
+            inflight: 0,
+            busy: false,
+            blocked: false,
+            pipe: None,
+            pipe_fill: 0,
+            ctrl: None,
+            ctrl_queue: Vec::new(),
+            inbound: InboundDecoder::new(MAX_OPTIONS_UPDATE_BYTES),
+            last_rx: Instant::now(),
+            ping_outstanding: false,
+            hello_pending: nc.require_hello,
+            pending_options: None,
+            closing: None,
+            close_sent: false,
+            shut: false,
+            fin_at: None,
+            queued: false,
+        };
+        tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
+        let fd = client.fd.as_raw_fd();
+        self.slots[slot as usize] = Some(client);
+        Counters::add(&self.hub.counters.clients, 1);
+        self.arm_pollin(slot, fd);
+        if !admitted {
+            self.begin_close(slot, CloseWhy::Retention);
+        }
+        self.enqueue(slot);
+    }
+
+    fn arm_pollin(&mut self, slot: u32, fd: RawFd) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        c.inflight += 1;
+        let ud = user_data(slot, c.generation, OP_POLLIN);
+        let sqe = opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
+            .multi(true)
+            .build()
+            .user_data(ud);
+        self.push(sqe);
+    }
+
+    fn enqueue(&mut self, slot: u32) {
+        if let Some(c) = self.slots[slot as usize].as_mut()
+            && !c.queued
+        {
+            c.queued = true;
+            self.ready.push_back(slot);
+        }
+    }
+
+    /// Builds this loop's SQEs. Returns whether any send reads the tail rings (then the caller
+    /// must unpin after submitting).
+    fn build_batch(&mut self) -> bool {
+        let mut ring_sends = false;
+        let n = self.ready.len();
+        for _ in 0..n {
+            let Some(slot) = self.ready.pop_front() else { break };
+            if let Some(c) = self.slots[slot as usize].as_mut() {
+                c.queued = false;
+            }
+            ring_sends |= self.serve(slot);
+        }
+        if !ring_sends {
+            self.unpin_all();
+        }
+        ring_sends
+    }
+
+    /// Decides and queues the next operation for one client. Returns true for a ring send.
+    fn serve(&mut self, slot: u32) -> bool {
+        let hub = self.hub.clone();
+        let Some(c) = self.slots[slot as usize].as_mut() else { return false };
+        if c.busy || c.blocked || c.shut {
+            return false;
+        }
+        // Residual bytes in a pipe go first (they are mid-range).
+        if let Some(p) = c.pipe {
+            let (ud, fd, pr, len) = (user_data(slot, c.generation, OP_SPLICE_OUT), c.fd.as_raw_fd(), self.pipes[p].r.as_raw_fd(), c.pipe_fill);
+            c.busy = true;
+            c.inflight += 1;
+            self.push(splice_out(pr, fd, len, ud));
+            return false;
+        }
+        let at_boundary = c.pos == c.boundary;
+        if at_boundary {
+            // Options change only between frames.
+            if let Some(opts) = c.pending_options.take() {
+                apply_options(&hub, self.id, c, opts);
+            }
+            if let Some(ctrl) = c.ctrl.as_ref().filter(|x| x.sent < x.bytes.len()) {
+                let ptr = ctrl.bytes[ctrl.sent..].as_ptr();
+                let len = (ctrl.bytes.len() - ctrl.sent) as u32;
+                let ud = user_data(slot, c.generation, OP_CTRL);
+                let fd = c.fd.as_raw_fd();
+                c.busy = true;
+                c.inflight += 1;
+                self.push(send(fd, ptr, len, ud));
+                return false;
+            }
+            if let Some(next) = c.ctrl_queue.pop() {
+                c.ctrl = Some(Box::new(Ctrl { bytes: next, sent: 0 }));
+                c.queued = true;
+                self.ready.push_back(slot);
+                return false;
+            }
+            if c.closing.is_some() {
+                if !c.close_sent {
+                    return false;
+                }
+                // Close frame delivered: send FIN and wait (briefly) for the peer's EOF, so that
+                // our close frame is not destroyed by a reset.
+                if c.fin_at.is_none() {
+                    let _ = rustix::net::shutdown(&c.fd, rustix::net::Shutdown::Write);
+                    c.fin_at = Some(Instant::now());
+                }
+                return false;
+            }
+            if c.hello_pending {
+                return false;
+            }
+            // A walker that reached its shape's start switches to the shape's log.
+            switch_to_shape(self.id, c);
+            // Extend the range to what is now available.
+            let end = c.stream.end();
+            match &mut c.source {
+                Source::Contiguous => c.boundary = end,
+                Source::Filtered(w) => {
+                    let index = hub.index();
+                    if let Some((from, to)) = w.next_run(&index, hub.plain.file(), c.compressed, c.shape.as_ref().map(|s| s.start_seq)) {
+                        c.pos = from;
+                        c.boundary = to;
+                    }
+                    if w.next.seq < index.next_seq() && c.pos == c.boundary {
+                        // Budget exhausted without a match: continue next loop.
+                        drop(index);
+                        c.queued = true;
+                        self.ready.push_back(slot);
+                        return false;
+                    }
+                }
+            }
+            if c.pos == c.boundary {
+                self.idle.push(slot);
+                return false;
+            }
+        }
+        // Data: ring if the bytes are still there, else splice through a pooled pipe.
+        let stream = c.stream.clone();
+        let ring_low = pin(&mut self.pinned, &stream, self.id);
+        let fd = c.fd.as_raw_fd();
+        if c.pos >= ring_low {
+            let (ptr, len) = stream.ring_span(c.pos, c.boundary, MAX_SEND);
+            let ud = user_data(slot, c.generation, OP_SEND);
+            c.busy = true;
+            c.inflight += 1;
+            self.push(send(fd, ptr, len as u32, ud));
+            return true;
+        }
+        let Some(p) = self.free_pipes.pop() else {
+            self.pipe_waiters.push_back(slot);
+            return false;
+        };
+        let len = (c.boundary - c.pos).min(PIPE_BYTES as u64) as u32;
+        c.pipe = Some(p);
+        c.busy = true;
+        c.inflight += 2;
+        let gen_ = c.generation;
+        let off = c.pos as i64;
+        let pw = self.pipes[p].w.as_raw_fd();
+        let pr = self.pipes[p].r.as_raw_fd();
+        let file_fd = stream.raw_fd();
+        let sin = opcode::Splice::new(types::Fd(file_fd), off, types::Fd(pw), -1, len)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(slot, gen_, OP_SPLICE_IN));
+        self.push(sin);
+        self.push(splice_out(pr, fd, len, user_data(slot, gen_, OP_SPLICE_OUT)));
+        false
+    }
+
+    fn reap(&mut self) {
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::new();
+        for cqe in self.ring.completion() {
+            cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+        Counters::add(&self.hub.counters.sqes, cqes.len() as u64);
+        for (ud, res, flags) in cqes {
+            match ud {
+                WORKER_EVENTFD => {
+                    self.wake_fd.consumed();
+                    self.new_data = true;
+                    self.arm_wake();
+                    continue;
+                }
+                WORKER_TICK => {
+                    self.arm_tick();
+                    continue;
+                }
+                _ => {}
+            }
+            let slot = (ud >> 32) as u32;
+            let generation = ((ud >> 8) & 0xFF_FFFF) as u32;
+            let op = ud & 0xFF;
+            let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { continue };
+            if c.generation & 0xFF_FFFF != generation {
+                continue;
+            }
+            let final_cqe = !(op == OP_POLLIN && cqueue::more(flags));
+            if final_cqe {
+                c.inflight = c.inflight.saturating_sub(1);
+            }
+            match op {
+                OP_SEND => self.on_send(slot, res),
+                OP_CTRL => self.on_ctrl(slot, res),
+                OP_SPLICE_IN => self.on_splice_in(slot, res),
+                OP_SPLICE_OUT => self.on_splice_out(slot, res),
+                OP_POLLOUT => {
+                    if let Some(c) = self.slots[slot as usize].as_mut() {
+                        c.blocked = false;
+                    }
+                    self.enqueue(slot);
+                }
+                OP_POLLIN => {
+                    if res >= 0 {
+                        self.on_readable(slot);
+                    }
+                    if final_cqe {
+                        let fd = self.slots[slot as usize].as_ref().filter(|c| !c.shut).map(|c| c.fd.as_raw_fd());
+                        if let Some(fd) = fd {
+                            self.arm_pollin(slot, fd);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            self.maybe_free(slot);
+        }
+    }
+
+    fn on_send(&mut self, slot: u32, res: i32) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        c.busy = false;
+        if res > 0 {
+            c.pos += res as u64;
+            Counters::add(&self.hub.counters.bytes_sent, res as u64);
+            self.enqueue(slot);
+        } else if res == -libc::EAGAIN {
+            self.block(slot);
+        } else {
+            self.fail(slot, res);
+        }
+    }
+
+    fn on_ctrl(&mut self, slot: u32, res: i32) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        c.busy = false;
+        if res > 0 {
+            if let Some(ctrl) = c.ctrl.as_mut() {
+                ctrl.sent += res as usize;
+                if ctrl.sent >= ctrl.bytes.len() {
+                    c.ctrl = None;
+                }
+            }
+            self.enqueue(slot);
+        } else if res == -libc::EAGAIN {
+            self.block(slot);
+        } else {
+            self.fail(slot, res);
+        }
+    }
+
+    fn on_splice_in(&mut self, slot: u32, res: i32) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        if res > 0 {
+            c.pipe_fill += res as u32;
+        } else if res < 0 {
+            Counters::add(&self.hub.counters.splice_errors, 1);
+            tracing::warn!(peer = %c.peer, error = res, "splice from log failed");
+            self.fail(slot, res);
+        }
+    }
+
+    fn on_splice_out(&mut self, slot: u32, res: i32) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        c.busy = false;
+        if res > 0 {
+            c.pos += res as u64;
+            c.pipe_fill = c.pipe_fill.saturating_sub(res as u32);
+            Counters::add(&self.hub.counters.bytes_sent, res as u64);
+        }
+        if c.pipe_fill == 0 {
+            self.release_pipe(slot);
+        }
+        match res {
+            r if r >= 0 => self.enqueue(slot),
+            r if r == -libc::EAGAIN || r == -libc::ECANCELED => self.block(slot),
+            r => {
+                Counters::add(&self.hub.counters.splice_errors, 1);
+                self.fail(slot, r)
+            }
+        }
+    }
+
+    fn release_pipe(&mut self, slot: u32) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        if let Some(p) = c.pipe.take() {
+            if c.pipe_fill != 0 {
+                // Drop residue a closing client never took: recreate the pipe empty.
+                c.pipe_fill = 0;
+                if let Ok((r, w)) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK) {
+                    let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_BYTES);
+                    self.pipes[p] = Pipe { r, w };
+                }
+            }
+            self.free_pipes.push(p);
+            if let Some(waiter) = self.pipe_waiters.pop_front() {
+                self.enqueue(waiter);
+            }
+        }
+    }
+
+    fn block(&mut self, slot: u32) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        if c.shut {
+            return;
+        }
+        c.blocked = true;
+        c.inflight += 1;
+        let ud = user_data(slot, c.generation, OP_POLLOUT);
+        let sqe = opcode::PollAdd::new(types::Fd(c.fd.as_raw_fd()), libc::POLLOUT as u32)
+            .build()
+            .user_data(ud);
+        self.push(sqe);
+    }
+
+    fn fail(&mut self, slot: u32, res: i32) {
+        if let Some(c) = self.slots[slot as usize].as_ref() {
+            tracing::debug!(peer = %c.peer, error = res, "client socket error");
+        }
+        self.begin_close(slot, CloseWhy::Peer);
+        self.shutdown_client(slot);
+    }
+
+    fn on_readable(&mut self, slot: u32) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut messages = Vec::new();
+        let mut violation = None;
+        let mut eof = false;
+        if let Some(c) = self.slots[slot as usize].as_mut() {
+            loop {
+                match rustix::net::recv(&c.fd, &mut scratch, rustix::net::RecvFlags::DONTWAIT) {
+                    Ok((0, _)) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok((n, _)) => {
+                        c.last_rx = Instant::now();
+                        c.ping_outstanding = false;
+                        let mut input = &scratch[..n];
+                        loop {
+                            match c.inbound.next_message(&mut input) {
+                                Ok(Some(m)) => messages.push(m),
+                                Ok(None) => break,
+                                Err(v) => {
+                                    violation = Some(v);
+                                    break;
+                                }
+                            }
+                        }
+                        if violation.is_some() || n < scratch.len() {
+                            break;
+                        }
+                    }
+                    Err(rustix::io::Errno::AGAIN) => break,
+                    Err(_) => {
+                        eof = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.scratch = scratch;
+        for m in messages {
+            self.on_message(slot, m);
+        }
+        if let Some(v) = violation {
+            self.close_with(slot, v.code, v.reason, CloseWhy::Protocol);
+        }
+        if eof {
+            self.begin_close(slot, CloseWhy::Peer);
+            self.shutdown_client(slot);
+        }
+    }
+
+    fn on_message(&mut self, slot: u32, m: InboundMessage) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        match m {
+            InboundMessage::Ping(_) if c.closing.is_some() => {}
+            InboundMessage::Ping(payload) => {
+                let mut f = Vec::with_capacity(payload.len() + 2);
+                crate::frame::encode_server_frame(Opcode::Pong, &payload, &mut f);
+                c.ctrl_queue.insert(0, f);
+                self.enqueue(slot);
+            }
+            InboundMessage::Pong(_) => {}
+            InboundMessage::Close { .. } => {
+                if c.closing.is_none() {
+                    c.closing = Some((CloseWhy::Peer, Instant::now()));
+                    queue_close(c, 1000, "");
+                }
+                self.enqueue(slot);
+            }
+            InboundMessage::Text(text) => {
+                match crate::subscription::parse_options_update(&text) {
+                    Ok(opts) => {
+                        c.pending_options = Some(opts);
+                        self.enqueue(slot);
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        self.close_with(slot, 1000, &reason, CloseWhy::Protocol);
+                    }
+                }
+            }
+            InboundMessage::Binary(_) => {}
+        }
+    }
+
+    /// Queues a close frame (sent at the next frame boundary) and marks the client closing.
+    fn close_with(&mut self, slot: u32, code: u16, reason: &str, why: CloseWhy) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        if c.closing.is_some() {
+            return;
+        }
+        c.closing = Some((why, Instant::now()));
+        match why {
+            CloseWhy::Retention => Counters::add(&self.hub.counters.kicked_retention, 1),
+            CloseWhy::Dead | CloseWhy::Protocol => Counters::add(&self.hub.counters.kicked_other, 1),
+            _ => {}
+        }
+        tracing::info!(peer = %c.peer, ?why, code, reason, "closing client");
+        queue_close(c, code, reason);
+        self.enqueue(slot);
+    }
+
+    fn begin_close(&mut self, slot: u32, why: CloseWhy) {
+        let (code, reason) = match why {
+            CloseWhy::Retention => (1008, "fell behind retention: reconnect with a newer cursor"),
+            CloseWhy::Dead => (1001, "no pong"),
+            CloseWhy::Shutdown => (1001, "relay shutting down"),
+            CloseWhy::Protocol => (1002, "protocol error"),
+            CloseWhy::Peer => (1000, ""),
+        };
+        self.close_with(slot, code, reason, why);
+    }
+
+    /// Shuts the socket down so every in-flight op completes; the slot is freed at 0 in flight.
+    fn shutdown_client(&mut self, slot: u32) {
+        let Some(c) = self.slots[slot as usize].as_mut() else { return };
+        if c.shut {
+            return;
+        }
+        c.shut = true;
+        let _ = rustix::net::shutdown(&c.fd, rustix::net::Shutdown::Both);
+        c.inflight += 1;
+        let ud = user_data(slot, c.generation, OP_CANCEL);
+        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(c.fd.as_raw_fd())).all())
+            .build()
+            .user_data(ud);
+        self.push(sqe);
+    }
+
+    fn maybe_free(&mut self, slot: u32) {
+        let done = matches!(self.slots[slot as usize].as_ref(), Some(c) if c.shut && c.inflight == 0);
+        if !done {
+            return;
+        }
+        self.release_pipe(slot);
+        if let Some(c) = self.slots[slot as usize].take() {
+            if let Some(ip) = c.counted_ip {
+                self.hub.limits.release(ip);
+            }
+            if let Some(shape) = &c.shape {
+                shape.remove_client();
+            }
+            tracing::info!(peer = %c.peer, why = ?c.closing.map(|x| x.0), sent = c.pos, "client disconnected");
+            drop(c);
+            self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
+            self.free.push(slot);
+            self.client_count.fetch_sub(1, Ordering::Relaxed);
+            self.hub.counters.clients.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Once a second: pings, dead peers, retention kicks, close deadlines, `worker_low`.
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let mut lows: Vec<(Arc<Stream>, u64)> = Vec::new();
+        for slot in 0..self.slots.len() as u32 {
+            let Some(c) = self.slots[slot as usize].as_mut() else { continue };
+            if let Some((_, since)) = c.closing {
+                let fin_expired = c.fin_at.is_some_and(|t| now.duration_since(t) > FIN_GRACE);
+                if (fin_expired || now.duration_since(since) > CLOSE_GRACE) && !c.shut {
+                    self.shutdown_client(slot);
+                    continue;
+                }
+            } else if c.low_mark() < c.stream.kick_below() {
+                self.begin_close(slot, CloseWhy::Retention);
+            } else if now.duration_since(c.last_rx) > self.ping_interval {
+                if c.ping_outstanding && now.duration_since(c.last_rx) > self.ping_interval * 2 {
+                    self.begin_close(slot, CloseWhy::Dead);
+                    self.shutdown_client(slot);
+                    continue;
+                }
+                if !c.ping_outstanding {
+                    c.ping_outstanding = true;
+                    let mut f = Vec::with_capacity(2);
+                    crate::frame::encode_server_frame(Opcode::Ping, b"", &mut f);
+                    c.ctrl_queue.insert(0, f);
+                    self.enqueue(slot);
+                }
+            }
+            if let Some(c) = self.slots[slot as usize].as_ref() {
+                let m = c.low_mark();
+                match lows.iter_mut().find(|(st, _)| Arc::ptr_eq(st, &c.stream)) {
+                    Some((_, low)) => *low = (*low).min(m),
+                    None => lows.push((c.stream.clone(), m)),
+                }
+            }
+        }
+        // Streams with no reader here any more get NONE, so retention is not held back.
+        for st in &self.known_streams {
+            if !lows.iter().any(|(s2, _)| Arc::ptr_eq(s2, st)) {
+                st.set_worker_low(self.id, NONE);
+            }
+        }
+        for (st, low) in &lows {
+            st.set_worker_low(self.id, *low);
+        }
+        self.known_streams = lows.into_iter().map(|(st, _)| st).collect();
+    }
+}
+
+fn queue_close(c: &mut Client, code: u16, reason: &str) {
+    let mut f = Vec::with_capacity(4 + reason.len());
+    crate::frame::encode_close(crate::frame::CloseCode(code), reason, &mut f);
+    c.ctrl_queue.insert(0, f);
+    c.close_sent = true;
+}
+
+/// Where a client with these options starts reading, from event position `start`.
+struct AttachPoint {
+    stream: Arc<Stream>,
+    shape: Option<Arc<Shape>>,
+    source: Source,
+    pos: u64,
+}
+
+fn attach_point(hub: &Hub, compressed: bool, options: SubscriberOptions, start: EventPos) -> AttachPoint {
+    let base = hub.base(compressed).clone();
+    let key = options.shape_key(compressed);
+    let unfiltered = options.wanted_dids.is_empty() && key.collections.is_empty() && key.max_message_size.is_none();
+    if unfiltered {
+        return AttachPoint { stream: base, shape: None, source: Source::Contiguous, pos: start.offset(compressed) };
+    }
+    let shape = if options.wanted_dids.is_empty() {
+        hub.shapes.get_or_create(&key, || hub.index().next_seq())
+    } else {
+        None
+    };
+    if let Some(shape) = &shape {
+        shape.add_client();
+        if start.seq >= shape.start_seq {
+            let end = shape.stream.end();
+            let pos = shape.table.read().unwrap_or_else(|p| p.into_inner()).offset_from_seq(start.seq, end);
+            return AttachPoint { stream: shape.stream.clone(), shape: Some(shape.clone()), source: Source::Contiguous, pos };
+        }
+    }
+    AttachPoint {
+        stream: base,
+        source: Source::Filtered(Box::new(Walker::new(start, options))),
+        shape,
+        pos: start.offset(compressed),
+    }
+}
+
+/// Moves a walking client onto its shape's log once the walk reaches the shape's start.
+fn switch_to_shape(worker: usize, c: &mut Client) {
+    let Source::Filtered(w) = &c.source else { return };
+    let Some(shape) = &c.shape else { return };
+    if w.next.seq < shape.start_seq {
+        return;
+    }
+    let end = shape.stream.end();
+    let pos = shape.table.read().unwrap_or_else(|p| p.into_inner()).offset_from_seq(w.next.seq, end);
+    c.stream = shape.stream.clone();
+    c.source = Source::Contiguous;
+    c.pos = pos;
+    c.boundary = pos;
+    if !c.stream.register_reader(worker, pos) && c.closing.is_none() {
+        // Being punched already: the housekeeping kick closes it.
+        tracing::debug!(peer = %c.peer, "switched onto a shape position under retention");
+    }
+}
+
+fn apply_options(hub: &Hub, worker: usize, c: &mut Client, opts: SubscriberOptions) {
+    c.hello_pending = false;
+    let next = {
+        let index = hub.index();
+        let seq = match (&c.source, &c.shape) {
+            (Source::Filtered(w), _) => w.next.seq,
+            (Source::Contiguous, Some(shape)) => shape
+                .table
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .seq_at_offset(c.pos, index.next_seq()),
+            (Source::Contiguous, None) => index
+                .seq_at_offset(c.pos, c.compressed)
+                .unwrap_or_else(|| index.next_seq()),
+        };
+        index.pos_of(seq)
+    };
+    if let Some(old) = c.shape.take() {
+        old.remove_client();
+    }
+    let point = attach_point(hub, c.compressed, opts, next);
+    c.stream = point.stream;
+    c.shape = point.shape;
+    c.source = point.source;
+    c.pos = point.pos;
+    c.boundary = point.pos;
+    c.stream.register_reader(worker, c.pos);
+}
+
+/// Pins `stream`'s ring for this batch (once) and returns the lowest ring-servable offset.
+fn pin(pinned: &mut Vec<(Arc<Stream>, u64)>, stream: &Arc<Stream>, worker: usize) -> u64 {
+    if let Some((_, low)) = pinned.iter().find(|(s, _)| Arc::ptr_eq(s, stream)) {
+        return *low;
+    }
+    let low = stream.pin_ring(worker);
+    pinned.push((stream.clone(), low));
+    low
+}
+
+fn send(fd: RawFd, ptr: *const u8, len: u32, ud: u64) -> squeue::Entry {
+    opcode::Send::new(types::Fd(fd), ptr, len)
+        .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(ud)
+}
+
+fn splice_out(pipe_r: RawFd, sock: RawFd, len: u32, ud: u64) -> squeue::Entry {
+    opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(sock), -1, len)
+        .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+        .build()
+        .user_data(ud)
+}
+
+impl Walker {
+    fn new(next: EventPos, options: SubscriberOptions) -> Walker {
+        let mut did_hashes: Vec<u32> = options.wanted_dids.iter().map(|d| crate::event::did_hash(d)).collect();
+        did_hashes.sort_unstable();
+        Walker {
+            next,
+            options,
+            did_hashes,
+            collection_verdicts: Vec::new(),
+        }
+    }
+
+    /// Finds the next run of consecutive matching frames from `self.next`, within the walk
+    /// budget. Returns its byte range in the client's base log and advances past it.
+    fn next_run(
+        &mut self,
+        index: &crate::index::EventIndex,
+        plain: &std::fs::File,
+        compressed: bool,
+        stop_at: Option<u64>,
+    ) -> Option<(u64, u64)> {
+        if self.next.seq < index.start_pos().seq {
+            // Retention passed us while idle; the housekeeping kick handles it.
+            return None;
+        }
+        let mut run: Option<(u64, u64)> = None;
+        let mut next = self.next;
+        let mut walked_past_run = false;
+        index.walk(self.next, WALK_BUDGET, |pos, e| {
+            if stop_at.is_some_and(|s| pos.seq >= s) {
+                return false;
+            }
+            let ok = self.matches(index, plain, pos, e, compressed);
+            let end = pos.offset(compressed) + e.frame_len(compressed);
+            match (&mut run, ok) {
+                (None, true) => run = Some((pos.offset(compressed), end)),
+                (Some(r), true) if (end - r.0) as usize <= MAX_SEND => r.1 = end,
+                (Some(_), _) => {
+                    walked_past_run = true;
+                    return false;
+                }
+                (None, false) => {}
+            }
+            next = EventPos {
+                seq: pos.seq + 1,
+                plain_off: pos.plain_off + e.plain_len as u64,
+                zstd_off: pos.zstd_off + e.zstd_len as u64,
+            };
+            true
+        });
+        let _ = walked_past_run;
+        self.next = next;
+        run
+    }
+
+    fn matches(
+        &mut self,
+        index: &crate::index::EventIndex,
+        plain: &std::fs::File,
+        pos: EventPos,
+        e: &crate::index::EventEntry,
+        compressed: bool,
+    ) -> bool {
+        let o = &self.options;
+        if let Some(max) = o.max_message_size
+            && stored_payload_len(e.frame_len(compressed)) > max as u64
+        {
+            return false;
+        }
+        if !o.wanted_collections.is_empty() {
+            let verdict = match e.collection {
+                COLLECTION_NONE => true,
+                COLLECTION_UNKNOWN => {
+                    let json = read_payload(plain, pos.plain_off, e.plain_len);
+                    let meta = json.as_deref().and_then(|j| crate::event::parse_event(j).ok());
+                    meta.is_some_and(|m| o.collection_allowed(m.kind, m.collection.as_deref()))
+                }
+                id => {
+                    let i = id as usize;
+                    if self.collection_verdicts.len() <= i {
+                        self.collection_verdicts.resize(i + 1, 0);
+                    }
+                    if self.collection_verdicts[i] == 0 {
+                        let allowed = o.collection_allowed(e.kind(), index.collections.name(id));
+                        self.collection_verdicts[i] = if allowed { 1 } else { 2 };
+                    }
+                    self.collection_verdicts[i] == 1
+                }
+            };
+            if !verdict {
+                return false;
+            }
+        }
+        if !o.wanted_dids.is_empty() {
+            if self.did_hashes.binary_search(&e.did_hash).is_err() {
+                return false;
+            }
+            // Confirm on the JSON: a 32-bit hash can collide.
+            let json = read_payload(plain, pos.plain_off, e.plain_len);
+            let meta = json.as_deref().and_then(|j| crate::event::parse_event(j).ok());
+            return meta.is_some_and(|m| o.did_allowed(&m.did));
+        }
+        true
+    }
+}
+
+fn read_payload(plain: &std::fs::File, off: u64, len: u32) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(plain, &mut buf, off).ok()?;
+    let h = crate::hub::stored_header_len(&buf);
+    Some(buf.split_off(h.min(buf.len())))
+}
+
+/// Creates a non-blocking socket fd from an accepted std stream.
+pub fn into_owned_fd(stream: std::net::TcpStream) -> OwnedFd {
+    OwnedFd::from(stream)
+}
+
+#[allow(dead_code)]
+fn raw_to_owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: only used for fds this process just received and owns exclusively.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+#[allow(dead_code)]
+fn fd_of(f: &impl AsFd) -> RawFd {
+    f.as_fd().as_raw_fd()
+}

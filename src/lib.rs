@@ -16,3 +16,6 @@ pub mod mock;
 pub mod swarm;
 pub mod tls;
 pub mod relay;
+pub mod hub;
+pub mod limits;
+pub mod shapes;

@@ -1,1 +1,415 @@
-//! TODO
+//! The listener: one thread, one epoll, every listening socket and every handshake in progress.
+//!
+//! It accepts connections, reads HTTP request heads under a deadline and a size cap, answers
+//! plain routes and refusals itself (with a one-line reason), and hands each successful
+//! WebSocket upgrade to a fan-out worker with its resolved start position. No thread per
+//! connection, so a flood of slow or half-open connections costs memory, not threads.
+//!
+//! On the trusted listener (for the TLS sidecar) every connection must start with a PROXY v2
+//! header carrying the real client address; on the public listener such a header is refused.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::event::epoll;
+
+use crate::config::{ListenAddr, Settings};
+use crate::fanout::{Fanout, NewClient};
+use crate::handshake::{self, HttpError, ParseStatus};
+use crate::hub::{Counters, Hub};
+use crate::limits::Admission;
+use crate::proxy_protocol::{self, ProxyParse};
+use crate::subscription;
+
+/// Why: a cap on handshakes in progress bounds the listener's memory (8 KiB each at most)
+/// and keeps a slowloris flood from starving real clients of the listener's attention.
+pub const MAX_HANDSHAKES: usize = 4096;
+
+/// What `GET /` answers.
+const ROOT_TEXT: &str = "jetrelay: a Jetstream relay. Connect a WebSocket to /subscribe \
+(Jetstream v1 parameters: wantedCollections, wantedDids, cursor, compress, \
+maxMessageSizeBytes, requireHello).\n";
+
+/// A bound listening socket.
+pub enum Bound {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix stream socket (its path is removed on drop by the owner).
+    Unix(UnixListener),
+}
+
+impl Bound {
+    /// Binds `addr` non-blocking; a stale Unix socket file is replaced.
+    pub fn bind(addr: &ListenAddr) -> std::io::Result<Bound> {
+        let b = match addr {
+            ListenAddr::Tcp(a) => Bound::Tcp(TcpListener::bind(a)?),
+            ListenAddr::Unix(p) => {
+                if p.exists() {
+                    std::fs::remove_file(p)?;
+                }
+                let l = UnixListener::bind(p)?;
+                // The sidecar runs as another user in the same group.
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660));
+                Bound::Unix(l)
+            }
+        };
+        match &b {
+            Bound::Tcp(l) => l.set_nonblocking(true)?,
+            Bound::Unix(l) => l.set_nonblocking(true)?,
+        }
+        Ok(b)
+    }
+
+    /// The bound TCP address, if TCP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Unix(_) => None,
+        }
+    }
+
+    fn accept(&self) -> std::io::Result<(OwnedFd, Option<SocketAddr>)> {
+        match self {
+            Bound::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                s.set_nonblocking(true)?;
+                let _ = s.set_nodelay(true);
+                Ok((OwnedFd::from(s), Some(peer)))
+            }
+            Bound::Unix(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(true)?;
+                Ok((OwnedFd::from(s), None))
+            }
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Bound::Tcp(l) => l.as_fd(),
+            Bound::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+/// One connection that has not finished its handshake.
+struct Pending {
+    /// The socket.
+    fd: OwnedFd,
+    /// Real client address once known (TCP peer, or from the PROXY header).
+    peer: Option<SocketAddr>,
+    /// Arrived on the trusted listener: a PROXY v2 header must come first.
+    trusted: bool,
+    /// The PROXY header was consumed (trusted listener only).
+    proxy_done: bool,
+    /// Bytes read so far (at most `MAX_REQUEST_BYTES` + the PROXY header).
+    buf: Vec<u8>,
+    /// Deadline for the whole handshake.
+    deadline: Instant,
+    /// Counted against the per-IP limits (released on failure).
+    admitted_ip: Option<IpAddr>,
+}
+
+/// Listener thread state.
+pub struct Listener {
+    /// Shared state (cursor lookups, counters, shutdown flag).
+    hub: Arc<Hub>,
+    /// Where upgraded clients go.
+    fanout: Arc<Fanout>,
+    /// Public and (optionally) trusted listeners: (socket, trusted?).
+    listeners: Vec<(Bound, bool)>,
+    /// Handshake deadline.
+    handshake_timeout: Duration,
+}
+
+const LISTENER_TOKEN_BASE: u64 = 1 << 40;
+
+impl Listener {
+    /// Builds a listener over already-bound sockets.
+    pub fn new(
+        hub: Arc<Hub>,
+        fanout: Arc<Fanout>,
+        listeners: Vec<(Bound, bool)>,
+        settings: &Settings,
+    ) -> Listener {
+        Listener {
+            hub,
+            fanout,
+            listeners,
+            handshake_timeout: settings.handshake_timeout,
+        }
+    }
+
+    /// Runs until the hub's shutdown flag is set.
+    pub fn run(self) -> std::io::Result<()> {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        for (i, (l, _)) in self.listeners.iter().enumerate() {
+            epoll::add(
+                &ep,
+                l.fd(),
+                epoll::EventData::new_u64(LISTENER_TOKEN_BASE + i as u64),
+                epoll::EventFlags::IN,
+            )?;
+        }
+        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        let mut next_token: u64 = 1;
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        while !self.hub.shutting_down() {
+            let now = Instant::now();
+            let next_deadline = pending.values().map(|p| p.deadline).min();
+            // Why 500 ms at most: the shutdown flag is checked at least that often.
+            let timeout = next_deadline
+                .map_or(Duration::from_millis(500), |d| d.saturating_duration_since(now))
+                .min(Duration::from_millis(500));
+            events.clear();
+            let ts = rustix::time::Timespec {
+                tv_sec: timeout.as_secs() as i64,
+                tv_nsec: timeout.subsec_nanos() as i64,
+            };
+            match epoll::wait(&ep, rustix::buffer::spare_capacity(&mut events), Some(&ts)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            for ev in events.iter().copied() {
+                let token = ev.data.u64();
+                if token >= LISTENER_TOKEN_BASE {
+                    let i = (token - LISTENER_TOKEN_BASE) as usize;
+                    self.accept_all(i, &ep, &mut pending, &mut next_token);
+                } else if let Some(mut p) = pending.remove(&token) {
+                    match self.progress(&mut p) {
+                        Progress::Again => {
+                            pending.insert(token, p);
+                        }
+                        Progress::Done => {}
+                    }
+                }
+            }
+            // Expire handshakes past their deadline (slowloris).
+            let now = Instant::now();
+            let expired: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for t in expired {
+                if let Some(p) = pending.remove(&t) {
+                    self.refuse(p, HttpError::new(408, "handshake timed out"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn accept_all(
+        &self,
+        i: usize,
+        ep: &OwnedFd,
+        pending: &mut HashMap<u64, Pending>,
+        next_token: &mut u64,
+    ) {
+        let (listener, trusted) = &self.listeners[i];
+        loop {
+            let (fd, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE and friends: log and stop for this round rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            };
+            if pending.len() >= MAX_HANDSHAKES {
+                Counters::add(&self.hub.counters.handshakes_refused, 1);
+                let _ = write_all_nb(&fd, &HttpError::new(503, "too many handshakes in progress").to_response());
+                continue;
+            }
+            let token = *next_token;
+            *next_token += 1;
+            let p = Pending {
+                fd,
+                peer,
+                trusted: *trusted,
+                proxy_done: false,
+                buf: Vec::new(),
+                deadline: Instant::now() + self.handshake_timeout,
+                admitted_ip: None,
+            };
+            if epoll::add(
+                ep,
+                &p.fd,
+                epoll::EventData::new_u64(token),
+                epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+            )
+            .is_ok()
+            {
+                pending.insert(token, p);
+            }
+        }
+    }
+
+    fn progress(&self, p: &mut Pending) -> Progress {
+        // Read what is there.
+        let limit = handshake::MAX_REQUEST_BYTES + proxy_protocol::MAX_V2_HEADER_LEN;
+        let mut tmp = [0u8; 4096];
+        loop {
+            let room = (limit + 1).saturating_sub(p.buf.len()).min(tmp.len());
+            if room == 0 {
+                break;
+            }
+            match rustix::io::read(&p.fd, &mut tmp[..room]) {
+                Ok(0) => return self.drop_silently(p),
+                Ok(n) => {
+                    p.buf.extend_from_slice(&tmp[..n]);
+                    if n < room {
+                        break;
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return self.drop_silently(p),
+            }
+        }
+        // PROXY header first on the trusted listener; never on the public one.
+        if p.trusted && !p.proxy_done {
+            match proxy_protocol::parse_v2(&p.buf) {
+                Ok(ProxyParse::Incomplete) => return Progress::Again,
+                Ok(ProxyParse::Complete { source, consumed }) => {
+                    p.proxy_done = true;
+                    // LOCAL (health checks): the sidecar itself.
+                    p.peer = Some(source.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)));
+                    p.buf.drain(..consumed);
+                }
+                Err(e) => {
+                    return self.refuse_ref(p, HttpError::new(400, format!("trusted listener requires a PROXY v2 header: {e}")));
+                }
+            }
+        } else if !p.trusted && proxy_protocol::looks_like_proxy(&p.buf) {
+            return self.refuse_ref(p, HttpError::new(400, "PROXY protocol header not accepted on this listener"));
+        }
+        if p.admitted_ip.is_none()
+            && let Some(peer) = p.peer
+        {
+            match self.hub.limits.admit(peer.ip()) {
+                Admission::Ok => p.admitted_ip = Some(peer.ip()),
+                Admission::Refused(err) => {
+                    Counters::add(&self.hub.counters.handshakes_refused, 1);
+                    return self.refuse_ref(p, err);
+                }
+            }
+        }
+        let status = match handshake::parse_request(&p.buf) {
+            Ok(s) => s,
+            Err(e) => return self.refuse_ref(p, e),
+        };
+        let request = match status {
+            ParseStatus::Incomplete => return Progress::Again,
+            ParseStatus::Complete { request, .. } => request,
+        };
+        match (request.method, request.path) {
+            ("GET", "/") => {
+                let body = handshake::simple_response(200, "text/plain; charset=utf-8", ROOT_TEXT.as_bytes());
+                let _ = write_all_nb(&p.fd, &body);
+                self.release(p);
+                Progress::Done
+            }
+            (_, "/subscribe") => {
+                let key = match handshake::validate_upgrade(&request) {
+                    Ok(k) => k.to_owned(),
+                    Err(e) => return self.refuse_ref(p, e),
+                };
+                let pairs = match handshake::query_pairs(request.query) {
+                    Ok(v) => v,
+                    Err(e) => return self.refuse_ref(p, e),
+                };
+                let encodings: Vec<&str> = request.header_values("Socket-Encoding").collect();
+                let params = match subscription::parse_subscribe(&pairs, &encodings) {
+                    Ok(x) => x,
+                    Err(e) => return self.refuse_ref(p, HttpError::new(400, e.to_string())),
+                };
+                let start = self.hub.resolve_cursor(params.cursor);
+                let response = handshake::accept_response(&key, &[]);
+                if write_all_nb(&p.fd, &response).is_err() {
+                    return self.drop_silently(p);
+                }
+                let Some(fd) = p.fd.try_clone().ok() else {
+                    return self.drop_silently(p);
+                };
+                let peer = p.peer.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+                tracing::info!(%peer, cursor = ?params.cursor, compress = params.compress,
+                    collections = params.options.wanted_collections.len(),
+                    dids = params.options.wanted_dids.len(), "client connected");
+                Counters::add(&self.hub.counters.clients_accepted, 1);
+                self.fanout.attach(NewClient {
+                    fd,
+                    peer,
+                    compressed: params.compress,
+                    options: params.options,
+                    start,
+                    require_hello: params.require_hello,
+                    counted_ip: p.admitted_ip.take(),
+                });
+                Progress::Done
+            }
+            ("GET", _) => self.refuse_ref(p, HttpError::new(404, format!("no such path: {}", request.path))),
+            (_, _) => self.refuse_ref(
+                p,
+                HttpError::new(405, "method not allowed").with_header("Allow", "GET".into()),
+            ),
+        }
+    }
+
+    fn release(&self, p: &mut Pending) {
+        if let Some(ip) = p.admitted_ip.take() {
+            self.hub.limits.release(ip);
+        }
+    }
+
+    fn drop_silently(&self, p: &mut Pending) -> Progress {
+        self.release(p);
+        Progress::Done
+    }
+
+    fn refuse_ref(&self, p: &mut Pending, err: HttpError) -> Progress {
+        Counters::add(&self.hub.counters.handshakes_refused, 1);
+        tracing::info!(peer = ?p.peer, status = err.status, reason = %err.reason, "handshake refused");
+        let _ = write_all_nb(&p.fd, &err.to_response());
+        self.release(p);
+        Progress::Done
+    }
+
+    fn refuse(&self, mut p: Pending, err: HttpError) {
+        self.refuse_ref(&mut p, err);
+    }
+}
+
+enum Progress {
+    /// Keep waiting for bytes.
+    Again,
+    /// Finished (handed over, answered or dropped).
+    Done,
+}
+
+/// Best-effort write of a short response on a non-blocking socket (a fresh socket's send
+/// buffer always has room for a response head; a peer that does not read gets 100 ms).
+fn write_all_nb(fd: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let mut off = 0;
+    while off < bytes.len() {
+        match rustix::io::write(fd, &bytes[off..]) {
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::AGAIN) if Instant::now() < deadline => {
+                std::thread::yield_now()
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,1435 @@
-//! TODO
+//! The upstream follower: keeps one WebSocket subscription to an upstream Jetstream alive and
+//! hands every new event to the relay's writer, exactly once and in upstream order.
+//!
+//! It runs on its own thread with blocking sockets (no async runtime). Each connection is a
+//! *session*; when one ends (close frame, error, stall, oversized frame) the follower waits an
+//! exponentially growing, jittered delay and connects to the next configured URL in turn,
+//! resuming with `cursor = max appended time_us − rewind`. The rewound overlap is removed by
+//! dedup keys ([`crate::event::EventMeta::dedup_key`]), which identify an event across upstream
+//! instances even though each instance stamps its own `time_us`.
+//!
+//! The decisions (resume cursor, dedup window, backoff, message classification) are plain
+//! state, unit-tested without sockets; the I/O around them is thin.
+//!
+//! Limitations worth knowing:
+//! - DNS resolution is blocking and not bounded by `connect_timeout` (the system resolver's own
+//!   timeouts apply); TCP connect, TLS and the WebSocket handshake are bounded and interruptible.
+//! - A frame larger than [`MAX_UPSTREAM_MESSAGE_BYTES`] makes tungstenite fail the connection
+//!   (it cannot skip a frame it refused to buffer). The follower counts it as skipped
+//!   ([`SkipReason::TooLarge`]) and reconnects; an upstream that replays the same giant frame
+//!   after every reconnect would keep the follower in backoff. Messages between
+//!   [`MAX_EVENT_BYTES`] and that limit are read and skipped without dropping the connection.
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tracing::{debug, info, warn};
+use tungstenite::client::IntoClientRequest as _;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+use crate::event::{EventError, EventMeta, MAX_EVENT_BYTES, parse_event};
+
+/// Why: messages up to this size are read whole and skipped as too large without dropping the
+/// connection; anything larger cannot be a Jetstream event and is refused by the WebSocket
+/// reader before it is buffered.
+pub const MAX_UPSTREAM_MESSAGE_BYTES: usize = 16 * MAX_EVENT_BYTES;
+
+/// Why: the longest the follower goes without checking the stop flag (socket read timeout and
+/// sleep slice).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why: bounds memory of the dedup window even if upstream time_us jump around (16 bytes in
+/// the FIFO + ~16 in the set per key: ≤ ~32 MB).
+pub const MAX_DEDUP_KEYS: usize = 1_000_000;
+
+/// Why: keys are kept this long beyond the rewind window, to absorb `time_us` skew between
+/// upstream instances when failing over (each instance stamps events with its own clock).
+pub const DEDUP_MARGIN: Duration = Duration::from_secs(30);
+
+/// Why: a session that appended events for this long proves the upstream healthy, so the next
+/// reconnect starts again from the minimum backoff.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// Why: a blocked write (ping, pong, close) must not hang the follower; the peer is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why: at most one warning per skip reason in this interval, so a broken upstream cannot
+/// flood the logs; suppressed occurrences are counted in the next warning.
+const SKIP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Default rewind on reconnect (the relay's `--rewind` default).
+pub const DEFAULT_REWIND: Duration = Duration::from_secs(5);
+/// Default bound on TCP connect + TLS + WebSocket handshake.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default silence before reconnecting; a ping is sent after half of it.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default first reconnect delay.
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Default ceiling of the reconnect delay.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How to follow the upstream(s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Subscribe URLs (`ws://` or `wss://`, typically `…/subscribe`), tried in turn on failure.
+    pub urls: Vec<String>,
+    /// How far before the last appended `time_us` a reconnect resumes, so that events delivered
+    /// out of `time_us` order around the disconnect are not lost.
+    pub rewind: Duration,
+    /// Bound on TCP connect + TLS + WebSocket handshake.
+    pub connect_timeout: Duration,
+    /// No frame at all for this long → reconnect (a ping is sent after half of it).
+    pub stall_timeout: Duration,
+    /// Smallest reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl UpstreamConfig {
+    /// A configuration with the default timings.
+    pub fn new(urls: Vec<String>) -> Self {
+        Self {
+            urls,
+            rewind: DEFAULT_REWIND,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+}
+
+/// Receives what the follower reads.
+pub trait EventSink {
+    /// Called once per accepted (valid, not duplicate) event, in upstream order. Returning Err
+    /// stops the follower.
+    fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()>;
+    /// A message that was not appended. Logged by the follower (rate-limited), counted by the
+    /// sink.
+    fn skipped(&mut self, reason: SkipReason, detail: &str);
+    /// Connection lifecycle, for metrics and health.
+    fn connection(&mut self, state: ConnectionState);
+}
+
+/// Why an upstream message was not appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// Not UTF-8, not JSON, not an object, or a duplicated indexed field.
+    InvalidJson,
+    /// A required field is absent or has the wrong type.
+    MissingField,
+    /// Longer than [`MAX_EVENT_BYTES`].
+    TooLarge,
+    /// A binary WebSocket message (the follower subscribes uncompressed).
+    Binary,
+    /// Already appended (overlap after a reconnect or failover).
+    Duplicate,
+    /// `kind` is not commit, identity or account.
+    UnknownKind,
+}
+
+impl SkipReason {
+    /// Stable lower-case name, for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::InvalidJson => "invalid_json",
+            SkipReason::MissingField => "missing_field",
+            SkipReason::TooLarge => "too_large",
+            SkipReason::Binary => "binary",
+            SkipReason::Duplicate => "duplicate",
+            SkipReason::UnknownKind => "unknown_kind",
+        }
+    }
+
+    /// All reasons, for pre-registering metrics.
+    pub const ALL: [SkipReason; 6] = [
+        SkipReason::InvalidJson,
+        SkipReason::MissingField,
+        SkipReason::TooLarge,
+        SkipReason::Binary,
+        SkipReason::Duplicate,
+        SkipReason::UnknownKind,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<&EventError> for SkipReason {
+    fn from(e: &EventError) -> Self {
+        match e {
+            EventError::TooLarge(_) => SkipReason::TooLarge,
+            EventError::InvalidJson(_) => SkipReason::InvalidJson,
+            EventError::MissingField(_) | EventError::InvalidField(_) => SkipReason::MissingField,
+            EventError::UnknownKind(_) => SkipReason::UnknownKind,
+        }
+    }
+}
+
+/// Connection lifecycle reported to the sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// The WebSocket handshake with `url` (including any cursor) succeeded.
+    Connected {
+        /// The exact URL connected to.
+        url: String,
+    },
+    /// A session ended, or a connection attempt failed.
+    Disconnected {
+        /// The URL of the session or attempt.
+        url: String,
+        /// Human-readable cause.
+        reason: String,
+    },
+    /// About to wait `delay` before reconnect attempt number `attempt` (1-based, consecutive).
+    Reconnecting {
+        /// Consecutive reconnects without a healthy session in between.
+        attempt: u32,
+        /// The jittered delay about to be waited.
+        delay: Duration,
+    },
+}
+
+/// Returns `base` with its `cursor` query parameter set to `cursor` (replacing any existing
+/// one), or `base` unchanged when there is no cursor. Any `#fragment` is dropped (RFC 6455
+/// forbids fragments in WebSocket URIs).
+pub fn subscribe_url(base: &str, cursor: Option<i64>) -> String {
+    let Some(cursor) = cursor else {
+        return base.to_owned();
+    };
+    let without_fragment = base.split_once('#').map_or(base, |(url, _)| url);
+    let (path, query) = without_fragment
+        .split_once('?')
+        .unwrap_or((without_fragment, ""));
+    let mut url = String::with_capacity(base.len() + 32);
+    url.push_str(path);
+    let mut separator = '?';
+    for param in query.split('&') {
+        let key = param.split_once('=').map_or(param, |(k, _)| k);
+        if param.is_empty() || key == "cursor" {
+            continue;
+        }
+        url.push(separator);
+        url.push_str(param);
+        separator = '&';
+    }
+    url.push(separator);
+    url.push_str("cursor=");
+    url.push_str(&cursor.to_string());
+    url
+}
+
+/// Keys of recently appended events, to drop the overlap a rewound reconnect replays.
+///
+/// A FIFO in append order plus a set; pruned by `time_us` to the rewind window plus
+/// [`DEDUP_MARGIN`] behind the newest appended event, and capped at a fixed count. `time_us`
+/// is nearly monotonic, so pruning from the front by time is close to exact; an event with an
+/// outlying time simply lives until it reaches the front.
+#[derive(Debug)]
+struct DedupWindow {
+    /// Membership test for the keys in `order`.
+    keys: HashSet<u64>,
+    /// `(time_us, key)` in append order, for pruning.
+    order: VecDeque<(i64, u64)>,
+    /// Keys whose time is older than newest − this are forgotten.
+    window_us: i64,
+    /// Hard cap on remembered keys.
+    capacity: usize,
+}
+
+impl DedupWindow {
+    fn new(window: Duration, capacity: usize) -> Self {
+        Self {
+            keys: HashSet::new(),
+            order: VecDeque::new(),
+            window_us: duration_us(window),
+            capacity,
+        }
+    }
+
+    /// Records `key` unless it is already known; returns whether it was new.
+    fn insert(&mut self, key: u64, time_us: i64) -> bool {
+        if !self.keys.insert(key) {
+            return false;
+        }
+        self.order.push_back((time_us, key));
+        while self.order.len() > self.capacity {
+            self.pop_front();
+        }
+        true
+    }
+
+    /// Forgets keys older than the window behind `newest_time_us`.
+    fn prune(&mut self, newest_time_us: i64) {
+        let cutoff = newest_time_us.saturating_sub(self.window_us);
+        while self.order.front().is_some_and(|&(t, _)| t < cutoff) {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, key)) = self.order.pop_front() {
+            self.keys.remove(&key);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+fn duration_us(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Exponential backoff with full jitter: attempt `n` (0-based) waits a uniform delay in
+/// `[min, min(max, min·2ⁿ)]`.
+#[derive(Debug)]
+struct Backoff {
+    /// Smallest delay.
+    min: Duration,
+    /// Largest delay.
+    max: Duration,
+    /// Consecutive failures so far.
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    fn next_delay(&mut self, rng: &mut fastrand::Rng) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let span = ceiling.saturating_sub(self.min);
+        let span_ns = u64::try_from(span.as_nanos()).unwrap_or(u64::MAX);
+        self.min + Duration::from_nanos(rng.u64(0..=span_ns))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Rate-limits skip warnings per reason.
+#[derive(Debug, Default)]
+struct SkipLog {
+    /// Per reason: when the last warning was logged, and how many were suppressed since.
+    last: [Option<(Instant, u64)>; SkipReason::ALL.len()],
+}
+
+impl SkipLog {
+    fn record(&mut self, reason: SkipReason, detail: &str) {
+        if reason == SkipReason::Duplicate {
+            // Expected after every reconnect: not worth a warning.
+            debug!(detail, "skipped duplicate upstream event");
+            return;
+        }
+        let now = Instant::now();
+        let slot = &mut self.last[reason.index()];
+        match slot {
+            Some((at, suppressed)) if now.duration_since(*at) < SKIP_LOG_INTERVAL => {
+                *suppressed += 1;
+            }
+            _ => {
+                let suppressed = slot.map_or(0, |(_, s)| s);
+                warn!(
+                    reason = reason.as_str(),
+                    detail,
+                    suppressed_since_last_warning = suppressed,
+                    "skipped upstream message"
+                );
+                *slot = Some((now, 0));
+            }
+        }
+    }
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// The stop flag was raised.
+    Stopped,
+    /// The sink failed; the follower stops with this error.
+    SinkFailed(anyhow::Error),
+    /// The connection is gone; reconnect.
+    Lost(String),
+}
+
+type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// Follows the upstream(s) and feeds a sink. See the module documentation.
+pub struct Follower {
+    /// Where and how to connect.
+    config: UpstreamConfig,
+    /// Highest `time_us` appended so far: the resume point.
+    last_time_us: Option<i64>,
+    /// Recently appended keys, to drop replayed overlap.
+    dedup: DedupWindow,
+    /// Reconnect delay state.
+    backoff: Backoff,
+    /// Jitter source.
+    rng: fastrand::Rng,
+    /// Index into `config.urls` of the next URL to try.
+    next_url: usize,
+    /// TLS client configuration, built on the first `wss://` connect.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Largest WebSocket message read whole (overridable in tests).
+    max_message_bytes: usize,
+    /// Rate limiter for skip warnings.
+    skip_log: SkipLog,
+}
+
+impl Follower {
+    /// A follower with no resume point: the first connection is live (no cursor).
+    pub fn new(config: UpstreamConfig) -> Self {
+        let window = config.rewind.saturating_add(DEDUP_MARGIN);
+        let backoff = Backoff::new(config.backoff_min, config.backoff_max);
+        Self {
+            config,
+            last_time_us: None,
+            dedup: DedupWindow::new(window, MAX_DEDUP_KEYS),
+            backoff,
+            rng: fastrand::Rng::new(),
+            next_url: 0,
+            tls: None,
+            max_message_bytes: MAX_UPSTREAM_MESSAGE_BYTES,
+            skip_log: SkipLog::default(),
+        }
+    }
+
+    /// Seeds the resume point and dedup memory after a relay restart: the last appended
+    /// time_us and the dedup keys of the events appended within the rewind window.
+    pub fn resume_from(
+        &mut self,
+        last_time_us: Option<i64>,
+        recent_keys: impl IntoIterator<Item = u64>,
+    ) {
+        self.last_time_us = match (self.last_time_us, last_time_us) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        // Without a time, the keys are pruned by the first append.
+        let time = self.last_time_us.unwrap_or(i64::MIN);
+        for key in recent_keys {
+            self.dedup.insert(key, time);
+        }
+    }
+
+    /// The highest `time_us` appended so far (or seeded by [`Follower::resume_from`]).
+    pub fn last_time_us(&self) -> Option<i64> {
+        self.last_time_us
+    }
+
+    /// The cursor the next connection will ask for.
+    ///
+    /// `time_us` is not monotonic: an event can arrive after one stamped later. Every event
+    /// not yet received when the connection dropped follows the last received one in upstream
+    /// order, so its `time_us` is at least (max received − reordering skew). Resuming `rewind`
+    /// before the maximum therefore replays everything missed as long as the skew (hundreds of
+    /// ms in practice) and the clock difference between upstream instances stay below
+    /// `rewind`; what is replayed twice is dropped by the dedup window.
+    pub fn resume_cursor(&self) -> Option<i64> {
+        self.last_time_us
+            .map(|t| t.saturating_sub(duration_us(self.config.rewind)))
+    }
+
+    /// Runs until `stop` becomes true (checked at least every [`POLL_INTERVAL`]) or the sink
+    /// errors.
+    pub fn run(&mut self, sink: &mut dyn EventSink, stop: &AtomicBool) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.config.urls.is_empty(), "no upstream URL configured");
+        while !stop.load(Ordering::Relaxed) {
+            let base = &self.config.urls[self.next_url % self.config.urls.len()];
+            self.next_url = (self.next_url + 1) % self.config.urls.len();
+            let url = subscribe_url(base, self.resume_cursor());
+            let reason = match self.connect(&url, stop) {
+                Ok(mut socket) => {
+                    info!(url, "connected to upstream");
+                    sink.connection(ConnectionState::Connected { url: url.clone() });
+                    let started = Instant::now();
+                    let (end, appended) = self.session(&mut socket, sink, stop);
+                    if appended > 0 && started.elapsed() >= HEALTHY_SESSION {
+                        self.backoff.reset();
+                    }
+                    match end {
+                        SessionEnd::Stopped => {
+                            let _ = socket.close(None);
+                            return Ok(());
+                        }
+                        SessionEnd::SinkFailed(e) => {
+                            let _ = socket.close(None);
+                            return Err(e.context("event sink failed"));
+                        }
+                        SessionEnd::Lost(reason) => reason,
+                    }
+                }
+                Err(e) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    format!("{e:#}")
+                }
+            };
+            warn!(url, reason, "upstream connection lost");
+            sink.connection(ConnectionState::Disconnected { url, reason });
+            let delay = self.backoff.next_delay(&mut self.rng);
+            sink.connection(ConnectionState::Reconnecting {
+                attempt: self.backoff.attempt,
+                delay,
+            });
+            sleep_unless_stopped(delay, stop);
+        }
+        Ok(())
+    }
+
+    /// Classifies one text message and appends it if it is a new valid event.
+    fn ingest(&mut self, json: &[u8], sink: &mut dyn EventSink) -> anyhow::Result<bool> {
+        let meta = match parse_event(json) {
+            Ok(meta) => meta,
+            Err(e) => {
+                self.skip(sink, SkipReason::from(&e), &e.to_string());
+                return Ok(false);
+            }
+        };
+        if !self.dedup.insert(meta.dedup_key, meta.time_us) {
+            let detail = format!("{} {} time_us={}", meta.kind, meta.did, meta.time_us);
+            self.skip(sink, SkipReason::Duplicate, &detail);
+            return Ok(false);
+        }
+        sink.append(json, &meta)?;
+        let newest = self
+            .last_time_us
+            .map_or(meta.time_us, |t| t.max(meta.time_us));
+        self.last_time_us = Some(newest);
+        self.dedup.prune(newest);
+        Ok(true)
+    }
+
+    fn skip(&mut self, sink: &mut dyn EventSink, reason: SkipReason, detail: &str) {
+        self.skip_log.record(reason, detail);
+        sink.skipped(reason, detail);
+    }
+
+    /// Reads one connection until it ends; returns why, and how many events it appended.
+    fn session(
+        &mut self,
+        socket: &mut Socket,
+        sink: &mut dyn EventSink,
+        stop: &AtomicBool,
+    ) -> (SessionEnd, u64) {
+        let mut appended = 0u64;
+        let mut last_frame = Instant::now();
+        let mut pinged = false;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return (SessionEnd::Stopped, appended);
+            }
+            let message = match socket.read() {
+                Ok(m) => m,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let silent = last_frame.elapsed();
+                    if silent >= self.config.stall_timeout {
+                        let reason = format!("no frame for {silent:?} (stalled)");
+                        return (SessionEnd::Lost(reason), appended);
+                    }
+                    if !pinged && silent >= self.config.stall_timeout / 2 {
+                        pinged = true;
+                        if let Err(e) = socket.send(Message::Ping(Default::default()))
+                            && !is_timeout(&e)
+                        {
+                            return (SessionEnd::Lost(format!("ping failed: {e}")), appended);
+                        }
+                    }
+                    continue;
+                }
+                Err(tungstenite::Error::Capacity(e)) => {
+                    let detail = format!("{e}; reconnecting");
+                    self.skip(sink, SkipReason::TooLarge, &detail);
+                    return (SessionEnd::Lost(format!("oversized frame: {e}")), appended);
+                }
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return (SessionEnd::Lost("connection closed".to_owned()), appended);
+                }
+                Err(e) => return (SessionEnd::Lost(e.to_string()), appended),
+            };
+            last_frame = Instant::now();
+            pinged = false;
+            match message {
+                Message::Text(text) => match self.ingest(text.as_bytes(), sink) {
+                    Ok(true) => appended += 1,
+                    Ok(false) => {}
+                    Err(e) => return (SessionEnd::SinkFailed(e), appended),
+                },
+                Message::Binary(bytes) => {
+                    let detail = format!("{} byte binary message", bytes.len());
+                    self.skip(sink, SkipReason::Binary, &detail);
+                }
+                Message::Close(frame) => {
+                    // Let tungstenite send the close reply; the session is over either way.
+                    let _ = socket.flush();
+                    let reason = match frame {
+                        Some(f) => {
+                            format!("closed by upstream: {} {}", u16::from(f.code), f.reason)
+                        }
+                        None => "closed by upstream".to_owned(),
+                    };
+                    return (SessionEnd::Lost(reason), appended);
+                }
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    /// TCP connect, TLS for `wss://`, WebSocket handshake; all within `connect_timeout` and
+    /// abandoned within [`POLL_INTERVAL`] of `stop`.
+    fn connect(&mut self, url: &str, stop: &AtomicBool) -> anyhow::Result<Socket> {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let mut request = url.into_client_request().context("invalid upstream URL")?;
+        // Lets upstream operators tell relays apart from end clients.
+        request.headers_mut().insert(
+            tungstenite::http::header::USER_AGENT,
+            tungstenite::http::HeaderValue::from_static(concat!(
+                "jetrelay/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        );
+        let uri = request.uri();
+        let (tls, default_port) = match uri.scheme_str() {
+            Some("ws") => (false, 80),
+            Some("wss") => (true, 443),
+            _ => anyhow::bail!("unsupported URL scheme (expected ws:// or wss://)"),
+        };
+        let host = uri.host().context("URL has no host")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(default_port);
+        let addrs: Vec<SocketAddr> = (host, port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {host}"))?
+            .collect();
+        let stream = connect_any(&addrs, deadline, stop)?;
+        stream.set_nodelay(true)?;
+        // Short reads keep the stop flag and stall timer checked while upstream is silent.
+        stream.set_read_timeout(Some(POLL_INTERVAL))?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+
+        let connector = if tls {
+            tungstenite::Connector::Rustls(self.tls_config()?)
+        } else {
+            tungstenite::Connector::Plain
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes));
+        let mut attempt =
+            tungstenite::client_tls_with_config(request, stream, Some(config), Some(connector));
+        loop {
+            match attempt {
+                Ok((socket, _response)) => return Ok(socket),
+                Err(HandshakeError::Failure(e)) => {
+                    return Err(anyhow::Error::new(e).context("WebSocket handshake failed"));
+                }
+                Err(HandshakeError::Interrupted(mid)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        anyhow::bail!("stopping");
+                    }
+                    if Instant::now() >= deadline {
+                        anyhow::bail!(
+                            "handshake timed out after {:?}",
+                            self.config.connect_timeout
+                        );
+                    }
+                    attempt = mid.handshake();
+                }
+            }
+        }
+    }
+
+    fn tls_config(&mut self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        if let Some(config) = &self.tls {
+            return Ok(config.clone());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS configuration")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let config = Arc::new(config);
+        self.tls = Some(config.clone());
+        Ok(config)
+    }
+}
+
+fn is_timeout(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+}
+
+/// Sleeps `delay`, waking every [`POLL_INTERVAL`] to check `stop`.
+fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + delay;
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(POLL_INTERVAL));
+    }
+}
+
+/// Connects to the first reachable address before `deadline`.
+fn connect_any(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> anyhow::Result<TcpStream> {
+    let mut last_error = None;
+    for addr in addrs {
+        match connect_tcp(*addr, deadline, stop) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                last_error = Some(anyhow::Error::new(e).context(format!("connecting to {addr}")))
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("host resolved to no address")))
+}
+
+/// A non-blocking connect polled in [`POLL_INTERVAL`] slices, so that neither a black-holed
+/// address nor a stop request waits out a long timeout.
+fn connect_tcp(addr: SocketAddr, deadline: Instant, stop: &AtomicBool) -> io::Result<TcpStream> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, connect, socket_with, sockopt};
+
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    match connect(&fd, &addr) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::INPROGRESS) => loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "stopping"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            }
+            let slice = Timespec::try_from(left.min(POLL_INTERVAL))
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "poll timeout"))?;
+            let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
+            match poll(&mut fds, Some(&slice)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => break,
+                Err(e) => return Err(e.into()),
+            }
+        },
+        Err(e) => return Err(e.into()),
+    }
+    if let Err(e) = sockopt::socket_error(&fd)? {
+        return Err(e.into());
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+    use std::thread;
+    use tungstenite::handshake::server::{Request, Response};
+
+    const SAMPLE: &str = include_str!("../assets/jetstream-v1-sample.jsonl");
+
+    #[test]
+    fn cursor_is_added_or_replaced_in_the_query() {
+        let cases = [
+            ("ws://h/subscribe", Some(5), "ws://h/subscribe?cursor=5"),
+            ("ws://h/subscribe", None, "ws://h/subscribe"),
+            (
+                "ws://h/subscribe?cursor=9",
+                None,
+                "ws://h/subscribe?cursor=9",
+            ),
+            (
+                "wss://h:8443/subscribe?wantedCollections=app.bsky.feed.post",
+                Some(-7),
+                "wss://h:8443/subscribe?wantedCollections=app.bsky.feed.post&cursor=-7",
+            ),
+            (
+                "ws://h/subscribe?cursor=1&a=b&cursor=2",
+                Some(3),
+                "ws://h/subscribe?a=b&cursor=3",
+            ),
+            ("ws://h/subscribe?", Some(3), "ws://h/subscribe?cursor=3"),
+            (
+                "ws://h/subscribe?a=1&&b",
+                Some(3),
+                "ws://h/subscribe?a=1&b&cursor=3",
+            ),
+            (
+                "ws://h/subscribe?cursorx=1",
+                Some(3),
+                "ws://h/subscribe?cursorx=1&cursor=3",
+            ),
+            (
+                "ws://h/subscribe?cursor",
+                Some(3),
+                "ws://h/subscribe?cursor=3",
+            ),
+            ("ws://h/s#frag", Some(3), "ws://h/s?cursor=3"),
+        ];
+        for (base, cursor, want) in cases {
+            assert_eq!(subscribe_url(base, cursor), want, "{base} {cursor:?}");
+        }
+    }
+
+    #[test]
+    fn resume_cursor_is_max_time_minus_rewind() {
+        let mut config = UpstreamConfig::new(vec!["ws://h/subscribe".into()]);
+        config.rewind = Duration::from_secs(5);
+        let mut f = Follower::new(config);
+        assert_eq!(f.resume_cursor(), None);
+        f.resume_from(Some(10_000_000), []);
+        assert_eq!(f.resume_cursor(), Some(5_000_000));
+        // A seed older than what is known does not move the resume point back.
+        f.resume_from(Some(1), []);
+        assert_eq!(f.last_time_us(), Some(10_000_000));
+    }
+
+    #[test]
+    fn dedup_window_forgets_by_time_and_by_count() {
+        let mut w = DedupWindow::new(Duration::from_secs(1), 4);
+        assert!(w.insert(1, 0));
+        assert!(
+            !w.insert(1, 999),
+            "same key, other time_us: still a duplicate"
+        );
+        assert!(w.insert(2, 500_000));
+        assert!(w.insert(3, 1_200_000));
+        w.prune(1_200_000);
+        assert_eq!(w.len(), 2, "key 1 (t=0) is older than 1.2s − 1s");
+        assert!(w.insert(1, 1_300_000), "forgotten key is new again");
+        assert!(w.insert(4, 1_300_000));
+        assert!(w.insert(5, 1_300_000));
+        assert_eq!(w.len(), 4, "capped");
+        assert!(w.insert(2, 1_300_000), "oldest key evicted by the cap");
+        assert!(!w.insert(5, 1_300_000));
+    }
+
+    #[test]
+    fn duplicates_are_skipped_across_resume() {
+        struct Count(usize, usize);
+        impl EventSink for Count {
+            fn append(&mut self, _: &[u8], _: &EventMeta<'_>) -> anyhow::Result<()> {
+                self.0 += 1;
+                Ok(())
+            }
+            fn skipped(&mut self, reason: SkipReason, _: &str) {
+                assert_eq!(reason, SkipReason::Duplicate);
+                self.1 += 1;
+            }
+            fn connection(&mut self, _: ConnectionState) {}
+        }
+        let lines: Vec<&str> = SAMPLE.lines().collect();
+        let keys: Vec<u64> = lines[..10]
+            .iter()
+            .map(|l| parse_event(l.as_bytes()).unwrap().dedup_key)
+            .collect();
+        let max = lines[..10]
+            .iter()
+            .map(|l| parse_event(l.as_bytes()).unwrap().time_us)
+            .max();
+        let mut f = Follower::new(UpstreamConfig::new(vec!["ws://h".into()]));
+        f.resume_from(max, keys);
+        let mut sink = Count(0, 0);
+        for l in &lines {
+            f.ingest(l.as_bytes(), &mut sink).unwrap();
+        }
+        assert_eq!((sink.0, sink.1), (lines.len() - 10, 10));
+        let overall_max = lines
+            .iter()
+            .map(|l| parse_event(l.as_bytes()).unwrap().time_us)
+            .max();
+        assert_eq!(f.last_time_us(), overall_max);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_within_bounds_and_resets() {
+        let min = Duration::from_millis(250);
+        let max = Duration::from_secs(30);
+        let mut b = Backoff::new(min, max);
+        let mut rng = fastrand::Rng::with_seed(7);
+        assert_eq!(b.next_delay(&mut rng), min, "first attempt: ceiling == min");
+        let mut ceilings_hit_max = false;
+        for attempt in 1..200u32 {
+            let d = b.next_delay(&mut rng);
+            let ceiling = min
+                .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+                .min(max);
+            assert!(
+                d >= min && d <= ceiling,
+                "attempt {attempt}: {d:?} not in [{min:?}, {ceiling:?}]"
+            );
+            ceilings_hit_max |= ceiling == max;
+        }
+        assert!(ceilings_hit_max);
+        // Jitter actually spreads delays at the ceiling.
+        let spread: HashSet<u128> = (0..20)
+            .map(|_| b.next_delay(&mut rng).as_millis())
+            .collect();
+        assert!(spread.len() > 10, "{spread:?}");
+        b.reset();
+        assert_eq!(b.next_delay(&mut rng), min);
+        // Degenerate configuration: max below min behaves as a constant delay.
+        let mut c = Backoff::new(Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(c.next_delay(&mut rng), Duration::from_secs(2));
+        assert_eq!(c.next_delay(&mut rng), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn skip_reasons_map_event_errors() {
+        assert_eq!(
+            SkipReason::from(&EventError::TooLarge(1)),
+            SkipReason::TooLarge
+        );
+        assert_eq!(
+            SkipReason::from(&EventError::InvalidField("x")),
+            SkipReason::MissingField
+        );
+        assert_eq!(
+            SkipReason::from(&EventError::UnknownKind("x".into())),
+            SkipReason::UnknownKind
+        );
+        let names: HashSet<&str> = SkipReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), 6);
+    }
+
+    /// What the follower reported, shared with the test thread.
+    #[derive(Default)]
+    struct Record {
+        appended: Vec<String>,
+        skipped: Vec<SkipReason>,
+        states: Vec<ConnectionState>,
+    }
+
+    struct SharedSink(Arc<Mutex<Record>>);
+
+    impl EventSink for SharedSink {
+        fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
+            assert_eq!(parse_event(json).unwrap(), *meta);
+            self.0
+                .lock()
+                .unwrap()
+                .appended
+                .push(String::from_utf8(json.to_vec())?);
+            Ok(())
+        }
+        fn skipped(&mut self, reason: SkipReason, _: &str) {
+            self.0.lock().unwrap().skipped.push(reason);
+        }
+        fn connection(&mut self, state: ConnectionState) {
+            self.0.lock().unwrap().states.push(state);
+        }
+    }
+
+    fn test_config(url: String) -> UpstreamConfig {
+        UpstreamConfig {
+            urls: vec![url],
+            rewind: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+        }
+    }
+
+    /// Sample event `i` re-stamped with `time_us`.
+    fn event(i: usize, time_us: i64) -> String {
+        let line = SAMPLE.lines().nth(i).unwrap();
+        let old = parse_event(line.as_bytes()).unwrap().time_us;
+        line.replacen(
+            &format!("\"time_us\":{old}"),
+            &format!("\"time_us\":{time_us}"),
+            1,
+        )
+    }
+
+    /// Accepts one WebSocket on `listener`, recording the request URI.
+    // The callback's error type is tungstenite's, not ours to shrink.
+    #[allow(clippy::result_large_err)]
+    fn accept(listener: &TcpListener, uris: &Mutex<Vec<String>>) -> WebSocket<TcpStream> {
+        let (stream, _) = listener.accept().unwrap();
+        tungstenite::accept_hdr(stream, |req: &Request, resp: Response| {
+            assert_eq!(
+                req.headers()["user-agent"],
+                concat!("jetrelay/", env!("CARGO_PKG_VERSION"))
+            );
+            uris.lock().unwrap().push(req.uri().to_string());
+            Ok(resp)
+        })
+        .unwrap()
+    }
+
+    /// Waits (bounded) until `done` holds for the record.
+    fn wait_for(record: &Mutex<Record>, what: &str, done: impl Fn(&Record) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done(&record.lock().unwrap()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn spawn_follower(
+        follower: Follower,
+        record: &Arc<Mutex<Record>>,
+    ) -> (Arc<AtomicBool>, thread::JoinHandle<anyhow::Result<()>>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, record2) = (stop.clone(), record.clone());
+        let handle = thread::spawn(move || {
+            let mut follower = follower;
+            follower.run(&mut SharedSink(record2), &stop2)
+        });
+        (stop, handle)
+    }
+
+    #[test]
+    fn follows_reconnects_with_cursor_and_delivers_each_event_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "ws://{}/subscribe?wantedCollections=app.bsky.feed.like",
+            listener.local_addr().unwrap()
+        );
+        let t0: i64 = 1_783_175_888_000_000;
+        // Non-monotonic like real traffic: the max is the last one, 1.2 s after t0.
+        let times_ms = [0i64, 300, 900, 600, 1200, 1500, 1400];
+        let events: Vec<String> = times_ms
+            .iter()
+            .enumerate()
+            .map(|(i, ms)| event(i, t0 + ms * 1000))
+            .collect();
+        let uris = Arc::new(Mutex::new(Vec::new()));
+        let server = {
+            let (events, uris) = (events.clone(), uris.clone());
+            thread::spawn(move || {
+                let mut ws = accept(&listener, &uris);
+                for (i, e) in events[..5].iter().enumerate() {
+                    ws.send(Message::text(e.clone())).unwrap();
+                    match i {
+                        1 => ws.send(Message::text("{not json")).unwrap(),
+                        2 => ws
+                            .send(Message::binary(vec![0x28, 0xb5, 0x2f, 0xfd]))
+                            .unwrap(),
+                        3 => ws
+                            .send(Message::text(
+                                r#"{"did":"did:plc:a","kind":"identity","identity":{"seq":1}}"#,
+                            ))
+                            .unwrap(),
+                        4 => ws
+                            .send(Message::text(
+                                r#"{"did":"did:plc:a","time_us":1,"kind":"sync"}"#,
+                            ))
+                            .unwrap(),
+                        _ => {}
+                    }
+                }
+                // An over-MAX_EVENT_BYTES message is skipped without losing the connection.
+                let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(MAX_EVENT_BYTES));
+                ws.send(Message::text(big)).unwrap();
+                ws.close(None).unwrap();
+                // Drain until the client's close reply arrives.
+                while ws.read().is_ok() {}
+
+                // Reconnect: replay inclusively from the cursor, as Jetstream does.
+                let mut ws = accept(&listener, &uris);
+                let uri = uris.lock().unwrap()[1].clone();
+                let cursor: i64 = uri.rsplit_once("cursor=").unwrap().1.parse().unwrap();
+                for (e, ms) in events.iter().zip(times_ms) {
+                    if t0 + ms * 1000 >= cursor {
+                        ws.send(Message::text(e.clone())).unwrap();
+                    }
+                }
+                // Keep the connection open until the client goes away.
+                ws.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                while ws.read().is_ok() {}
+            })
+        };
+
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, follower) = spawn_follower(Follower::new(test_config(url.clone())), &record);
+        wait_for(&record, "all seven events", |r| {
+            r.appended.len() >= events.len()
+        });
+        stop.store(true, Ordering::Relaxed);
+        follower.join().unwrap().unwrap();
+        server.join().unwrap();
+
+        let r = record.lock().unwrap();
+        assert_eq!(
+            r.appended, events,
+            "each valid event exactly once, in upstream order"
+        );
+        let count = |reason| r.skipped.iter().filter(|&&s| s == reason).count();
+        assert_eq!(count(SkipReason::InvalidJson), 1);
+        assert_eq!(count(SkipReason::Binary), 1);
+        assert_eq!(count(SkipReason::MissingField), 1);
+        assert_eq!(count(SkipReason::UnknownKind), 1);
+        assert_eq!(count(SkipReason::TooLarge), 1);
+        // Cursor = 1.2 s − 1 s rewind = 0.2 s: events at 0.3, 0.9, 0.6 and 1.2 s come again.
+        assert_eq!(count(SkipReason::Duplicate), 4);
+
+        let uris = uris.lock().unwrap();
+        assert_eq!(
+            uris[0], "/subscribe?wantedCollections=app.bsky.feed.like",
+            "first connect is live"
+        );
+        assert_eq!(
+            uris[1],
+            format!(
+                "/subscribe?wantedCollections=app.bsky.feed.like&cursor={}",
+                t0 + 200_000
+            )
+        );
+        let connected = r
+            .states
+            .iter()
+            .filter(|s| matches!(s, ConnectionState::Connected { .. }))
+            .count();
+        assert_eq!(connected, 2);
+        assert!(r.states.iter().any(|s| matches!(
+            s,
+            ConnectionState::Disconnected { reason, .. } if reason.starts_with("closed by upstream")
+        )));
+        assert!(
+            r.states
+                .iter()
+                .any(|s| matches!(s, ConnectionState::Reconnecting { attempt: 1, .. }))
+        );
+    }
+
+    #[test]
+    fn silent_upstream_is_pinged_then_abandoned_and_stop_is_prompt() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/subscribe", listener.local_addr().unwrap());
+        let uris = Arc::new(Mutex::new(Vec::new()));
+        let server = {
+            let uris = uris.clone();
+            thread::spawn(move || {
+                // Never reads, so pings go unanswered: a black-holed upstream.
+                let first = accept(&listener, &uris);
+                let second = accept(&listener, &uris);
+                thread::sleep(Duration::from_millis(300));
+                drop((first, second));
+            })
+        };
+        let mut config = test_config(url);
+        config.stall_timeout = Duration::from_millis(600);
+        let record = Arc::new(Mutex::new(Record::default()));
+        let started = Instant::now();
+        let (stop, follower) = spawn_follower(Follower::new(config), &record);
+        wait_for(&record, "a reconnect after the stall", |r| {
+            r.states
+                .iter()
+                .filter(|s| matches!(s, ConnectionState::Connected { .. }))
+                .count()
+                == 2
+        });
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        assert!(record.lock().unwrap().states.iter().any(|s| matches!(
+            s,
+            ConnectionState::Disconnected { reason, .. } if reason.contains("stalled")
+        )));
+        let stopping = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        follower.join().unwrap().unwrap();
+        assert!(
+            stopping.elapsed() < Duration::from_secs(2),
+            "stop took {:?}",
+            stopping.elapsed()
+        );
+        server.join().unwrap();
+        assert_eq!(uris.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn frames_beyond_the_reader_limit_are_skipped_by_reconnecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/subscribe", listener.local_addr().unwrap());
+        let uris = Arc::new(Mutex::new(Vec::new()));
+        let first = event(0, 1_000_000_000);
+        let last = event(1, 1_000_500_000);
+        let server = {
+            let (uris, first, last) = (uris.clone(), first.clone(), last.clone());
+            thread::spawn(move || {
+                let mut ws = accept(&listener, &uris);
+                ws.send(Message::text(first)).unwrap();
+                ws.send(Message::text("y".repeat(64 * 1024))).unwrap();
+                let _ = ws.read();
+                let mut ws = accept(&listener, &uris);
+                ws.send(Message::text(last)).unwrap();
+                ws.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                while ws.read().is_ok() {}
+            })
+        };
+        let mut follower = Follower::new(test_config(url));
+        follower.max_message_bytes = 16 * 1024;
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, handle) = spawn_follower(follower, &record);
+        wait_for(&record, "the event after the oversized frame", |r| {
+            r.appended.len() == 2
+        });
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        server.join().unwrap();
+        let r = record.lock().unwrap();
+        assert_eq!(r.appended, vec![first, last]);
+        assert_eq!(r.skipped, vec![SkipReason::TooLarge]);
+        assert!(
+            uris.lock().unwrap()[1].ends_with("cursor=999000000"),
+            "{:?}",
+            uris.lock().unwrap()
+        );
+    }
+
+    #[test]
+    fn sink_errors_stop_the_follower() {
+        struct Failing;
+        impl EventSink for Failing {
+            fn append(&mut self, _: &[u8], _: &EventMeta<'_>) -> anyhow::Result<()> {
+                anyhow::bail!("disk full")
+            }
+            fn skipped(&mut self, _: SkipReason, _: &str) {}
+            fn connection(&mut self, _: ConnectionState) {}
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/subscribe", listener.local_addr().unwrap());
+        let uris = Arc::new(Mutex::new(Vec::new()));
+        let server = {
+            let uris = uris.clone();
+            thread::spawn(move || {
+                let mut ws = accept(&listener, &uris);
+                ws.send(Message::text(event(0, 1))).unwrap();
+                ws.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                while ws.read().is_ok() {}
+            })
+        };
+        let stop = AtomicBool::new(false);
+        let err = Follower::new(test_config(url))
+            .run(&mut Failing, &stop)
+            .unwrap_err();
+        assert_eq!(format!("{err:#}"), "event sink failed: disk full");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn unreachable_upstreams_fail_over_in_turn() {
+        // Two closed ports: every attempt fails; the follower alternates between them.
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let mut config = test_config(String::new());
+        config.urls = ports
+            .iter()
+            .map(|p| format!("ws://127.0.0.1:{p}/subscribe"))
+            .collect();
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, handle) = spawn_follower(Follower::new(config.clone()), &record);
+        wait_for(&record, "four failed attempts", |r| {
+            r.states
+                .iter()
+                .filter(|s| matches!(s, ConnectionState::Disconnected { .. }))
+                .count()
+                >= 4
+        });
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        let r = record.lock().unwrap();
+        let tried: Vec<&str> = r
+            .states
+            .iter()
+            .filter_map(|s| match s {
+                ConnectionState::Disconnected { url, .. } => Some(url.as_str()),
+                _ => None,
+            })
+            .take(4)
+            .collect();
+        assert_eq!(
+            tried,
+            [
+                &config.urls[0],
+                &config.urls[1],
+                &config.urls[0],
+                &config.urls[1]
+            ]
+        );
+        let attempts: Vec<u32> = r
+            .states
+            .iter()
+            .filter_map(|s| match s {
+                ConnectionState::Reconnecting { attempt, delay } => {
+                    assert!(*delay >= config.backoff_min && *delay <= config.backoff_max);
+                    Some(*attempt)
+                }
+                _ => None,
+            })
+            .take(3)
+            .collect();
+        assert_eq!(attempts, [1, 2, 3]);
+    }
+
+    #[test]
+    fn wss_upstream_survives_read_timeouts_inside_tls() {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert: CertificateDer<'static> = certified.cert.der().clone();
+        let key =
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
+        let server_config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.clone()], key)
+                .unwrap(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let events = [event(0, 10_000_000), event(1, 10_100_000)];
+        let server = {
+            let events = events.clone();
+            thread::spawn(move || {
+                let (tcp, _) = listener.accept().unwrap();
+                let tls = rustls::ServerConnection::new(server_config).unwrap();
+                let mut ws = tungstenite::accept(rustls::StreamOwned::new(tls, tcp)).unwrap();
+                for e in events {
+                    // Longer than POLL_INTERVAL: the client's TLS reads time out in between.
+                    thread::sleep(Duration::from_millis(450));
+                    ws.send(Message::text(e)).unwrap();
+                }
+                ws.get_mut()
+                    .sock
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                while ws.read().is_ok() {}
+            })
+        };
+        let mut follower = Follower::new(test_config(format!("wss://localhost:{port}/subscribe")));
+        follower.tls = Some(Arc::new(client_config));
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, handle) = spawn_follower(follower, &record);
+        wait_for(&record, "both events over TLS", |r| r.appended.len() == 2);
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        server.join().unwrap();
+        let r = record.lock().unwrap();
+        assert_eq!(r.appended, events);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        assert!(
+            r.states
+                .iter()
+                .all(|s| matches!(s, ConnectionState::Connected { .. })),
+            "{:?}",
+            r.states
+        );
+    }
+
+    #[test]
+    fn a_silent_handshake_times_out_and_is_retried() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/subscribe", listener.local_addr().unwrap());
+        let server = thread::spawn(move || {
+            // Accept TCP but never answer the upgrade request.
+            let held: Vec<TcpStream> = (0..2).map(|_| listener.accept().unwrap().0).collect();
+            thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        let mut config = test_config(url);
+        config.connect_timeout = Duration::from_millis(400);
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, handle) = spawn_follower(Follower::new(config), &record);
+        wait_for(&record, "a handshake timeout", |r| {
+            r.states.iter().any(|s| {
+                matches!(s, ConnectionState::Disconnected { reason, .. } if reason.contains("handshake timed out"))
+            })
+        });
+        server.join().unwrap();
+        let stopping = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        assert!(stopping.elapsed() < Duration::from_secs(2));
+        let r = record.lock().unwrap();
+        assert!(
+            !r.states
+                .iter()
+                .any(|s| matches!(s, ConnectionState::Connected { .. }))
+        );
+    }
+
+    #[test]
+    fn no_urls_is_an_error() {
+        let stop = AtomicBool::new(false);
+        let mut f = Follower::new(UpstreamConfig::new(Vec::new()));
+        struct Nothing;
+        impl EventSink for Nothing {
+            fn append(&mut self, _: &[u8], _: &EventMeta<'_>) -> anyhow::Result<()> {
+                Ok(())
+            }
+            fn skipped(&mut self, _: SkipReason, _: &str) {}
+            fn connection(&mut self, _: ConnectionState) {}
+        }
+        assert!(f.run(&mut Nothing, &stop).is_err());
+    }
+}

@@ -1,1 +1,144 @@
-fn main() {}
+//! `jetrelay`: the relay. See README.md for what it is and how to run it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde::Serialize;
+
+/// A Jetstream relay that serves the Bluesky event feed to tens of thousands of WebSocket
+/// clients by letting the kernel do the fan-out. Every flag can also be set in the TOML file
+/// (`--config`, key = flag name with `_`) or as `JETRELAY_<KEY>`; flags win.
+#[derive(Parser, Serialize, Debug)]
+#[command(name = "jetrelay", version)]
+struct Flags {
+    /// TOML configuration file.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Public WebSocket listener, HOST:PORT [default: 127.0.0.1:6008].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// Listener for the TLS sidecar (requires PROXY v2): unix:PATH or HOST:PORT.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trusted_listen: Option<String>,
+    /// Upstream Jetstream URL (repeatable; used in turn) [default: the four public instances].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    upstream: Vec<String>,
+    /// Directory for the logs [default: $STATE_DIRECTORY or ./jetrelay-data].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Age retention, e.g. 24h [default: 24h].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<String>,
+    /// Disk cap for logs and indexes, e.g. 20GiB [default: 20GiB].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_disk: Option<String>,
+    /// Fan-out worker threads [default: one per CPU].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers: Option<usize>,
+    /// Upstream reconnect rewind window [default: 5s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rewind: Option<String>,
+    /// Run fully offline with an embedded simulated upstream.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    demo: bool,
+    /// Events per second of the demo upstream [default: 50].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    demo_rate: Option<u64>,
+    /// Metrics, dashboard and health listener ("" disables) [default: 127.0.0.1:6009].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<String>,
+    /// Cap on clients in total [default: 100000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_clients: Option<usize>,
+    /// Cap on concurrent connections per IP (per /64 for IPv6) [default: 64].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_conns_per_ip: Option<usize>,
+    /// New connections per second per IP [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conn_rate_per_ip: Option<f64>,
+    /// Address or CIDR exempt from per-IP limits (repeatable).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allow_ip: Vec<String>,
+    /// Deadline for the HTTP upgrade [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handshake_timeout: Option<String>,
+    /// Idle client ping period [default: 30s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ping_interval: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = Flags::parse();
+    let settings = jetrelay::config::load(flags.config.as_deref(), &flags)?;
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone())?;
+    }
+    let relay = jetrelay::relay::Relay::start(&settings)?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut watchdog_every = None;
+    if sd_notify::watchdog_enabled(false, &mut 0u64) {
+        let mut usec = 0u64;
+        sd_notify::watchdog_enabled(false, &mut usec);
+        watchdog_every = Some(Duration::from_micros(usec / 2));
+    }
+    let mut last_status = Instant::now();
+    let mut last_bytes = 0u64;
+    while !term.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        let since = last_status.elapsed();
+        if since >= watchdog_every.unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5)) {
+            let c = &relay.hub.counters;
+            let bytes = c.bytes_sent.load(Ordering::Relaxed);
+            let gbps = (bytes - last_bytes) as f64 * 8.0 / since.as_secs_f64() / 1e9;
+            last_bytes = bytes;
+            last_status = Instant::now();
+            let lag_ms = (jetrelay::index::now_us() as u64)
+                .saturating_sub(c.newest_time_us.load(Ordering::Relaxed))
+                / 1000;
+            let status = format!(
+                "{} clients, {:.3} Gbps, upstream lag {} ms",
+                c.clients.load(Ordering::Relaxed),
+                gbps,
+                lag_ms
+            );
+            let mut states = vec![sd_notify::NotifyState::Status(&status)];
+            if watchdog_every.is_some() {
+                states.push(sd_notify::NotifyState::Watchdog);
+            }
+            let _ = sd_notify::notify(false, &states);
+        }
+    }
+    tracing::info!("signal received, shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    relay.shutdown();
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Abuse controls applied at the door, before a connection costs anything but a socket:
+//! a cap on clients in total, a cap on concurrent connections per IP (per /64 for IPv6, since
+//! one host usually owns a whole /64), and a per-IP connection rate (token bucket).
+//! Refusals are HTTP errors with a reason (429 with `Retry-After`, 503 when full).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::handshake::HttpError;
+
+/// Why: an idle address's bucket refills to full within seconds; entries with no connection
+/// and a full bucket are garbage-collected once the table grows past this many entries.
+const GC_THRESHOLD: usize = 65_536;
+
+/// Limit settings.
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    /// Connected clients + handshakes in progress, in total.
+    pub max_clients: usize,
+    /// Concurrent connections per address key.
+    pub max_conns_per_ip: usize,
+    /// New connections per second per address key (bucket burst = 2 × rate, at least 1).
+    pub conn_rate_per_ip: f64,
+    /// Networks exempt from per-IP limits: (address, prefix length).
+    pub allow: Vec<(IpAddr, u8)>,
+}
+
+/// Per-address state.
+struct Entry {
+    /// Connections currently counted.
+    conns: usize,
+    /// Tokens in the rate bucket.
+    tokens: f64,
+    /// Last refill.
+    refilled: Instant,
+}
+
+/// Outcome of [`Limits::admit`].
+pub enum Admission {
+    /// Counted; call [`Limits::release`] when the connection ends.
+    Ok,
+    /// Refused with this HTTP error.
+    Refused(HttpError),
+}
+
+/// Counters of refusals by reason, for metrics.
+#[derive(Default)]
+pub struct Refusals {
+    /// Server full.
+    pub full: AtomicU64,
+    /// Too many concurrent connections from one address.
+    pub per_ip: AtomicU64,
+    /// Connection rate from one address exceeded.
+    pub rate: AtomicU64,
+}
+
+/// The shared limiter.
+pub struct Limits {
+    /// Settings.
+    config: LimitsConfig,
+    /// Address key → state, plus the total.
+    state: Mutex<(HashMap<IpAddr, Entry>, usize)>,
+    /// Refusal counters.
+    pub refusals: Refusals,
+}
+
+/// The key an address is counted under: itself for IPv4, its /64 for IPv6.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+fn in_network(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+impl Limits {
+    /// A limiter with these settings.
+    pub fn new(config: LimitsConfig) -> Limits {
+        Limits {
+            config,
+            state: Mutex::new((HashMap::new(), 0)),
+            refusals: Refusals::default(),
+        }
+    }
+
+    fn exempt(&self, ip: IpAddr) -> bool {
+        self.config.allow.iter().any(|n| in_network(ip, *n))
+    }
+
+    /// Counts a new connection from `ip`, or refuses it.
+    pub fn admit(&self, ip: IpAddr) -> Admission {
+        self.admit_at(ip, Instant::now())
+    }
+
+    fn admit_at(&self, ip: IpAddr, now: Instant) -> Admission {
+        let key = address_key(ip);
+        let exempt = self.exempt(ip);
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (table, total) = &mut *guard;
+        if *total >= self.config.max_clients {
+            self.refusals.full.fetch_add(1, Ordering::Relaxed);
+            return Admission::Refused(
+                HttpError::new(503, "server full: too many clients").with_header("Retry-After", "10".into()),
+            );
+        }
+        if !exempt {
+            let rate = self.config.conn_rate_per_ip;
+            let burst = (rate * 2.0).max(1.0);
+            if table.len() > GC_THRESHOLD {
+                table.retain(|_, e| e.conns > 0 || now.duration_since(e.refilled).as_secs_f64() * rate < burst);
+            }
+            let e = table.entry(key).or_insert(Entry {
+                conns: 0,
+                tokens: burst,
+                refilled: now,
+            });
+            e.tokens = (e.tokens + now.duration_since(e.refilled).as_secs_f64() * rate).min(burst);
+            e.refilled = now;
+            if e.conns >= self.config.max_conns_per_ip {
+                self.refusals.per_ip.fetch_add(1, Ordering::Relaxed);
+                return Admission::Refused(
+                    HttpError::new(429, "too many concurrent connections from your address")
+                        .with_header("Retry-After", "10".into()),
+                );
+            }
+            if e.tokens < 1.0 {
+                self.refusals.rate.fetch_add(1, Ordering::Relaxed);
+                let wait = ((1.0 - e.tokens) / rate).ceil().max(1.0) as u64;
+                return Admission::Refused(
+                    HttpError::new(429, "connecting too fast from your address")
+                        .with_header("Retry-After", wait.to_string()),
+                );
+            }
+            e.tokens -= 1.0;
+            e.conns += 1;
+        }
+        *total += 1;
+        Admission::Ok
+    }
+
+    /// Releases a connection counted by a successful [`Limits::admit`].
+    pub fn release(&self, ip: IpAddr) {
+        let key = address_key(ip);
+        let exempt = self.exempt(ip);
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (table, total) = &mut *guard;
+        *total = total.saturating_sub(1);
+        if !exempt && let Some(e) = table.get_mut(&key) {
+            e.conns = e.conns.saturating_sub(1);
+        }
+    }
+
+    /// Connections counted right now.
+    pub fn total(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn limits(max_clients: usize, per_ip: usize, rate: f64) -> Limits {
+        Limits::new(LimitsConfig {
+            max_clients,
+            max_conns_per_ip: per_ip,
+            conn_rate_per_ip: rate,
+            allow: vec![("10.9.0.0".parse().unwrap(), 16)],
+        })
+    }
+
+    fn status(a: Admission) -> u16 {
+        match a {
+            Admission::Ok => 200,
+            Admission::Refused(e) => e.status,
+        }
+    }
+
+    #[test]
+    fn per_ip_cap_and_release() {
+        let l = limits(100, 2, 1000.0);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(status(l.admit(ip)), 200);
+        assert_eq!(status(l.admit(ip)), 200);
+        assert_eq!(status(l.admit(ip)), 429);
+        assert_eq!(status(l.admit("192.0.2.2".parse().unwrap())), 200, "other IPs unaffected");
+        l.release(ip);
+        assert_eq!(status(l.admit(ip)), 200);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let l = limits(100, 1, 1000.0);
+        assert_eq!(status(l.admit("2001:db8:1:2::1".parse().unwrap())), 200);
+        assert_eq!(status(l.admit("2001:db8:1:2::ffff".parse().unwrap())), 429);
+        assert_eq!(status(l.admit("2001:db8:1:3::1".parse().unwrap())), 200);
+    }
+
+    #[test]
+    fn rate_bucket_refills() {
+        let l = limits(100, 100, 2.0);
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..4 {
+            assert_eq!(status(l.admit_at(ip, t0)), 200);
+        }
+        match l.admit_at(ip, t0) {
+            Admission::Refused(e) => {
+                assert_eq!(e.status, 429);
+                assert!(e.to_response().windows(11).any(|w| w == b"Retry-After"));
+            }
+            Admission::Ok => panic!("bucket should be empty"),
+        }
+        assert_eq!(status(l.admit_at(ip, t0 + Duration::from_millis(600))), 200);
+    }
+
+    #[test]
+    fn total_cap_and_allow_list() {
+        let l = limits(3, 1, 1000.0);
+        let exempt: IpAddr = "10.9.3.4".parse().unwrap();
+        assert_eq!(status(l.admit(exempt)), 200);
+        assert_eq!(status(l.admit(exempt)), 200, "allow-listed: no per-IP cap");
+        assert_eq!(status(l.admit("192.0.2.9".parse().unwrap())), 200);
+        assert_eq!(status(l.admit("192.0.2.10".parse().unwrap())), 503);
+        assert_eq!(l.total(), 3);
+    }
+}

@@ -1,0 +1,143 @@
+# Two relays following one upstream behind HAProxy, and a third relay
+# (edge) following the first two in turn. Stopping relay1 moves its clients
+# through HAProxy to relay2 and edge's upstream to relay2; nobody sees a gap.
+{
+  pkgs,
+  jetrelay,
+  module,
+}:
+
+let
+  common = import ./common.nix { inherit pkgs jetrelay; };
+  inherit (common) seed rate;
+
+  mockUrl = "ws://upstream:${toString common.mockPort}/subscribe";
+
+  # Behind the load balancer a relay takes connections on a trusted
+  # listener, where HAProxy's PROXY v2 header carries the client's real
+  # address; /readyz on the metrics listener drives HAProxy's health check.
+  fleetRelay = {
+    imports = [ (common.relayNode { upstreams = [ mockUrl ]; }) ];
+    services.jetrelay.settings = {
+      trusted_listen = "[::]:6011";
+      metrics_listen = "[::]:6009";
+    };
+    networking.firewall.allowedTCPPorts = [
+      6009
+      6011
+    ];
+  };
+
+  viaLb = 200;
+  chained = 50;
+in
+pkgs.testers.runNixOSTest {
+  name = "jetrelay-fleet";
+
+  defaults.imports = [ module ];
+
+  nodes = {
+    upstream = common.upstreamNode;
+    relay1 = fleetRelay;
+    relay2 = fleetRelay;
+
+    # A relay is a valid Jetstream upstream; the list fails over in turn.
+    edge = common.relayNode {
+      upstreams = [
+        "ws://relay1:6008/subscribe"
+        "ws://relay2:6008/subscribe"
+      ];
+    };
+
+    lb = {
+      networking.firewall.allowedTCPPorts = [ 8080 ];
+      environment.systemPackages = [ pkgs.socat ];
+      services.haproxy = {
+        enable = true;
+        # The module's global section already opens the stats socket at
+        # /run/haproxy/haproxy.sock.
+        config = ''
+          defaults
+            mode tcp
+            timeout connect 2s
+            # WebSocket streams are long-lived; the relays ping every 30s.
+            timeout client 1h
+            timeout server 1h
+            # A refused connection to a stopped relay is retried on the other.
+            retries 3
+            option redispatch
+
+          frontend jetstream
+            bind :::8080 v4v6
+            default_backend relays
+
+          backend relays
+            balance roundrobin
+            option httpchk
+            http-check send meth GET uri /readyz
+            http-check expect status 200
+            default-server check port 6009 inter 500ms fall 2 rise 2 send-proxy-v2 on-marked-down shutdown-sessions
+            server relay1 relay1:6011
+            server relay2 relay2:6011
+        '';
+      };
+    };
+
+    clients = common.clientNode;
+  };
+
+  testScript = ''
+    ${common.pythonHelpers}
+
+    def backends_up():
+        stats = lb.succeed("echo 'show stat' | socat stdio /run/haproxy/haproxy.sock")
+        return {
+            row.split(",")[1]
+            for row in stats.splitlines()
+            if row.startswith("relays,relay") and row.split(",")[17] == "UP"
+        }
+
+
+    start_all()
+    wait_mock(upstream)
+    for relay in (relay1, relay2, edge):
+        wait_relay(relay)
+    wait_subscribers(upstream, 2)
+    lb.wait_for_unit("haproxy.service")
+    lb.wait_for_open_port(8080)
+    lb.wait_until_succeeds(
+        "echo 'show stat' | socat stdio /run/haproxy/haproxy.sock | grep -E '^relays,relay[12],' | grep -c ',UP,' | grep -x 2"
+    )
+
+    with subtest("failover through HAProxy, and a relay chain that fails over upstream"):
+        swarm_start(
+            clients,
+            "via-lb",
+            "--url ws://lb:8080/subscribe --clients ${toString viaLb} --reconnect "
+            "--seed ${toString seed} --duration 60s "
+            "--expect-in-order --expect-min-events ${toString (40 * rate)}",
+        )
+        swarm_start(
+            clients,
+            "chain",
+            "--url ws://edge:6008/subscribe --clients ${toString chained} "
+            "--seed ${toString seed} --duration 60s "
+            "--expect-in-order --expect-min-events ${toString (40 * rate)}",
+        )
+        # Round robin put half of the load-balanced clients on each relay.
+        wait_established(relay1, 6011, ${toString (viaLb / 2)})
+        wait_established(relay2, 6011, ${toString (viaLb / 2)})
+        relay1.sleep(10)
+
+        relay1.succeed("systemctl stop jetrelay.service")
+        lb.wait_until_succeeds(
+            "echo 'show stat' | socat stdio /run/haproxy/haproxy.sock | grep -E '^relays,relay1,' | grep -v ',UP,'"
+        )
+        assert backends_up() == {"relay2"}, backends_up()
+        # relay1's clients came back through HAProxy with their cursor.
+        wait_established(relay2, 6011, ${toString viaLb})
+
+        swarm_wait(clients, "via-lb")
+        swarm_wait(clients, "chain")
+  '';
+}
