@@ -458,8 +458,13 @@ pub struct EventHead {
 /// Parses `{"did":"<did>","time_us":<int>` and returns (number start, number end, value).
 fn scan_prefix(json: &[u8]) -> Option<(usize, usize, i64)> {
     let rest = json.strip_prefix(b"{\"did\":\"")?;
-    let limit = rest.len().min(SEQ_SCAN_LIMIT);
-    let quote = rest[..limit].iter().position(|&c| c == b'"')?;
+    // Generated DIDs have a fixed length: try that before searching for the closing quote.
+    let quote = if rest.get(DID_LEN) == Some(&b'"') {
+        DID_LEN
+    } else {
+        let limit = rest.len().min(SEQ_SCAN_LIMIT);
+        rest[..limit].iter().position(|&c| c == b'"')?
+    };
     let after_did = 8 + quote;
     let rest = json.get(after_did..)?.strip_prefix(b"\",\"time_us\":")?;
     let num_start = after_did + 12;
@@ -473,20 +478,30 @@ fn scan_prefix(json: &[u8]) -> Option<(usize, usize, i64)> {
 pub(crate) fn parse_canonical_i64(s: &[u8]) -> Option<(i64, usize)> {
     let neg = s.first() == Some(&b'-');
     let digits = &s[usize::from(neg)..];
-    let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
-    if n == 0 || n > 19 || (n > 1 && digits[0] == b'0') {
-        return None;
-    }
+    // One pass over at most 18 digits, which cannot overflow an i64 (the hot path)…
     let mut v: i64 = 0;
-    if n <= 18 {
-        // 18 digits cannot overflow an i64: skip the checks on the hot path.
-        for &c in &digits[..n] {
-            v = v * 10 + i64::from(c - b'0');
+    let mut n = 0;
+    for &c in digits.iter().take(18) {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            break;
         }
-    } else {
-        for &c in &digits[..n] {
-            v = v.checked_mul(10)?.checked_add(i64::from(c - b'0'))?;
-        }
+        // Wrapping ops: no overflow is possible here, and they keep debug builds fast.
+        v = v.wrapping_mul(10).wrapping_add(i64::from(d));
+        n += 1;
+    }
+    // …and checked arithmetic for a 19th digit.
+    if n == 18
+        && let Some(d) = digits
+            .get(18)
+            .map(|c| c.wrapping_sub(b'0'))
+            .filter(|&d| d <= 9)
+    {
+        v = v.checked_mul(10)?.checked_add(i64::from(d))?;
+        n += 1;
+    }
+    if n == 0 || (n > 1 && digits[0] == b'0') || digits.get(n).is_some_and(u8::is_ascii_digit) {
+        return None;
     }
     if neg {
         if v == 0 {

@@ -579,4 +579,31 @@ mod tests {
             Err(OrderError::Unwanted(unwanted))
         );
     }
+
+    /// `cargo test --release -- --ignored verify_throughput --nocapture`: the verifier's
+    /// per-event CPU cost with a warm cache (what one swarm core can check).
+    #[test]
+    #[ignore]
+    fn verify_throughput() {
+        let g = Generator::new(3, 100_000);
+        // A window small enough to stay in cache, as when many clients receive the same
+        // recent events within milliseconds of each other.
+        let events: Vec<Vec<u8>> = (0..64u64)
+            .map(|s| event(&g, s, 1_783_175_888_000_000 + s as i64))
+            .collect();
+        let mut v = Verifier::new(Some(g.clone()));
+        let start = std::time::Instant::now();
+        let rounds = 20_000;
+        for _ in 0..rounds {
+            for e in &events {
+                v.verify_plain(e).unwrap();
+            }
+        }
+        let n = (rounds * events.len()) as f64;
+        let ns = start.elapsed().as_nanos() as f64 / n;
+        eprintln!(
+            "verify_plain: {ns:.0} ns/event ({:.1} M events/s)",
+            1e3 / ns
+        );
+    }
 }
