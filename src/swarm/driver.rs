@@ -214,6 +214,11 @@ pub struct ConnTotals {
     pub connect_failure_examples: Vec<String>,
     /// Connections that ended without a close frame (EOF, reset) after the upgrade.
     pub disconnects_without_close: u64,
+    /// Successful reads from open connections (events per read shows how batched delivery is).
+    pub reads: u64,
+    /// Time spent waiting in epoll: the rest of the run the loop was busy, and a loop busy
+    /// nearly all the time means the swarm, not the server, limits throughput and latency.
+    pub idle: Duration,
 }
 
 /// Everything a finished run leaves behind for the report.
@@ -396,7 +401,10 @@ impl Driver<'_> {
                 tv_nsec: i64::from(wait.subsec_nanos()),
             };
             events.clear();
-            match epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&ts)) {
+            let before = Instant::now();
+            let waited = epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&ts));
+            self.conns.idle += before.elapsed();
+            match waited {
                 Ok(_) => {}
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(SwarmError::Epoll(e)),
@@ -720,6 +728,7 @@ impl Driver<'_> {
         match result {
             Ok((0, _)) => self.disconnected(i, now),
             Ok((n, in_carry)) => {
+                self.conns.reads += 1;
                 if in_carry {
                     self.process(i, &mut [], 0, now);
                 } else {

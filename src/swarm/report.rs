@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 /// newest event any client received by more than this.
 pub const BEHIND_THRESHOLD_US: i64 = 1_000_000;
 
+/// Above this loop utilisation the report warns that the swarm, not the server, is the limit.
+const BUSY_WARNING_PCT: f64 = 85.0;
+
 /// Example client ids kept per failed expectation.
 const MAX_EXPECTATION_EXAMPLES: usize = 5;
 
@@ -81,6 +84,12 @@ pub struct Report {
     pub frame_bytes: u64,
     /// Events per second over the run.
     pub events_per_s: f64,
+    /// Reads that returned data (events / reads = batching of the delivery).
+    pub reads: u64,
+    /// Share of the run the busiest process's loop was not waiting for events, in percent.
+    /// Near 100 the swarm itself is the bottleneck and its latency figures include its own
+    /// queueing; use more `--processes` or fewer clients.
+    pub busy_pct: f64,
     /// Frame bytes per second, in Gbit/s.
     pub gbps: f64,
     /// Receive time minus `time_us`.
@@ -148,6 +157,9 @@ impl Report {
             events: o.totals.events,
             duplicates_skipped: o.totals.duplicates,
             frame_bytes: o.totals.frame_bytes,
+            reads: o.conns.reads,
+            busy_pct: 100.0
+                * (1.0 - o.conns.idle.as_secs_f64() / o.elapsed.as_secs_f64().max(1e-9)).max(0.0),
             verified: o.verifier.generator().is_some(),
             verification_failures: o.totals.failures,
             failure_examples: o.totals.examples.clone(),
@@ -270,6 +282,8 @@ impl Report {
         self.events += o.events;
         self.duplicates_skipped += o.duplicates_skipped;
         self.frame_bytes += o.frame_bytes;
+        self.reads += o.reads;
+        self.busy_pct = self.busy_pct.max(o.busy_pct);
         self.latency.negative += o.latency.negative;
         self.min_events_per_client = self.min_events_per_client.min(o.min_events_per_client);
         self.max_events_per_client = self.max_events_per_client.max(o.max_events_per_client);
@@ -423,6 +437,18 @@ impl Report {
             self.min_events_per_client,
             self.max_events_per_client,
             self.duplicates_skipped
+        );
+        let _ = writeln!(
+            s,
+            "reads {} ({:.1} events/read); swarm loop busy {:.0}%{}",
+            self.reads,
+            self.events as f64 / self.reads.max(1) as f64,
+            self.busy_pct,
+            if self.busy_pct > BUSY_WARNING_PCT {
+                " — WARNING: the swarm is saturated; its latency figures include its own queueing"
+            } else {
+                ""
+            }
         );
         let l = &self.latency;
         let _ = writeln!(

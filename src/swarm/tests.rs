@@ -59,6 +59,8 @@ fn swarm_against_mock_in_order_and_byte_exact() {
     assert_eq!(r.latency.count, r.events);
     assert!(r.verified);
     assert_eq!(r.clients_behind, 0, "{}", r.human());
+    assert!(r.reads > 0 && r.reads <= r.events, "{}", r.human());
+    assert!((0.0..100.0).contains(&r.busy_pct), "{}", r.human());
     // All clients share the cache: far fewer generations than events.
     assert!(r.events_generated * 5 < r.events, "{}", r.events_generated);
 }
