@@ -476,6 +476,12 @@ fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAd
             }
             subscribe(shared, stream, peer, cursor, leftover);
         }
+        ("/subscribe", None) => respond(
+            stream,
+            "400 Bad Request",
+            "text/plain",
+            "expected a WebSocket upgrade\n",
+        ),
         ("/drop", _) => {
             let n = shared.drop_all();
             tracing::info!(subscribers = n, "drop requested over HTTP");

@@ -7,8 +7,13 @@ use super::histogram::{Histogram, SparseHistogram};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// A client is "behind" when the newest event it received is older, by event time, than the
-/// newest event any client received by more than this.
+/// "Behind", precisely: at the end of the run, a client that received at least one event is
+/// behind when the largest `time_us` it received is more than this many µs below the largest
+/// `time_us` any client (in any process) received. Event time, not wall time, so a swarm that is
+/// itself slow does not blame the server; the maximum rather than the last event, so jittered
+/// (non-monotonic) `time_us` does not count as lag. Clients whose filter matches less than one
+/// event per second can show as behind while being current; compare with
+/// `clients_without_events` and the per-client event counts.
 pub const BEHIND_THRESHOLD_US: i64 = 1_000_000;
 
 /// Above this loop utilisation the report warns that the swarm, not the server, is the limit.
@@ -86,9 +91,10 @@ pub struct Report {
     pub events_per_s: f64,
     /// Reads that returned data (events / reads = batching of the delivery).
     pub reads: u64,
-    /// Share of the run the busiest process's loop was not waiting for events, in percent.
-    /// Near 100 the swarm itself is the bottleneck and its latency figures include its own
-    /// queueing; use more `--processes` or fewer clients.
+    /// Share of the run the busiest process's loop was not waiting in epoll (working, or
+    /// runnable but waiting for a CPU), in percent. Near 100 the swarm itself is the bottleneck
+    /// and its latency figures include its own queueing; use more `--processes`, fewer clients,
+    /// or a less loaded machine.
     pub busy_pct: f64,
     /// Frame bytes per second, in Gbit/s.
     pub gbps: f64,

@@ -308,6 +308,7 @@ fn mock_http_endpoints_and_drop() {
     };
     assert!(get("/").contains("jetrelay-mock"));
     assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    assert!(get("/subscribe").starts_with("HTTP/1.1 400"), "plain GET /subscribe");
     wait_for_events(&m, 10);
     let stats = get("/stats");
     let body = stats.split("\r\n\r\n").nth(1).unwrap();
