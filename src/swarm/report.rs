@@ -489,6 +489,12 @@ impl Report {
         for e in &self.connect_failure_examples {
             let _ = writeln!(s, "  connect failure: {e}");
         }
+        if self.events == 0 {
+            let _ = writeln!(
+                s,
+                "WARNING: no events at all; add --expect-min-events to make such a run fail"
+            );
+        }
         if self.passed {
             let _ = writeln!(s, "PASS");
         } else {

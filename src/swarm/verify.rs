@@ -65,6 +65,17 @@ pub enum VerifyError {
     /// The frame type does not match the subscription (text vs binary).
     #[error("{0}")]
     WrongFrameType(&'static str),
+    /// The same event reached clients with different `time_us` values: a relay stores each
+    /// event once, so every copy (live or replayed) must be identical.
+    #[error("seq {seq} delivered with time_us {got}, but earlier with {first}")]
+    TimeChanged {
+        /// The event.
+        seq: u64,
+        /// `time_us` in this copy.
+        got: i64,
+        /// `time_us` in the first copy seen.
+        first: i64,
+    },
 }
 
 /// Why a verified event is out of place in the client's stream.
@@ -120,6 +131,8 @@ struct Slot {
     compressed: Vec<u8>,
     /// `time_us` inside `compressed`.
     compressed_time: i64,
+    /// `time_us` of the first copy of this seq received (all copies must agree).
+    time_us: Option<i64>,
 }
 
 /// The result of verifying one frame.
@@ -194,6 +207,7 @@ impl Verifier {
             slot.time_at = generator.event_without_time(seq, &mut slot.bytes);
             slot.seq = Some(seq);
             slot.compressed.clear();
+            slot.time_us = None;
             self.generated += 1;
         }
         let want = &slot.bytes;
@@ -214,6 +228,17 @@ impl Verifier {
             return Err(mismatch(head.time_end + d));
         }
         let time_us = head.time_us;
+        match slot.time_us {
+            None => slot.time_us = Some(time_us),
+            Some(first) if first != time_us => {
+                return Err(VerifyError::TimeChanged {
+                    seq,
+                    got: time_us,
+                    first,
+                });
+            }
+            Some(_) => {}
+        }
         Ok(Verified {
             seq: Some(seq),
             time_us: Some(time_us),
@@ -396,7 +421,8 @@ mod tests {
         }
         // Second pass hits the cache.
         let before = v.generated;
-        v.verify_plain(&event(&g, 151, 5)).unwrap();
+        v.verify_plain(&event(&g, 151, 1_783_175_888_000_000 + 151 * 7))
+            .unwrap();
         assert_eq!(v.generated, before);
     }
 
@@ -427,6 +453,22 @@ mod tests {
             longer.push(b' ');
             assert!(v.verify_plain(&longer).is_err());
         }
+    }
+
+    #[test]
+    fn every_copy_of_an_event_must_carry_the_same_time() {
+        let g = Generator::new(3, 100);
+        let mut v = Verifier::new(Some(g.clone()));
+        v.verify_plain(&event(&g, 77, 1_000)).unwrap();
+        v.verify_plain(&event(&g, 77, 1_000)).unwrap();
+        assert_eq!(
+            v.verify_plain(&event(&g, 77, 1_001)),
+            Err(VerifyError::TimeChanged {
+                seq: 77,
+                got: 1_001,
+                first: 1_000
+            })
+        );
     }
 
     #[test]
