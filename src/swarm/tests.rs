@@ -308,7 +308,10 @@ fn mock_http_endpoints_and_drop() {
     };
     assert!(get("/").contains("jetrelay-mock"));
     assert!(get("/nope").starts_with("HTTP/1.1 404"));
-    assert!(get("/subscribe").starts_with("HTTP/1.1 400"), "plain GET /subscribe");
+    assert!(
+        get("/subscribe").starts_with("HTTP/1.1 400"),
+        "plain GET /subscribe"
+    );
     wait_for_events(&m, 10);
     let stats = get("/stats");
     let body = stats.split("\r\n\r\n").nth(1).unwrap();
@@ -589,4 +592,121 @@ fn compressed_stream_with_a_gap_fails() {
     assert_eq!(r.verification_failures, 1, "{}", r.human());
     assert_eq!(r.failure_examples[0].seq, Some(5));
     server.join().unwrap();
+}
+
+/// Upgrades one connection, reads the client's first text message, sends `script`, closes.
+fn hello_server(
+    script: Vec<tungstenite::Message>,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let thread = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // tungstenite rejects unmasked client frames, so this also checks our masking.
+        let mut ws = tungstenite::accept(stream).unwrap();
+        let hello = match ws.read().unwrap() {
+            tungstenite::Message::Text(t) => t.to_string(),
+            other => panic!("expected a text hello, got {other:?}"),
+        };
+        for m in &script {
+            ws.send(m.clone()).unwrap();
+        }
+        let _ = ws.close(None);
+        while ws.read().is_ok() {}
+        hello
+    });
+    (addr, thread)
+}
+
+/// Text frames for `seqs` of generator (21, 50) at a fixed time.
+fn text_events(seqs: impl IntoIterator<Item = u64>) -> Vec<tungstenite::Message> {
+    let g = mock::Generator::new(21, 50);
+    seqs.into_iter()
+        .map(|s| {
+            let mut ev = Vec::new();
+            g.event(s, 1_783_175_888_000_000, &mut ev);
+            tungstenite::Message::Text(String::from_utf8(ev).unwrap().into())
+        })
+        .collect()
+}
+
+#[test]
+fn filtered_by_dids_and_size_end_to_end() {
+    // The expected subset, computed here from first principles (not with the swarm's Filter).
+    let g = mock::Generator::new(21, 50);
+    let (d1, d2) = (g.did_by_index(3), g.did_by_index(7));
+    let max = 600;
+    let wanted: Vec<u64> = (0..3000u64)
+        .filter(|&s| {
+            let did = g.did_for(s);
+            (did == d1 || did == d2) && g.event_len(s, 1_783_175_888_000_000) <= max
+        })
+        .collect();
+    assert!(wanted.len() > 20, "{}", wanted.len());
+    let url = |addr: std::net::SocketAddr| {
+        format!("ws://{addr}/subscribe?wantedDids={d1}&wantedDids={d2}&maxMessageSizeBytes={max}")
+    };
+    let run_against = |seqs: Vec<u64>| {
+        let (addr, server) = scripted_server(1, text_events(seqs), 1000);
+        let mut cfg = swarm(url(addr), 1, 1.0, Some(21));
+        cfg.dids = 50;
+        cfg.expect.in_order = true;
+        let r = run(&cfg).unwrap();
+        server.join().unwrap();
+        r
+    };
+    let r = run_against(wanted.clone());
+    assert!(r.passed, "{}", r.human());
+    assert_eq!(r.events, wanted.len() as u64);
+    // Leaving out one wanted event is a gap that names it.
+    let mut lossy = wanted.clone();
+    let lost = lossy.remove(wanted.len() / 2);
+    let r = run_against(lossy);
+    assert!(!r.passed);
+    assert!(
+        r.failure_examples[0]
+            .reason
+            .contains(&format!("expected seq {lost}")),
+        "{:?}",
+        r.failure_examples
+    );
+    // Delivering one event over the size limit fails.
+    let big = (0..3000u64)
+        .find(|&s| g.did_for(s) == d1 && g.event_len(s, 1_783_175_888_000_000) > max)
+        .unwrap();
+    let r = run_against(vec![big]);
+    assert!(!r.passed, "{}", r.human());
+}
+
+#[test]
+fn send_on_open_reaches_the_server_masked_and_sets_the_filter() {
+    let follows: Vec<u64> = (0..2000u64)
+        .filter(|&s| {
+            // Identity and account events always pass a collection filter.
+            match mock::Generator::template_kind_and_collection(mock::Generator::template_index(s))
+            {
+                ("commit", c) => c == Some("app.bsky.graph.follow"),
+                _ => true,
+            }
+        })
+        .collect();
+    let hello =
+        r#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.graph.follow"]}}"#;
+    let (addr, server) = hello_server(text_events(follows.clone()));
+    let mut cfg = swarm(
+        format!("ws://{addr}/subscribe?requireHello=true"),
+        1,
+        1.0,
+        Some(21),
+    );
+    cfg.dids = 50;
+    cfg.send_on_open = vec![hello.to_string()];
+    cfg.expect.in_order = true;
+    cfg.expect.min_events = Some(follows.len() as u64);
+    let r = run(&cfg).unwrap();
+    assert!(r.passed, "{}", r.human());
+    assert_eq!(server.join().unwrap(), hello);
 }
