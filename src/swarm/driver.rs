@@ -28,7 +28,11 @@ const READ_BUF: usize = 256 * 1024;
 /// must not pin megabytes per client).
 const CARRY_KEEP: usize = 16 * 1024;
 
-/// Epoll events fetched per wait.
+/// When a carried partial frame leaves less room than this in the shared buffer, the frame is
+/// assembled in the client's own carry instead (reads smaller than this would waste syscalls).
+const MIN_READ_ROOM: usize = 4096;
+
+/// Epoll events fetched per wait: enough to drain a busy wake-up in one call.
 const EVENTS_PER_WAIT: usize = 1024;
 
 /// Longest sleep of the loop, so the deadline and connect pacing are honoured promptly.
@@ -709,7 +713,7 @@ impl Driver<'_> {
         };
         let fd = fd.as_fd();
         let carried = c.carry.len();
-        let result = if carried + 4096 > buf.len() {
+        let result = if carried + MIN_READ_ROOM > buf.len() {
             // A frame larger than the shared buffer: grow the carry itself.
             c.carry.reserve(READ_BUF);
             let spare = c.carry.capacity() - c.carry.len();
