@@ -608,8 +608,14 @@ impl Worker {
         let at_boundary = c.pos == c.boundary;
         if at_boundary {
             // Options change only between frames.
-            if let Some(opts) = c.pending_options.take() {
-                apply_options(&hub, self.id, c, opts);
+            if let Some(opts) = c.pending_options.take()
+                && let Err(opts) = apply_options(&hub, self.id, c, opts)
+            {
+                // The position is not indexed yet (publish precedes indexing by microseconds).
+                c.pending_options = Some(opts);
+                c.queued = true;
+                self.ready.push_back(slot);
+                return false;
             }
             if let Some(ctrl) = c.ctrl.as_ref().filter(|x| x.sent < x.bytes.len()) {
                 let ptr = ctrl.bytes[ctrl.sent..].as_ptr();
@@ -650,6 +656,12 @@ impl Worker {
                 Source::Contiguous => c.boundary = end,
                 Source::Filtered(w) => {
                     let index = hub.index();
+                    if w.next.seq < index.start_pos().seq {
+                        // Retention passed this walker while it was idle.
+                        drop(index);
+                        self.begin_close(slot, CloseWhy::Retention);
+                        return false;
+                    }
                     if let Some((from, to)) = w.next_run(&index, hub.plain.file(), c.compressed, c.shape.as_ref().map(|s| s.start_seq)) {
                         c.pos = from;
                         c.boundary = to;
@@ -1127,23 +1139,33 @@ fn switch_to_shape(worker: usize, c: &mut Client) {
     }
 }
 
-fn apply_options(hub: &Hub, worker: usize, c: &mut Client, opts: SubscriberOptions) {
-    c.hello_pending = false;
+/// Re-attaches a client with new filters at its current place in the event sequence (called at
+/// a frame boundary). Gives the options back if that place is not indexed yet.
+fn apply_options(
+    hub: &Hub,
+    worker: usize,
+    c: &mut Client,
+    opts: SubscriberOptions,
+) -> Result<(), SubscriberOptions> {
     let next = {
         let index = hub.index();
         let seq = match (&c.source, &c.shape) {
-            (Source::Filtered(w), _) => w.next.seq,
-            (Source::Contiguous, Some(shape)) => shape
-                .table
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .seq_at_offset(c.pos, index.next_seq()),
-            (Source::Contiguous, None) => index
-                .seq_at_offset(c.pos, c.compressed)
-                .unwrap_or_else(|| index.next_seq()),
+            (Source::Filtered(w), _) => Some(w.next.seq),
+            (Source::Contiguous, Some(shape)) => Some(
+                shape
+                    .table
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .seq_at_offset(c.pos, index.next_seq()),
+            ),
+            (Source::Contiguous, None) => index.seq_at_offset(c.pos, c.compressed),
         };
-        index.pos_of(seq)
+        match seq {
+            Some(seq) => index.pos_of(seq),
+            None => return Err(opts),
+        }
     };
+    c.hello_pending = false;
     if let Some(old) = c.shape.take() {
         old.remove_client();
     }
@@ -1154,6 +1176,7 @@ fn apply_options(hub: &Hub, worker: usize, c: &mut Client, opts: SubscriberOptio
     c.pos = point.pos;
     c.boundary = point.pos;
     c.stream.register_reader(worker, c.pos);
+    Ok(())
 }
 
 /// Pins `stream`'s ring for this batch (once) and returns the lowest ring-servable offset.

