@@ -138,7 +138,7 @@ fn swarm_exits_non_zero_naming_the_failed_expectation() {
 
 #[test]
 fn mock_binary_drop_and_count() {
-    let (_mock, port) = start_mock(&["--rate", "2000", "--count", "300"]);
+    let (_mock, port) = start_mock(&["--rate", "2000", "--count", "300", "--start-immediately"]);
     let start = Instant::now();
     loop {
         let stats = http_get(port, "/stats").unwrap();

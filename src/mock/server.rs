@@ -302,6 +302,16 @@ fn push_event(shared: &Shared, ring: &mut Ring, now: i64) {
 /// consumes (rate 0), and performs periodic drops.
 fn generate_loop(shared: &Shared) {
     let cfg = &shared.config;
+    if !cfg.start_immediately {
+        while lock(&shared.subscribers).is_empty() {
+            if shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let ring = lock(&shared.ring);
+            drop(shared.changed.wait_timeout(ring, TICK));
+        }
+        tracing::info!("first subscriber: starting the event schedule");
+    }
     let start = Instant::now();
     let mut next_drop = cfg.drop_every.map(|d| start + d);
     let limit = cfg.count.unwrap_or(u64::MAX);

@@ -194,6 +194,8 @@ struct Client {
     reading_suspended: bool,
     /// Whether EPOLLOUT is currently in the interest set.
     want_out: bool,
+    /// Whether the socket is in the epoll set (it leaves it while stalled).
+    registered: bool,
 }
 
 /// What a timer does when it fires.
@@ -328,6 +330,7 @@ pub fn run(
             paused: false,
             reading_suspended: false,
             want_out: false,
+            registered: false,
         })
         .collect::<Vec<_>>();
     let generator = config
@@ -520,6 +523,7 @@ impl Driver<'_> {
         c.transport = transport;
         c.phase = Phase::Connecting;
         c.want_out = true;
+        c.registered = true;
         c.reading_suspended = false;
         c.out.clear();
         c.carry = Vec::new();
@@ -532,16 +536,27 @@ impl Driver<'_> {
         let Some(fd) = &c.fd else {
             return;
         };
-        let want_out = !c.out.is_empty() || c.transport.wants_write();
-        let mut flags = epoll::EventFlags::RDHUP;
-        if !c.reading_suspended {
-            flags |= epoll::EventFlags::IN;
+        if c.reading_suspended {
+            // Out of epoll entirely while stalled: HUP/ERR cannot be masked, and a peer that
+            // closes during the stall would otherwise make every wait return at once.
+            if c.registered {
+                let _ = epoll::delete(&self.epoll, fd);
+                c.registered = false;
+            }
+            return;
         }
+        let want_out = !c.out.is_empty() || c.transport.wants_write();
+        let mut flags = epoll::EventFlags::RDHUP | epoll::EventFlags::IN;
         if want_out {
             flags |= epoll::EventFlags::OUT;
         }
         c.want_out = want_out;
-        let _ = epoll::modify(&self.epoll, fd, epoll::EventData::new_u64(i as u64), flags);
+        let data = epoll::EventData::new_u64(i as u64);
+        if c.registered {
+            let _ = epoll::modify(&self.epoll, fd, data, flags);
+        } else if epoll::add(&self.epoll, fd, data, flags).is_ok() {
+            c.registered = true;
+        }
     }
 
     /// Dispatches a readiness event.
@@ -816,9 +831,12 @@ impl Driver<'_> {
     /// Closes the socket (removing it from epoll by closing the only fd).
     fn drop_socket(&mut self, i: usize) {
         let c = &mut self.clients[i];
-        if let Some(fd) = c.fd.take() {
+        if let Some(fd) = c.fd.take()
+            && c.registered
+        {
             let _ = epoll::delete(&self.epoll, &fd);
         }
+        c.registered = false;
         c.transport = Transport::Plain;
         c.out = Vec::new();
         c.carry = Vec::new();

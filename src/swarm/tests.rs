@@ -12,6 +12,7 @@ fn start_mock(rate: u64, seed: u64, jitter_ms: u64) -> mock::MockHandle {
         seed,
         dids: 1000,
         time_jitter_ms: jitter_ms,
+        start_immediately: true,
         ..Default::default()
     })
     .expect("mock starts")
@@ -336,11 +337,27 @@ fn mock_http_endpoints_and_drop() {
 }
 
 #[test]
+fn mock_waits_for_the_first_subscriber() {
+    let m = mock::spawn(MockConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        rate: 2000,
+        ..Default::default()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(m.seq(), 0, "nothing generated before anyone listens");
+    let (mut ws, _) = tungstenite::connect(format!("ws://{}/subscribe", m.local_addr())).unwrap();
+    let first = ws.read().unwrap();
+    assert_eq!(mock::Generator::seq_of(first.into_data().as_ref()), Some(0));
+}
+
+#[test]
 fn mock_rate_is_on_schedule_and_count_limits() {
     let m = mock::spawn(MockConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         rate: 1000,
         count: Some(700),
+        start_immediately: true,
         ..Default::default()
     })
     .unwrap();

@@ -341,6 +341,8 @@ impl Order {
     ) -> Result<Accepted, OrderError> {
         let (in_order, first_seq) = (checks.in_order, checks.first_seq);
         let Some(last) = self.last else {
+            // Recorded even if a check below fails: the client did receive this event first.
+            self.first = Some(seq);
             if let Some(expected) = first_seq.filter(|&e| e != seq) {
                 return Err(OrderError::FirstSeq { expected, got: seq });
             }
@@ -348,7 +350,6 @@ impl Order {
                 return Err(OrderError::Unwanted(seq));
             }
             self.last = Some(seq);
-            self.first = Some(seq);
             return Ok(Accepted::New);
         };
         if seq <= last {
