@@ -40,6 +40,9 @@ struct Args {
     /// Interval of WebSocket pings to subscribers.
     #[arg(long, value_parser = parse_dur, default_value = "30s")]
     ping_interval: Duration,
+    /// Start emitting at once instead of when the first subscriber connects.
+    #[arg(long)]
+    start_immediately: bool,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         malformed_every: a.malformed_every,
         time_jitter_ms: a.time_jitter_ms,
         ping_interval: a.ping_interval,
+        start_immediately: a.start_immediately,
     };
     let handle = mock::spawn(config).with_context(|| format!("starting mock on {}", a.listen))?;
     tracing::info!(addr = %handle.local_addr(), "ready");

@@ -273,8 +273,8 @@ pub struct Generator {
     pick_key: u64,
     /// Seed-derived key that turns a DID index into its identifier characters.
     name_key: u64,
-    /// Seed-derived tail of every DID (the head alone already makes DIDs distinct).
-    tail: u64,
+    /// Seed-derived last 11 characters of every DID (the head alone makes DIDs distinct).
+    tail: [u8; 11],
     /// DID population size (≥ 1): events spread over this many distinct DIDs.
     dids: u64,
     /// The parsed sample (shared, static).
@@ -287,7 +287,10 @@ impl Generator {
         Generator {
             pick_key: mix64(seed ^ 0x5eed_0001),
             name_key: mix64(seed ^ 0x5eed_0002),
-            tail: mix64(seed ^ 0x5eed_0003),
+            tail: {
+                let t = mix64(seed ^ 0x5eed_0003);
+                std::array::from_fn(|i| PLC_ALPHABET[((t >> (5 * (10 - i))) & 31) as usize])
+            },
             dids: dids.max(1),
             templates: templates(),
         }
@@ -327,14 +330,14 @@ impl Generator {
     /// Appends the DID for index `idx`: 13 characters from a bijection of the index (so distinct
     /// indices give distinct DIDs) and 11 from the seed.
     fn push_did(&self, idx: u64, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"did:plc:");
         let head = mix64(idx ^ self.name_key);
-        for i in 0..13 {
-            out.push(PLC_ALPHABET[((head >> (5 * (12 - i))) & 31) as usize]);
+        let mut did = [0u8; DID_LEN];
+        did[..8].copy_from_slice(b"did:plc:");
+        for (i, c) in did[8..21].iter_mut().enumerate() {
+            *c = PLC_ALPHABET[((head >> (5 * (12 - i))) & 31) as usize];
         }
-        for i in 0..11 {
-            out.push(PLC_ALPHABET[((self.tail >> (5 * (10 - i))) & 31) as usize]);
-        }
+        did[21..].copy_from_slice(&self.tail);
+        out.extend_from_slice(&did);
     }
 
     /// Appends event `seq` with `time_us` to `out`.
@@ -397,7 +400,18 @@ impl Generator {
     /// Reads the seq back from a generated event (`None` if `json` is not shaped like one).
     /// Only looks at the first few fields; a verifier must still compare the whole event.
     pub fn seq_of(json: &[u8]) -> Option<u64> {
-        let (after_time, _) = scan_prefix(json)?;
+        Self::head_of(json).map(|h| h.seq)
+    }
+
+    /// Decodes the seq and locates `time_us` in one pass (what a verifier needs).
+    pub fn head_of(json: &[u8]) -> Option<EventHead> {
+        let (time_start, after_time, time_us) = scan_prefix(json)?;
+        let head = |seq| EventHead {
+            seq,
+            time_us,
+            time_start,
+            time_end: after_time,
+        };
         let rest = json.get(after_time..)?;
         const COMMIT: &[u8] = b",\"kind\":\"commit\",\"commit\":{\"rev\":\"";
         if let Some(tid) = rest.strip_prefix(COMMIT) {
@@ -405,7 +419,7 @@ impl Generator {
             if v & 0x3ff != REV_CLOCK_ID {
                 return None;
             }
-            return (v >> 10).checked_sub(TID_BASE_US);
+            return (v >> 10).checked_sub(TID_BASE_US).map(head);
         }
         let body = if let Some(b) = rest.strip_prefix(b",\"kind\":\"identity\",\"identity\":{") {
             b
@@ -418,26 +432,44 @@ impl Generator {
         let digits = &body[pos + key.len()..];
         let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
         let v: u64 = std::str::from_utf8(&digits[..n]).ok()?.parse().ok()?;
-        v.checked_sub(IDENTITY_SEQ_BASE)
+        v.checked_sub(IDENTITY_SEQ_BASE).map(head)
     }
 
     /// Reads `time_us` from an event shaped like a generated (or real Jetstream) one:
     /// `{"did":"…","time_us":N,…`.
     pub fn time_us_of(json: &[u8]) -> Option<i64> {
-        scan_prefix(json).map(|(_, t)| t)
+        scan_prefix(json).map(|(_, _, t)| t)
     }
 }
 
-/// Parses `{"did":"<did>","time_us":<int>` and returns (offset just past the number, value).
-fn scan_prefix(json: &[u8]) -> Option<(usize, i64)> {
+/// What [`Generator::head_of`] reads from an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventHead {
+    /// The event's seq.
+    pub seq: u64,
+    /// Its `time_us`.
+    pub time_us: i64,
+    /// Offset of the first `time_us` digit.
+    pub time_start: usize,
+    /// Offset just past the last `time_us` digit.
+    pub time_end: usize,
+}
+
+/// Parses `{"did":"<did>","time_us":<int>` and returns (number start, number end, value).
+fn scan_prefix(json: &[u8]) -> Option<(usize, usize, i64)> {
     let rest = json.strip_prefix(b"{\"did\":\"")?;
-    let limit = rest.len().min(SEQ_SCAN_LIMIT);
-    let quote = rest[..limit].iter().position(|&c| c == b'"')?;
+    // Generated DIDs have a fixed length: try that before searching for the closing quote.
+    let quote = if rest.get(DID_LEN) == Some(&b'"') {
+        DID_LEN
+    } else {
+        let limit = rest.len().min(SEQ_SCAN_LIMIT);
+        rest[..limit].iter().position(|&c| c == b'"')?
+    };
     let after_did = 8 + quote;
     let rest = json.get(after_did..)?.strip_prefix(b"\",\"time_us\":")?;
     let num_start = after_did + 12;
     let (value, len) = parse_canonical_i64(rest)?;
-    Some((num_start + len, value))
+    Some((num_start, num_start + len, value))
 }
 
 /// Parses a JSON integer at the start of `s` in the exact form `push_i64` writes (no leading
@@ -446,13 +478,30 @@ fn scan_prefix(json: &[u8]) -> Option<(usize, i64)> {
 pub(crate) fn parse_canonical_i64(s: &[u8]) -> Option<(i64, usize)> {
     let neg = s.first() == Some(&b'-');
     let digits = &s[usize::from(neg)..];
-    let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
-    if n == 0 || n > 19 || (n > 1 && digits[0] == b'0') {
-        return None;
-    }
+    // One pass over at most 18 digits, which cannot overflow an i64 (the hot path)…
     let mut v: i64 = 0;
-    for &c in &digits[..n] {
-        v = v.checked_mul(10)?.checked_add(i64::from(c - b'0'))?;
+    let mut n = 0;
+    for &c in digits.iter().take(18) {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        // Wrapping ops: no overflow is possible here, and they keep debug builds fast.
+        v = v.wrapping_mul(10).wrapping_add(i64::from(d));
+        n += 1;
+    }
+    // …and checked arithmetic for a 19th digit.
+    if n == 18
+        && let Some(d) = digits
+            .get(18)
+            .map(|c| c.wrapping_sub(b'0'))
+            .filter(|&d| d <= 9)
+    {
+        v = v.checked_mul(10)?.checked_add(i64::from(d))?;
+        n += 1;
+    }
+    if n == 0 || (n > 1 && digits[0] == b'0') || digits.get(n).is_some_and(u8::is_ascii_digit) {
+        return None;
     }
     if neg {
         if v == 0 {

@@ -7,6 +7,9 @@
 //! re-renders bytes on demand: the bytes are identical to what was sent live, and two million
 //! history entries cost 32 MB instead of a gigabyte.
 //!
+//! The schedule starts when the first subscriber connects (unless `start_immediately`), and then
+//! runs regardless of who is connected, like a real upstream.
+//!
 //! Fault injection: `drop_connections()` / `GET /drop` / `drop_every` close subscriber TCP
 //! connections abruptly (no close frame); `malformed_every` interleaves messages a relay must
 //! survive (invalid JSON, JSON without `time_us`, a binary frame, a 2 MiB text frame). Those carry
@@ -18,8 +21,10 @@
 mod generator;
 mod server;
 
-pub use generator::{DEFAULT_DIDS, DID_LEN, Generator, MAX_SEQ, TEMPLATE_COUNT, TID_LEN};
-pub(crate) use generator::{mix64, parse_canonical_i64, push_i64};
+pub use generator::{
+    DEFAULT_DIDS, DID_LEN, EventHead, Generator, MAX_SEQ, TEMPLATE_COUNT, TID_LEN,
+};
+pub(crate) use generator::{mix64, push_i64};
 pub(crate) use server::url_query_pairs;
 pub use server::{MockHandle, spawn};
 
@@ -65,6 +70,10 @@ pub struct MockConfig {
     pub time_jitter_ms: u64,
     /// How often subscribers are pinged.
     pub ping_interval: Duration,
+    /// Start the schedule at spawn instead of at the first subscriber's connection. By default
+    /// the stream begins when someone listens, so a relay started after the mock still sees
+    /// seq 0 live and `count` bounds exactly what it receives.
+    pub start_immediately: bool,
 }
 
 impl Default for MockConfig {
@@ -80,6 +89,7 @@ impl Default for MockConfig {
             malformed_every: None,
             time_jitter_ms: 0,
             ping_interval: DEFAULT_PING_INTERVAL,
+            start_immediately: false,
         }
     }
 }

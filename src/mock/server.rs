@@ -302,16 +302,26 @@ fn push_event(shared: &Shared, ring: &mut Ring, now: i64) {
 /// consumes (rate 0), and performs periodic drops.
 fn generate_loop(shared: &Shared) {
     let cfg = &shared.config;
+    if !cfg.start_immediately {
+        while lock(&shared.subscribers).is_empty() {
+            if shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let ring = lock(&shared.ring);
+            drop(shared.changed.wait_timeout(ring, TICK));
+        }
+        tracing::info!("first subscriber: starting the event schedule");
+    }
     let start = Instant::now();
     let mut next_drop = cfg.drop_every.map(|d| start + d);
     let limit = cfg.count.unwrap_or(u64::MAX);
     while !shared.stop.load(Ordering::SeqCst) {
-        if let (Some(at), Some(every)) = (next_drop, cfg.drop_every) {
-            if Instant::now() >= at {
-                let n = shared.drop_all();
-                tracing::info!(subscribers = n, "periodic drop");
-                next_drop = Some(at + every);
-            }
+        if let (Some(at), Some(every)) = (next_drop, cfg.drop_every)
+            && Instant::now() >= at
+        {
+            let n = shared.drop_all();
+            tracing::info!(subscribers = n, "periodic drop");
+            next_drop = Some(at + every);
         }
         let mut ring = lock(&shared.ring);
         if ring.next_seq >= limit {
@@ -476,6 +486,12 @@ fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAd
             }
             subscribe(shared, stream, peer, cursor, leftover);
         }
+        ("/subscribe", None) => respond(
+            stream,
+            "400 Bad Request",
+            "text/plain",
+            "expected a WebSocket upgrade\n",
+        ),
         ("/drop", _) => {
             let n = shared.drop_all();
             tracing::info!(subscribers = n, "drop requested over HTTP");

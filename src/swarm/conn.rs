@@ -7,6 +7,7 @@
 
 use super::filter::Filter;
 use super::histogram::Histogram;
+pub use super::verify::Checks;
 use super::verify::{Accepted, Order, Verifier};
 use crate::frame::{self, FrameHeader, Opcode};
 
@@ -113,17 +114,6 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// Verification options shared by all clients.
-#[derive(Debug, Clone, Default)]
-pub struct Checks {
-    /// Contiguity check on.
-    pub in_order: bool,
-    /// Required first seq.
-    pub first_seq: Option<u64>,
-    /// Whether compressed (binary) frames are expected instead of text.
-    pub compressed: bool,
-}
-
 /// Process-wide counters and samples, shared by all sessions.
 #[derive(Debug, Default)]
 pub struct Totals {
@@ -141,6 +131,8 @@ pub struct Totals {
     pub duplicates: u64,
     /// Bytes of all frames received (headers included).
     pub frame_bytes: u64,
+    /// The first close reason seen per close code.
+    pub close_reasons: std::collections::BTreeMap<u16, String>,
 }
 
 impl Totals {
@@ -223,16 +215,16 @@ impl Session {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     // A partial frame must still be one we can hold.
-                    if let Ok(Some(h)) = frame::parse_header(&buf[at..]) {
-                        if h.payload_len > super::verify::MAX_EVENT_LEN as u64 {
-                            totals.fail(
-                                client.id,
-                                None,
-                                format!("frame of {} bytes exceeds the limit", h.payload_len),
-                            );
-                            client.failures += 1;
-                            return (at, Next::Abort);
-                        }
+                    if let Ok(Some(h)) = frame::parse_header(&buf[at..])
+                        && h.payload_len > super::verify::MAX_EVENT_LEN as u64
+                    {
+                        totals.fail(
+                            client.id,
+                            None,
+                            format!("frame of {} bytes exceeds the limit", h.payload_len),
+                        );
+                        client.failures += 1;
+                        return (at, Next::Abort);
                     }
                     return (at, Next::Continue);
                 }
@@ -288,17 +280,24 @@ impl Session {
             );
             return Next::Abort;
         }
-        let mask = fastrand::u32(..).to_ne_bytes();
+        let mask = || fastrand::u32(..).to_ne_bytes();
         let verified = match header.opcode {
             Opcode::Ping => {
-                frame::encode_client_frame(Opcode::Pong, payload, mask, out);
+                frame::encode_client_frame(Opcode::Pong, payload, mask(), out);
                 return Next::Continue;
             }
             Opcode::Pong => return Next::Continue,
             Opcode::Close => {
                 self.closed = true;
                 let code = match frame::parse_close(payload) {
-                    Ok((code, _reason)) => code.unwrap_or(1005),
+                    Ok((code, reason)) => {
+                        let code = code.unwrap_or(1005);
+                        totals
+                            .close_reasons
+                            .entry(code)
+                            .or_insert_with(|| reason.to_string());
+                        code
+                    }
                     Err(e) => {
                         fail(totals, None, format!("invalid close frame: {e:?}"));
                         payload
@@ -315,7 +314,7 @@ impl Session {
                 } else {
                     1000
                 };
-                frame::encode_client_close(frame::CloseCode(reply), "", mask, out);
+                frame::encode_client_close(frame::CloseCode(reply), "", mask(), out);
                 return Next::Closed;
             }
             Opcode::Text if checks.compressed => Err(super::verify::VerifyError::WrongFrameType(
@@ -352,15 +351,10 @@ impl Session {
         let accepted = match (verifier.generator(), v.seq) {
             (Some(g), Some(seq)) => {
                 let t = v.time_us.unwrap_or(0);
-                match client.order.accept(
-                    g,
-                    filter,
-                    seq,
-                    t,
-                    payload.len(),
-                    checks.in_order,
-                    checks.first_seq,
-                ) {
+                match client
+                    .order
+                    .accept(g, filter, seq, t, payload.len(), checks)
+                {
                     Ok(a) => a,
                     Err(e) => {
                         fail(totals, Some(seq), e.to_string());
@@ -605,6 +599,10 @@ mod tests {
         frame::encode_close(frame::CloseCode(1001), "bye", &mut b);
         assert_eq!(h.feed(&b, 3), Next::Closed);
         assert_eq!(h.client.closes, vec![1001]);
+        assert_eq!(
+            h.totals.close_reasons.get(&1001).map(String::as_str),
+            Some("bye")
+        );
         assert_eq!(h.client.events, 1);
         // Replies: a masked pong echoing the payload, then a masked close 1001.
         let (ph, pp) = frame::split_frame(&h.out).unwrap().unwrap();

@@ -28,7 +28,11 @@ const READ_BUF: usize = 256 * 1024;
 /// must not pin megabytes per client).
 const CARRY_KEEP: usize = 16 * 1024;
 
-/// Epoll events fetched per wait.
+/// When a carried partial frame leaves less room than this in the shared buffer, the frame is
+/// assembled in the client's own carry instead (reads smaller than this would waste syscalls).
+const MIN_READ_ROOM: usize = 4096;
+
+/// Epoll events fetched per wait: enough to drain a busy wake-up in one call.
 const EVENTS_PER_WAIT: usize = 1024;
 
 /// Longest sleep of the loop, so the deadline and connect pacing are honoured promptly.
@@ -190,6 +194,8 @@ struct Client {
     reading_suspended: bool,
     /// Whether EPOLLOUT is currently in the interest set.
     want_out: bool,
+    /// Whether the socket is in the epoll set (it leaves it while stalled).
+    registered: bool,
 }
 
 /// What a timer does when it fires.
@@ -214,6 +220,11 @@ pub struct ConnTotals {
     pub connect_failure_examples: Vec<String>,
     /// Connections that ended without a close frame (EOF, reset) after the upgrade.
     pub disconnects_without_close: u64,
+    /// Successful reads from open connections (events per read shows how batched delivery is).
+    pub reads: u64,
+    /// Time spent waiting in epoll: the rest of the run the loop was busy, and a loop busy
+    /// nearly all the time means the swarm, not the server, limits throughput and latency.
+    pub idle: Duration,
 }
 
 /// Everything a finished run leaves behind for the report.
@@ -260,8 +271,8 @@ struct Driver<'a> {
     conns: ConnTotals,
     /// TLS configuration (built once, when a target is wss).
     tls: Option<Arc<rustls::ClientConfig>>,
-    /// Verification options.
-    checks: conn::Checks,
+    /// Verification options per target (compression is a property of the URL).
+    checks: Vec<conn::Checks>,
 }
 
 /// Wall-clock µs.
@@ -319,6 +330,7 @@ pub fn run(
             paused: false,
             reading_suspended: false,
             want_out: false,
+            registered: false,
         })
         .collect::<Vec<_>>();
     let generator = config
@@ -339,11 +351,15 @@ pub fn run(
         totals: Totals::default(),
         conns: ConnTotals::default(),
         tls,
-        checks: conn::Checks {
-            in_order: config.expect.in_order,
-            first_seq: config.expect.first_seq,
-            compressed: config.compress,
-        },
+        checks: targets
+            .iter()
+            .map(|t| conn::Checks {
+                in_order: config.expect.in_order,
+                first_seq: config.expect.first_seq,
+                // The URL may ask for compression itself.
+                compressed: config.compress || Filter::from_query(&t.query).compressed(),
+            })
+            .collect(),
     };
     let start = Instant::now();
     d.event_loop(start + config.duration)?;
@@ -392,7 +408,10 @@ impl Driver<'_> {
                 tv_nsec: i64::from(wait.subsec_nanos()),
             };
             events.clear();
-            match epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&ts)) {
+            let before = Instant::now();
+            let waited = epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&ts));
+            self.conns.idle += before.elapsed();
+            match waited {
                 Ok(_) => {}
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(SwarmError::Epoll(e)),
@@ -504,6 +523,7 @@ impl Driver<'_> {
         c.transport = transport;
         c.phase = Phase::Connecting;
         c.want_out = true;
+        c.registered = true;
         c.reading_suspended = false;
         c.out.clear();
         c.carry = Vec::new();
@@ -516,16 +536,27 @@ impl Driver<'_> {
         let Some(fd) = &c.fd else {
             return;
         };
-        let want_out = !c.out.is_empty() || c.transport.wants_write();
-        let mut flags = epoll::EventFlags::RDHUP;
-        if !c.reading_suspended {
-            flags |= epoll::EventFlags::IN;
+        if c.reading_suspended {
+            // Out of epoll entirely while stalled: HUP/ERR cannot be masked, and a peer that
+            // closes during the stall would otherwise make every wait return at once.
+            if c.registered {
+                let _ = epoll::delete(&self.epoll, fd);
+                c.registered = false;
+            }
+            return;
         }
+        let want_out = !c.out.is_empty() || c.transport.wants_write();
+        let mut flags = epoll::EventFlags::RDHUP | epoll::EventFlags::IN;
         if want_out {
             flags |= epoll::EventFlags::OUT;
         }
         c.want_out = want_out;
-        let _ = epoll::modify(&self.epoll, fd, epoll::EventData::new_u64(i as u64), flags);
+        let data = epoll::EventData::new_u64(i as u64);
+        if c.registered {
+            let _ = epoll::modify(&self.epoll, fd, data, flags);
+        } else if epoll::add(&self.epoll, fd, data, flags).is_ok() {
+            c.registered = true;
+        }
     }
 
     /// Dispatches a readiness event.
@@ -576,10 +607,10 @@ impl Driver<'_> {
     fn connected(&mut self, i: usize, now: Instant) {
         let target = &self.targets[self.clients[i].target];
         let mut path = target.path_and_query.clone();
-        if self.config.reconnect {
-            if let Some(t) = self.clients[i].state.max_time_us {
-                path = super::with_cursor(&path, t);
-            }
+        if self.config.reconnect
+            && let Some(t) = self.clients[i].state.max_time_us
+        {
+            path = super::with_cursor(&path, t);
         }
         let key = tungstenite::handshake::client::generate_key();
         let request = conn::upgrade_request(&target.host_header, &path, &key);
@@ -697,7 +728,7 @@ impl Driver<'_> {
         };
         let fd = fd.as_fd();
         let carried = c.carry.len();
-        let result = if carried + 4096 > buf.len() {
+        let result = if carried + MIN_READ_ROOM > buf.len() {
             // A frame larger than the shared buffer: grow the carry itself.
             c.carry.reserve(READ_BUF);
             let spare = c.carry.capacity() - c.carry.len();
@@ -716,6 +747,7 @@ impl Driver<'_> {
         match result {
             Ok((0, _)) => self.disconnected(i, now),
             Ok((n, in_carry)) => {
+                self.conns.reads += 1;
                 if in_carry {
                     self.process(i, &mut [], 0, now);
                 } else {
@@ -740,7 +772,7 @@ impl Driver<'_> {
                 &mut c.state,
                 filter,
                 &mut self.verifier,
-                &self.checks,
+                &self.checks[c.target],
                 &mut self.totals,
                 now_us,
                 &mut c.out,
@@ -754,7 +786,7 @@ impl Driver<'_> {
                 &mut c.state,
                 filter,
                 &mut self.verifier,
-                &self.checks,
+                &self.checks[c.target],
                 &mut self.totals,
                 now_us,
                 &mut c.out,
@@ -799,9 +831,12 @@ impl Driver<'_> {
     /// Closes the socket (removing it from epoll by closing the only fd).
     fn drop_socket(&mut self, i: usize) {
         let c = &mut self.clients[i];
-        if let Some(fd) = c.fd.take() {
+        if let Some(fd) = c.fd.take()
+            && c.registered
+        {
             let _ = epoll::delete(&self.epoll, &fd);
         }
+        c.registered = false;
         c.transport = Transport::Plain;
         c.out = Vec::new();
         c.carry = Vec::new();

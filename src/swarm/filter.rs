@@ -122,12 +122,11 @@ impl Filter {
     fn content_ok(&self, generator: &Generator, seq: u64) -> bool {
         let (kind, collection) =
             Generator::template_kind_and_collection(Generator::template_index(seq));
-        if kind == "commit" {
-            if let Some(c) = collection {
-                if !self.collection_ok(c) {
-                    return false;
-                }
-            }
+        if kind == "commit"
+            && let Some(c) = collection
+            && !self.collection_ok(c)
+        {
+            return false;
         }
         self.dids.is_empty() || self.dids.contains(&generator.did_for(seq))
     }
@@ -153,6 +152,9 @@ impl Filter {
     /// Checks a received event against the filter: its content must match, and its size as
     /// sent (`sent_len`: payload bytes of the frame) must respect the limit.
     pub fn admits_received(&self, generator: &Generator, seq: u64, sent_len: usize) -> bool {
+        if self.is_everything() {
+            return true;
+        }
         self.content_ok(generator, seq) && self.max_size.is_none_or(|m| sent_len as u64 <= m)
     }
 }

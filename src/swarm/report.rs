@@ -7,9 +7,17 @@ use super::histogram::{Histogram, SparseHistogram};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// A client is "behind" when the newest event it received is older, by event time, than the
-/// newest event any client received by more than this.
+/// "Behind", precisely: at the end of the run, a client that received at least one event is
+/// behind when the largest `time_us` it received is more than this many µs below the largest
+/// `time_us` any client (in any process) received. Event time, not wall time, so a swarm that is
+/// itself slow does not blame the server; the maximum rather than the last event, so jittered
+/// (non-monotonic) `time_us` does not count as lag. Clients whose filter matches less than one
+/// event per second can show as behind while being current; compare with
+/// `clients_without_events` and the per-client event counts.
 pub const BEHIND_THRESHOLD_US: i64 = 1_000_000;
+
+/// Above this loop utilisation the report warns that the swarm, not the server, is the limit.
+const BUSY_WARNING_PCT: f64 = 85.0;
 
 /// Example client ids kept per failed expectation.
 const MAX_EXPECTATION_EXAMPLES: usize = 5;
@@ -69,6 +77,8 @@ pub struct Report {
     pub refused: BTreeMap<String, u64>,
     /// Close frames received by close code (1005 = no code).
     pub closes: BTreeMap<String, u64>,
+    /// One example close reason per close code.
+    pub close_reasons: BTreeMap<String, String>,
     /// Upgraded connections that ended without a close frame.
     pub disconnects_without_close: u64,
     /// New events received (duplicates excluded).
@@ -79,6 +89,13 @@ pub struct Report {
     pub frame_bytes: u64,
     /// Events per second over the run.
     pub events_per_s: f64,
+    /// Reads that returned data (events / reads = batching of the delivery).
+    pub reads: u64,
+    /// Share of the run the busiest process's loop was not waiting in epoll (working, or
+    /// runnable but waiting for a CPU), in percent. Near 100 the swarm itself is the bottleneck
+    /// and its latency figures include its own queueing; use more `--processes`, fewer clients,
+    /// or a less loaded machine.
+    pub busy_pct: f64,
     /// Frame bytes per second, in Gbit/s.
     pub gbps: f64,
     /// Receive time minus `time_us`.
@@ -146,6 +163,9 @@ impl Report {
             events: o.totals.events,
             duplicates_skipped: o.totals.duplicates,
             frame_bytes: o.totals.frame_bytes,
+            reads: o.conns.reads,
+            busy_pct: 100.0
+                * (1.0 - o.conns.idle.as_secs_f64() / o.elapsed.as_secs_f64().max(1e-9)).max(0.0),
             verified: o.verifier.generator().is_some(),
             verification_failures: o.totals.failures,
             failure_examples: o.totals.examples.clone(),
@@ -157,6 +177,12 @@ impl Report {
             ..Default::default()
         };
         r.latency.negative = o.totals.negative_latency;
+        r.close_reasons = o
+            .totals
+            .close_reasons
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let mut max_times: BTreeMap<i64, u64> = BTreeMap::new();
         for c in &o.clients {
             r.connected += u64::from(c.upgrades > 0);
@@ -253,10 +279,17 @@ impl Report {
         for (k, v) in &o.closes {
             *self.closes.entry(k.clone()).or_default() += v;
         }
+        for (k, v) in &o.close_reasons {
+            self.close_reasons
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+        }
         self.disconnects_without_close += o.disconnects_without_close;
         self.events += o.events;
         self.duplicates_skipped += o.duplicates_skipped;
         self.frame_bytes += o.frame_bytes;
+        self.reads += o.reads;
+        self.busy_pct = self.busy_pct.max(o.busy_pct);
         self.latency.negative += o.latency.negative;
         self.min_events_per_client = self.min_events_per_client.min(o.min_events_per_client);
         self.max_events_per_client = self.max_events_per_client.max(o.max_events_per_client);
@@ -358,13 +391,13 @@ impl Report {
                 ),
             );
         }
-        if let Some(n) = expect.connected {
-            if self.connected < n {
-                self.expectation_failures.push(global(
-                    format!("--expect-connected {n}"),
-                    format!("only {} clients completed the upgrade", self.connected),
-                ));
-            }
+        if let Some(n) = expect.connected
+            && self.connected < n
+        {
+            self.expectation_failures.push(global(
+                format!("--expect-connected {n}"),
+                format!("only {} clients completed the upgrade", self.connected),
+            ));
         }
         if let Some(ms) = expect.p99_ms {
             let p99_ms = self.latency.p99_us as f64 / 1000.0;
@@ -397,8 +430,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "closes by code {:?}, disconnects without close {}",
-            self.closes, self.disconnects_without_close
+            "closes by code {:?} (reasons {:?}), disconnects without close {}",
+            self.closes, self.close_reasons, self.disconnects_without_close
         );
         let _ = writeln!(
             s,
@@ -410,6 +443,18 @@ impl Report {
             self.min_events_per_client,
             self.max_events_per_client,
             self.duplicates_skipped
+        );
+        let _ = writeln!(
+            s,
+            "reads {} ({:.1} events/read); swarm loop busy {:.0}%{}",
+            self.reads,
+            self.events as f64 / self.reads.max(1) as f64,
+            self.busy_pct,
+            if self.busy_pct > BUSY_WARNING_PCT {
+                " — WARNING: the swarm is saturated; its latency figures include its own queueing"
+            } else {
+                ""
+            }
         );
         let l = &self.latency;
         let _ = writeln!(
@@ -443,6 +488,12 @@ impl Report {
         }
         for e in &self.connect_failure_examples {
             let _ = writeln!(s, "  connect failure: {e}");
+        }
+        if self.events == 0 {
+            let _ = writeln!(
+                s,
+                "WARNING: no events at all; add --expect-min-events to make such a run fail"
+            );
         }
         if self.passed {
             let _ = writeln!(s, "PASS");

@@ -14,7 +14,7 @@
 //! one the client must receive next, given its filter.
 
 use super::filter::{Filter, Verdict};
-use crate::mock::{Generator, parse_canonical_i64};
+use crate::mock::Generator;
 
 /// Expected renderings kept: covers clients spread over this many consecutive seqs without
 /// regenerating (a few seconds of stream at typical rates).
@@ -27,6 +27,17 @@ pub const MAX_EVENT_LEN: usize = 4 * 1024 * 1024;
 /// Longest gap (in seqs) a filtered client's gap check will scan; a relay that jumps further
 /// than this is reported instead of stalling the swarm.
 const MAX_GAP_SCAN: u64 = 20_000_000;
+
+/// Verification options shared by all clients.
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
+    /// Contiguity check on.
+    pub in_order: bool,
+    /// Required first seq.
+    pub first_seq: Option<u64>,
+    /// Whether compressed (binary) frames are expected instead of text.
+    pub compressed: bool,
+}
 
 /// Why a received frame failed verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +65,17 @@ pub enum VerifyError {
     /// The frame type does not match the subscription (text vs binary).
     #[error("{0}")]
     WrongFrameType(&'static str),
+    /// The same event reached clients with different `time_us` values: a relay stores each
+    /// event once, so every copy (live or replayed) must be identical.
+    #[error("seq {seq} delivered with time_us {got}, but earlier with {first}")]
+    TimeChanged {
+        /// The event.
+        seq: u64,
+        /// `time_us` in this copy.
+        got: i64,
+        /// `time_us` in the first copy seen.
+        first: i64,
+    },
 }
 
 /// Why a verified event is out of place in the client's stream.
@@ -109,6 +131,8 @@ struct Slot {
     compressed: Vec<u8>,
     /// `time_us` inside `compressed`.
     compressed_time: i64,
+    /// `time_us` of the first copy of this seq received (all copies must agree).
+    time_us: Option<i64>,
 }
 
 /// The result of verifying one frame.
@@ -174,14 +198,16 @@ impl Verifier {
                 time_us: Generator::time_us_of(payload),
             });
         };
-        let seq = Generator::seq_of(payload)
+        let head = Generator::head_of(payload)
             .ok_or_else(|| VerifyError::Undecodable(snippet(payload, 0)))?;
+        let seq = head.seq;
         let slot = &mut self.cache[(seq % CACHE_SLOTS as u64) as usize];
         if slot.seq != Some(seq) {
             slot.bytes.clear();
             slot.time_at = generator.event_without_time(seq, &mut slot.bytes);
             slot.seq = Some(seq);
             slot.compressed.clear();
+            slot.time_us = None;
             self.generated += 1;
         }
         let want = &slot.bytes;
@@ -192,13 +218,26 @@ impl Verifier {
             got: snippet(payload, offset),
             want: snippet(want, offset.min(want.len())),
         };
-        if payload.len() < at || payload[..at] != want[..at] {
+        // The head parser found canonical time digits at `time_start..time_end`; equal bytes
+        // around them are equivalent to comparing with the event regenerated at that time.
+        if head.time_start != at || payload[..at] != want[..at] {
             return Err(mismatch(first_difference(payload, want)));
         }
-        let (time_us, digits) = parse_canonical_i64(&payload[at..]).ok_or_else(|| mismatch(at))?;
-        if payload[at + digits..] != want[at..] {
-            let d = first_difference(&payload[at + digits..], &want[at..]);
-            return Err(mismatch(at + digits + d));
+        if payload[head.time_end..] != want[at..] {
+            let d = first_difference(&payload[head.time_end..], &want[at..]);
+            return Err(mismatch(head.time_end + d));
+        }
+        let time_us = head.time_us;
+        match slot.time_us {
+            None => slot.time_us = Some(time_us),
+            Some(first) if first != time_us => {
+                return Err(VerifyError::TimeChanged {
+                    seq,
+                    got: time_us,
+                    first,
+                });
+            }
+            Some(_) => {}
         }
         Ok(Verified {
             seq: Some(seq),
@@ -289,7 +328,8 @@ pub struct Order {
 
 impl Order {
     /// Decides about verified event `seq` (arriving with `time_us`, `sent_len` payload bytes).
-    /// `in_order` enables the contiguity check; `first_seq` requires a specific first event.
+    /// `checks.in_order` enables the contiguity check; `checks.first_seq` requires a specific
+    /// first event.
     pub fn accept(
         &mut self,
         generator: &Generator,
@@ -297,10 +337,12 @@ impl Order {
         seq: u64,
         time_us: i64,
         sent_len: usize,
-        in_order: bool,
-        first_seq: Option<u64>,
+        checks: &Checks,
     ) -> Result<Accepted, OrderError> {
+        let (in_order, first_seq) = (checks.in_order, checks.first_seq);
         let Some(last) = self.last else {
+            // Recorded even if a check below fails: the client did receive this event first.
+            self.first = Some(seq);
             if let Some(expected) = first_seq.filter(|&e| e != seq) {
                 return Err(OrderError::FirstSeq { expected, got: seq });
             }
@@ -308,7 +350,6 @@ impl Order {
                 return Err(OrderError::Unwanted(seq));
             }
             self.last = Some(seq);
-            self.first = Some(seq);
             return Ok(Accepted::New);
         };
         if seq <= last {
@@ -381,7 +422,8 @@ mod tests {
         }
         // Second pass hits the cache.
         let before = v.generated;
-        v.verify_plain(&event(&g, 151, 5)).unwrap();
+        v.verify_plain(&event(&g, 151, 1_783_175_888_000_000 + 151 * 7))
+            .unwrap();
         assert_eq!(v.generated, before);
     }
 
@@ -412,6 +454,22 @@ mod tests {
             longer.push(b' ');
             assert!(v.verify_plain(&longer).is_err());
         }
+    }
+
+    #[test]
+    fn every_copy_of_an_event_must_carry_the_same_time() {
+        let g = Generator::new(3, 100);
+        let mut v = Verifier::new(Some(g.clone()));
+        v.verify_plain(&event(&g, 77, 1_000)).unwrap();
+        v.verify_plain(&event(&g, 77, 1_000)).unwrap();
+        assert_eq!(
+            v.verify_plain(&event(&g, 77, 1_001)),
+            Err(VerifyError::TimeChanged {
+                seq: 77,
+                got: 1_001,
+                first: 1_000
+            })
+        );
     }
 
     #[test]
@@ -464,7 +522,11 @@ mod tests {
     }
 
     fn accept(o: &mut Order, g: &Generator, f: &Filter, seq: u64) -> Result<Accepted, OrderError> {
-        o.accept(g, f, seq, 1_783_175_888_000_000, 100, true, None)
+        let checks = Checks {
+            in_order: true,
+            ..Default::default()
+        };
+        o.accept(g, f, seq, 1_783_175_888_000_000, 100, &checks)
     }
 
     #[test]
@@ -511,7 +573,18 @@ mod tests {
         );
         let mut o = Order::default();
         assert_eq!(
-            o.accept(&g, &f, 4, 1, 100, true, Some(3)),
+            o.accept(
+                &g,
+                &f,
+                4,
+                1,
+                100,
+                &Checks {
+                    in_order: true,
+                    first_seq: Some(3),
+                    compressed: false
+                }
+            ),
             Err(OrderError::FirstSeq {
                 expected: 3,
                 got: 4
@@ -547,6 +620,33 @@ mod tests {
         assert_eq!(
             accept(&mut o, &g, &f, unwanted),
             Err(OrderError::Unwanted(unwanted))
+        );
+    }
+
+    /// `cargo test --release -- --ignored verify_throughput --nocapture`: the verifier's
+    /// per-event CPU cost with a warm cache (what one swarm core can check).
+    #[test]
+    #[ignore]
+    fn verify_throughput() {
+        let g = Generator::new(3, 100_000);
+        // A window small enough to stay in cache, as when many clients receive the same
+        // recent events within milliseconds of each other.
+        let events: Vec<Vec<u8>> = (0..64u64)
+            .map(|s| event(&g, s, 1_783_175_888_000_000 + s as i64))
+            .collect();
+        let mut v = Verifier::new(Some(g.clone()));
+        let start = std::time::Instant::now();
+        let rounds = 20_000;
+        for _ in 0..rounds {
+            for e in &events {
+                v.verify_plain(e).unwrap();
+            }
+        }
+        let n = (rounds * events.len()) as f64;
+        let ns = start.elapsed().as_nanos() as f64 / n;
+        eprintln!(
+            "verify_plain: {ns:.0} ns/event ({:.1} M events/s)",
+            1e3 / ns
         );
     }
 }
