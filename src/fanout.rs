@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::frame::{InboundDecoder, InboundMessage, Opcode};
-use crate::hub::{Counters, Hub, stored_payload_len};
+use crate::hub::{Counters, Hub, Shape, stored_payload_len};
 use crate::index::{COLLECTION_NONE, COLLECTION_UNKNOWN, EventPos};
 use crate::log::{NONE, Stream};
 use crate::subscription::{MAX_OPTIONS_UPDATE_BYTES, SubscriberOptions};
@@ -307,6 +307,15 @@ struct Client {
     fin_at: Option<Instant>,
     /// In the ready queue already.
     queued: bool,
+    /// Subscription shape at connect, for the per-shape client gauge and logs.
+    shape: Shape,
+    /// Contiguous source: `Hub::appended_seq` when the range was last extended, so the events
+    /// in a range are a subtraction, not an index walk.
+    range_seq: u64,
+    /// Events in the scheduled range not yet handed over; counted when the range completes.
+    pending_events: u64,
+    /// `last_append_us` when the range was scheduled: delivery latency is measured from it.
+    range_appended_us: u64,
 }
 
 impl Client {
@@ -502,6 +511,7 @@ impl Worker {
         };
         let generation = self.generations[slot as usize];
         let options_empty = nc.options == SubscriberOptions::default();
+        let shape = Shape::of(&nc.options);
         let start_off = nc.start.offset(nc.compressed);
         let source = if options_empty {
             Source::Contiguous
@@ -536,11 +546,16 @@ impl Worker {
             shut: false,
             fin_at: None,
             queued: false,
+            shape,
+            range_seq: nc.start.seq,
+            pending_events: 0,
+            range_appended_us: 0,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
         let fd = client.fd.as_raw_fd();
         self.slots[slot as usize] = Some(client);
         Counters::add(&self.hub.counters.clients, 1);
+        Counters::add(&self.hub.counters.clients_by_shape[shape.index(nc.compressed)], 1);
         self.arm_pollin(slot, fd);
         if !admitted {
             self.begin_close(slot, CloseWhy::Retention);
@@ -640,16 +655,24 @@ impl Worker {
             if c.hello_pending {
                 return false;
             }
-            // Extend the range to what is now available.
+            // Extend the range to what is now available. The sequence number is read before the
+            // end so the delivered count never runs ahead of the bytes.
+            let seq = hub.appended_seq();
+            let appended_us = hub.counters.last_append_us.load(Ordering::Relaxed);
             let stream = c.stream(&hub);
             let end = stream.end();
             match &mut c.source {
-                Source::Contiguous => c.boundary = end,
+                Source::Contiguous => {
+                    c.boundary = end;
+                    c.pending_events += seq.saturating_sub(c.range_seq);
+                    c.range_seq = c.range_seq.max(seq);
+                }
                 Source::Filtered(w) => {
                     let index = hub.index();
-                    if let Some((from, to)) = w.next_run(&index, hub.plain.file(), c.compressed) {
+                    if let Some((from, to, n)) = w.next_run(&index, hub.plain.file(), c.compressed) {
                         c.pos = from;
                         c.boundary = to;
+                        c.pending_events += n;
                     }
                     if w.next.seq < index.next_seq() && c.pos == c.boundary {
                         // Budget exhausted without a match: continue next loop.
@@ -664,6 +687,7 @@ impl Worker {
                 self.idle.push(slot);
                 return false;
             }
+            c.range_appended_us = appended_us;
         }
         // Data: ring if the bytes are still there, else splice through a pooled pipe.
         let ring_low = self.ring_low[c.compressed as usize];
@@ -764,6 +788,7 @@ impl Worker {
         if res > 0 {
             c.pos += res as u64;
             Counters::add(&self.hub.counters.bytes_sent, res as u64);
+            range_progress(&self.hub, c);
             self.enqueue(slot);
         } else if res == -libc::EAGAIN {
             self.block(slot);
@@ -808,6 +833,7 @@ impl Worker {
             c.pos += res as u64;
             c.pipe_fill = c.pipe_fill.saturating_sub(res as u32);
             Counters::add(&self.hub.counters.bytes_sent, res as u64);
+            range_progress(&self.hub, c);
         }
         if c.pipe_fill == 0 {
             self.release_pipe(slot);
@@ -956,7 +982,8 @@ impl Worker {
         c.closing = Some((why, Instant::now()));
         match why {
             CloseWhy::Retention => Counters::add(&self.hub.counters.kicked_retention, 1),
-            CloseWhy::Dead | CloseWhy::Protocol => Counters::add(&self.hub.counters.kicked_other, 1),
+            CloseWhy::Dead => Counters::add(&self.hub.counters.kicked_dead, 1),
+            CloseWhy::Protocol => Counters::add(&self.hub.counters.kicked_protocol, 1),
             _ => {}
         }
         tracing::info!(peer = %c.peer, ?why, code, reason, "closing client");
@@ -1001,7 +1028,9 @@ impl Worker {
             if let Some(ip) = c.counted_ip {
                 self.hub.limits.release(ip);
             }
-            tracing::info!(peer = %c.peer, why = ?c.closing.map(|x| x.0), sent = c.pos, "client disconnected");
+            tracing::info!(peer = %c.peer, worker = self.id, shape = %c.shape, compress = c.compressed,
+                why = ?c.closing.map_or(CloseWhy::Peer, |x| x.0), log_pos = c.pos, "client disconnected");
+            self.hub.counters.clients_by_shape[c.shape.index(c.compressed)].fetch_sub(1, Ordering::Relaxed);
             drop(c);
             self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
             self.free.push(slot);
@@ -1068,6 +1097,7 @@ fn apply_options(hub: &Hub, c: &mut Client, opts: SubscriberOptions) {
         }
     };
     drop(index);
+    c.range_seq = next.seq;
     if opts == SubscriberOptions::default() {
         c.source = Source::Contiguous;
         c.pos = next.offset(c.compressed);
@@ -1076,6 +1106,20 @@ fn apply_options(hub: &Hub, c: &mut Client, opts: SubscriberOptions) {
         c.pos = next.offset(c.compressed);
     }
     c.boundary = c.pos;
+}
+
+/// After bytes were handed over: once the scheduled range is complete, counts its events and
+/// records the delivery latency (once per range, never per event).
+fn range_progress(hub: &Hub, c: &mut Client) {
+    if c.pos == c.boundary && c.pending_events > 0 {
+        Counters::add(&hub.counters.events_delivered, c.pending_events);
+        c.pending_events = 0;
+        // 0 = nothing appended since start (a replay of an older log): no meaningful latency.
+        if c.range_appended_us != 0 {
+            let now = crate::index::now_us() as u64;
+            hub.counters.delivery_latency.record(now.saturating_sub(c.range_appended_us));
+        }
+    }
 }
 
 fn send(fd: RawFd, ptr: *const u8, len: u32, ud: u64) -> squeue::Entry {
@@ -1105,26 +1149,30 @@ impl Walker {
     }
 
     /// Finds the next run of consecutive matching frames from `self.next`, within the walk
-    /// budget. Returns its byte range in the client's base log and advances past it.
+    /// budget. Returns its byte range in the client's base log and its number of events, and
+    /// advances past it.
     fn next_run(
         &mut self,
         index: &crate::index::EventIndex,
         plain: &std::fs::File,
         compressed: bool,
-    ) -> Option<(u64, u64)> {
+    ) -> Option<(u64, u64, u64)> {
         if self.next.seq < index.start_pos().seq {
             // Retention passed us while idle; the housekeeping kick handles it.
             return None;
         }
-        let mut run: Option<(u64, u64)> = None;
+        let mut run: Option<(u64, u64, u64)> = None;
         let mut next = self.next;
         let mut walked_past_run = false;
         index.walk(self.next, WALK_BUDGET, |pos, e| {
             let ok = self.matches(index, plain, pos, e, compressed);
             let end = pos.offset(compressed) + e.frame_len(compressed);
             match (&mut run, ok) {
-                (None, true) => run = Some((pos.offset(compressed), end)),
-                (Some(r), true) if (end - r.0) as usize <= MAX_SEND => r.1 = end,
+                (None, true) => run = Some((pos.offset(compressed), end, 1)),
+                (Some(r), true) if (end - r.0) as usize <= MAX_SEND => {
+                    r.1 = end;
+                    r.2 += 1;
+                }
                 (Some(_), _) => {
                     walked_past_run = true;
                     return false;

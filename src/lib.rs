@@ -18,3 +18,4 @@ pub mod tls;
 pub mod relay;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
