@@ -112,12 +112,20 @@ impl Shape {
     /// Shapes × {plain, compressed}.
     pub const COUNT: usize = 8;
     /// Every shape, in index order.
-    pub const ALL: [Shape; 4] = [Shape::All, Shape::Collections, Shape::Dids, Shape::CollectionsAndDids];
+    pub const ALL: [Shape; 4] = [
+        Shape::All,
+        Shape::Collections,
+        Shape::Dids,
+        Shape::CollectionsAndDids,
+    ];
 
     /// The shape of a subscription. A `requireHello` client is classified by its options at
     /// connect time (it usually has none yet, so it counts as `all`).
     pub fn of(options: &crate::subscription::SubscriberOptions) -> Shape {
-        match (options.wanted_collections.is_empty(), options.wanted_dids.is_empty()) {
+        match (
+            options.wanted_collections.is_empty(),
+            options.wanted_dids.is_empty(),
+        ) {
             (true, true) => Shape::All,
             (false, true) => Shape::Collections,
             (true, false) => Shape::Dids,

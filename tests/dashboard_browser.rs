@@ -86,7 +86,10 @@ fn body_attr(dom: &str, attr: &str) -> String {
     let at = dom.find("<body").expect("body");
     let tag = &dom[at..at + dom[at..].find('>').unwrap()];
     let key = format!("{attr}=\"");
-    let start = tag.find(&key).unwrap_or_else(|| panic!("no {attr} on body: {tag}")) + key.len();
+    let start = tag
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {attr} on body: {tag}"))
+        + key.len();
     tag[start..start + tag[start..].find('"').unwrap()].to_owned()
 }
 
@@ -104,7 +107,9 @@ fn dashboard_renders_live_figures_in_a_browser() {
         return;
     }
     let relay = Relay::start(&["--demo", "--demo-rate", "200"], &[], true);
-    let _clients: Vec<Subscriber> = (0..2).map(|_| Subscriber::connect(relay.listen, "")).collect();
+    let _clients: Vec<Subscriber> = (0..2)
+        .map(|_| Subscriber::connect(relay.listen, ""))
+        .collect();
     let url = format!("http://{}/", relay.metrics);
     let work = temp_dir("dashboard");
 
@@ -112,14 +117,20 @@ fn dashboard_renders_live_figures_in_a_browser() {
     let second = chromium(&work.join("p2"), &["--dump-dom".into()], &url);
     for dom in [&first, &second] {
         let samples: u32 = body_attr(dom, "data-samples").parse().unwrap();
-        assert!(samples >= 2, "at least two polls (rates need a delta): {samples}");
+        assert!(
+            samples >= 2,
+            "at least two polls (rates need a delta): {samples}"
+        );
         assert_eq!(text_of(dom, "v-clients"), "2");
         assert_eq!(text_of(dom, "ready"), "ready");
         assert_eq!(text_of(dom, "upstream"), "upstream connected");
         for id in ["v-gbps", "v-eps", "v-upstream", "v-lag", "v-p99"] {
             let v = text_of(dom, id);
             assert!(!v.is_empty() && v != "–", "#{id} is empty: {v:?}");
-            assert!(v.chars().any(|c| c.is_ascii_digit()), "#{id} has no number: {v:?}");
+            assert!(
+                v.chars().any(|c| c.is_ascii_digit()),
+                "#{id} has no number: {v:?}"
+            );
         }
         assert!(text_of(dom, "v-gbps").ends_with("bps"));
         assert!(text_of(dom, "v-eps").ends_with("/s"));
@@ -128,8 +139,15 @@ fn dashboard_renders_live_figures_in_a_browser() {
     }
     // Live: the cumulative totals moved between the two loads.
     let total = |dom: &str| text_of(dom, "sub-eps");
-    assert_ne!(total(&first), total(&second), "figures did not change between loads");
-    assert_ne!(text_of(&first, "sub-upstream"), text_of(&second, "sub-upstream"));
+    assert_ne!(
+        total(&first),
+        total(&second),
+        "figures did not change between loads"
+    );
+    assert_ne!(
+        text_of(&first, "sub-upstream"),
+        text_of(&second, "sub-upstream")
+    );
 
     // A phone-sized screenshot.
     let shot = work.join("phone.png");
@@ -142,7 +160,11 @@ fn dashboard_renders_live_figures_in_a_browser() {
         &url,
     );
     let meta = std::fs::metadata(&shot).expect("screenshot written");
-    assert!(meta.len() > 10_000, "screenshot suspiciously small: {} bytes", meta.len());
+    assert!(
+        meta.len() > 10_000,
+        "screenshot suspiciously small: {} bytes",
+        meta.len()
+    );
     assert_eq!(png_size(&shot), PHONE);
     // For a human look at the page: DASHBOARD_SCREENSHOT_COPY=/tmp/phone.png cargo test ...
     if let Ok(keep) = std::env::var("DASHBOARD_SCREENSHOT_COPY") {

@@ -22,27 +22,45 @@ fn scrape(relay: &Relay) -> Scrape {
 #[test]
 fn metrics_endpoint_reports_a_known_workload() {
     let relay = Relay::start(&["--demo", "--demo-rate", RATE], &[], true);
-    let plain: Vec<Subscriber> = (0..3).map(|_| Subscriber::connect(relay.listen, "")).collect();
+    let plain: Vec<Subscriber> = (0..3)
+        .map(|_| Subscriber::connect(relay.listen, ""))
+        .collect();
     let filtered = Subscriber::connect(relay.listen, "wantedCollections=app.bsky.feed.post");
     // Two handshakes refused for different reasons.
     let (s404, _) = http_request(relay.listen, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert_eq!(s404, 404);
-    let (s400, _) = http_request(relay.listen, "GET /subscribe HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (s400, _) =
+        http_request(relay.listen, "GET /subscribe HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert_eq!(s400, 400);
     std::thread::sleep(WORKLOAD);
 
     let received = |subs: &[&Subscriber]| subs.iter().map(|s| s.count()).sum::<u64>();
     let all: Vec<&Subscriber> = plain.iter().chain([&filtered]).collect();
     let before = received(&all);
-    let payload_before: u64 = all.iter().map(|s| s.bytes.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let payload_before: u64 = all
+        .iter()
+        .map(|s| s.bytes.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
     let m = scrape(&relay);
     // Whatever was handed over by the scrape reaches the clients within moments.
     std::thread::sleep(Duration::from_secs(1));
     let after = received(&all);
 
     // Clients, by shape and by worker.
-    assert_eq!(m.must("jetrelay_clients", &[("shape", "all"), ("compress", "false")]), 3.0);
-    assert_eq!(m.must("jetrelay_clients", &[("shape", "collections"), ("compress", "false")]), 1.0);
+    assert_eq!(
+        m.must(
+            "jetrelay_clients",
+            &[("shape", "all"), ("compress", "false")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        m.must(
+            "jetrelay_clients",
+            &[("shape", "collections"), ("compress", "false")]
+        ),
+        1.0
+    );
     assert_eq!(m.sum("jetrelay_clients"), 4.0, "no other shape has clients");
     assert_eq!(m.all("jetrelay_clients").len(), 8, "4 shapes x 2 encodings");
     assert_eq!(m.all("jetrelay_worker_clients").len(), 2, "--workers 2");
@@ -50,8 +68,20 @@ fn metrics_endpoint_reports_a_known_workload() {
 
     // Handshakes.
     assert_eq!(m.must("jetrelay_handshakes_accepted_total", &[]), 4.0);
-    assert_eq!(m.must("jetrelay_handshakes_refused_total", &[("reason", "not_found"), ("status", "404")]), 1.0);
-    assert_eq!(m.must("jetrelay_handshakes_refused_total", &[("reason", "bad_request"), ("status", "400")]), 1.0);
+    assert_eq!(
+        m.must(
+            "jetrelay_handshakes_refused_total",
+            &[("reason", "not_found"), ("status", "404")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.must(
+            "jetrelay_handshakes_refused_total",
+            &[("reason", "bad_request"), ("status", "400")]
+        ),
+        1.0
+    );
     assert_eq!(m.sum("jetrelay_handshakes_refused_total"), 2.0);
     assert_eq!(m.sum("jetrelay_limit_refusals_total"), 0.0);
 
@@ -63,10 +93,19 @@ fn metrics_endpoint_reports_a_known_workload() {
         before as f64 - slack <= delivered && delivered <= after as f64,
         "clients had {before} before the scrape and {after} after; relay says {delivered}"
     );
-    assert!(before >= 3 * 300, "3 unfiltered clients x ~600 events, got {before}");
-    assert!(filtered.count() > 0 && filtered.count() < plain[0].count(), "the filter filters");
+    assert!(
+        before >= 3 * 300,
+        "3 unfiltered clients x ~600 events, got {before}"
+    );
+    assert!(
+        filtered.count() > 0 && filtered.count() < plain[0].count(),
+        "the filter filters"
+    );
     let bytes = m.must("jetrelay_delivered_bytes_total", &[]);
-    assert!(bytes >= payload_before as f64, "{bytes} bytes delivered < {payload_before} received");
+    assert!(
+        bytes >= payload_before as f64,
+        "{bytes} bytes delivered < {payload_before} received"
+    );
 
     // Delivery latency: a well-formed histogram with something in it.
     assert_eq!(m.types["jetrelay_delivery_latency_seconds"], "histogram");
@@ -78,31 +117,49 @@ fn metrics_endpoint_reports_a_known_workload() {
             "+Inf" => f64::INFINITY,
             v => v.parse().unwrap(),
         };
-        assert!(le > last.0 && b.value >= last.1, "buckets must grow: {buckets:?}");
+        assert!(
+            le > last.0 && b.value >= last.1,
+            "buckets must grow: {buckets:?}"
+        );
         last = (le, b.value);
     }
     let count = m.must("jetrelay_delivery_latency_seconds_count", &[]);
     assert_eq!(count, last.1, "+Inf bucket == count");
     assert!(count > 0.0);
-    assert!(count <= delivered, "at most one latency record per delivered event");
+    assert!(
+        count <= delivered,
+        "at most one latency record per delivered event"
+    );
     assert!(m.must("jetrelay_delivery_latency_seconds_sum", &[]) > 0.0);
 
     // Upstream.
     let appended = m.must("jetrelay_upstream_events_appended_total", &[]);
-    assert!((400.0..2000.0).contains(&appended), "~200/s for ~3 s, got {appended}");
+    assert!(
+        (400.0..2000.0).contains(&appended),
+        "~200/s for ~3 s, got {appended}"
+    );
     assert_eq!(m.must("jetrelay_upstream_connected", &[]), 1.0);
     assert_eq!(m.must("jetrelay_upstream_connects_total", &[]), 1.0);
     assert_eq!(m.all("jetrelay_upstream_messages_skipped_total").len(), 6);
     assert_eq!(m.sum("jetrelay_upstream_messages_skipped_total"), 0.0);
     let lag = m.must("jetrelay_upstream_lag_seconds", &[]);
-    assert!((-1.0..5.0).contains(&lag), "demo events are stamped now: lag {lag}");
+    assert!(
+        (-1.0..5.0).contains(&lag),
+        "demo events are stamped now: lag {lag}"
+    );
 
     // Log and retention.
     let apparent = m.must("jetrelay_log_apparent_bytes", &[("stream", "plain")]);
-    assert!(apparent > appended * 100.0, "each demo event is hundreds of bytes: {apparent}");
+    assert!(
+        apparent > appended * 100.0,
+        "each demo event is hundreds of bytes: {apparent}"
+    );
     assert!(m.must("jetrelay_log_allocated_bytes", &[("stream", "plain")]) >= apparent * 0.5);
     assert!(m.must("jetrelay_log_allocated_bytes", &[("stream", "index")]) > 0.0);
-    assert_eq!(m.must("jetrelay_log_retained_bytes", &[("stream", "plain")]), apparent);
+    assert_eq!(
+        m.must("jetrelay_log_retained_bytes", &[("stream", "plain")]),
+        apparent
+    );
     assert_eq!(m.must("jetrelay_retention_punches_total", &[]), 0.0);
     assert_eq!(m.sum("jetrelay_clients_kicked_total"), 0.0);
 
@@ -111,12 +168,22 @@ fn metrics_endpoint_reports_a_known_workload() {
     let loops = m.must("jetrelay_ring_loops_total", &[]);
     let sqes = m.must("jetrelay_ring_sqes_total", &[]);
     assert!(loops > 0.0 && sqes > 0.0, "loops {loops} sqes {sqes}");
-    assert_eq!(m.must("jetrelay_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert_eq!(
+        m.must(
+            "jetrelay_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
 
     // Prometheus conventions: counters end in _total, no family is untyped.
     for (name, kind) in &m.types {
         assert!(name.starts_with("jetrelay_"), "{name}");
-        assert_eq!(kind == "counter", name.ends_with("_total"), "{name} is a {kind}");
+        assert_eq!(
+            kind == "counter",
+            name.ends_with("_total"),
+            "{name} is a {kind}"
+        );
     }
 
     // Ready: upstream connected, fresh appends, writable log.
@@ -128,7 +195,9 @@ fn metrics_endpoint_reports_a_known_workload() {
     drop(plain);
     drop(filtered);
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(10) && relay.log().matches("client disconnected").count() < 4 {
+    while t0.elapsed() < Duration::from_secs(10)
+        && relay.log().matches("client disconnected").count() < 4
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = relay.log();
@@ -152,8 +221,16 @@ fn metrics_health_without_upstream() {
     assert_eq!(body, "not ready: upstream not connected\n");
     let m = scrape(&relay);
     assert_eq!(m.must("jetrelay_upstream_connected", &[]), 0.0);
-    assert_eq!(m.value("jetrelay_upstream_lag_seconds", &[]), None, "no event, no lag");
-    let (status, _) = http_request(relay.metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").unwrap();
+    assert_eq!(
+        m.value("jetrelay_upstream_lag_seconds", &[]),
+        None,
+        "no event, no lag"
+    );
+    let (status, _) = http_request(
+        relay.metrics,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
     assert_eq!(status, 405);
     assert_eq!(relay.get("/nope").0, 404);
     let (status, json) = relay.get("/api/stats");

@@ -45,7 +45,10 @@ fn receive(mut s: TcpStream) -> Option<Export> {
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let header = |name: &str| {
         head.lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            })
             .map(|(_, v)| v.trim().to_owned())
     };
     let len: usize = header("content-length")?.parse().ok()?;
@@ -56,7 +59,9 @@ fn receive(mut s: TcpStream) -> Option<Export> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n");
+    let _ = s.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n",
+    );
     Some(Export {
         request_line: head.lines().next().unwrap_or_default().to_owned(),
         content_type: header("content-type").unwrap_or_default(),
@@ -127,7 +132,10 @@ fn metrics_otlp_push_reaches_a_collector() {
     ] {
         assert!(contains(&e.body, name), "{name} missing from the export");
     }
-    assert!(contains(&e.body, "{event}"), "units travel with the metrics");
+    assert!(
+        contains(&e.body, "{event}"),
+        "units travel with the metrics"
+    );
     assert!(relay.log().contains("pushing metrics over OTLP"));
     drop(relay);
     let _ = server.join();

@@ -144,7 +144,9 @@ fn register_handshakes(meter: &Meter, hub: &Arc<Hub>) {
     meter
         .u64_observable_counter("jetrelay.handshakes.refused")
         .with_unit("{handshake}")
-        .with_description("Connections answered with an HTTP error instead of an upgrade, by status.")
+        .with_description(
+            "Connections answered with an HTTP error instead of an upgrade, by status.",
+        )
         .with_callback(move |o| {
             let statuses = REFUSAL_STATUSES.iter().map(|s| Some(*s)).chain([None]);
             for (status, n) in statuses.zip(&h.counters.refused_by_status) {
@@ -160,7 +162,9 @@ fn register_handshakes(meter: &Meter, hub: &Arc<Hub>) {
     meter
         .u64_observable_counter("jetrelay.limit.refusals")
         .with_unit("{handshake}")
-        .with_description("Connections refused by an abuse limit, by the setting that refused them.")
+        .with_description(
+            "Connections refused by an abuse limit, by the setting that refused them.",
+        )
         .with_callback(move |o| {
             let r = &h.limits.refusals;
             for (limit, n) in [
@@ -204,7 +208,8 @@ fn register_delivery(meter: &Meter, hub: &Arc<Hub>) {
             let mut cumulative = 0;
             for (i, n) in snap.counts.iter().enumerate() {
                 cumulative += n;
-                let le = LatencyHistogram::upper_bound_us(i).map_or(f64::INFINITY, |us| us as f64 / 1e6);
+                let le =
+                    LatencyHistogram::upper_bound_us(i).map_or(f64::INFINITY, |us| us as f64 / 1e6);
                 o.observe(cumulative, &[KeyValue::new("le", le)]);
             }
         })
@@ -215,7 +220,10 @@ fn register_delivery(meter: &Meter, hub: &Arc<Hub>) {
         .with_unit("s")
         .with_description("Sum of the delivery latencies.")
         .with_callback(move |o| {
-            o.observe(h.counters.delivery_latency.snapshot().sum_us as f64 / 1e6, &[])
+            o.observe(
+                h.counters.delivery_latency.snapshot().sum_us as f64 / 1e6,
+                &[],
+            )
         })
         .build();
 }
@@ -258,7 +266,9 @@ fn register_upstream(meter: &Meter, hub: &Arc<Hub>) {
     meter
         .f64_observable_gauge("jetrelay.upstream.lag")
         .with_unit("s")
-        .with_description("Now minus the newest appended event's time_us (absent before the first).")
+        .with_description(
+            "Now minus the newest appended event's time_us (absent before the first).",
+        )
         .with_callback(move |o| {
             if let Some(lag) = upstream_lag_seconds(&h) {
                 o.observe(lag, &[]);
@@ -278,7 +288,9 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
     meter
         .i64_observable_up_down_counter("jetrelay.log.apparent")
         .with_unit("By")
-        .with_description("Apparent size of each base log (its end offset; punched holes included).")
+        .with_description(
+            "Apparent size of each base log (its end offset; punched holes included).",
+        )
         .with_callback(move |o| {
             o.observe(h.plain.end() as i64, &[KeyValue::new("stream", "plain")]);
             o.observe(h.zstd.end() as i64, &[KeyValue::new("stream", "zstd")]);
@@ -300,11 +312,19 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
     meter
         .i64_observable_up_down_counter("jetrelay.log.allocated")
         .with_unit("By")
-        .with_description("Bytes allocated on disk by each log file and the index (what --max-disk caps).")
+        .with_description(
+            "Bytes allocated on disk by each log file and the index (what --max-disk caps).",
+        )
         .with_callback(move |o| {
             // One fstat per file per collection; the index lock is held for a few reads.
-            o.observe(h.plain.allocated_bytes() as i64, &[KeyValue::new("stream", "plain")]);
-            o.observe(h.zstd.allocated_bytes() as i64, &[KeyValue::new("stream", "zstd")]);
+            o.observe(
+                h.plain.allocated_bytes() as i64,
+                &[KeyValue::new("stream", "plain")],
+            );
+            o.observe(
+                h.zstd.allocated_bytes() as i64,
+                &[KeyValue::new("stream", "zstd")],
+            );
             let index = h.index().allocated_bytes();
             o.observe(index as i64, &[KeyValue::new("stream", "index")]);
         })

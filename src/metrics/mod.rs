@@ -30,7 +30,9 @@ use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::reader::MetricReader;
-use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::metrics::{
+    InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
+};
 
 use crate::fanout::Fanout;
 use crate::handshake::{self, HttpError, ParseStatus};
@@ -146,7 +148,8 @@ impl Metrics {
         let Some(addr) = listen else {
             return Ok(metrics);
         };
-        let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+        let listener =
+            TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
         let bind_err = |source| MetricsError::Bind { addr, source };
         listener.set_nonblocking(true).map_err(bind_err)?;
         let local = listener.local_addr().map_err(bind_err)?;
@@ -188,7 +191,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
         let (stream, _) = match listener.accept() {
             Ok(x) => x,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let fds = &mut [rustix::event::PollFd::new(&listener, rustix::event::PollFlags::IN)];
+                let fds = &mut [rustix::event::PollFd::new(
+                    &listener,
+                    rustix::event::PollFlags::IN,
+                )];
                 let timeout = rustix::time::Timespec {
                     tv_sec: 0,
                     tv_nsec: STOP_POLL.as_nanos() as i64,
@@ -205,15 +211,18 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
         };
         if shared.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-            let busy = HttpError::new(503, "metrics listener busy").with_header("Retry-After", "1".into());
+            let busy =
+                HttpError::new(503, "metrics listener busy").with_header("Retry-After", "1".into());
             let _ = write_response(&stream, &busy.to_response());
             continue;
         }
         let s = shared.clone();
-        let spawned = std::thread::Builder::new().name("metrics-req".into()).spawn(move || {
-            serve(stream, &s);
-            s.in_flight.fetch_sub(1, Ordering::AcqRel);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("metrics-req".into())
+            .spawn(move || {
+                serve(stream, &s);
+                s.in_flight.fetch_sub(1, Ordering::AcqRel);
+            });
         if spawned.is_err() {
             shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
@@ -230,7 +239,9 @@ fn serve(stream: TcpStream, shared: &Shared) {
     let mut chunk = [0u8; 2048];
     let response = loop {
         match handshake::parse_request(&buf) {
-            Ok(ParseStatus::Complete { request, .. }) => break route(request.method, request.path, shared),
+            Ok(ParseStatus::Complete { request, .. }) => {
+                break route(request.method, request.path, shared);
+            }
             Ok(ParseStatus::Incomplete) => {}
             Err(e) => break e.to_response(),
         }
@@ -357,7 +368,8 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
     let shapes: serde_json::Map<String, serde_json::Value> = Shape::ALL
         .iter()
         .map(|s| {
-            let n = load(&c.clients_by_shape[s.index(false)]) + load(&c.clients_by_shape[s.index(true)]);
+            let n = load(&c.clients_by_shape[s.index(false)])
+                + load(&c.clients_by_shape[s.index(true)]);
             (s.as_str().to_owned(), n.into())
         })
         .collect();
@@ -395,7 +407,10 @@ mod tests {
 
     #[test]
     fn readiness_rule() {
-        assert_eq!(ready_verdict(true, NOW - 1_000_000, NOW, disk(1024)), Ok(()));
+        assert_eq!(
+            ready_verdict(true, NOW - 1_000_000, NOW, disk(1024)),
+            Ok(())
+        );
         let e = ready_verdict(false, NOW, NOW, disk(1024)).unwrap_err();
         assert!(e.contains("upstream not connected"), "{e}");
         let e = ready_verdict(true, 0, NOW, disk(1024)).unwrap_err();
@@ -409,15 +424,25 @@ mod tests {
             read_only: true,
             free_bytes: u64::MAX,
         });
-        assert!(ready_verdict(true, NOW, NOW, ro).unwrap_err().contains("read-only"));
+        assert!(
+            ready_verdict(true, NOW, NOW, ro)
+                .unwrap_err()
+                .contains("read-only")
+        );
         // A clock step backwards is not staleness.
-        assert_eq!(ready_verdict(true, NOW + 5_000_000, NOW, disk(1024)), Ok(()));
+        assert_eq!(
+            ready_verdict(true, NOW + 5_000_000, NOW, disk(1024)),
+            Ok(())
+        );
     }
 
     #[test]
     fn dashboard_is_self_contained() {
         for external in ["src=\"http", "href=\"http", "@import", "//cdn", "src=\"//"] {
-            assert!(!DASHBOARD_HTML.contains(external), "dashboard references {external}");
+            assert!(
+                !DASHBOARD_HTML.contains(external),
+                "dashboard references {external}"
+            );
         }
         assert!(DASHBOARD_HTML.contains("/api/stats"));
         assert!(DASHBOARD_HTML.contains("name=\"viewport\""));

@@ -116,7 +116,9 @@ fn post(req: &Request<Bytes>, timeout: Duration) -> Result<Response<Bytes>, Post
         }
     }
     head.push_str("\r\n");
-    stream.set_write_timeout(Some(remaining(deadline))).map_err(io)?;
+    stream
+        .set_write_timeout(Some(remaining(deadline)))
+        .map_err(io)?;
     stream.write_all(head.as_bytes()).map_err(io)?;
     stream.write_all(body).map_err(io)?;
     read_response(&mut stream, deadline).map_err(|e| match e {
@@ -180,7 +182,8 @@ fn read_response(stream: &mut TcpStream, deadline: Instant) -> Result<Response<B
                             .find(|h| h.name.eq_ignore_ascii_case(name))
                             .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
                     };
-                    let len = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+                    let len = if header("transfer-encoding").is_some_and(|v| v.contains("chunked"))
+                    {
                         Some(0)
                     } else {
                         match header("content-length") {
@@ -259,7 +262,10 @@ mod tests {
         assert_eq!(resp.body().as_ref(), b"abc");
         let sent = String::from_utf8(t.join().unwrap()).unwrap();
         assert!(sent.starts_with("POST /v1/metrics HTTP/1.1\r\n"), "{sent}");
-        assert!(sent.contains("\r\ncontent-type: application/x-protobuf\r\n"), "{sent}");
+        assert!(
+            sent.contains("\r\ncontent-type: application/x-protobuf\r\n"),
+            "{sent}"
+        );
         assert!(sent.contains("\r\nContent-Length: 5\r\n"), "{sent}");
         assert!(sent.ends_with("\r\n\r\nhello"), "{sent}");
     }
@@ -271,15 +277,25 @@ mod tests {
         assert_eq!(resp.status(), 503);
         assert!(resp.body().is_empty());
         t.join().unwrap();
-        let err = post(&request("https://127.0.0.1:1/v1/metrics"), Duration::from_secs(1));
+        let err = post(
+            &request("https://127.0.0.1:1/v1/metrics"),
+            Duration::from_secs(1),
+        );
         assert!(matches!(err, Err(PostError::Endpoint(_))));
     }
 
     #[test]
     fn connection_refused_is_an_error_not_a_hang() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let t0 = Instant::now();
-        let err = post(&request(&format!("http://127.0.0.1:{port}/")), Duration::from_secs(2));
+        let err = post(
+            &request(&format!("http://127.0.0.1:{port}/")),
+            Duration::from_secs(2),
+        );
         assert!(matches!(err, Err(PostError::Io { .. })), "{err:?}");
         assert!(t0.elapsed() < Duration::from_secs(2));
     }

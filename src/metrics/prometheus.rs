@@ -77,7 +77,9 @@ fn samples<T: PromValue>(data: &MetricData<T>) -> (Option<&'static str>, Vec<(St
                 .map(|p| (labels(p.attributes(), None), p.value().prom()))
                 .collect(),
         ),
-        MetricData::Histogram(_) | MetricData::ExponentialHistogram(_) => return (None, Vec::new()),
+        MetricData::Histogram(_) | MetricData::ExponentialHistogram(_) => {
+            return (None, Vec::new());
+        }
     };
     // The SDK hands points over in hash order; sorted output diffs and greps well.
     samples.sort();
@@ -118,7 +120,11 @@ fn render_flat_histogram(name: &str, buckets: &Metric, sum: Option<&Metric>, out
         let inner = group.trim_start_matches('{').trim_end_matches('}');
         let sep = if inner.is_empty() { "" } else { "," };
         for (bound, count) in &points {
-            let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"{}\"}} {count}", bound.prom());
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{inner}{sep}le=\"{}\"}} {count}",
+                bound.prom()
+            );
         }
         // +Inf is the last bucket, so it is also the count (Prometheus requires they agree).
         let count = points.last().map_or(0, |p| p.1);
@@ -160,7 +166,13 @@ pub fn prom_name(name: &str, unit: &str, counter: bool) -> String {
 fn sanitize(name: &str) -> String {
     let mut n: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if n.starts_with(|c: char| c.is_ascii_digit()) {
         n.insert(0, '_');
@@ -189,7 +201,9 @@ fn labels<'a>(attrs: impl Iterator<Item = &'a KeyValue>, skip: Option<&str>) -> 
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// How a sample value is written.
@@ -214,7 +228,11 @@ impl PromValue for f64 {
         if self.is_nan() {
             "NaN".into()
         } else if self.is_infinite() {
-            if self > 0.0 { "+Inf".into() } else { "-Inf".into() }
+            if self > 0.0 {
+                "+Inf".into()
+            } else {
+                "-Inf".into()
+            }
         } else {
             // Rust's shortest round-trip form, never an exponent: valid Prometheus floats.
             self.to_string()
@@ -234,10 +252,22 @@ mod tests {
 
     #[test]
     fn names_follow_the_otel_prometheus_rules() {
-        assert_eq!(prom_name("jetrelay.events.delivered", "{event}", true), "jetrelay_events_delivered_total");
-        assert_eq!(prom_name("jetrelay.delivered.bytes", "By", true), "jetrelay_delivered_bytes_total");
-        assert_eq!(prom_name("jetrelay.upstream.lag", "s", false), "jetrelay_upstream_lag_seconds");
-        assert_eq!(prom_name("jetrelay.log.allocated", "By", false), "jetrelay_log_allocated_bytes");
+        assert_eq!(
+            prom_name("jetrelay.events.delivered", "{event}", true),
+            "jetrelay_events_delivered_total"
+        );
+        assert_eq!(
+            prom_name("jetrelay.delivered.bytes", "By", true),
+            "jetrelay_delivered_bytes_total"
+        );
+        assert_eq!(
+            prom_name("jetrelay.upstream.lag", "s", false),
+            "jetrelay_upstream_lag_seconds"
+        );
+        assert_eq!(
+            prom_name("jetrelay.log.allocated", "By", false),
+            "jetrelay_log_allocated_bytes"
+        );
         assert_eq!(prom_name("9lives-x", "", false), "_9lives_x");
         assert_eq!(12.5f64.prom(), "12.5");
         assert_eq!(0.000001f64.prom(), "0.000001");
@@ -247,7 +277,9 @@ mod tests {
     #[test]
     fn renders_counters_gauges_and_a_flat_histogram() {
         let reader = Arc::new(ManualReader::default());
-        let provider = SdkMeterProvider::builder().with_reader(Shared(reader.clone())).build();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(Shared(reader.clone()))
+            .build();
         let meter = provider.meter("test");
         meter
             .u64_observable_counter("demo.sent.bytes")
@@ -260,8 +292,20 @@ mod tests {
             .with_unit("{client}")
             .with_description("Clients.")
             .with_callback(|o| {
-                o.observe(3, &[KeyValue::new("shape", "all"), KeyValue::new("compress", false)]);
-                o.observe(1, &[KeyValue::new("shape", "dids"), KeyValue::new("compress", true)]);
+                o.observe(
+                    3,
+                    &[
+                        KeyValue::new("shape", "all"),
+                        KeyValue::new("compress", false),
+                    ],
+                );
+                o.observe(
+                    1,
+                    &[
+                        KeyValue::new("shape", "dids"),
+                        KeyValue::new("compress", true),
+                    ],
+                );
             })
             .build();
         meter

@@ -61,7 +61,11 @@ impl Relay {
             .arg(dir.join("data"))
             .args(["--listen", &listen.to_string()])
             .arg("--metrics-listen")
-            .arg(if metrics_listener { metrics.to_string() } else { String::new() })
+            .arg(if metrics_listener {
+                metrics.to_string()
+            } else {
+                String::new()
+            })
             .args(["--workers", "2"])
             .args(args)
             .env("RUST_LOG", "info")
@@ -91,7 +95,10 @@ impl Relay {
                     break;
                 }
                 if let Ok(Some(status)) = relay.child.try_wait() {
-                    panic!("relay exited ({status}) before serving; log:\n{}", relay.log());
+                    panic!(
+                        "relay exited ({status}) before serving; log:\n{}",
+                        relay.log()
+                    );
                 }
                 assert!(
                     t0.elapsed() < START_TIMEOUT,
@@ -113,7 +120,9 @@ impl Relay {
             out.push_str(&rest[..i]);
             // CSI: ESC [ parameters, then one final letter.
             let tail = &rest[i + 1..];
-            let end = tail.find(|c: char| c.is_ascii_alphabetic()).map_or(tail.len(), |e| e + 1);
+            let end = tail
+                .find(|c: char| c.is_ascii_alphabetic())
+                .map_or(tail.len(), |e| e + 1);
             rest = &tail[end..];
         }
         out.push_str(rest);
@@ -122,12 +131,16 @@ impl Relay {
 
     /// GET on the metrics listener.
     pub fn get(&self, path: &str) -> (u16, String) {
-        self.try_get(path).unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
+        self.try_get(path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
     }
 
     /// GET on the metrics listener, errors returned.
     pub fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        http_request(self.metrics, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+        http_request(
+            self.metrics,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
     }
 
     /// The process id (for CPU accounting).
@@ -191,7 +204,8 @@ impl Subscriber {
         let (mut ws, _) = tungstenite::connect(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
             // Bounds every read so the stop flag is seen.
-            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
         }
         let messages = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
@@ -272,12 +286,17 @@ impl Scrape {
                 continue;
             }
             if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE: {line}"));
+                let (name, kind) = rest
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("bad TYPE: {line}"));
                 assert!(
                     ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
                     "bad type in {line}"
                 );
-                assert!(scrape.types.insert(name.into(), kind.into()).is_none(), "TYPE twice: {line}");
+                assert!(
+                    scrape.types.insert(name.into(), kind.into()).is_none(),
+                    "TYPE twice: {line}"
+                );
                 continue;
             }
             assert!(!line.starts_with('#'), "unknown comment: {line}");
@@ -309,7 +328,9 @@ impl Scrape {
             .find(|s| {
                 s.name == name
                     && s.labels.len() == labels.len()
-                    && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
             })
             .map(|s| s.value)
     }
@@ -322,7 +343,11 @@ impl Scrape {
 
     /// Sum over every sample of `name`.
     pub fn sum(&self, name: &str) -> f64 {
-        self.samples.iter().filter(|s| s.name == name).map(|s| s.value).sum()
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value)
+            .sum()
     }
 
     /// Every sample of `name`.
@@ -339,7 +364,9 @@ fn parse_sample(line: &str) -> Sample {
     let name = &line[..name_end];
     assert!(
         !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
             && !name.starts_with(|c: char| c.is_ascii_digit()),
         "bad metric name in {line}"
     );
@@ -363,7 +390,10 @@ fn parse_sample(line: &str) -> Sample {
                 }
             }
             let key = &body[key_start..key_end];
-            assert!(matches!(chars.next(), Some((_, '"'))), "label value not quoted: {line}");
+            assert!(
+                matches!(chars.next(), Some((_, '"'))),
+                "label value not quoted: {line}"
+            );
             let mut value = String::new();
             loop {
                 match chars.next() {
@@ -377,7 +407,10 @@ fn parse_sample(line: &str) -> Sample {
                     None => fail(line),
                 }
             }
-            assert!(labels.insert(key.to_owned(), value).is_none(), "label twice: {line}");
+            assert!(
+                labels.insert(key.to_owned(), value).is_none(),
+                "label twice: {line}"
+            );
             if let Some((_, ',')) = chars.peek() {
                 chars.next();
             }
