@@ -204,7 +204,11 @@ mod tests {
         c.compress(evs[0], &mut first).unwrap();
         c.compress(evs[0], &mut out).unwrap();
         assert_eq!(&out[..6], b"prefix");
-        assert_eq!(&out[6..], &first[..], "frames are deterministic and standalone");
+        assert_eq!(
+            &out[6..],
+            &first[..],
+            "frames are deterministic and standalone"
+        );
         c.compress(evs[1], &mut out).unwrap();
         // Two concatenated frames decode to the two events back to back.
         let both = independent_decode(&out[6..]);

@@ -252,7 +252,11 @@ fn scan_integer(json: &[u8], start: usize) -> Option<i64> {
     if i == digits_start || matches!(json.get(i), Some(b'.' | b'e' | b'E')) {
         return None;
     }
-    if negative { Some(value) } else { value.checked_neg() }
+    if negative {
+        Some(value)
+    } else {
+        value.checked_neg()
+    }
 }
 
 /// Fixed 64-bit hash for dedup keys: FNV-1a over length-prefixed fields, then a SplitMix64
@@ -855,16 +859,24 @@ mod tests {
         let mut bytes = br#"{"did":"did:plc:a","time_us":1,"kind":"commit","commit":{"rev":"r","operation":"create","collection":"c.d.e","rkey":"k","record":{"text":"XX"}}}"#.to_vec();
         let pos = bytes.windows(2).position(|w| w == b"XX").unwrap();
         bytes[pos] = 0xc3; // a lone UTF-8 lead byte followed by 'X'
-        assert!(matches!(parse_event(&bytes), Err(EventError::InvalidJson(_))));
+        assert!(matches!(
+            parse_event(&bytes),
+            Err(EventError::InvalidJson(_))
+        ));
     }
 
     #[test]
     fn oversized_input_is_rejected_before_parsing() {
         let big = vec![b' '; MAX_EVENT_BYTES + 1];
-        assert!(matches!(parse_event(&big), Err(EventError::TooLarge(n)) if n == MAX_EVENT_BYTES + 1));
+        assert!(
+            matches!(parse_event(&big), Err(EventError::TooLarge(n)) if n == MAX_EVENT_BYTES + 1)
+        );
         // Exactly at the limit is parsed (and here fails only as JSON).
         let at_limit = vec![b' '; MAX_EVENT_BYTES];
-        assert!(matches!(parse_event(&at_limit), Err(EventError::InvalidJson(_))));
+        assert!(matches!(
+            parse_event(&at_limit),
+            Err(EventError::InvalidJson(_))
+        ));
     }
 
     #[test]
@@ -890,7 +902,10 @@ mod tests {
     fn scan_time_us_only_reads_the_top_level() {
         let nested = br#"{"did":"x","commit":{"time_us":1,"t":"\"time_us\":2"},"s":"\\","time_us":  -42 ,"z":1}"#;
         assert_eq!(scan_time_us(nested), Some(-42));
-        assert_eq!(scan_time_us(br#"{"a":[{"time_us":1}],"b":"time_us"}"#), None);
+        assert_eq!(
+            scan_time_us(br#"{"a":[{"time_us":1}],"b":"time_us"}"#),
+            None
+        );
         assert_eq!(scan_time_us(br#"{"time_us":1.5}"#), None);
         assert_eq!(scan_time_us(br#"{"time_us":1e3}"#), None);
         assert_eq!(scan_time_us(br#"{"time_us":"1"}"#), None);
@@ -905,5 +920,36 @@ mod tests {
         assert_eq!(scan_time_us(b""), None);
         assert_eq!(scan_time_us(br#"{"a":"unterminated"#), None);
         assert_eq!(scan_time_us(br#"{"a":{"b":[}}]}"#), None);
+    }
+
+    #[test]
+    #[ignore = "throughput report: cargo test --release --lib -- --ignored --nocapture"]
+    fn parse_and_scan_throughput() {
+        let lines = sample_lines();
+        let bytes: usize = lines.iter().map(|l| l.len()).sum();
+        let rounds = 2_000;
+        let started = std::time::Instant::now();
+        let mut keys = 0u64;
+        for _ in 0..rounds {
+            for l in &lines {
+                keys = keys.wrapping_add(parse_event(l.as_bytes()).unwrap().dedup_key);
+            }
+        }
+        let parse = started.elapsed();
+        let started = std::time::Instant::now();
+        let mut times = 0i64;
+        for _ in 0..rounds {
+            for l in &lines {
+                times = times.wrapping_add(scan_time_us(l.as_bytes()).unwrap());
+            }
+        }
+        let scan = started.elapsed();
+        let n = (rounds * lines.len()) as f64;
+        println!(
+            "parse_event: {:.2} µs/event ({:.0} MB/s); scan_time_us: {:.3} µs/event [{keys:x}{times:x}]",
+            parse.as_secs_f64() * 1e6 / n,
+            (rounds * bytes) as f64 / parse.as_secs_f64() / 1e6,
+            scan.as_secs_f64() * 1e6 / n,
+        );
     }
 }

@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::frame::{InboundDecoder, InboundMessage, Opcode};
-use crate::hub::{Counters, Hub, Shape, stored_payload_len};
+use crate::hub::{Counters, Hub, ShapeClass, stored_payload_len};
 use crate::index::{COLLECTION_NONE, COLLECTION_UNKNOWN, EventPos};
 use crate::log::{NONE, Stream};
+use crate::shapes::Shape;
 use crate::subscription::{MAX_OPTIONS_UPDATE_BYTES, SubscriberOptions};
 
 /// Why 4096: enough SQEs to serve thousands of clients in one `io_uring_enter`; beyond that a
@@ -267,6 +268,10 @@ struct Client {
     generation: u32,
     /// zstd client?
     compressed: bool,
+    /// The log it reads: a base log, or its shape's log.
+    stream: Arc<Stream>,
+    /// The shape it belongs to (reading it, or walking the base log towards it).
+    shape: Option<Arc<Shape>>,
     /// Where the bytes come from.
     source: Source,
     /// Next log byte to hand to the socket.
@@ -307,10 +312,11 @@ struct Client {
     fin_at: Option<Instant>,
     /// In the ready queue already.
     queued: bool,
-    /// Subscription shape at connect, for the per-shape client gauge and logs.
-    shape: Shape,
-    /// Contiguous source: `Hub::appended_seq` when the range was last extended, so the events
-    /// in a range are a subtraction, not an index walk.
+    /// Filter kind at connect, for the per-kind client gauge and logs.
+    class: ShapeClass,
+    /// Contiguous source: frames published in `stream` when the range was last extended, in
+    /// the stream's own numbering (see [`published_frames`]), so the events in a range are a
+    /// subtraction, not an index walk.
     range_seq: u64,
     /// Events in the scheduled range not yet handed over; counted when the range completes.
     pending_events: u64,
@@ -319,10 +325,6 @@ struct Client {
 }
 
 impl Client {
-    fn stream<'a>(&self, hub: &'a Hub) -> &'a Arc<Stream> {
-        hub.base(self.compressed)
-    }
-
     /// Lowest log offset this client may still read.
     fn low_mark(&self) -> u64 {
         if self.shut || (self.closing.is_some() && self.pos == self.boundary) {
@@ -359,8 +361,10 @@ struct Worker {
     free_pipes: Vec<usize>,
     pipe_waiters: VecDeque<u32>,
     scratch: Vec<u8>,
-    /// Ring floors pinned for this batch: (plain, zstd).
-    ring_low: [u64; 2],
+    /// Rings pinned for this batch, with the lowest offset each may be sent from.
+    pinned: Vec<(Arc<Stream>, u64)>,
+    /// Streams this worker published a `worker_low` for at the last tick.
+    known_streams: Vec<Arc<Stream>>,
     new_data: bool,
 }
 
@@ -404,7 +408,8 @@ impl Worker {
             pipes,
             pipe_waiters: VecDeque::new(),
             scratch: vec![0; RECV_CHUNK],
-            ring_low: [NONE; 2],
+            pinned: Vec::new(),
+            known_streams: Vec::new(),
             new_data: false,
         })
     }
@@ -418,6 +423,12 @@ impl Worker {
             while self.ring.submission().push(&sqe).is_err() {
                 let _ = self.ring.submit();
             }
+        }
+    }
+
+    fn unpin_all(&mut self) {
+        for (st, _) in self.pinned.drain(..) {
+            st.unpin_ring(self.id);
         }
     }
 
@@ -467,8 +478,7 @@ impl Worker {
             Counters::add(&self.hub.counters.ring_loops, 1);
             if ring_sends {
                 self.ring.submit()?;
-                self.hub.plain.unpin_ring(self.id);
-                self.hub.zstd.unpin_ring(self.id);
+                self.unpin_all();
                 if self.ring.completion().is_empty() {
                     self.submit_and_wait()?;
                 }
@@ -510,25 +520,20 @@ impl Worker {
             }
         };
         let generation = self.generations[slot as usize];
-        let options_empty = nc.options == SubscriberOptions::default();
-        let shape = Shape::of(&nc.options);
-        let start_off = nc.start.offset(nc.compressed);
-        let source = if options_empty {
-            Source::Contiguous
-        } else {
-            Source::Filtered(Box::new(Walker::new(nc.start, nc.options)))
-        };
-        let stream = self.hub.base(nc.compressed).clone();
-        let admitted = stream.register_reader(self.id, start_off);
+        let class = ShapeClass::of(&nc.options);
+        let point = attach_point(&self.hub, nc.compressed, nc.options, nc.start);
+        let admitted = point.stream.register_reader(self.id, point.pos);
         let client = Client {
             fd: nc.fd,
             peer: nc.peer,
             counted_ip: nc.counted_ip,
             generation,
             compressed: nc.compressed,
-            source,
-            pos: start_off,
-            boundary: start_off,
+            stream: point.stream,
+            shape: point.shape,
+            source: point.source,
+            pos: point.pos,
+            boundary: point.pos,
             inflight: 0,
             busy: false,
             blocked: false,
@@ -546,8 +551,8 @@ impl Worker {
             shut: false,
             fin_at: None,
             queued: false,
-            shape,
-            range_seq: nc.start.seq,
+            class,
+            range_seq: point.ordinal,
             pending_events: 0,
             range_appended_us: 0,
         };
@@ -555,7 +560,7 @@ impl Worker {
         let fd = client.fd.as_raw_fd();
         self.slots[slot as usize] = Some(client);
         Counters::add(&self.hub.counters.clients, 1);
-        Counters::add(&self.hub.counters.clients_by_shape[shape.index(nc.compressed)], 1);
+        Counters::add(&self.hub.counters.clients_by_shape[class.index(nc.compressed)], 1);
         self.arm_pollin(slot, fd);
         if !admitted {
             self.begin_close(slot, CloseWhy::Retention);
@@ -586,7 +591,6 @@ impl Worker {
     /// Builds this loop's SQEs. Returns whether any send reads the tail rings (then the caller
     /// must unpin after submitting).
     fn build_batch(&mut self) -> bool {
-        self.ring_low = [self.hub.plain.pin_ring(self.id), self.hub.zstd.pin_ring(self.id)];
         let mut ring_sends = false;
         let n = self.ready.len();
         for _ in 0..n {
@@ -597,8 +601,7 @@ impl Worker {
             ring_sends |= self.serve(slot);
         }
         if !ring_sends {
-            self.hub.plain.unpin_ring(self.id);
-            self.hub.zstd.unpin_ring(self.id);
+            self.unpin_all();
         }
         ring_sends
     }
@@ -621,8 +624,14 @@ impl Worker {
         let at_boundary = c.pos == c.boundary;
         if at_boundary {
             // Options change only between frames.
-            if let Some(opts) = c.pending_options.take() {
-                apply_options(&hub, c, opts);
+            if let Some(opts) = c.pending_options.take()
+                && let Err(opts) = apply_options(&hub, self.id, c, opts)
+            {
+                // The position is not indexed yet (publish precedes indexing by microseconds).
+                c.pending_options = Some(opts);
+                c.queued = true;
+                self.ready.push_back(slot);
+                return false;
             }
             if let Some(ctrl) = c.ctrl.as_ref().filter(|x| x.sent < x.bytes.len()) {
                 let ptr = ctrl.bytes[ctrl.sent..].as_ptr();
@@ -655,21 +664,28 @@ impl Worker {
             if c.hello_pending {
                 return false;
             }
-            // Extend the range to what is now available. The sequence number is read before the
+            // A walker that reached its shape's start switches to the shape's log.
+            switch_to_shape(self.id, c);
+            // Extend the range to what is now available. The frame count is read before the
             // end so the delivered count never runs ahead of the bytes.
-            let seq = hub.appended_seq();
+            let published = published_frames(&hub, c);
             let appended_us = hub.counters.last_append_us.load(Ordering::Relaxed);
-            let stream = c.stream(&hub);
-            let end = stream.end();
+            let end = c.stream.end();
             match &mut c.source {
                 Source::Contiguous => {
                     c.boundary = end;
-                    c.pending_events += seq.saturating_sub(c.range_seq);
-                    c.range_seq = c.range_seq.max(seq);
+                    c.pending_events += published.saturating_sub(c.range_seq);
+                    c.range_seq = c.range_seq.max(published);
                 }
                 Source::Filtered(w) => {
                     let index = hub.index();
-                    if let Some((from, to, n)) = w.next_run(&index, hub.plain.file(), c.compressed) {
+                    if w.next.seq < index.start_pos().seq {
+                        // Retention passed this walker while it was idle.
+                        drop(index);
+                        self.begin_close(slot, CloseWhy::Retention);
+                        return false;
+                    }
+                    if let Some((from, to, n)) = w.next_run(&index, hub.plain.file(), c.compressed, c.shape.as_ref().map(|s| s.start_seq)) {
                         c.pos = from;
                         c.boundary = to;
                         c.pending_events += n;
@@ -690,8 +706,8 @@ impl Worker {
             c.range_appended_us = appended_us;
         }
         // Data: ring if the bytes are still there, else splice through a pooled pipe.
-        let ring_low = self.ring_low[c.compressed as usize];
-        let stream = hub.base(c.compressed);
+        let stream = c.stream.clone();
+        let ring_low = pin(&mut self.pinned, &stream, self.id);
         let fd = c.fd.as_raw_fd();
         if c.pos >= ring_low {
             let (ptr, len) = stream.ring_span(c.pos, c.boundary, MAX_SEND);
@@ -1028,9 +1044,12 @@ impl Worker {
             if let Some(ip) = c.counted_ip {
                 self.hub.limits.release(ip);
             }
-            tracing::info!(peer = %c.peer, worker = self.id, shape = %c.shape, compress = c.compressed,
+            if let Some(shape) = &c.shape {
+                shape.remove_client();
+            }
+            tracing::info!(peer = %c.peer, worker = self.id, shape = %c.class, compress = c.compressed,
                 why = ?c.closing.map_or(CloseWhy::Peer, |x| x.0), log_pos = c.pos, "client disconnected");
-            self.hub.counters.clients_by_shape[c.shape.index(c.compressed)].fetch_sub(1, Ordering::Relaxed);
+            self.hub.counters.clients_by_shape[c.class.index(c.compressed)].fetch_sub(1, Ordering::Relaxed);
             drop(c);
             self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
             self.free.push(slot);
@@ -1042,8 +1061,7 @@ impl Worker {
     /// Once a second: pings, dead peers, retention kicks, close deadlines, `worker_low`.
     fn housekeeping(&mut self) {
         let now = Instant::now();
-        let kick = [self.hub.plain.kick_below(), self.hub.zstd.kick_below()];
-        let mut low = [NONE; 2];
+        let mut lows: Vec<(Arc<Stream>, u64)> = Vec::new();
         for slot in 0..self.slots.len() as u32 {
             let Some(c) = self.slots[slot as usize].as_mut() else { continue };
             if let Some((_, since)) = c.closing {
@@ -1052,7 +1070,7 @@ impl Worker {
                     self.shutdown_client(slot);
                     continue;
                 }
-            } else if c.low_mark() < kick[c.compressed as usize] {
+            } else if c.low_mark() < c.stream.kick_below() {
                 self.begin_close(slot, CloseWhy::Retention);
             } else if now.duration_since(c.last_rx) > self.ping_interval {
                 if c.ping_outstanding && now.duration_since(c.last_rx) > self.ping_interval * 2 {
@@ -1070,12 +1088,22 @@ impl Worker {
             }
             if let Some(c) = self.slots[slot as usize].as_ref() {
                 let m = c.low_mark();
-                let k = c.compressed as usize;
-                low[k] = low[k].min(m);
+                match lows.iter_mut().find(|(st, _)| Arc::ptr_eq(st, &c.stream)) {
+                    Some((_, low)) => *low = (*low).min(m),
+                    None => lows.push((c.stream.clone(), m)),
+                }
             }
         }
-        self.hub.plain.set_worker_low(self.id, low[0]);
-        self.hub.zstd.set_worker_low(self.id, low[1]);
+        // Streams with no reader here any more get NONE, so retention is not held back.
+        for st in &self.known_streams {
+            if !lows.iter().any(|(s2, _)| Arc::ptr_eq(s2, st)) {
+                st.set_worker_low(self.id, NONE);
+            }
+        }
+        for (st, low) in &lows {
+            st.set_worker_low(self.id, *low);
+        }
+        self.known_streams = lows.into_iter().map(|(st, _)| st).collect();
     }
 }
 
@@ -1086,26 +1114,130 @@ fn queue_close(c: &mut Client, code: u16, reason: &str) {
     c.close_sent = true;
 }
 
-fn apply_options(hub: &Hub, c: &mut Client, opts: SubscriberOptions) {
-    c.hello_pending = false;
-    let index = hub.index();
-    let next = match &c.source {
-        Source::Filtered(w) => w.next,
-        Source::Contiguous => {
-            let seq = index.seq_at_offset(c.pos, c.compressed).unwrap_or_else(|| index.next_seq());
-            index.pos_of(seq)
+/// Where a client with these options starts reading, from event position `start`.
+struct AttachPoint {
+    stream: Arc<Stream>,
+    shape: Option<Arc<Shape>>,
+    source: Source,
+    pos: u64,
+    /// Frames before `pos` in `stream`'s numbering (see [`published_frames`]).
+    ordinal: u64,
+}
+
+fn attach_point(hub: &Hub, compressed: bool, options: SubscriberOptions, start: EventPos) -> AttachPoint {
+    let base = hub.base(compressed).clone();
+    let key = options.shape_key(compressed);
+    let unfiltered = options.wanted_dids.is_empty() && key.collections.is_empty() && key.max_message_size.is_none();
+    if unfiltered {
+        return AttachPoint { stream: base, shape: None, source: Source::Contiguous, pos: start.offset(compressed), ordinal: start.seq };
+    }
+    let shape = if options.wanted_dids.is_empty() {
+        hub.shapes.get_or_create(&key, || hub.index().next_seq())
+    } else {
+        None
+    };
+    if let Some(shape) = &shape {
+        shape.add_client();
+        if start.seq >= shape.start_seq {
+            let end = shape.stream.end();
+            let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+            let pos = table.offset_from_seq(start.seq, end);
+            let ordinal = table.ordinal_at_offset(pos);
+            drop(table);
+            return AttachPoint { stream: shape.stream.clone(), shape: Some(shape.clone()), source: Source::Contiguous, pos, ordinal };
+        }
+    }
+    AttachPoint {
+        stream: base,
+        source: Source::Filtered(Box::new(Walker::new(start, options))),
+        shape,
+        pos: start.offset(compressed),
+        // Unused while walking: a walker counts the events of each run it finds.
+        ordinal: start.seq,
+    }
+}
+
+/// Moves a walking client onto its shape's log once the walk reaches the shape's start.
+fn switch_to_shape(worker: usize, c: &mut Client) {
+    let Source::Filtered(w) = &c.source else { return };
+    let Some(shape) = &c.shape else { return };
+    if w.next.seq < shape.start_seq {
+        return;
+    }
+    let end = shape.stream.end();
+    let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+    let pos = table.offset_from_seq(w.next.seq, end);
+    c.range_seq = table.ordinal_at_offset(pos);
+    drop(table);
+    c.stream = shape.stream.clone();
+    c.source = Source::Contiguous;
+    c.pos = pos;
+    c.boundary = pos;
+    if !c.stream.register_reader(worker, pos) && c.closing.is_none() {
+        // Being punched already: the housekeeping kick closes it.
+        tracing::debug!(peer = %c.peer, "switched onto a shape position under retention");
+    }
+}
+
+/// Re-attaches a client with new filters at its current place in the event sequence (called at
+/// a frame boundary). Gives the options back if that place is not indexed yet.
+fn apply_options(
+    hub: &Hub,
+    worker: usize,
+    c: &mut Client,
+    opts: SubscriberOptions,
+) -> Result<(), SubscriberOptions> {
+    let next = {
+        let index = hub.index();
+        let seq = match (&c.source, &c.shape) {
+            (Source::Filtered(w), _) => Some(w.next.seq),
+            (Source::Contiguous, Some(shape)) => Some(
+                shape
+                    .table
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .seq_at_offset(c.pos, index.next_seq()),
+            ),
+            (Source::Contiguous, None) => index.seq_at_offset(c.pos, c.compressed),
+        };
+        match seq {
+            Some(seq) => index.pos_of(seq),
+            None => return Err(opts),
         }
     };
-    drop(index);
-    c.range_seq = next.seq;
-    if opts == SubscriberOptions::default() {
-        c.source = Source::Contiguous;
-        c.pos = next.offset(c.compressed);
-    } else {
-        c.source = Source::Filtered(Box::new(Walker::new(next, opts)));
-        c.pos = next.offset(c.compressed);
+    c.hello_pending = false;
+    if let Some(old) = c.shape.take() {
+        old.remove_client();
     }
-    c.boundary = c.pos;
+    let point = attach_point(hub, c.compressed, opts, next);
+    c.stream = point.stream;
+    c.shape = point.shape;
+    c.source = point.source;
+    c.pos = point.pos;
+    c.boundary = point.pos;
+    c.range_seq = point.ordinal;
+    c.stream.register_reader(worker, c.pos);
+    Ok(())
+}
+
+/// Pins `stream`'s ring for this batch (once) and returns the lowest ring-servable offset.
+fn pin(pinned: &mut Vec<(Arc<Stream>, u64)>, stream: &Arc<Stream>, worker: usize) -> u64 {
+    if let Some((_, low)) = pinned.iter().find(|(s, _)| Arc::ptr_eq(s, stream)) {
+        return *low;
+    }
+    let low = stream.pin_ring(worker);
+    pinned.push((stream.clone(), low));
+    low
+}
+
+/// Frames published so far in the stream a contiguous client reads, in that stream's own
+/// numbering: the event sequence for a base log, the shape's frame count for a shape log.
+/// Lock-free: one atomic load.
+fn published_frames(hub: &Hub, c: &Client) -> u64 {
+    match (&c.source, &c.shape) {
+        (Source::Contiguous, Some(shape)) => shape.frames_appended(),
+        _ => hub.appended_seq(),
+    }
 }
 
 /// After bytes were handed over: once the scheduled range is complete, counts its events and
@@ -1149,13 +1281,13 @@ impl Walker {
     }
 
     /// Finds the next run of consecutive matching frames from `self.next`, within the walk
-    /// budget. Returns its byte range in the client's base log and its number of events, and
-    /// advances past it.
+    /// budget. Returns its byte range in the client's base log and advances past it.
     fn next_run(
         &mut self,
         index: &crate::index::EventIndex,
         plain: &std::fs::File,
         compressed: bool,
+        stop_at: Option<u64>,
     ) -> Option<(u64, u64, u64)> {
         if self.next.seq < index.start_pos().seq {
             // Retention passed us while idle; the housekeeping kick handles it.
@@ -1165,6 +1297,9 @@ impl Walker {
         let mut next = self.next;
         let mut walked_past_run = false;
         index.walk(self.next, WALK_BUDGET, |pos, e| {
+            if stop_at.is_some_and(|s| pos.seq >= s) {
+                return false;
+            }
             let ok = self.matches(index, plain, pos, e, compressed);
             let end = pos.offset(compressed) + e.frame_len(compressed);
             match (&mut run, ok) {

@@ -36,8 +36,8 @@ pub struct Counters {
     pub events_delivered: AtomicU64,
     /// Clients connected right now.
     pub clients: AtomicU64,
-    /// Clients connected right now, per subscription shape (index = [`Shape::index`]).
-    pub clients_by_shape: [AtomicU64; Shape::COUNT],
+    /// Clients connected right now, per subscription shape (index = [`ShapeClass::index`]).
+    pub clients_by_shape: [AtomicU64; ShapeClass::COUNT],
     /// Clients accepted (upgraded) in total.
     pub clients_accepted: AtomicU64,
     /// Handshakes refused in total.
@@ -94,10 +94,11 @@ impl Counters {
     }
 }
 
-/// What a client subscribed to, as a small closed set so it can label metrics and logs
-/// without unbounded cardinality (the filters themselves never become labels).
+/// What kind of filter a client subscribed with, as a small closed set so it can label metrics
+/// and logs without unbounded cardinality (the filters themselves never become labels). Not to
+/// be confused with [`crate::shapes::Shape`], one pre-filtered log per exact filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Shape {
+pub enum ShapeClass {
     /// Everything (no collection or DID filter).
     All,
     /// A `wantedCollections` filter only.
@@ -108,38 +109,38 @@ pub enum Shape {
     CollectionsAndDids,
 }
 
-impl Shape {
+impl ShapeClass {
     /// Shapes × {plain, compressed}.
     pub const COUNT: usize = 8;
     /// Every shape, in index order.
-    pub const ALL: [Shape; 4] = [
-        Shape::All,
-        Shape::Collections,
-        Shape::Dids,
-        Shape::CollectionsAndDids,
+    pub const ALL: [ShapeClass; 4] = [
+        ShapeClass::All,
+        ShapeClass::Collections,
+        ShapeClass::Dids,
+        ShapeClass::CollectionsAndDids,
     ];
 
     /// The shape of a subscription. A `requireHello` client is classified by its options at
     /// connect time (it usually has none yet, so it counts as `all`).
-    pub fn of(options: &crate::subscription::SubscriberOptions) -> Shape {
+    pub fn of(options: &crate::subscription::SubscriberOptions) -> ShapeClass {
         match (
             options.wanted_collections.is_empty(),
             options.wanted_dids.is_empty(),
         ) {
-            (true, true) => Shape::All,
-            (false, true) => Shape::Collections,
-            (true, false) => Shape::Dids,
-            (false, false) => Shape::CollectionsAndDids,
+            (true, true) => ShapeClass::All,
+            (false, true) => ShapeClass::Collections,
+            (true, false) => ShapeClass::Dids,
+            (false, false) => ShapeClass::CollectionsAndDids,
         }
     }
 
     /// Stable lower-case name, for metrics labels and logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Shape::All => "all",
-            Shape::Collections => "collections",
-            Shape::Dids => "dids",
-            Shape::CollectionsAndDids => "collections_dids",
+            ShapeClass::All => "all",
+            ShapeClass::Collections => "collections",
+            ShapeClass::Dids => "dids",
+            ShapeClass::CollectionsAndDids => "collections_dids",
         }
     }
 
@@ -149,7 +150,7 @@ impl Shape {
     }
 }
 
-impl std::fmt::Display for Shape {
+impl std::fmt::Display for ShapeClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -229,11 +230,19 @@ pub struct Hub {
     /// gives the sequence number after the newest appended event without taking the index
     /// lock (see [`Hub::appended_seq`]).
     seq_base: u64,
+    /// Shared pre-filtered logs.
+    pub shapes: crate::shapes::Shapes,
 }
 
 impl Hub {
     /// Builds the hub from recovered parts.
-    pub fn new(plain: Stream, zstd: Stream, index: EventIndex, limits: crate::limits::Limits) -> Hub {
+    pub fn new(
+        plain: Stream,
+        zstd: Stream,
+        index: EventIndex,
+        limits: crate::limits::Limits,
+        shapes: crate::shapes::Shapes,
+    ) -> Hub {
         Hub {
             plain: Arc::new(plain),
             zstd: Arc::new(zstd),
@@ -242,6 +251,7 @@ impl Hub {
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
             limits,
+            shapes,
         }
     }
 
@@ -363,14 +373,14 @@ mod tests {
     #[test]
     fn shape_slots_are_distinct() {
         let mut seen = std::collections::HashSet::new();
-        for shape in Shape::ALL {
+        for shape in ShapeClass::ALL {
             for compressed in [false, true] {
                 let i = shape.index(compressed);
-                assert!(i < Shape::COUNT);
+                assert!(i < ShapeClass::COUNT);
                 assert!(seen.insert(i), "{shape} {compressed} collides");
             }
         }
-        assert_eq!(seen.len(), Shape::COUNT);
+        assert_eq!(seen.len(), ShapeClass::COUNT);
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub mod relay;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod shapes;

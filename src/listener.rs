@@ -21,7 +21,7 @@ use rustix::event::epoll;
 use crate::config::{ListenAddr, Settings};
 use crate::fanout::{Fanout, NewClient};
 use crate::handshake::{self, HttpError, ParseStatus};
-use crate::hub::{Counters, Hub, Shape};
+use crate::hub::{Counters, Hub, ShapeClass};
 use crate::limits::Admission;
 use crate::proxy_protocol::{self, ProxyParse};
 use crate::subscription;
@@ -340,7 +340,7 @@ impl Listener {
                     return self.drop_silently(p);
                 };
                 let peer = p.peer.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
-                tracing::info!(%peer, shape = %Shape::of(&params.options), cursor = ?params.cursor, compress = params.compress,
+                tracing::info!(%peer, shape = %ShapeClass::of(&params.options), cursor = ?params.cursor, compress = params.compress,
                     collections = params.options.wanted_collections.len(),
                     dids = params.options.wanted_dids.len(), "client connected");
                 Counters::add(&self.hub.counters.clients_accepted, 1);

@@ -160,7 +160,8 @@ impl Relay {
             conn_rate_per_ip: settings.conn_rate_per_ip,
             allow: settings.allow_ip.clone(),
         });
-        let hub = Arc::new(Hub::new(plain, zstd, index, limits));
+        let shapes = crate::shapes::Shapes::new(settings.data_dir.join("shapes"))?;
+        let hub = Arc::new(Hub::new(plain, zstd, index, limits, shapes));
         let fanout = Arc::new(Fanout::start(hub.clone(), settings.workers, settings.ping_interval)?);
 
         let mut listeners = Vec::new();

@@ -351,6 +351,7 @@ impl ShapeKey {
         if label.len() <= MAX_SHAPE_LABEL_BYTES {
             return label;
         }
+        // Any fixed hash will do; FNV-1a is already at hand.
         let hash = crate::event::did_hash(&label);
         // "~" + 8 hex digits.
         let mut cut = MAX_SHAPE_LABEL_BYTES - 9;
@@ -519,14 +520,17 @@ fn string_list(
     object: &serde_json::Map<String, Value>,
     key: &'static str,
 ) -> Result<Vec<String>, OptionsUpdateError> {
-    let invalid = |what: &str| {
-        OptionsUpdateError::InvalidPayload(format!("{key}: expected {what}"))
-    };
+    let invalid =
+        |what: &str| OptionsUpdateError::InvalidPayload(format!("{key}: expected {what}"));
     match go_field(object, key) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| invalid("strings")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| invalid("strings"))
+            })
             .collect(),
         Some(_) => Err(invalid("an array of strings")),
     }
@@ -654,13 +658,19 @@ mod tests {
 
     #[test]
     fn cursor_values() {
-        assert_eq!(sub(&[("cursor", "1783175888085434")]).unwrap().cursor, Some(1_783_175_888_085_434));
+        assert_eq!(
+            sub(&[("cursor", "1783175888085434")]).unwrap().cursor,
+            Some(1_783_175_888_085_434)
+        );
         assert_eq!(sub(&[("cursor", "-5")]).unwrap().cursor, Some(-5));
         assert_eq!(sub(&[("cursor", "+5")]).unwrap().cursor, Some(5));
         assert_eq!(sub(&[("cursor", "0")]).unwrap().cursor, Some(0));
         assert_eq!(sub(&[("cursor", "")]).unwrap().cursor, None);
         // First occurrence wins, like Go's Values.Get.
-        assert_eq!(sub(&[("cursor", "7"), ("cursor", "x")]).unwrap().cursor, Some(7));
+        assert_eq!(
+            sub(&[("cursor", "7"), ("cursor", "x")]).unwrap().cursor,
+            Some(7)
+        );
         for bad in ["abc", "1.5", " 1", "1e6", "99999999999999999999", "0x10"] {
             let err = sub(&[("cursor", bad)]).unwrap_err();
             assert_eq!(err, SubscribeError::InvalidCursor(bad.to_owned()));
@@ -679,9 +689,16 @@ mod tests {
         assert!(sub(&[("compress", "true")]).unwrap().compress);
         for off in ["1", "TRUE", "True", "yes", ""] {
             assert!(!sub(&[("compress", off)]).unwrap().compress, "{off}");
-            assert!(!sub(&[("requireHello", off)]).unwrap().require_hello, "{off}");
+            assert!(
+                !sub(&[("requireHello", off)]).unwrap().require_hello,
+                "{off}"
+            );
         }
-        assert!(!sub(&[("compress", "false"), ("compress", "true")]).unwrap().compress);
+        assert!(
+            !sub(&[("compress", "false"), ("compress", "true")])
+                .unwrap()
+                .compress
+        );
         assert!(sub(&[("requireHello", "true")]).unwrap().require_hello);
     }
 
@@ -697,7 +714,12 @@ mod tests {
 
     #[test]
     fn max_message_size_parsing() {
-        let max = |v: &str| sub(&[("maxMessageSizeBytes", v)]).unwrap().options.max_message_size;
+        let max = |v: &str| {
+            sub(&[("maxMessageSizeBytes", v)])
+                .unwrap()
+                .options
+                .max_message_size
+        };
         assert_eq!(max("1000"), Some(1000));
         assert_eq!(max("+1000"), Some(1000));
         assert_eq!(max("0"), None);
@@ -715,7 +737,12 @@ mod tests {
 
     #[test]
     fn unknown_parameters_are_ignored() {
-        let p = sub(&[("foo", "bar"), ("wantedcollections", "garbage"), ("Cursor", "x")]).unwrap();
+        let p = sub(&[
+            ("foo", "bar"),
+            ("wantedcollections", "garbage"),
+            ("Cursor", "x"),
+        ])
+        .unwrap();
         assert_eq!(p.options, SubscriberOptions::default());
         assert_eq!(p.cursor, None);
     }
@@ -726,7 +753,10 @@ mod tests {
             ("app.bsky.feed.post", exact("app.bsky.feed.post")),
             ("com.example.fooBar", exact("com.example.fooBar")),
             ("com.example.postV2", exact("com.example.postV2")),
-            ("fm.teal.alpha.actor.status", exact("fm.teal.alpha.actor.status")),
+            (
+                "fm.teal.alpha.actor.status",
+                exact("fm.teal.alpha.actor.status"),
+            ),
             ("a-b.c-d.e", exact("a-b.c-d.e")),
             ("com.3com.thing", exact("com.3com.thing")),
             ("app.bsky.*", prefix("app.bsky.")),
@@ -738,10 +768,27 @@ mod tests {
             assert_eq!(want.to_string(), raw);
         }
         let bad = [
-            "", "*", ".*", "app.*", "app", "app.bsky", "app.bsky.graph.fo*", "app.bsky.*.post",
-            "app..bsky.*", "app.bsky..*", "app.bsky.feed.", ".app.bsky.feed", "1app.bsky.feed",
-            "app.bsky.feed.2post", "app.bsky.feed.po-st", "app.-bsky.feed", "app.bsky-.feed",
-            "app.bsky.feed.post ", "app.bsky.feed.pöst", "app/bsky/feed", "app.bsky.feed.post,x.y.z",
+            "",
+            "*",
+            ".*",
+            "app.*",
+            "app",
+            "app.bsky",
+            "app.bsky.graph.fo*",
+            "app.bsky.*.post",
+            "app..bsky.*",
+            "app.bsky..*",
+            "app.bsky.feed.",
+            ".app.bsky.feed",
+            "1app.bsky.feed",
+            "app.bsky.feed.2post",
+            "app.bsky.feed.po-st",
+            "app.-bsky.feed",
+            "app.bsky-.feed",
+            "app.bsky.feed.post ",
+            "app.bsky.feed.pöst",
+            "app/bsky/feed",
+            "app.bsky.feed.post,x.y.z",
         ];
         for raw in bad {
             assert_eq!(CollectionPattern::parse(raw), None, "{raw:?}");
@@ -752,8 +799,14 @@ mod tests {
         assert!(CollectionPattern::parse(&ok_segment).is_some());
         let long_authority = format!("com.{}x", "abcdefghi.".repeat(25));
         assert!(long_authority.len() > MAX_AUTHORITY_BYTES);
-        assert_eq!(CollectionPattern::parse(&format!("{long_authority}.name")), None);
-        assert_eq!(CollectionPattern::parse(&format!("{long_authority}.*")), None);
+        assert_eq!(
+            CollectionPattern::parse(&format!("{long_authority}.name")),
+            None
+        );
+        assert_eq!(
+            CollectionPattern::parse(&format!("{long_authority}.*")),
+            None
+        );
     }
 
     #[test]
@@ -776,7 +829,10 @@ mod tests {
         // Commits of the collection plus the identity and account events, which always pass.
         assert_eq!(count(&["app.bsky.feed.like"]), 105 + 2);
         assert_eq!(count(&["app.bsky.feed.post"]), 18 + 2);
-        assert_eq!(count(&["app.bsky.feed.like", "app.bsky.feed.post"]), 123 + 2);
+        assert_eq!(
+            count(&["app.bsky.feed.like", "app.bsky.feed.post"]),
+            123 + 2
+        );
         assert_eq!(count(&["app.bsky.graph.*"]), 9 + 1 + 2);
         assert_eq!(count(&["app.bsky.feed.*"]), 105 + 18 + 15 + 2);
         // Every commit but the fm.teal one.
@@ -792,12 +848,21 @@ mod tests {
         let ident = "did:plc:hqvhxrowqbemo5e4wjnj6zao";
         let liker = "did:plc:wq4aajammjtxdomz3e23667t";
         let o = sub(&[("wantedDids", ident)]).unwrap().options;
-        assert_eq!(passing(&o), 2, "identity and account events obey wantedDids");
+        assert_eq!(
+            passing(&o),
+            2,
+            "identity and account events obey wantedDids"
+        );
         let o = sub(&[("wantedDids", liker)]).unwrap().options;
-        let by_liker = SAMPLE.lines().filter(|l| l.contains(&format!("\"did\":\"{liker}\""))).count();
+        let by_liker = SAMPLE
+            .lines()
+            .filter(|l| l.contains(&format!("\"did\":\"{liker}\"")))
+            .count();
         assert!(by_liker >= 1);
         assert_eq!(passing(&o), by_liker);
-        let o = sub(&[("wantedDids", liker), ("wantedDids", ident)]).unwrap().options;
+        let o = sub(&[("wantedDids", liker), ("wantedDids", ident)])
+            .unwrap()
+            .options;
         assert_eq!(passing(&o), by_liker + 2);
         // Combined with a collection filter the identity/account events still need the DID.
         let o = sub(&[
@@ -837,10 +902,16 @@ mod tests {
             p.options.wanted_collections,
             vec![exact("app.bsky.feed.post"), prefix("app.bsky.graph.")]
         );
-        assert_eq!(p.options.wanted_dids, vec!["did:plc:b", "did:web:example.com"]);
+        assert_eq!(
+            p.options.wanted_dids,
+            vec!["did:plc:b", "did:web:example.com"]
+        );
         assert_eq!(p.options.max_message_size, Some(1000));
         let key = p.options.shape_key(true);
-        assert_eq!(key.label(), "c:app.bsky.feed.post,app.bsky.graph.*+max:1000+zstd");
+        assert_eq!(
+            key.label(),
+            "c:app.bsky.feed.post,app.bsky.graph.*+max:1000+zstd"
+        );
         assert!(key.collection_allowed(EventKind::Commit, Some("app.bsky.graph.block")));
         assert!(!key.collection_allowed(EventKind::Commit, Some("app.bsky.feed.like")));
         assert!(key.collection_allowed(EventKind::Identity, None));
@@ -855,8 +926,12 @@ mod tests {
             Some(0),
         )
         .unwrap();
-        let b = SubscriberOptions::new(&["app.bsky.*"], &["did:plc:a", "did:plc:z", "did:plc:a"], None)
-            .unwrap();
+        let b = SubscriberOptions::new(
+            &["app.bsky.*"],
+            &["did:plc:a", "did:plc:z", "did:plc:a"],
+            None,
+        )
+        .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.wanted_collections, vec![prefix("app.bsky.")]);
         assert_eq!(a.shape_key(false), b.shape_key(false));
@@ -866,7 +941,10 @@ mod tests {
     #[test]
     fn limits_that_cannot_apply_leave_the_shape() {
         let o = |m| SubscriberOptions::new::<&str, &str>(&[], &[], Some(m)).unwrap();
-        assert_eq!(o(1_048_575).shape_key(false).max_message_size, Some(1_048_575));
+        assert_eq!(
+            o(1_048_575).shape_key(false).max_message_size,
+            Some(1_048_575)
+        );
         assert_eq!(o(1 << 20).shape_key(false).max_message_size, None);
         assert_eq!(o(1 << 20).shape_key(false).label(), "full");
         // A compressed frame may exceed the plain size slightly; the limit still matters there.
@@ -878,9 +956,15 @@ mod tests {
 
     #[test]
     fn long_labels_are_cut_with_a_distinguishing_hash() {
-        let many: Vec<String> = (0..20).map(|i| format!("com.example.collection{i}")).collect();
-        let a = SubscriberOptions::new::<_, &str>(&many, &[], None).unwrap().shape_key(false);
-        let b = SubscriberOptions::new::<_, &str>(&many[1..], &[], None).unwrap().shape_key(false);
+        let many: Vec<String> = (0..20)
+            .map(|i| format!("com.example.collection{i}"))
+            .collect();
+        let a = SubscriberOptions::new::<_, &str>(&many, &[], None)
+            .unwrap()
+            .shape_key(false);
+        let b = SubscriberOptions::new::<_, &str>(&many[1..], &[], None)
+            .unwrap()
+            .shape_key(false);
         let (la, lb) = (a.label(), b.label());
         assert!(la.len() <= MAX_SHAPE_LABEL_BYTES, "{la}");
         assert!(la.starts_with("c:com.example.collection0,"));
@@ -908,7 +992,10 @@ mod tests {
                 &[("wantedCollections", "")],
                 "invalid subscriber options: invalid collection: ",
             ),
-            (&[("wantedDids", "bob.bsky.social")], "invalid subscriber options"),
+            (
+                &[("wantedDids", "bob.bsky.social")],
+                "invalid subscriber options",
+            ),
             (&[("wantedDids", "")], "invalid subscriber options"),
             // Collections are checked before DIDs.
             (
@@ -928,23 +1015,46 @@ mod tests {
 
     #[test]
     fn too_many_filters() {
-        let cols: Vec<String> = (0..=MAX_WANTED_COLLECTIONS).map(|i| format!("com.example.c{i}")).collect();
-        let mut pairs: Vec<(String, String)> =
-            cols.iter().map(|c| ("wantedCollections".to_owned(), c.clone())).collect();
+        let cols: Vec<String> = (0..=MAX_WANTED_COLLECTIONS)
+            .map(|i| format!("com.example.c{i}"))
+            .collect();
+        let mut pairs: Vec<(String, String)> = cols
+            .iter()
+            .map(|c| ("wantedCollections".to_owned(), c.clone()))
+            .collect();
         let err = parse_subscribe(&pairs, &[]).unwrap_err();
-        assert_eq!(err, SubscribeError::Options(OptionsError::TooManyCollections(101)));
-        assert_eq!(err.to_string(), "invalid subscriber options: too many wanted collections");
+        assert_eq!(
+            err,
+            SubscribeError::Options(OptionsError::TooManyCollections(101))
+        );
+        assert_eq!(
+            err.to_string(),
+            "invalid subscriber options: too many wanted collections"
+        );
         pairs.pop();
         // Exactly 100, plus duplicates, is fine.
         pairs.push(("wantedCollections".to_owned(), "com.example.c0".to_owned()));
-        assert_eq!(parse_subscribe(&pairs, &[]).unwrap().options.wanted_collections.len(), 100);
+        assert_eq!(
+            parse_subscribe(&pairs, &[])
+                .unwrap()
+                .options
+                .wanted_collections
+                .len(),
+            100
+        );
 
         let dids: Vec<(String, String)> = (0..=MAX_WANTED_DIDS)
             .map(|i| ("wantedDids".to_owned(), format!("did:plc:{i:024}")))
             .collect();
         let err = parse_subscribe(&dids, &[]).unwrap_err();
-        assert_eq!(err, SubscribeError::Options(OptionsError::TooManyDids(10_001)));
-        assert_eq!(err.to_string(), "invalid subscriber options: too many wanted DIDs");
+        assert_eq!(
+            err,
+            SubscribeError::Options(OptionsError::TooManyDids(10_001))
+        );
+        assert_eq!(
+            err.to_string(),
+            "invalid subscriber options: too many wanted DIDs"
+        );
         let ok = parse_subscribe(&dids[1..], &[]).unwrap();
         assert_eq!(ok.options.wanted_dids.len(), MAX_WANTED_DIDS);
         assert!(ok.options.did_allowed("did:plc:000000000000000000005000"));
@@ -964,8 +1074,20 @@ mod tests {
             assert!(is_valid_did(ok), "{ok}");
         }
         for bad in [
-            "", "did", "did:", "did:plc", "did:plc:", "did::x", "did:PLC:x", "did:pl2:x",
-            "did:plc:x:", "did:plc:x%", "did:plc:a b", "DID:plc:x", "did:plc:é", "did:plc:x/y",
+            "",
+            "did",
+            "did:",
+            "did:plc",
+            "did:plc:",
+            "did::x",
+            "did:PLC:x",
+            "did:pl2:x",
+            "did:plc:x:",
+            "did:plc:x%",
+            "did:plc:a b",
+            "DID:plc:x",
+            "did:plc:é",
+            "did:plc:x/y",
         ] {
             assert!(!is_valid_did(bad), "{bad}");
         }
@@ -980,13 +1102,22 @@ mod tests {
             br#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.feed.post","app.bsky.graph.*"],"wantedDids":["did:plc:b","did:plc:a"],"maxMessageSizeBytes":5000}}"#,
         )
         .unwrap();
-        assert_eq!(o.wanted_collections, vec![exact("app.bsky.feed.post"), prefix("app.bsky.graph.")]);
+        assert_eq!(
+            o.wanted_collections,
+            vec![exact("app.bsky.feed.post"), prefix("app.bsky.graph.")]
+        );
         assert_eq!(o.wanted_dids, vec!["did:plc:a", "did:plc:b"]);
-        assert_eq!(o.max_message_size, Some(5000), "applied, unlike the official server");
+        assert_eq!(
+            o.max_message_size,
+            Some(5000),
+            "applied, unlike the official server"
+        );
 
         // Missing fields mean "no filter": the whole option set is replaced.
-        let o = parse_options_update(br#"{"type":"options_update","payload":{"wantedDids":["did:plc:a"]}}"#)
-            .unwrap();
+        let o = parse_options_update(
+            br#"{"type":"options_update","payload":{"wantedDids":["did:plc:a"]}}"#,
+        )
+        .unwrap();
         assert_eq!(o.wanted_collections, vec![]);
         assert_eq!(o.wanted_dids, vec!["did:plc:a"]);
         assert_eq!(o.max_message_size, None);
@@ -999,8 +1130,10 @@ mod tests {
         ] {
             assert_eq!(parse_options_update(empty).unwrap(), SubscriberOptions::default());
         }
-        let o = parse_options_update(br#"{"type":"options_update","payload":{"maxMessageSizeBytes":99999999999}}"#)
-            .unwrap();
+        let o = parse_options_update(
+            br#"{"type":"options_update","payload":{"maxMessageSizeBytes":99999999999}}"#,
+        )
+        .unwrap();
         assert_eq!(o.max_message_size, Some(u32::MAX));
     }
 
@@ -1063,27 +1196,48 @@ mod tests {
         let msg = format!(
             r#"{{"type":"options_update","payload":{{"wantedCollections":["{long_collection}"]}}}}"#
         );
-        let reason = parse_options_update(msg.as_bytes()).unwrap_err().to_string();
+        let reason = parse_options_update(msg.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(reason.len() <= MAX_CLOSE_REASON_BYTES, "{}", reason.len());
         assert!(reason.starts_with("failed to parse subscriber options: invalid subscriber options: invalid collection: app.bsky.é"));
 
-        let too_many: Vec<String> = (0..=MAX_WANTED_DIDS).map(|i| format!("\"did:plc:{i}\"")).collect();
-        let msg = format!(r#"{{"type":"options_update","payload":{{"wantedDids":[{}]}}}}"#, too_many.join(","));
+        let too_many: Vec<String> = (0..=MAX_WANTED_DIDS)
+            .map(|i| format!("\"did:plc:{i}\""))
+            .collect();
+        let msg = format!(
+            r#"{{"type":"options_update","payload":{{"wantedDids":[{}]}}}}"#,
+            too_many.join(",")
+        );
         assert!(msg.len() < MAX_OPTIONS_UPDATE_BYTES);
         let err = parse_options_update(msg.as_bytes()).unwrap_err();
-        assert!(matches!(err, OptionsUpdateError::Options(OptionsError::TooManyDids(10_001))));
-        assert_eq!(err.to_string(), "failed to parse subscriber options: invalid subscriber options: too many wanted DIDs");
+        assert!(matches!(
+            err,
+            OptionsUpdateError::Options(OptionsError::TooManyDids(10_001))
+        ));
+        assert_eq!(
+            err.to_string(),
+            "failed to parse subscriber options: invalid subscriber options: too many wanted DIDs"
+        );
     }
 
     #[test]
     fn options_update_size_limit() {
         let mut msg = br#"{"type":"options_update","payload":{}}"#.to_vec();
         msg.resize(MAX_OPTIONS_UPDATE_BYTES, b' ');
-        assert!(parse_options_update(&msg).is_ok(), "whitespace-padded to exactly the limit");
+        assert!(
+            parse_options_update(&msg).is_ok(),
+            "whitespace-padded to exactly the limit"
+        );
         msg.push(b' ');
         let err = parse_options_update(&msg).unwrap_err();
-        assert!(matches!(err, OptionsUpdateError::TooLarge(n) if n == MAX_OPTIONS_UPDATE_BYTES + 1));
-        assert_eq!(err.to_string(), "subscriber sourced message too large: 1048577 bytes");
+        assert!(
+            matches!(err, OptionsUpdateError::TooLarge(n) if n == MAX_OPTIONS_UPDATE_BYTES + 1)
+        );
+        assert_eq!(
+            err.to_string(),
+            "subscriber sourced message too large: 1048577 bytes"
+        );
     }
 
     #[test]

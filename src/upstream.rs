@@ -283,6 +283,7 @@ impl DedupWindow {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.order.len()
     }
@@ -554,10 +555,10 @@ impl Follower {
                     }
                     if !pinged && silent >= self.config.stall_timeout / 2 {
                         pinged = true;
-                        if let Err(e) = socket.send(Message::Ping(Default::default())) {
-                            if !is_timeout(&e) {
-                                return (SessionEnd::Lost(format!("ping failed: {e}")), appended);
-                            }
+                        if let Err(e) = socket.send(Message::Ping(Default::default()))
+                            && !is_timeout(&e)
+                        {
+                            return (SessionEnd::Lost(format!("ping failed: {e}")), appended);
                         }
                     }
                     continue;
@@ -604,7 +605,15 @@ impl Follower {
     /// abandoned within [`POLL_INTERVAL`] of `stop`.
     fn connect(&mut self, url: &str, stop: &AtomicBool) -> anyhow::Result<Socket> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        let request = url.into_client_request().context("invalid upstream URL")?;
+        let mut request = url.into_client_request().context("invalid upstream URL")?;
+        // Lets upstream operators tell relays apart from end clients.
+        request.headers_mut().insert(
+            tungstenite::http::header::USER_AGENT,
+            tungstenite::http::HeaderValue::from_static(concat!(
+                "jetrelay/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        );
         let uri = request.uri();
         let (tls, default_port) = match uri.scheme_str() {
             Some("ws") => (false, 80),
@@ -979,9 +988,15 @@ mod tests {
     }
 
     /// Accepts one WebSocket on `listener`, recording the request URI.
+    // The callback's error type is tungstenite's, not ours to shrink.
+    #[allow(clippy::result_large_err)]
     fn accept(listener: &TcpListener, uris: &Mutex<Vec<String>>) -> WebSocket<TcpStream> {
         let (stream, _) = listener.accept().unwrap();
         tungstenite::accept_hdr(stream, |req: &Request, resp: Response| {
+            assert_eq!(
+                req.headers()["user-agent"],
+                concat!("jetrelay/", env!("CARGO_PKG_VERSION"))
+            );
             uris.lock().unwrap().push(req.uri().to_string());
             Ok(resp)
         })
@@ -1304,6 +1319,103 @@ mod tests {
             .take(3)
             .collect();
         assert_eq!(attempts, [1, 2, 3]);
+    }
+
+    #[test]
+    fn wss_upstream_survives_read_timeouts_inside_tls() {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert: CertificateDer<'static> = certified.cert.der().clone();
+        let key =
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
+        let server_config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.clone()], key)
+                .unwrap(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let events = [event(0, 10_000_000), event(1, 10_100_000)];
+        let server = {
+            let events = events.clone();
+            thread::spawn(move || {
+                let (tcp, _) = listener.accept().unwrap();
+                let tls = rustls::ServerConnection::new(server_config).unwrap();
+                let mut ws = tungstenite::accept(rustls::StreamOwned::new(tls, tcp)).unwrap();
+                for e in events {
+                    // Longer than POLL_INTERVAL: the client's TLS reads time out in between.
+                    thread::sleep(Duration::from_millis(450));
+                    ws.send(Message::text(e)).unwrap();
+                }
+                ws.get_mut()
+                    .sock
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                while ws.read().is_ok() {}
+            })
+        };
+        let mut follower = Follower::new(test_config(format!("wss://localhost:{port}/subscribe")));
+        follower.tls = Some(Arc::new(client_config));
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, handle) = spawn_follower(follower, &record);
+        wait_for(&record, "both events over TLS", |r| r.appended.len() == 2);
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        server.join().unwrap();
+        let r = record.lock().unwrap();
+        assert_eq!(r.appended, events);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        assert!(
+            r.states
+                .iter()
+                .all(|s| matches!(s, ConnectionState::Connected { .. })),
+            "{:?}",
+            r.states
+        );
+    }
+
+    #[test]
+    fn a_silent_handshake_times_out_and_is_retried() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/subscribe", listener.local_addr().unwrap());
+        let server = thread::spawn(move || {
+            // Accept TCP but never answer the upgrade request.
+            let held: Vec<TcpStream> = (0..2).map(|_| listener.accept().unwrap().0).collect();
+            thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        let mut config = test_config(url);
+        config.connect_timeout = Duration::from_millis(400);
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, handle) = spawn_follower(Follower::new(config), &record);
+        wait_for(&record, "a handshake timeout", |r| {
+            r.states.iter().any(|s| {
+                matches!(s, ConnectionState::Disconnected { reason, .. } if reason.contains("handshake timed out"))
+            })
+        });
+        server.join().unwrap();
+        let stopping = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        assert!(stopping.elapsed() < Duration::from_secs(2));
+        let r = record.lock().unwrap();
+        assert!(
+            !r.states
+                .iter()
+                .any(|s| matches!(s, ConnectionState::Connected { .. }))
+        );
     }
 
     #[test]

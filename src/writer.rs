@@ -68,6 +68,23 @@ impl LogWriter {
         hub.plain.publish(plain_end);
         hub.zstd.publish(zstd_end);
         {
+            // Shapes first, under the registry's read lock held until the index entry exists.
+            let shapes = hub.shapes.lock();
+            if !shapes.is_empty() {
+                let seq = hub.index().next_seq();
+                let plain_payload = json.len();
+                let zstd_payload = self.zstd_payload.len();
+                for shape in shapes.iter() {
+                    let (frame, payload_len) = if shape.key.compress {
+                        (&self.zstd_frame, zstd_payload)
+                    } else {
+                        (&self.plain_frame, plain_payload)
+                    };
+                    if shape.wants(meta, payload_len) {
+                        crate::shapes::append_to_shape(shape, seq, frame)?;
+                    }
+                }
+            }
             let mut index = hub.index_mut();
             let collection = match &meta.collection {
                 Some(c) => index.collections.intern(c)?,
@@ -82,6 +99,8 @@ impl LogWriter {
                 flags: 0,
             };
             index.append(entry, meta.time_us, now_us())?;
+            drop(index);
+            drop(shapes);
         }
         let c = &hub.counters;
         Counters::add(&c.events_appended, 1);
@@ -152,8 +171,10 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
             break;
         };
         let too_old = oldest.appended_at_us < now - policy.max_age.as_micros() as i64;
-        let allocated =
-            hub.plain.allocated_bytes() + hub.zstd.allocated_bytes() + index.allocated_bytes();
+        let allocated = hub.plain.allocated_bytes()
+            + hub.zstd.allocated_bytes()
+            + index.allocated_bytes()
+            + hub.shapes.allocated_bytes();
         let too_big = allocated > policy.max_disk;
         if !(too_old || too_big) {
             break;
@@ -173,6 +194,11 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
         Counters::add(&hub.counters.punched_bytes, freed);
         dropped += 1;
     }
+    // Shapes follow the base logs (a shape whose readers are still being kicked catches up on
+    // a later pass).
+    let first_seq = hub.index().first_seq();
+    Counters::add(&hub.counters.punched_bytes, hub.shapes.drop_before(first_seq)?);
+    hub.shapes.retire_idle();
     Ok(dropped)
 }
 

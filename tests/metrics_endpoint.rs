@@ -88,6 +88,7 @@ fn metrics_endpoint_reports_a_known_workload() {
     // Delivery: the relay's count brackets what the clients saw. Slack: an event whose index
     // entry lands between a worker's two reads is counted with the client's next range.
     let delivered = m.must("jetrelay_events_delivered_total", &[]);
+    println!("clients received {before} before the scrape, {after} after; relay: {delivered}");
     let slack = 2.0 * all.len() as f64;
     assert!(
         before as f64 - slack <= delivered && delivered <= after as f64,

@@ -5,14 +5,14 @@
 //! Names are OpenTelemetry-style (`jetrelay.events.delivered`, unit `{event}`); the Prometheus
 //! endpoint shows them as `jetrelay_events_delivered_total` (see `prometheus.rs`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
 
 use crate::fanout::Fanout;
-use crate::hub::{Counters, Hub, LatencyHistogram, REFUSAL_STATUSES, Shape};
+use crate::hub::{Counters, Hub, LatencyHistogram, REFUSAL_STATUSES, ShapeClass};
 use crate::index::now_us;
 use crate::metrics::prometheus::FlatHistogram;
 use crate::upstream::SkipReason;
@@ -50,7 +50,7 @@ fn counter(
 }
 
 /// Registers every instrument on `meter`.
-pub fn register(meter: &Meter, hub: &Arc<Hub>, fanout: &Arc<Fanout>) {
+pub fn register(meter: &Meter, hub: &Arc<Hub>, fanout: &Weak<Fanout>) {
     register_clients(meter, hub, fanout);
     register_handshakes(meter, hub);
     register_delivery(meter, hub);
@@ -64,7 +64,7 @@ pub fn register(meter: &Meter, hub: &Arc<Hub>, fanout: &Arc<Fanout>) {
         .build();
 }
 
-fn register_clients(meter: &Meter, hub: &Arc<Hub>, fanout: &Arc<Fanout>) {
+fn register_clients(meter: &Meter, hub: &Arc<Hub>, fanout: &Weak<Fanout>) {
     let h = hub.clone();
     meter
         .i64_observable_up_down_counter("jetrelay.clients")
@@ -73,7 +73,7 @@ fn register_clients(meter: &Meter, hub: &Arc<Hub>, fanout: &Arc<Fanout>) {
             "WebSocket clients connected, by subscription shape (at connect) and encoding.",
         )
         .with_callback(move |o| {
-            for shape in Shape::ALL {
+            for shape in ShapeClass::ALL {
                 for compressed in [false, true] {
                     let n = load(&h.counters.clients_by_shape[shape.index(compressed)]);
                     let labels = [
@@ -91,7 +91,11 @@ fn register_clients(meter: &Meter, hub: &Arc<Hub>, fanout: &Arc<Fanout>) {
         .with_unit("{client}")
         .with_description("WebSocket clients owned by each fan-out worker.")
         .with_callback(move |o| {
-            for (i, n) in f.clients_per_worker().into_iter().enumerate() {
+            let per_worker = f
+                .upgrade()
+                .map(|f| f.clients_per_worker())
+                .unwrap_or_default();
+            for (i, n) in per_worker.into_iter().enumerate() {
                 o.observe(n as i64, &[KeyValue::new("worker", i as i64)]);
             }
         })

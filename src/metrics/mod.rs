@@ -36,7 +36,7 @@ use opentelemetry_sdk::metrics::{
 
 use crate::fanout::Fanout;
 use crate::handshake::{self, HttpError, ParseStatus};
-use crate::hub::{Hub, LatencyHistogram, Shape};
+use crate::hub::{Hub, LatencyHistogram, ShapeClass};
 use crate::index::now_us;
 
 /// Why 30 s: the real firehose carries hundreds of events a second and the demo at least
@@ -102,8 +102,9 @@ impl MetricReader for SharedReader {
 struct Shared {
     /// The relay's counters and logs.
     hub: Arc<Hub>,
-    /// For clients per worker.
-    fanout: Arc<Fanout>,
+    /// For clients per worker. Weak: the relay must get the workers back to join them at
+    /// shutdown, even if a request is still in flight.
+    fanout: Weak<Fanout>,
     /// Collected on each scrape.
     prometheus: Arc<ManualReader>,
     /// For the dashboard's uptime.
@@ -139,6 +140,7 @@ impl Metrics {
             tracing::info!(%endpoint, "pushing metrics over OTLP");
         }
         let provider = builder.build();
+        let fanout = Arc::downgrade(&fanout);
         instruments::register(&provider.meter("jetrelay"), &hub, &fanout);
         let mut metrics = Metrics {
             provider,
@@ -365,7 +367,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
     let bounds: Vec<u64> = (0..latency.counts.len())
         .filter_map(LatencyHistogram::upper_bound_us)
         .collect();
-    let shapes: serde_json::Map<String, serde_json::Value> = Shape::ALL
+    let shapes: serde_json::Map<String, serde_json::Value> = ShapeClass::ALL
         .iter()
         .map(|s| {
             let n = load(&c.clients_by_shape[s.index(false)])
@@ -378,7 +380,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": shared.started.elapsed().as_secs_f64(),
         "clients": load(&c.clients),
-        "clients_by_worker": shared.fanout.clients_per_worker(),
+        "clients_by_worker": shared.fanout.upgrade().map(|f| f.clients_per_worker()).unwrap_or_default(),
         "clients_by_shape": shapes,
         "events_appended": load(&c.events_appended),
         "events_delivered": load(&c.events_delivered),

@@ -561,7 +561,11 @@ mod tests {
         let idx: Vec<usize> = (0..TEMPLATE_COUNT)
             .filter(|&i| Generator::template_kind_and_collection(i).0 != "commit")
             .collect();
-        assert_eq!(idx.len(), 2, "the sample has one identity and one account event");
+        assert_eq!(
+            idx.len(),
+            2,
+            "the sample has one identity and one account event"
+        );
         for i in idx {
             let seq = 152 * 9 + i as u64;
             let mut out = Vec::new();
@@ -581,7 +585,10 @@ mod tests {
             .iter()
             .filter(|l| Generator::seq_of(l.as_bytes()).is_some())
             .count();
-        assert!(decoded < 10, "{decoded} real events decoded as generated ones");
+        assert!(
+            decoded < 10,
+            "{decoded} real events decoded as generated ones"
+        );
         assert_eq!(Generator::seq_of(b""), None);
         assert_eq!(Generator::seq_of(b"{\"did\":\"x\",\"time_us\":01,"), None);
         assert_eq!(Generator::seq_of(b"not json at all"), None);
@@ -615,7 +622,8 @@ mod tests {
         assert_eq!(dids.len(), 100, "every DID of the population is used");
         // Distinct indices give distinct DIDs, even for a large population.
         let big = Generator::new(42, 1 << 40);
-        let s: std::collections::HashSet<String> = (0..10_000).map(|i| big.did_by_index(i)).collect();
+        let s: std::collections::HashSet<String> =
+            (0..10_000).map(|i| big.did_by_index(i)).collect();
         assert_eq!(s.len(), 10_000);
     }
 
@@ -654,7 +662,15 @@ mod tests {
         assert_eq!(parse_canonical_i64(b"-0"), None);
         assert_eq!(parse_canonical_i64(b"x"), None);
         assert_eq!(parse_canonical_i64(b"99999999999999999999"), None);
-        for v in [0i64, 9, 10, -1, i64::MAX, i64::MIN + 1, 1_783_175_888_085_434] {
+        for v in [
+            0i64,
+            9,
+            10,
+            -1,
+            i64::MAX,
+            i64::MIN + 1,
+            1_783_175_888_085_434,
+        ] {
             let mut o = Vec::new();
             push_i64(v, &mut o);
             assert_eq!(o, v.to_string().as_bytes());

@@ -20,6 +20,7 @@ mod server;
 
 pub use generator::{DEFAULT_DIDS, DID_LEN, Generator, MAX_SEQ, TEMPLATE_COUNT, TID_LEN};
 pub(crate) use generator::{mix64, parse_canonical_i64, push_i64};
+pub(crate) use server::url_query_pairs;
 pub use server::{MockHandle, spawn};
 
 use std::net::SocketAddr;
@@ -210,7 +211,11 @@ mod tests {
         assert_eq!(p.len(), OVERSIZED_FRAME_LEN);
         let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
         assert_eq!(v["time_us"], 1_783_175_888_000_000i64);
-        assert_eq!(Generator::seq_of(&p), None, "malformed messages carry no seq");
+        assert_eq!(
+            Generator::seq_of(&p),
+            None,
+            "malformed messages carry no seq"
+        );
     }
 
     #[test]

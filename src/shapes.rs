@@ -1,0 +1,299 @@
+//! Shapes: shared, pre-filtered logs, one per distinct subscription *shape* in use
+//! (`wantedCollections` × `maxMessageSizeBytes` × compression).
+//!
+//! A client whose filter passes 10% of the feed must not cost a syscall per event: if it read
+//! the base log, its matching frames would be scattered and each would need its own send. So
+//! the writer also appends every matching frame to the shape's own log, once, for all clients of
+//! that shape; they then read it contiguously exactly like full-stream clients (ring sends when
+//! live, splice when behind).
+//!
+//! A shape is created when first asked for and fed from then on (`start_seq`); history from
+//! before it is served by walking the base log's index with the same filter until the walk
+//! reaches `start_seq`, where the client switches to the shape's log. That keeps creation O(1)
+//! (no back-fill copy of gigabytes) while replay and live see exactly the same frames.
+//! Shapes are retained and hole-punched like the base logs, bounded in number
+//! ([`MAX_SHAPES`]; beyond it clients fall back to the index walk), and dropped after
+//! [`SHAPE_IDLE`] without clients. `wantedDids` is not part of a shape: DID-filtered clients
+//! walk the index (their matches are rare, so their sends are too).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::event::EventMeta;
+use crate::index::now_us;
+use crate::log::Stream;
+use crate::subscription::ShapeKey;
+
+/// Why 32: each shape costs a file, a ring and one predicate check per event in the writer;
+/// real traffic concentrates on a handful of popular shapes.
+pub const MAX_SHAPES: usize = 32;
+/// An unused shape is dropped after this long (clients that come back soon reuse it).
+pub const SHAPE_IDLE: Duration = Duration::from_secs(60);
+/// Ring per shape: smaller than the base rings since there can be many shapes.
+pub const SHAPE_RING_BYTES: usize = 8 << 20;
+
+/// Where each of a shape's frames is: (event seq, offset in the shape's log).
+#[derive(Default)]
+pub struct ShapeTable {
+    /// Retained frames, oldest first.
+    frames: VecDeque<(u64, u64)>,
+    /// Frames dropped by retention so far: with the position in `frames`, a frame's ordinal
+    /// in the shape's log (for counting delivered events, see [`Shape::frames_appended`]).
+    popped: u64,
+}
+
+impl ShapeTable {
+    /// Offset of the first frame with seq ≥ `seq`, or the end (`end`) if none.
+    pub fn offset_from_seq(&self, seq: u64, end: u64) -> u64 {
+        let i = self.frames.partition_point(|(s, _)| *s < seq);
+        self.frames.get(i).map_or(end, |(_, o)| *o)
+    }
+
+    /// Seq of the frame at `offset`, or `next_seq` if `offset` is the end.
+    pub fn seq_at_offset(&self, offset: u64, next_seq: u64) -> u64 {
+        let i = self.frames.partition_point(|(_, o)| *o < offset);
+        self.frames.get(i).map_or(next_seq, |(s, _)| *s)
+    }
+
+    /// Frames before `offset` in the shape's log since it was created.
+    pub fn ordinal_at_offset(&self, offset: u64) -> u64 {
+        self.popped + self.frames.partition_point(|(_, o)| *o < offset) as u64
+    }
+
+    /// Drops frames with seq < `seq`; returns the new first offset (or None if unchanged).
+    fn drop_before(&mut self, seq: u64, end: u64) -> u64 {
+        while self.frames.front().is_some_and(|(s, _)| *s < seq) {
+            self.frames.pop_front();
+            self.popped += 1;
+        }
+        self.frames.front().map_or(end, |(_, o)| *o)
+    }
+}
+
+/// One shape.
+pub struct Shape {
+    /// What it carries.
+    pub key: ShapeKey,
+    /// Label for logs and metrics.
+    pub label: String,
+    /// Its log.
+    pub stream: Arc<Stream>,
+    /// Events with seq ≥ this that match are in the log; older ones are not.
+    pub start_seq: u64,
+    /// Frame positions.
+    pub table: RwLock<ShapeTable>,
+    /// Clients attached (reading it or walking towards it).
+    pub clients: AtomicU64,
+    /// When the last client left (µs), for idle expiry.
+    idle_since: AtomicI64,
+    /// Frames appended (after their publish and table entry), so that workers can count the
+    /// events in a range without the table lock.
+    appended: AtomicU64,
+}
+
+impl Shape {
+    /// Whether this shape carries the event whose frame would be `payload_len` bytes of payload.
+    pub fn wants(&self, meta: &EventMeta<'_>, payload_len: usize) -> bool {
+        self.key.collection_allowed(meta.kind, meta.collection.as_deref())
+            && self.key.size_allowed(payload_len)
+    }
+
+    /// Frames appended so far; never ahead of the published end or the table.
+    pub fn frames_appended(&self) -> u64 {
+        self.appended.load(Ordering::Acquire)
+    }
+
+    /// Client accounting.
+    pub fn add_client(&self) {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Client accounting.
+    pub fn remove_client(&self) {
+        if self.clients.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_since.store(now_us(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The registry.
+pub struct Shapes {
+    /// Live shapes; the writer takes a read lock per event.
+    active: RwLock<Vec<Arc<Shape>>>,
+    /// Serializes creation and retirement.
+    admin: Mutex<u64>,
+    /// Directory for shape logs.
+    dir: PathBuf,
+}
+
+impl Shapes {
+    /// An empty registry storing logs in `dir` (stale logs from a previous run are removed:
+    /// shapes are rebuilt on demand).
+    pub fn new(dir: PathBuf) -> std::io::Result<Shapes> {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        Ok(Shapes {
+            active: RwLock::new(Vec::new()),
+            admin: Mutex::new(0),
+            dir,
+        })
+    }
+
+    /// Snapshot of the live shapes.
+    pub fn active(&self) -> Vec<Arc<Shape>> {
+        self.active.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The live shapes, read-locked: the writer holds this across appending an event to the
+    /// shapes *and* to the index, so a shape created concurrently starts exactly at an event
+    /// boundary (see [`Shapes::get_or_create`]).
+    pub fn lock(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Shape>>> {
+        self.active.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shape for `key`, creating it (fed from `next_seq` on) if there is room.
+    /// `next_seq` must be read under the index lock so no event is missed or doubled: the
+    /// writer appends shapes' frames before the index entry, under the same registry lock.
+    pub fn get_or_create(&self, key: &ShapeKey, next_seq: impl FnOnce() -> u64) -> Option<Arc<Shape>> {
+        if let Some(s) = self.active().into_iter().find(|s| &s.key == key) {
+            return Some(s);
+        }
+        let mut counter = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = active.iter().find(|s| &s.key == key) {
+            return Some(s.clone());
+        }
+        if active.len() >= MAX_SHAPES {
+            return None;
+        }
+        *counter += 1;
+        let label = key.label();
+        let path = self.dir.join(format!("shape-{}.log", *counter));
+        let stream = match Stream::create(label.clone(), &path, SHAPE_RING_BYTES) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, shape = %label, "cannot create shape log; falling back to filtering");
+                return None;
+            }
+        };
+        // Holding the write lock: the writer cannot be between "shapes appended" and "index
+        // appended" for an event, so next_seq is exactly the first event this shape will see.
+        let start_seq = next_seq();
+        let shape = Arc::new(Shape {
+            key: key.clone(),
+            label: label.clone(),
+            stream: Arc::new(stream),
+            start_seq,
+            table: RwLock::new(ShapeTable::default()),
+            clients: AtomicU64::new(0),
+            idle_since: AtomicI64::new(now_us()),
+            appended: AtomicU64::new(0),
+        });
+        active.push(shape.clone());
+        tracing::info!(shape = %label, start_seq, "shape created");
+        Some(shape)
+    }
+
+    /// Removes shapes idle for longer than [`SHAPE_IDLE`]; their files are unlinked (open
+    /// descriptors keep in-flight reads valid).
+    pub fn retire_idle(&self) {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+        let now = now_us();
+        active.retain(|s| {
+            let idle = s.clients.load(Ordering::Relaxed) == 0
+                && now - s.idle_since.load(Ordering::Relaxed) > SHAPE_IDLE.as_micros() as i64;
+            if idle {
+                s.stream.retire();
+                let _ = std::fs::remove_file(s.stream.path());
+                tracing::info!(shape = %s.label, "shape dropped (unused)");
+            }
+            !idle
+        });
+    }
+
+    /// Bytes allocated on disk by all shape logs.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.active().iter().map(|s| s.stream.allocated_bytes()).sum()
+    }
+
+    /// Retention: drops every shape frame of an event with seq < `first_seq`, once no reader
+    /// is below it. Returns bytes punched.
+    pub fn drop_before(&self, first_seq: u64) -> std::io::Result<u64> {
+        let mut freed = 0;
+        for s in self.active() {
+            let end = s.stream.end();
+            let target = s
+                .table
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .offset_from_seq(first_seq, end);
+            s.stream.request_kick(target);
+            if s.stream.lowest_reader() < target {
+                continue;
+            }
+            s.table
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .drop_before(first_seq, end);
+            freed += s.stream.punch_below(target)?;
+        }
+        Ok(freed)
+    }
+}
+
+/// Appends one event's frame to a shape (writer thread).
+pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result<()> {
+    let mut end = shape.stream.end();
+    let at = shape.stream.append(frame, &mut end)?;
+    shape.stream.publish(end);
+    shape
+        .table
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .frames
+        .push_back((seq, at));
+    shape.appended.fetch_add(1, Ordering::Release);
+    Ok(())
+}
+
+/// Total shape frames retained (metrics).
+pub fn frames(shape: &Shape) -> usize {
+    shape.table.read().unwrap_or_else(|p| p.into_inner()).frames.len()
+}
+
+#[allow(dead_code)]
+fn _assert_sync() {
+    fn is_sync<T: Sync + Send>() {}
+    is_sync::<Shapes>();
+    let _ = AtomicU64::new(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lookups() {
+        let mut t = ShapeTable::default();
+        for (i, seq) in [3u64, 7, 8, 20].iter().enumerate() {
+            t.frames.push_back((*seq, i as u64 * 100));
+        }
+        assert_eq!(t.offset_from_seq(0, 400), 0);
+        assert_eq!(t.offset_from_seq(4, 400), 100);
+        assert_eq!(t.offset_from_seq(8, 400), 200);
+        assert_eq!(t.offset_from_seq(21, 400), 400);
+        assert_eq!(t.seq_at_offset(200, 99), 8);
+        assert_eq!(t.seq_at_offset(400, 99), 99);
+        assert_eq!(t.ordinal_at_offset(200), 2);
+        assert_eq!(t.drop_before(8, 400), 200);
+        assert_eq!(t.frames.len(), 2);
+        assert_eq!(t.ordinal_at_offset(200), 2, "ordinals survive retention");
+        assert_eq!(t.ordinal_at_offset(400), 4);
+    }
+}

@@ -1,0 +1,661 @@
+//! The client side of one WebSocket connection as a socket-free state machine: building the
+//! upgrade request, judging the response, and consuming server frames (events, pings, close).
+//!
+//! The epoll driver only moves bytes: it hands received bytes to [`Session::feed`] and writes
+//! whatever the session queued in its output buffer. Tests drive the same code with hand-made
+//! byte streams, including corrupted, reordered and gapped ones.
+
+use super::filter::Filter;
+use super::histogram::Histogram;
+use super::verify::{Accepted, Order, Verifier};
+use crate::frame::{self, FrameHeader, Opcode};
+
+/// Longest upgrade response accepted.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// Failures whose details are kept (the rest are only counted).
+pub const MAX_FAILURE_EXAMPLES: usize = 20;
+
+/// Close codes remembered per client (a reconnecting client sees one per connection).
+const MAX_CLOSES_PER_CLIENT: usize = 8;
+
+/// Builds the HTTP upgrade request.
+pub fn upgrade_request(host: &str, path_and_query: &str, key: &str) -> Vec<u8> {
+    format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: jetrelay-swarm\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// What the server answered to the upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgrade {
+    /// 101 with a correct `Sec-WebSocket-Accept`; frames start after `head_len` bytes.
+    Accepted {
+        /// Length of the response head.
+        head_len: usize,
+    },
+    /// Any other status.
+    Refused {
+        /// The HTTP status.
+        status: u16,
+    },
+}
+
+/// An unacceptable upgrade response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpgradeError {
+    /// Not parseable as HTTP.
+    #[error("malformed HTTP response")]
+    Malformed,
+    /// The head exceeds [`MAX_RESPONSE_HEAD`].
+    #[error("HTTP response head too long")]
+    TooLong,
+    /// 101 without `Upgrade: websocket` / `Connection: upgrade`.
+    #[error("101 response without Upgrade: websocket and Connection: Upgrade")]
+    NotUpgrade,
+    /// `Sec-WebSocket-Accept` missing or wrong.
+    #[error("wrong Sec-WebSocket-Accept (got {got:?}, want {want:?})")]
+    BadAccept {
+        /// What the server sent.
+        got: String,
+        /// What RFC 6455 requires for our key.
+        want: String,
+    },
+}
+
+/// Parses the upgrade response in `buf`; `Ok(None)` = incomplete.
+pub fn parse_upgrade_response(buf: &[u8], key: &str) -> Result<Option<Upgrade>, UpgradeError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
+            return Err(UpgradeError::TooLong);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(UpgradeError::Malformed),
+    };
+    let status = resp.code.ok_or(UpgradeError::Malformed)?;
+    if status != 101 {
+        return Ok(Some(Upgrade::Refused { status }));
+    }
+    let header = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+    };
+    let upgrade_ok = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connection_ok = header("connection").is_some_and(|v| {
+        v.split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    });
+    if !upgrade_ok || !connection_ok {
+        return Err(UpgradeError::NotUpgrade);
+    }
+    let want = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let got = header("sec-websocket-accept").unwrap_or_default();
+    if got != want {
+        return Err(UpgradeError::BadAccept { got, want });
+    }
+    Ok(Some(Upgrade::Accepted { head_len }))
+}
+
+/// A failure worth reporting, with enough context to find it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    /// Client id (global across processes).
+    pub client: u64,
+    /// The seq involved, when known.
+    pub seq: Option<u64>,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// Verification options shared by all clients.
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
+    /// Contiguity check on.
+    pub in_order: bool,
+    /// Required first seq.
+    pub first_seq: Option<u64>,
+    /// Whether compressed (binary) frames are expected instead of text.
+    pub compressed: bool,
+}
+
+/// Process-wide counters and samples, shared by all sessions.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Receive-time minus `time_us`, in µs.
+    pub latency: Histogram,
+    /// Events whose `time_us` lies in the future (clock skew or bogus time).
+    pub negative_latency: u64,
+    /// Verification failures (all, including those without kept details).
+    pub failures: u64,
+    /// The first [`MAX_FAILURE_EXAMPLES`] failures.
+    pub examples: Vec<Failure>,
+    /// New events accepted.
+    pub events: u64,
+    /// Replayed duplicates skipped after reconnects.
+    pub duplicates: u64,
+    /// Bytes of all frames received (headers included).
+    pub frame_bytes: u64,
+}
+
+impl Totals {
+    /// Counts a failure and keeps its details if there is room.
+    pub fn fail(&mut self, client: u64, seq: Option<u64>, reason: String) {
+        self.failures += 1;
+        if self.examples.len() < MAX_FAILURE_EXAMPLES {
+            self.examples.push(Failure {
+                client,
+                seq,
+                reason,
+            });
+        }
+    }
+}
+
+/// Per-client state that survives reconnects.
+#[derive(Debug, Clone, Default)]
+pub struct ClientState {
+    /// Global client id.
+    pub id: u64,
+    /// Sequence state.
+    pub order: Order,
+    /// New events accepted.
+    pub events: u64,
+    /// Newest `time_us` received (for the "behind" computation and reconnect cursors).
+    pub max_time_us: Option<i64>,
+    /// Close codes received (1005 = close frame without a code), oldest first, capped.
+    pub closes: Vec<u16>,
+    /// Verification failures of this client.
+    pub failures: u64,
+    /// Successful upgrades.
+    pub upgrades: u64,
+    /// HTTP statuses of refused upgrades.
+    pub refused: Vec<u16>,
+}
+
+/// What the connection should do after feeding bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Keep reading.
+    Continue,
+    /// The server sent a close frame (we queued our reply): close after flushing.
+    Closed,
+    /// A protocol violation: drop the connection.
+    Abort,
+}
+
+/// The frame-level state of one open connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// A close frame was received; further frames are violations.
+    closed: bool,
+}
+
+impl Session {
+    /// A fresh session right after a successful upgrade.
+    pub fn new() -> Session {
+        Session::default()
+    }
+
+    /// Consumes complete frames from `buf`, returning how many bytes were used (the rest is a
+    /// partial frame to present again with more bytes) and what to do next. Replies (pongs,
+    /// close) are appended to `out`, masked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn feed(
+        &mut self,
+        buf: &[u8],
+        client: &mut ClientState,
+        filter: &Filter,
+        verifier: &mut Verifier,
+        checks: &Checks,
+        totals: &mut Totals,
+        now_us: i64,
+        out: &mut Vec<u8>,
+    ) -> (usize, Next) {
+        let mut at = 0;
+        loop {
+            let (header, payload) = match frame::split_frame(&buf[at..]) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    // A partial frame must still be one we can hold.
+                    if let Ok(Some(h)) = frame::parse_header(&buf[at..]) {
+                        if h.payload_len > super::verify::MAX_EVENT_LEN as u64 {
+                            totals.fail(
+                                client.id,
+                                None,
+                                format!("frame of {} bytes exceeds the limit", h.payload_len),
+                            );
+                            client.failures += 1;
+                            return (at, Next::Abort);
+                        }
+                    }
+                    return (at, Next::Continue);
+                }
+                Err(e) => {
+                    totals.fail(client.id, None, format!("invalid frame header: {e}"));
+                    client.failures += 1;
+                    return (at, Next::Abort);
+                }
+            };
+            let frame_len = header.header_len + payload.len();
+            at += frame_len;
+            totals.frame_bytes += frame_len as u64;
+            match self.on_frame(
+                header, payload, client, filter, verifier, checks, totals, now_us, out,
+            ) {
+                Next::Continue => {}
+                other => return (at, other),
+            }
+        }
+    }
+
+    /// Handles one complete frame.
+    #[allow(clippy::too_many_arguments)]
+    fn on_frame(
+        &mut self,
+        header: FrameHeader,
+        payload: &[u8],
+        client: &mut ClientState,
+        filter: &Filter,
+        verifier: &mut Verifier,
+        checks: &Checks,
+        totals: &mut Totals,
+        now_us: i64,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let mut fail = |totals: &mut Totals, seq, reason: String| {
+            client.failures += 1;
+            totals.fail(client.id, seq, reason);
+        };
+        if header.mask.is_some() {
+            fail(totals, None, "server sent a masked frame".into());
+            return Next::Abort;
+        }
+        if self.closed {
+            fail(totals, None, "frame after the close frame".into());
+            return Next::Abort;
+        }
+        if !header.fin || header.opcode == Opcode::Continuation {
+            fail(
+                totals,
+                None,
+                "fragmented message (Jetstream sends one frame per event)".into(),
+            );
+            return Next::Abort;
+        }
+        let mask = fastrand::u32(..).to_ne_bytes();
+        let verified = match header.opcode {
+            Opcode::Ping => {
+                frame::encode_client_frame(Opcode::Pong, payload, mask, out);
+                return Next::Continue;
+            }
+            Opcode::Pong => return Next::Continue,
+            Opcode::Close => {
+                self.closed = true;
+                let code = match frame::parse_close(payload) {
+                    Ok((code, _reason)) => code.unwrap_or(1005),
+                    Err(e) => {
+                        fail(totals, None, format!("invalid close frame: {e:?}"));
+                        payload
+                            .first_chunk::<2>()
+                            .map(|c| u16::from_be_bytes(*c))
+                            .unwrap_or(1005)
+                    }
+                };
+                if client.closes.len() < MAX_CLOSES_PER_CLIENT {
+                    client.closes.push(code);
+                }
+                let reply = if (1000..=4999).contains(&code) && code != 1005 {
+                    code
+                } else {
+                    1000
+                };
+                frame::encode_client_close(frame::CloseCode(reply), "", mask, out);
+                return Next::Closed;
+            }
+            Opcode::Text if checks.compressed => Err(super::verify::VerifyError::WrongFrameType(
+                "text frame on a compressed subscription",
+            )),
+            Opcode::Binary if !checks.compressed => {
+                Err(super::verify::VerifyError::WrongFrameType(
+                    "binary frame on an uncompressed subscription",
+                ))
+            }
+            Opcode::Text => verifier.verify_plain(payload),
+            Opcode::Binary => {
+                let predicted = client.order.last.map(|l| l + 1);
+                verifier.verify_compressed(payload, predicted)
+            }
+            Opcode::Continuation => return Next::Abort,
+        };
+        let v = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                let seq = match &e {
+                    super::verify::VerifyError::Mismatch { seq, .. } => Some(*seq),
+                    _ => None,
+                };
+                fail(totals, seq, e.to_string());
+                if let Some(seq) = seq {
+                    // The seq is known: count the event as received (wrongly) so that one
+                    // corrupted event is one failure, not also a gap.
+                    client.order.last = Some(client.order.last.map_or(seq, |l| l.max(seq)));
+                }
+                return Next::Continue;
+            }
+        };
+        let accepted = match (verifier.generator(), v.seq) {
+            (Some(g), Some(seq)) => {
+                let t = v.time_us.unwrap_or(0);
+                match client.order.accept(
+                    g,
+                    filter,
+                    seq,
+                    t,
+                    payload.len(),
+                    checks.in_order,
+                    checks.first_seq,
+                ) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        fail(totals, Some(seq), e.to_string());
+                        // Resynchronise so one gap is one failure, not one per later event.
+                        client.order.last = Some(client.order.last.map_or(seq, |l| l.max(seq)));
+                        Accepted::New
+                    }
+                }
+            }
+            _ => Accepted::New,
+        };
+        if accepted == Accepted::Duplicate {
+            totals.duplicates += 1;
+            return Next::Continue;
+        }
+        client.events += 1;
+        totals.events += 1;
+        if let Some(t) = v.time_us {
+            client.max_time_us = Some(client.max_time_us.map_or(t, |m| m.max(t)));
+            let lat = now_us.saturating_sub(t);
+            if lat < 0 {
+                totals.negative_latency += 1;
+            }
+            totals.latency.record(lat.max(0) as u64);
+        }
+        Next::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::Generator;
+
+    const T0: i64 = 1_783_175_888_000_000;
+
+    struct Harness {
+        g: Generator,
+        client: ClientState,
+        filter: Filter,
+        verifier: Verifier,
+        checks: Checks,
+        totals: Totals,
+        session: Session,
+        out: Vec<u8>,
+    }
+
+    impl Harness {
+        fn new(query: &str) -> Harness {
+            let g = Generator::new(11, 50);
+            Harness {
+                client: ClientState {
+                    id: 7,
+                    ..Default::default()
+                },
+                filter: Filter::from_query(query),
+                verifier: Verifier::new(Some(g.clone())),
+                g,
+                checks: Checks {
+                    in_order: true,
+                    ..Default::default()
+                },
+                totals: Totals::default(),
+                session: Session::new(),
+                out: Vec::new(),
+            }
+        }
+
+        fn event_frame(&self, seq: u64, out: &mut Vec<u8>) {
+            let mut ev = Vec::new();
+            self.g.event(seq, T0 + seq as i64, &mut ev);
+            frame::encode_server_frame(Opcode::Text, &ev, out);
+        }
+
+        /// Feeds `bytes` in chunks of `chunk` bytes, carrying partial frames like the driver.
+        fn feed(&mut self, bytes: &[u8], chunk: usize) -> Next {
+            let mut carry: Vec<u8> = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                carry.extend_from_slice(piece);
+                let (used, next) = self.session.feed(
+                    &carry,
+                    &mut self.client,
+                    &self.filter,
+                    &mut self.verifier,
+                    &self.checks,
+                    &mut self.totals,
+                    T0 + 1_000_000,
+                    &mut self.out,
+                );
+                carry.drain(..used);
+                if next != Next::Continue {
+                    return next;
+                }
+            }
+            Next::Continue
+        }
+    }
+
+    #[test]
+    fn handshake_response_checks() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
+        assert_eq!(
+            parse_upgrade_response(ok, key),
+            Ok(Some(Upgrade::Accepted {
+                head_len: ok.len() - 2
+            }))
+        );
+        assert_eq!(parse_upgrade_response(&ok[..20], key), Ok(None));
+        let bad = String::from_utf8_lossy(ok).replace("s3pPL", "xxxxx");
+        assert!(matches!(
+            parse_upgrade_response(bad.as_bytes(), key),
+            Err(UpgradeError::BadAccept { .. })
+        ));
+        let no_upgrade = String::from_utf8_lossy(ok).replace("Upgrade: websocket\r\n", "");
+        assert_eq!(
+            parse_upgrade_response(no_upgrade.as_bytes(), key),
+            Err(UpgradeError::NotUpgrade)
+        );
+        assert_eq!(
+            parse_upgrade_response(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+                key
+            ),
+            Ok(Some(Upgrade::Refused { status: 400 }))
+        );
+        assert_eq!(
+            parse_upgrade_response(b"SSH-2.0-OpenSSH\r\n\r\n", key),
+            Err(UpgradeError::Malformed)
+        );
+        let req = String::from_utf8(upgrade_request("h:1", "/subscribe?x=1", key)).unwrap();
+        assert!(req.starts_with("GET /subscribe?x=1 HTTP/1.1\r\nHost: h:1\r\n"));
+    }
+
+    #[test]
+    fn contiguous_stream_in_any_chunking_passes() {
+        for chunk in [1, 7, 100, 100_000] {
+            let mut h = Harness::new("");
+            let mut bytes = Vec::new();
+            for seq in 1000..1040 {
+                h.event_frame(seq, &mut bytes);
+            }
+            assert_eq!(h.feed(&bytes, chunk), Next::Continue);
+            assert_eq!(h.totals.failures, 0, "{:?}", h.totals.examples);
+            assert_eq!(h.client.events, 40);
+            assert_eq!(h.totals.events, 40);
+            assert_eq!(h.totals.latency.count(), 40);
+            assert_eq!(h.totals.frame_bytes, bytes.len() as u64);
+            assert_eq!(h.client.order.last, Some(1039));
+        }
+    }
+
+    #[test]
+    fn gapped_duplicated_reordered_and_corrupted_streams_fail() {
+        // Gap.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        for seq in [1u64, 2, 4, 5] {
+            h.event_frame(seq, &mut b);
+        }
+        h.feed(&b, 50);
+        assert_eq!(h.totals.failures, 1);
+        assert_eq!(h.totals.examples[0].seq, Some(4));
+        assert!(
+            h.totals.examples[0].reason.contains("expected seq 3"),
+            "{:?}",
+            h.totals.examples
+        );
+        // Duplicate and reorder.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        for seq in [1u64, 2, 2, 4, 3] {
+            h.event_frame(seq, &mut b);
+        }
+        h.feed(&b, 50);
+        assert_eq!(h.totals.failures, 3, "{:?}", h.totals.examples);
+        // One corrupted byte inside the middle event's record: one failure naming its seq.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        h.event_frame(1, &mut b);
+        h.event_frame(2, &mut b);
+        let end_of_second = b.len();
+        h.event_frame(3, &mut b);
+        b[end_of_second - 10] ^= 0x04;
+        h.feed(&b, 50);
+        assert_eq!(h.totals.failures, 1, "{:?}", h.totals.examples);
+        assert_eq!(h.totals.examples[0].seq, Some(2));
+        assert!(h.totals.examples[0].reason.contains("bytes differ"));
+        assert_eq!(h.client.events, 2);
+        // A corrupted prefix makes the seq unreadable: that event fails and is then missing.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        h.event_frame(1, &mut b);
+        let second = b.len();
+        h.event_frame(2, &mut b);
+        h.event_frame(3, &mut b);
+        b[second + 4 + 3] = b'X';
+        h.feed(&b, 50);
+        assert_eq!(h.totals.failures, 2, "{:?}", h.totals.examples);
+        assert!(h.totals.examples[0].reason.contains("cannot decode"));
+        assert!(h.totals.examples[1].reason.contains("gap: expected seq 2"));
+        // A foreign event.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        frame::encode_server_frame(Opcode::Text, b"{\"hello\":1}", &mut b);
+        h.feed(&b, 50);
+        assert_eq!(h.totals.failures, 1);
+        assert_eq!(h.client.events, 0);
+    }
+
+    #[test]
+    fn filtered_stream_must_skip_exactly_the_unwanted_events() {
+        let q = "wantedCollections=app.bsky.feed.post&wantedCollections=app.bsky.graph.*";
+        let h0 = Harness::new(q);
+        let wanted: Vec<u64> = (0..1000)
+            .filter(|&s| h0.filter.verdict(&h0.g, s, T0) == super::super::filter::Verdict::Deliver)
+            .collect();
+        let mut h = Harness::new(q);
+        let mut b = Vec::new();
+        for &s in &wanted {
+            h.event_frame(s, &mut b);
+        }
+        h.feed(&b, 1000);
+        assert_eq!(h.totals.failures, 0, "{:?}", h.totals.examples);
+        assert_eq!(h.client.events, wanted.len() as u64);
+        // The unfiltered stream delivered to this client fails on the first unwanted event.
+        let mut h = Harness::new(q);
+        let mut b = Vec::new();
+        for s in 0..200 {
+            h.event_frame(s, &mut b);
+        }
+        h.feed(&b, 1000);
+        assert!(h.totals.failures > 0);
+    }
+
+    #[test]
+    fn control_frames() {
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        frame::encode_server_frame(Opcode::Ping, b"abc", &mut b);
+        h.event_frame(5, &mut b);
+        frame::encode_close(frame::CloseCode(1001), "bye", &mut b);
+        assert_eq!(h.feed(&b, 3), Next::Closed);
+        assert_eq!(h.client.closes, vec![1001]);
+        assert_eq!(h.client.events, 1);
+        // Replies: a masked pong echoing the payload, then a masked close 1001.
+        let (ph, pp) = frame::split_frame(&h.out).unwrap().unwrap();
+        assert_eq!(ph.opcode, Opcode::Pong);
+        let mask = ph.mask.expect("client frames are masked");
+        let mut pong = pp.to_vec();
+        frame::apply_mask(&mut pong, mask, 0);
+        assert_eq!(pong, b"abc");
+        let rest = &h.out[ph.frame_len() as usize..];
+        let (ch, cp) = frame::split_frame(rest).unwrap().unwrap();
+        assert_eq!(ch.opcode, Opcode::Close);
+        let mut close = cp.to_vec();
+        frame::apply_mask(&mut close, ch.mask.unwrap(), 0);
+        assert_eq!(&close[..2], &1001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn protocol_violations_abort() {
+        // Masked server frame.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        frame::encode_client_frame(Opcode::Text, b"{}", [1, 2, 3, 4], &mut b);
+        assert_eq!(h.feed(&b, 100), Next::Abort);
+        // Reserved bits.
+        let mut h = Harness::new("");
+        assert_eq!(h.feed(&[0xF1, 0x00], 100), Next::Abort);
+        // Binary on a plain subscription is a verification failure, not an abort.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        frame::encode_server_frame(Opcode::Binary, b"x", &mut b);
+        assert_eq!(h.feed(&b, 100), Next::Continue);
+        assert_eq!(h.totals.failures, 1);
+        // Fragmented text.
+        let mut h = Harness::new("");
+        assert_eq!(h.feed(&[0x01, 0x01, b'{'], 100), Next::Abort);
+        // Absurd length.
+        let mut h = Harness::new("");
+        let mut b = vec![0x81, 127];
+        b.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        assert_eq!(h.feed(&b, 100), Next::Abort);
+    }
+
+    #[test]
+    fn zero_bytes_frames_are_caught() {
+        // A stalled relay that sends zeros instead of data must fail loudly.
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        h.event_frame(1, &mut b);
+        b.extend_from_slice(&[0u8; 64]);
+        let next = h.feed(&b, 1000);
+        assert!(next == Next::Abort || h.totals.failures > 0);
+        assert!(h.totals.failures > 0);
+    }
+}
