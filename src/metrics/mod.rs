@@ -45,8 +45,8 @@ pub const READY_MAX_APPEND_AGE: Duration = Duration::from_secs(30);
 /// Why 64 MiB: under that the next few seconds of the firehose (and the index) may not fit
 /// before retention frees space; better to be taken out of rotation than to fail appends.
 pub const READY_MIN_FREE_BYTES: u64 = 64 << 20;
-/// Requests in flight on the metrics listener. Why 16: a scraper, an OTLP-less dashboard or
-/// two and health probes; more is a misbehaving client, answered 503 without a thread.
+/// Requests in flight on the metrics listener. Why 16: a scraper, a few open dashboards and
+/// health probes need far fewer; more is a misbehaving client, answered 503 without a thread.
 const MAX_CONNECTIONS: usize = 16;
 /// Deadline for reading a request and writing its response: a stuck peer frees its slot.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
