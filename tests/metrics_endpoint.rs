@@ -63,6 +63,15 @@ fn metrics_endpoint_reports_a_known_workload() {
     );
     assert_eq!(m.sum("jetrelay_clients"), 4.0, "no other shape has clients");
     assert_eq!(m.all("jetrelay_clients").len(), 8, "4 shapes x 2 encodings");
+    // The filtered client reads the shared pre-filtered log of its shape.
+    assert_eq!(
+        m.must(
+            "jetrelay_shape_clients",
+            &[("shape", "c:app.bsky.feed.post")]
+        ),
+        1.0
+    );
+    assert_eq!(m.all("jetrelay_shape_clients").len(), 1);
     assert_eq!(m.all("jetrelay_worker_clients").len(), 2, "--workers 2");
     assert_eq!(m.sum("jetrelay_worker_clients"), 4.0);
 
@@ -157,6 +166,7 @@ fn metrics_endpoint_reports_a_known_workload() {
     );
     assert!(m.must("jetrelay_log_allocated_bytes", &[("stream", "plain")]) >= apparent * 0.5);
     assert!(m.must("jetrelay_log_allocated_bytes", &[("stream", "index")]) > 0.0);
+    assert!(m.must("jetrelay_log_allocated_bytes", &[("stream", "shapes")]) > 0.0);
     assert_eq!(
         m.must("jetrelay_log_retained_bytes", &[("stream", "plain")]),
         apparent

@@ -331,6 +331,23 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
             );
             let index = h.index().allocated_bytes();
             o.observe(index as i64, &[KeyValue::new("stream", "index")]);
+            let shapes = h.shapes.allocated_bytes();
+            o.observe(shapes as i64, &[KeyValue::new("stream", "shapes")]);
+        })
+        .build();
+    let h = hub.clone();
+    meter
+        .i64_observable_up_down_counter("jetrelay.shape.clients")
+        .with_unit("{client}")
+        .with_description(
+            "Clients of each shared pre-filtered log (at most MAX_SHAPES series; a shape \
+             without clients is dropped after a minute).",
+        )
+        .with_callback(move |o| {
+            for shape in h.shapes.active() {
+                let n = shape.clients.load(Ordering::Relaxed);
+                o.observe(n as i64, &[KeyValue::new("shape", shape.label.clone())]);
+            }
         })
         .build();
     counter(
