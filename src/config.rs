@@ -381,7 +381,12 @@ pub fn load(
         fig = fig.merge(Toml::file(path));
     }
     let fig = fig
-        .merge(Env::prefixed("JETRELAY_").ignore(&["config"]))
+        // `JETRELAY_TLS_*` belongs to the sidecar, which may share the environment.
+        .merge(
+            Env::prefixed("JETRELAY_")
+                .ignore(&["config"])
+                .filter(|k| !k.as_str().starts_with("tls_")),
+        )
         .merge(Serialized::defaults(overrides));
     let raw: RawSettings = fig
         .extract()

@@ -40,7 +40,7 @@ use crate::subscription::{MAX_OPTIONS_UPDATE_BYTES, SubscriberOptions};
 /// loop simply submits more than once.
 const RING_ENTRIES: u32 = 4096;
 /// Completion queue size: at most two CQEs per SQE in flight plus multishot polls.
-const CQ_ENTRIES: u32 = 65536;
+const CQ_ENTRIES: u32 = 16384;
 /// Why 256 KiB: a far-behind client gets large batches (few SQEs per MB) while one send never
 /// monopolizes a socket buffer's worth of the ring.
 const MAX_SEND: usize = 256 * 1024;
@@ -377,11 +377,7 @@ impl Worker {
         client_count: Arc<AtomicU64>,
         ping_interval: Duration,
     ) -> std::io::Result<Worker> {
-        let ring = IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
-            .setup_coop_taskrun()
-            .setup_submit_all()
-            .build(RING_ENTRIES)?;
+        let ring = build_ring()?;
         let mut pipes = Vec::with_capacity(PIPES_PER_WORKER);
         for _ in 0..PIPES_PER_WORKER {
             let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)?;
@@ -476,16 +472,30 @@ impl Worker {
             }
             let ring_sends = self.build_batch();
             Counters::add(&self.hub.counters.ring_loops, 1);
+            // Clients still in the ready queue (a walk that used up its budget) have work now:
+            // blocking for a completion would stall them until an unrelated wake-up.
+            let more = !self.ready.is_empty();
             if ring_sends {
                 self.ring.submit()?;
                 self.unpin_all();
-                if self.ring.completion().is_empty() {
+                if !more && self.ring.completion().is_empty() {
                     self.submit_and_wait()?;
                 }
+            } else if more {
+                self.submit_now()?;
             } else {
                 self.submit_and_wait()?;
             }
             self.reap();
+        }
+    }
+
+    /// Submits without waiting (EINTR/EBUSY: the next loop submits again).
+    fn submit_now(&mut self) -> std::io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -624,14 +634,25 @@ impl Worker {
         let at_boundary = c.pos == c.boundary;
         if at_boundary {
             // Options change only between frames.
-            if let Some(opts) = c.pending_options.take()
-                && let Err(opts) = apply_options(&hub, self.id, c, opts)
+            if let Some(opts) = c.pending_options.take() {
+                match switch_point(&hub, c) {
+                    Some(next) => apply_options(&hub, self.id, c, opts, next),
+                    None => {
+                        // The writer is mid-append: retry on the next loop.
+                        c.pending_options = Some(opts);
+                        c.queued = true;
+                        self.ready.push_back(slot);
+                        return false;
+                    }
+                }
+            }
+            // The next queued control frame goes out in this same batch: re-queueing the
+            // client would leave an idle connection's pong or close waiting for an unrelated
+            // wake-up (up to a whole housekeeping tick).
+            if c.ctrl.is_none()
+                && let Some(next) = c.ctrl_queue.pop()
             {
-                // The position is not indexed yet (publish precedes indexing by microseconds).
-                c.pending_options = Some(opts);
-                c.queued = true;
-                self.ready.push_back(slot);
-                return false;
+                c.ctrl = Some(Box::new(Ctrl { bytes: next, sent: 0 }));
             }
             if let Some(ctrl) = c.ctrl.as_ref().filter(|x| x.sent < x.bytes.len()) {
                 let ptr = ctrl.bytes[ctrl.sent..].as_ptr();
@@ -641,12 +662,6 @@ impl Worker {
                 c.busy = true;
                 c.inflight += 1;
                 self.push(send(fd, ptr, len, ud));
-                return false;
-            }
-            if let Some(next) = c.ctrl_queue.pop() {
-                c.ctrl = Some(Box::new(Ctrl { bytes: next, sent: 0 }));
-                c.queued = true;
-                self.ready.push_back(slot);
                 return false;
             }
             if c.closing.is_some() {
@@ -685,12 +700,14 @@ impl Worker {
                         self.begin_close(slot, CloseWhy::Retention);
                         return false;
                     }
+                    let walked_from = w.next.seq;
                     if let Some((from, to, n)) = w.next_run(&index, hub.plain.file(), c.compressed, c.shape.as_ref().map(|s| s.start_seq)) {
                         c.pos = from;
                         c.boundary = to;
                         c.pending_events += n;
                     }
-                    if w.next.seq < index.next_seq() && c.pos == c.boundary {
+                    // (No progress — retention overtook the walk — waits for the kick instead.)
+                    if w.next.seq < index.next_seq() && c.pos == c.boundary && w.next.seq > walked_from {
                         // Budget exhausted without a match: continue next loop.
                         drop(index);
                         c.queued = true;
@@ -1094,8 +1111,15 @@ impl Worker {
                 }
             }
         }
-        // Streams with no reader here any more get NONE, so retention is not held back.
-        for st in &self.known_streams {
+        // Streams with no reader here any more get NONE, so retention is not held back. That
+        // includes every stream a client registered on and left between two ticks without
+        // being seen here (a walker that switched onto its shape, an options_update): the base
+        // logs and the live shapes are always checked, not only last tick's streams.
+        let mut candidates = std::mem::take(&mut self.known_streams);
+        candidates.push(self.hub.plain.clone());
+        candidates.push(self.hub.zstd.clone());
+        candidates.extend(self.hub.shapes.active().into_iter().map(|s| s.stream.clone()));
+        for st in &candidates {
             if !lows.iter().any(|(s2, _)| Arc::ptr_eq(s2, st)) {
                 st.set_worker_low(self.id, NONE);
             }
@@ -1179,32 +1203,32 @@ fn switch_to_shape(worker: usize, c: &mut Client) {
     }
 }
 
-/// Re-attaches a client with new filters at its current place in the event sequence (called at
-/// a frame boundary). Gives the options back if that place is not indexed yet.
-fn apply_options(
-    hub: &Hub,
-    worker: usize,
-    c: &mut Client,
-    opts: SubscriberOptions,
-) -> Result<(), SubscriberOptions> {
-    let next = {
-        let index = hub.index();
-        let seq = match (&c.source, &c.shape) {
-            (Source::Filtered(w), _) => Some(w.next.seq),
-            (Source::Contiguous, Some(shape)) => Some(
-                shape
-                    .table
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .seq_at_offset(c.pos, index.next_seq()),
-            ),
-            (Source::Contiguous, None) => index.seq_at_offset(c.pos, c.compressed),
-        };
-        match seq {
-            Some(seq) => index.pos_of(seq),
-            None => return Err(opts),
+/// Where a client switching filters continues: the first event it has not been sent. `None`
+/// while that is not known yet: the writer publishes an event's frames (base logs, then shape
+/// logs) before indexing it, so a live client may already have sent a frame whose event the
+/// index does not have; falling back to the index's end would send that event again. The
+/// window is the writer's append of one event (microseconds); the caller retries.
+fn switch_point(hub: &Hub, c: &Client) -> Option<EventPos> {
+    let index = hub.index();
+    let seq = match (&c.source, &c.shape) {
+        (Source::Filtered(w), _) => w.next.seq,
+        (Source::Contiguous, Some(shape)) => {
+            let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+            if table.last_seq_before(c.pos).is_some_and(|s| s >= index.next_seq()) {
+                return None;
+            }
+            table.seq_at_offset(c.pos, index.next_seq())
         }
+        (Source::Contiguous, None) => match index.seq_at_offset(c.pos, c.compressed) {
+            Some(seq) => seq,
+            None if c.pos > index.end_pos().offset(c.compressed) => return None,
+            None => index.next_seq(),
+        },
     };
+    Some(index.pos_of(seq))
+}
+
+fn apply_options(hub: &Hub, worker: usize, c: &mut Client, opts: SubscriberOptions, next: EventPos) {
     c.hello_pending = false;
     if let Some(old) = c.shape.take() {
         old.remove_client();
@@ -1217,7 +1241,6 @@ fn apply_options(
     c.boundary = point.pos;
     c.range_seq = point.ordinal;
     c.stream.register_reader(worker, c.pos);
-    Ok(())
 }
 
 /// Pins `stream`'s ring for this batch (once) and returns the lowest ring-servable offset.
@@ -1250,6 +1273,28 @@ fn range_progress(hub: &Hub, c: &mut Client) {
         if c.range_appended_us != 0 {
             let now = crate::index::now_us() as u64;
             hub.counters.delivery_latency.record(now.saturating_sub(c.range_appended_us));
+        }
+    }
+}
+
+/// Creates a worker's ring; on ENOMEM (the kernel could not find contiguous memory for the
+/// rings) retries with smaller queues rather than refusing to start.
+fn build_ring() -> std::io::Result<IoUring> {
+    let mut entries = RING_ENTRIES;
+    let mut cq = CQ_ENTRIES;
+    loop {
+        match IoUring::builder()
+            .setup_cqsize(cq)
+            .setup_coop_taskrun()
+            .setup_submit_all()
+            .build(entries)
+        {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && entries > 256 => {
+                tracing::warn!(entries, cq, "io_uring setup hit ENOMEM; retrying with smaller queues");
+                entries /= 2;
+                cq /= 2;
+            }
+            other => return other,
         }
     }
 }

@@ -285,6 +285,17 @@ impl Hub {
     /// Resolves a cursor to the position of the first retained event with `time_us >= cursor`
     /// (in log order), or the live end. Scans at most one chunk's frames from the plain log.
     pub fn resolve_cursor(&self, cursor: Option<i64>) -> EventPos {
+        let pos = self.resolve_cursor_unclamped(cursor);
+        // Retention may be about to drop the start of what is retained (it is kicking the
+        // readers there): start new clients past that point rather than refuse them.
+        let (kp, kz) = (self.plain.kick_below(), self.zstd.kick_below());
+        if pos.plain_off >= kp && pos.zstd_off >= kz {
+            return pos;
+        }
+        self.index().first_pos_at_or_after(kp, kz)
+    }
+
+    fn resolve_cursor_unclamped(&self, cursor: Option<i64>) -> EventPos {
         let index = self.index();
         let Some(cursor) = cursor else {
             return index.end_pos();

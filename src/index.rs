@@ -208,6 +208,10 @@ pub struct EventIndex {
     chunks_file: Option<File>,
 }
 
+/// Recovery's frame check: given events with their positions, how many (from the start) are
+/// valid in the logs.
+pub type VerifyFn<'a> = dyn FnMut(&[(EventPos, EventEntry)]) -> usize + 'a;
+
 /// What recovery found and did, for the startup log line and tests.
 #[derive(Debug, Default, Clone)]
 pub struct Recovery {
@@ -246,7 +250,7 @@ impl EventIndex {
         zstd_len: u64,
         plain_first_data: u64,
         zstd_first_data: u64,
-        verify: &mut dyn FnMut(&[(EventPos, EventEntry)]) -> usize,
+        verify: &mut VerifyFn<'_>,
     ) -> io::Result<(EventIndex, Recovery)> {
         let open = |name: &str| {
             OpenOptions::new()
@@ -349,8 +353,7 @@ impl EventIndex {
         }
 
         // Drop records whose frames the logs do not (fully) hold: a torn tail.
-        loop {
-            let Some(last) = chunks.back_mut() else { break };
+        while let Some(last) = chunks.back_mut() {
             let (p, z) = last.end_offsets();
             if p <= plain_len && z <= zstd_len {
                 break;
@@ -569,6 +572,22 @@ impl EventIndex {
         pos
     }
 
+    /// The first chunk start whose offsets are at or past both given offsets (or the end).
+    pub fn first_pos_at_or_after(&self, plain_off: u64, zstd_off: u64) -> EventPos {
+        self.chunks
+            .iter()
+            .filter(|c| !c.entries.is_empty())
+            .find(|c| c.plain_off >= plain_off && c.zstd_off >= zstd_off)
+            .map_or_else(
+                || self.end_pos(),
+                |c| EventPos {
+                    seq: c.first_seq,
+                    plain_off: c.plain_off,
+                    zstd_off: c.zstd_off,
+                },
+            )
+    }
+
     /// Sequence number of the frame starting at `offset` in a base log, if it is a retained
     /// frame boundary.
     pub fn seq_at_offset(&self, offset: u64, compressed: bool) -> Option<u64> {
@@ -604,6 +623,25 @@ impl EventIndex {
         }
     }
 
+    /// End offsets (plain, zstd) of the newest chunk retention wants gone: every complete chunk
+    /// last appended to before `cutoff_us`, and enough of the oldest ones to free `excess`
+    /// bytes. Readers below it are all kicked at once, so that one stalled reader does not
+    /// hold the others' kicks back chunk by chunk.
+    pub fn retention_target(&self, cutoff_us: i64, excess: u64) -> Option<(u64, u64)> {
+        let complete = self.chunks.len().saturating_sub(1);
+        let mut freed = 0u64;
+        let mut target = None;
+        for c in self.chunks.iter().take(complete) {
+            if c.appended_at_us >= cutoff_us && freed >= excess {
+                break;
+            }
+            let (p, z) = c.end_offsets();
+            freed += (p - c.plain_off) + (z - c.zstd_off);
+            target = Some((p, z));
+        }
+        target
+    }
+
     /// The oldest complete chunk, if any (retention looks at it).
     pub fn oldest_chunk(&self) -> Option<&Chunk> {
         self.chunks.front().filter(|_| self.chunks.len() > 1)
@@ -624,7 +662,7 @@ impl EventIndex {
         let chunk_no = c.first_seq / CHUNK_EVENTS;
         // chunks.idx: punch whole blocks only, once all 128 records in a block are dropped.
         let per_block = 4096 / CHUNK_RECORD_BYTES;
-        if (chunk_no + 1) % per_block == 0
+        if (chunk_no + 1).is_multiple_of(per_block)
             && let Some(f) = &self.chunks_file
         {
             punch(f, (chunk_no + 1 - per_block) * CHUNK_RECORD_BYTES, 4096)?;

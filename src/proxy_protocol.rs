@@ -187,16 +187,18 @@ pub fn parse_v2(buf: &[u8]) -> Result<ProxyParse, ProxyError> {
     let Some(&fam_transport) = buf.get(13) else {
         return Ok(ProxyParse::Incomplete);
     };
-    let needed = match fam_transport {
-        0x00 => 0,
-        0x11 | 0x12 => INET_BLOCK_LEN,
-        0x21 | 0x22 => INET6_BLOCK_LEN,
-        0x31 | 0x32 => UNIX_BLOCK_LEN,
-        other => return Err(ProxyError::BadFamily(other)),
+    let (family, transport) = (fam_transport >> 4, fam_transport & 0x0f);
+    // The spec lists exactly these combinations; anything else must be rejected.
+    let needed = match (family, transport) {
+        (FAM_UNSPEC, TRANSPORT_UNSPEC) => 0,
+        (FAM_INET, TRANSPORT_STREAM | TRANSPORT_DGRAM) => INET_BLOCK_LEN,
+        (FAM_INET6, TRANSPORT_STREAM | TRANSPORT_DGRAM) => INET6_BLOCK_LEN,
+        (FAM_UNIX, TRANSPORT_STREAM | TRANSPORT_DGRAM) => UNIX_BLOCK_LEN,
+        _ => return Err(ProxyError::BadFamily(fam_transport)),
     };
     // The spec lets LOCAL carry any family (the receiver ignores it), so the datagram check
     // only applies to PROXY, where we would otherwise use the addresses.
-    if command == CMD_PROXY && fam_transport & 0x0f == TRANSPORT_DGRAM {
+    if command == CMD_PROXY && transport == TRANSPORT_DGRAM {
         return Err(ProxyError::DatagramTransport);
     }
     let (Some(&hi), Some(&lo)) = (buf.get(14), buf.get(15)) else {
@@ -219,7 +221,7 @@ pub fn parse_v2(buf: &[u8]) -> Result<ProxyParse, ProxyError> {
     let source = if command == CMD_LOCAL {
         None
     } else {
-        match fam_transport >> 4 {
+        match family {
             FAM_INET => Some(inet_source(block)),
             FAM_INET6 => Some(inet6_source(block)),
             // AF_UNIX clients have no IP; UNSPEC means "use the real endpoints".

@@ -63,6 +63,13 @@ impl ShapeTable {
         self.popped + self.frames.partition_point(|(_, o)| *o < offset) as u64
     }
 
+    /// Seq of the last frame that starts before `offset` (the last one a reader at `offset`
+    /// has been sent), if any.
+    pub fn last_seq_before(&self, offset: u64) -> Option<u64> {
+        let i = self.frames.partition_point(|(_, o)| *o < offset);
+        i.checked_sub(1).and_then(|i| self.frames.get(i)).map(|(s, _)| *s)
+    }
+
     /// Drops frames with seq < `seq`; returns the new first offset (or None if unchanged).
     fn drop_before(&mut self, seq: u64, end: u64) -> u64 {
         while self.frames.front().is_some_and(|(s, _)| *s < seq) {
@@ -251,13 +258,15 @@ impl Shapes {
 pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result<()> {
     let mut end = shape.stream.end();
     let at = shape.stream.append(frame, &mut end)?;
-    shape.stream.publish(end);
+    // The table entry before the bytes are published: a reader that has sent a frame can
+    // always find which event it was (see `fanout::switch_point`).
     shape
         .table
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .frames
         .push_back((seq, at));
+    shape.stream.publish(end);
     shape.appended.fetch_add(1, Ordering::Release);
     Ok(())
 }
@@ -291,6 +300,10 @@ mod tests {
         assert_eq!(t.seq_at_offset(200, 99), 8);
         assert_eq!(t.seq_at_offset(400, 99), 99);
         assert_eq!(t.ordinal_at_offset(200), 2);
+        assert_eq!(t.last_seq_before(0), None);
+        assert_eq!(t.last_seq_before(1), Some(3));
+        assert_eq!(t.last_seq_before(200), Some(7));
+        assert_eq!(t.last_seq_before(1000), Some(20));
         assert_eq!(t.drop_before(8, 400), 200);
         assert_eq!(t.frames.len(), 2);
         assert_eq!(t.ordinal_at_offset(200), 2, "ordinals survive retention");

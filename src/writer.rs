@@ -164,6 +164,21 @@ pub struct RetentionPolicy {
 /// Drops what retention says can go; returns the chunks dropped. One pass; call periodically.
 pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<usize> {
     let mut dropped = 0;
+    {
+        let cutoff = now_us() - policy.max_age.as_micros() as i64;
+        let index = hub.index();
+        let allocated = hub.plain.allocated_bytes()
+            + hub.zstd.allocated_bytes()
+            + index.allocated_bytes()
+            + hub.shapes.allocated_bytes();
+        if let Some((p, z)) =
+            index.retention_target(cutoff, allocated.saturating_sub(policy.max_disk))
+        {
+            // Readers still below are kicked by their workers (close frame 1008).
+            hub.plain.request_kick(p);
+            hub.zstd.request_kick(z);
+        }
+    }
     loop {
         let now = now_us();
         let index = hub.index();
@@ -181,10 +196,7 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
         }
         let (plain_next, zstd_next) = oldest.end_offsets();
         drop(index);
-        // Readers still below the new start are kicked by their workers (close frame 1008);
-        // punch only once none is left there.
-        hub.plain.request_kick(plain_next);
-        hub.zstd.request_kick(zstd_next);
+        // Punch only once no reader is left below.
         if hub.plain.lowest_reader() < plain_next || hub.zstd.lowest_reader() < zstd_next {
             break;
         }

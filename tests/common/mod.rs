@@ -142,9 +142,10 @@ impl Mock {
         Mock { proc, port }
     }
 
-    /// Its subscribe URL.
+    /// Its subscribe URL, from the first event it generated (the mock starts generating when
+    /// it starts; a relay following it live would miss the first few).
     pub fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}/subscribe", self.port)
+        format!("ws://127.0.0.1:{}/subscribe?cursor=0", self.port)
     }
 
     /// GET on the mock's control endpoints (`/drop`, `/stats`).

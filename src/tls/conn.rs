@@ -1,0 +1,211 @@
+//! One client connection, start to finish: TLS handshake (bounded in time and in how many
+//! run at once), backend connection, PROXY v2 header, then the [`pump`](super::pump).
+//!
+//! Every failure closes this connection only. Failures a client can cause (garbage, plain
+//! HTTP, a truncated ClientHello, a stall) are logged at debug and counted; failures of our
+//! own side (backend unreachable) are logged at warn, throttled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::config::Backend;
+use super::limits::{GaugeGuard, Stats, Throttle};
+use super::pump::{self, Outcome, Timeouts};
+use crate::proxy_protocol;
+
+/// Cap on rustls' buffer of encrypted bytes not yet written to a slow client. Why 16 KiB:
+/// about one full TLS record; together with the pump's pending chunk it bounds what a slow
+/// client can make us hold to ~32 KiB, and leaves the rest of the backpressure to the
+/// kernel's socket buffers. (rustls' default is 64 KiB.)
+pub const TLS_SEND_BUFFER_LIMIT: usize = 16 * 1024;
+
+/// Deadline for connecting to the backend. Why: it is on the same host, so a connect that
+/// takes longer means it is wedged (backlog full); the client should get a clean close
+/// rather than wait for its own timeout.
+pub const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deadline for the goodbye (close_notify) after a timeout or a backend failure. Why: it is
+/// one small record; a client that doesn't take it promptly doesn't deserve more.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Everything the connection tasks share.
+pub struct Shared {
+    /// rustls configuration with the reloadable certificate resolver.
+    pub acceptor: TlsAcceptor,
+    /// Where decrypted connections go.
+    pub backend: Backend,
+    /// Deadline for the whole handshake, including the wait for a handshake slot.
+    pub handshake_timeout: Duration,
+    /// Idle and half-close deadlines of established connections.
+    pub timeouts: Timeouts,
+    /// Handshakes in progress (`max_handshakes`).
+    pub handshakes: Semaphore,
+    /// Connections (`max_connections`); each task owns one permit.
+    pub connections: Arc<Semaphore>,
+    /// The configured `max_connections` (= the semaphore's size), for draining.
+    pub max_connections: usize,
+    /// Counters for STATUS= and logs.
+    pub stats: Arc<Stats>,
+    /// Set on SIGTERM: finished handshakes are closed instead of being connected.
+    pub draining: AtomicBool,
+    /// Keeps "backend unreachable" warnings to one per interval.
+    pub backend_warnings: Throttle,
+}
+
+/// Maps IPv4-mapped IPv6 addresses (from a dual-stack `[::]` listener) back to IPv4, so the
+/// relay's per-IP limits see one address per client.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Serves one accepted client connection. `_permit` is this connection's slot under
+/// `max_connections`, released when the task ends.
+pub async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let peer = canonical(peer);
+    // WebSocket frames are small and latency matters more than packet count.
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(addr) => canonical(addr),
+        Err(e) => {
+            debug!(%peer, error = %e, "connection gone before the handshake");
+            return;
+        }
+    };
+
+    let handshaking = GaugeGuard::new(&shared.stats.handshaking);
+    let handshake = async {
+        // The semaphore is never closed; an error cannot happen, but fail closed if it does.
+        let _slot = shared
+            .handshakes
+            .acquire()
+            .await
+            .map_err(std::io::Error::other)?;
+        shared
+            .acceptor
+            .accept_with(stream, |conn| {
+                conn.set_buffer_limit(Some(TLS_SEND_BUFFER_LIMIT));
+            })
+            .await
+    };
+    let mut tls = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            Stats::bump(&shared.stats.handshake_failures);
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            Stats::bump(&shared.stats.handshake_timeouts);
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    drop(handshaking);
+    let _established = GaugeGuard::new(&shared.stats.established);
+
+    if shared.draining.load(Ordering::Relaxed) {
+        close_quietly(&mut tls).await;
+        return;
+    }
+
+    let header = {
+        let mut out = Vec::with_capacity(proxy_protocol::V2_FIXED_LEN + 36);
+        proxy_protocol::encode_v2(peer, local, &mut out);
+        out
+    };
+    let outcome = match &shared.backend {
+        Backend::Unix(path) => match connect(UnixStream::connect(path), &header).await {
+            Ok(mut backend) => pump::pump(&mut tls, &mut backend, shared.timeouts).await,
+            Err(e) => return backend_down(&shared, &mut tls, peer, e).await,
+        },
+        Backend::Tcp(addr) => {
+            let connecting = async {
+                let s = TcpStream::connect(addr).await?;
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            };
+            match connect(connecting, &header).await {
+                Ok(mut backend) => pump::pump(&mut tls, &mut backend, shared.timeouts).await,
+                Err(e) => return backend_down(&shared, &mut tls, peer, e).await,
+            }
+        }
+    };
+
+    let (outcome, traffic) = outcome;
+    match outcome {
+        Outcome::Closed => {
+            debug!(%peer, up = traffic.up, down = traffic.down, "connection closed");
+        }
+        Outcome::IdleTimeout => {
+            Stats::bump(&shared.stats.idle_timeouts);
+            debug!(%peer, "idle timeout");
+            close_quietly(&mut tls).await;
+        }
+        Outcome::HalfCloseTimeout => {
+            Stats::bump(&shared.stats.half_close_timeouts);
+            debug!(%peer, "half-close timeout");
+            close_quietly(&mut tls).await;
+        }
+        Outcome::ClientError(e) => {
+            debug!(%peer, error = %e, up = traffic.up, down = traffic.down, "client error");
+        }
+        Outcome::BackendError(e) => {
+            debug!(%peer, error = %e, "backend connection error");
+            close_quietly(&mut tls).await;
+        }
+    }
+    // Dropping closes both sockets; the backend sees FIN, the client TCP close.
+}
+
+/// Connects (bounded by [`BACKEND_CONNECT_TIMEOUT`]) and writes the PROXY header first.
+async fn connect<S, F>(connecting: F, header: &[u8]) -> std::io::Result<S>
+where
+    S: AsyncWrite + Unpin,
+    F: Future<Output = std::io::Result<S>>,
+{
+    let mut backend = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    // A fresh socket's send buffer takes these few dozen bytes at once.
+    backend.write_all(header).await?;
+    Ok(backend)
+}
+
+async fn backend_down<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    tls: &mut S,
+    peer: SocketAddr,
+    error: std::io::Error,
+) {
+    Stats::bump(&shared.stats.backend_failures);
+    if shared.backend_warnings.allow() {
+        warn!(
+            backend = %shared.backend,
+            %peer,
+            error = %error,
+            total_failures = Stats::get(&shared.stats.backend_failures),
+            "cannot reach the backend; closing client connections cleanly"
+        );
+    } else {
+        debug!(backend = %shared.backend, %peer, error = %error, "cannot reach the backend");
+    }
+    close_quietly(tls).await;
+}
+
+/// Sends close_notify and shuts the TCP write side, within [`CLOSE_TIMEOUT`].
+async fn close_quietly<S: AsyncWrite + Unpin>(tls: &mut S) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
+}
