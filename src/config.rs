@@ -82,6 +82,8 @@ pub struct RawSettings {
     pub demo_rate: u64,
     /// Metrics / dashboard / health listener ("" disables it).
     pub metrics_listen: String,
+    /// OTLP/HTTP collector to push metrics to (none = Prometheus scraping only).
+    pub otlp_endpoint: Option<String>,
     /// Cap on connected clients.
     pub max_clients: usize,
     /// Cap on concurrent connections from one IP (or one IPv6 /64).
@@ -110,6 +112,7 @@ impl Default for RawSettings {
             demo: false,
             demo_rate: 50,
             metrics_listen: "127.0.0.1:6009".into(),
+            otlp_endpoint: None,
             max_clients: 100_000,
             max_conns_per_ip: 64,
             conn_rate_per_ip: 10.0,
@@ -145,6 +148,8 @@ pub struct Settings {
     pub demo_rate: u64,
     /// Metrics listener, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Full OTLP/HTTP metrics URL (`http://host:port/v1/metrics`), if pushing is enabled.
+    pub otlp_endpoint: Option<String>,
     /// Cap on connected clients.
     pub max_clients: usize,
     /// Per-IP concurrent connection cap.
@@ -246,6 +251,33 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
     Ok((ip, len))
 }
 
+/// Validates an OTLP/HTTP endpoint and returns the metrics URL. A bare `http://host:port`
+/// (the usual `OTEL_EXPORTER_OTLP_ENDPOINT` form) gets the standard `/v1/metrics` path; a URL
+/// with a path is used as given. Only `http://`: the push client is a small blocking one
+/// without TLS, meant for a collector on the same host or network (it does TLS upstream).
+pub fn parse_otlp_endpoint(s: &str) -> Result<String, String> {
+    let Some(rest) = s.strip_prefix("http://") else {
+        return Err(format!(
+            "`{s}` must start with http:// (point it at a local OpenTelemetry collector)"
+        ));
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.is_empty() || authority.contains(['@', '?', '#', ' ']) {
+        return Err(format!(
+            "`{s}` needs a host[:port] and nothing else before the path"
+        ));
+    }
+    if path.contains(['?', '#', ' ']) {
+        return Err(format!("`{s}`: no query or fragment allowed"));
+    }
+    let path = if path.is_empty() || path == "/" {
+        "/v1/metrics"
+    } else {
+        path
+    };
+    Ok(format!("http://{authority}{path}"))
+}
+
 impl RawSettings {
     /// Validates every field, naming the first bad key.
     pub fn validate(self) -> Result<Settings, SettingError> {
@@ -300,6 +332,10 @@ impl RawSettings {
                     .map_err(|e| bad("metrics_listen", format!("`{s}`: {e}")))?,
             ),
         };
+        let otlp_endpoint = match self.otlp_endpoint.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(parse_otlp_endpoint(s).map_err(|e| bad("otlp_endpoint", e))?),
+        };
         if self.max_clients == 0 {
             return Err(bad("max_clients", "must be at least 1"));
         }
@@ -337,6 +373,7 @@ impl RawSettings {
             demo: self.demo,
             demo_rate: self.demo_rate,
             metrics_listen,
+            otlp_endpoint,
             max_clients: self.max_clients,
             max_conns_per_ip: self.max_conns_per_ip,
             conn_rate_per_ip: self.conn_rate_per_ip,
@@ -406,6 +443,40 @@ mod tests {
         assert_eq!(s.listen, ListenAddr::Tcp("127.0.0.1:6008".parse().unwrap()));
         assert_eq!(s.upstreams.len(), 4);
         assert_eq!(s.retention, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn otlp_endpoints() {
+        assert_eq!(
+            parse_otlp_endpoint("http://127.0.0.1:4318").unwrap(),
+            "http://127.0.0.1:4318/v1/metrics"
+        );
+        assert_eq!(
+            parse_otlp_endpoint("http://collector:4318/").unwrap(),
+            "http://collector:4318/v1/metrics"
+        );
+        assert_eq!(
+            parse_otlp_endpoint("http://[::1]:9000/otlp/v1/metrics").unwrap(),
+            "http://[::1]:9000/otlp/v1/metrics"
+        );
+        assert!(parse_otlp_endpoint("https://collector:4318").is_err());
+        assert!(parse_otlp_endpoint("http://").is_err());
+        assert!(parse_otlp_endpoint("http://user@host/").is_err());
+        let raw = RawSettings {
+            otlp_endpoint: Some("grpc://x".into()),
+            ..RawSettings::default()
+        };
+        assert!(
+            raw.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`otlp_endpoint`")
+        );
+        let raw = RawSettings {
+            otlp_endpoint: Some(" ".into()),
+            ..RawSettings::default()
+        };
+        assert_eq!(raw.validate().unwrap().otlp_endpoint, None);
     }
 
     #[test]

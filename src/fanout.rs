@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::frame::{InboundDecoder, InboundMessage, Opcode};
-use crate::hub::{Counters, Hub, stored_payload_len};
+use crate::hub::{Counters, Hub, ShapeClass, stored_payload_len};
 use crate::index::{COLLECTION_NONE, COLLECTION_UNKNOWN, EventPos};
 use crate::log::{NONE, Stream};
 use crate::shapes::Shape;
@@ -319,6 +319,16 @@ struct Client {
     fin_at: Option<Instant>,
     /// In the ready queue already.
     queued: bool,
+    /// Filter kind at connect, for the per-kind client gauge and logs.
+    class: ShapeClass,
+    /// Contiguous source: frames published in `stream` when the range was last extended, in
+    /// the stream's own numbering (see [`published_frames`]), so the events in a range are a
+    /// subtraction, not an index walk.
+    range_seq: u64,
+    /// Events in the scheduled range not yet handed over; counted when the range completes.
+    pending_events: u64,
+    /// `last_append_us` when the range was scheduled: delivery latency is measured from it.
+    range_appended_us: u64,
 }
 
 impl Client {
@@ -539,6 +549,7 @@ impl Worker {
             }
         };
         let generation = self.generations[slot as usize];
+        let class = ShapeClass::of(&nc.options);
         let point = attach_point(&self.hub, nc.compressed, nc.options, nc.start);
         let admitted = point.stream.register_reader(self.id, point.pos);
         let client = Client {
@@ -569,11 +580,19 @@ impl Worker {
             shut: false,
             fin_at: None,
             queued: false,
+            class,
+            range_seq: point.ordinal,
+            pending_events: 0,
+            range_appended_us: 0,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
         let fd = client.fd.as_raw_fd();
         self.slots[slot as usize] = Some(client);
         Counters::add(&self.hub.counters.clients, 1);
+        Counters::add(
+            &self.hub.counters.clients_by_shape[class.index(nc.compressed)],
+            1,
+        );
         self.arm_pollin(slot, fd);
         if !admitted {
             self.begin_close(slot, CloseWhy::Retention);
@@ -698,10 +717,17 @@ impl Worker {
             }
             // A walker that reached its shape's start switches to the shape's log.
             switch_to_shape(self.id, c);
-            // Extend the range to what is now available.
+            // Extend the range to what is now available. The frame count is read before the
+            // end so the delivered count never runs ahead of the bytes.
+            let published = published_frames(&hub, c);
+            let appended_us = hub.counters.last_append_us.load(Ordering::Relaxed);
             let end = c.stream.end();
             match &mut c.source {
-                Source::Contiguous => c.boundary = end,
+                Source::Contiguous => {
+                    c.boundary = end;
+                    c.pending_events += published.saturating_sub(c.range_seq);
+                    c.range_seq = c.range_seq.max(published);
+                }
                 Source::Filtered(w) => {
                     let index = hub.index();
                     if w.next.seq < index.start_pos().seq {
@@ -711,7 +737,7 @@ impl Worker {
                         return false;
                     }
                     let walked_from = w.next.seq;
-                    if let Some((from, to)) = w.next_run(
+                    if let Some((from, to, n)) = w.next_run(
                         &index,
                         hub.plain.file(),
                         c.compressed,
@@ -719,6 +745,7 @@ impl Worker {
                     ) {
                         c.pos = from;
                         c.boundary = to;
+                        c.pending_events += n;
                     }
                     // (No progress — retention overtook the walk — waits for the kick instead.)
                     if w.next.seq < index.next_seq()
@@ -737,6 +764,7 @@ impl Worker {
                 self.idle.push(slot);
                 return false;
             }
+            c.range_appended_us = appended_us;
         }
         // Data: ring if the bytes are still there, else splice through a pooled pipe.
         let stream = c.stream.clone();
@@ -849,6 +877,7 @@ impl Worker {
         if res > 0 {
             c.pos += res as u64;
             Counters::add(&self.hub.counters.bytes_sent, res as u64);
+            range_progress(&self.hub, c);
             self.enqueue(slot);
         } else if res == -libc::EAGAIN {
             self.block(slot);
@@ -899,6 +928,7 @@ impl Worker {
             c.pos += res as u64;
             c.pipe_fill = c.pipe_fill.saturating_sub(res as u32);
             Counters::add(&self.hub.counters.bytes_sent, res as u64);
+            range_progress(&self.hub, c);
         }
         if c.pipe_fill == 0 {
             self.release_pipe(slot);
@@ -1055,9 +1085,8 @@ impl Worker {
         c.closing = Some((why, Instant::now()));
         match why {
             CloseWhy::Retention => Counters::add(&self.hub.counters.kicked_retention, 1),
-            CloseWhy::Dead | CloseWhy::Protocol => {
-                Counters::add(&self.hub.counters.kicked_other, 1)
-            }
+            CloseWhy::Dead => Counters::add(&self.hub.counters.kicked_dead, 1),
+            CloseWhy::Protocol => Counters::add(&self.hub.counters.kicked_protocol, 1),
             _ => {}
         }
         tracing::info!(peer = %c.peer, ?why, code, reason, "closing client");
@@ -1109,7 +1138,10 @@ impl Worker {
             if let Some(shape) = &c.shape {
                 shape.remove_client();
             }
-            tracing::info!(peer = %c.peer, why = ?c.closing.map(|x| x.0), sent = c.pos, "client disconnected");
+            tracing::info!(peer = %c.peer, worker = self.id, shape = %c.class, compress = c.compressed,
+                why = ?c.closing.map_or(CloseWhy::Peer, |x| x.0), log_pos = c.pos, "client disconnected");
+            self.hub.counters.clients_by_shape[c.class.index(c.compressed)]
+                .fetch_sub(1, Ordering::Relaxed);
             drop(c);
             self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
             self.free.push(slot);
@@ -1195,6 +1227,8 @@ struct AttachPoint {
     shape: Option<Arc<Shape>>,
     source: Source,
     pos: u64,
+    /// Frames before `pos` in `stream`'s numbering (see [`published_frames`]).
+    ordinal: u64,
 }
 
 fn attach_point(
@@ -1214,6 +1248,7 @@ fn attach_point(
             shape: None,
             source: Source::Contiguous,
             pos: start.offset(compressed),
+            ordinal: start.seq,
         };
     }
     let shape = if options.wanted_dids.is_empty() {
@@ -1225,16 +1260,16 @@ fn attach_point(
         shape.add_client();
         if start.seq >= shape.start_seq {
             let end = shape.stream.end();
-            let pos = shape
-                .table
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .offset_from_seq(start.seq, end);
+            let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+            let pos = table.offset_from_seq(start.seq, end);
+            let ordinal = table.ordinal_at_offset(pos);
+            drop(table);
             return AttachPoint {
                 stream: shape.stream.clone(),
                 shape: Some(shape.clone()),
                 source: Source::Contiguous,
                 pos,
+                ordinal,
             };
         }
     }
@@ -1243,6 +1278,8 @@ fn attach_point(
         source: Source::Filtered(Box::new(Walker::new(start, options))),
         shape,
         pos: start.offset(compressed),
+        // Unused while walking: a walker counts the events of each run it finds.
+        ordinal: start.seq,
     }
 }
 
@@ -1256,11 +1293,10 @@ fn switch_to_shape(worker: usize, c: &mut Client) {
         return;
     }
     let end = shape.stream.end();
-    let pos = shape
-        .table
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .offset_from_seq(w.next.seq, end);
+    let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+    let pos = table.offset_from_seq(w.next.seq, end);
+    c.range_seq = table.ordinal_at_offset(pos);
+    drop(table);
     c.stream = shape.stream.clone();
     c.source = Source::Contiguous;
     c.pos = pos;
@@ -1316,6 +1352,7 @@ fn apply_options(
     c.source = point.source;
     c.pos = point.pos;
     c.boundary = point.pos;
+    c.range_seq = point.ordinal;
     c.stream.register_reader(worker, c.pos);
 }
 
@@ -1327,6 +1364,32 @@ fn pin(pinned: &mut Vec<(Arc<Stream>, u64)>, stream: &Arc<Stream>, worker: usize
     let low = stream.pin_ring(worker);
     pinned.push((stream.clone(), low));
     low
+}
+
+/// Frames published so far in the stream a contiguous client reads, in that stream's own
+/// numbering: the event sequence for a base log, the shape's frame count for a shape log.
+/// Lock-free: one atomic load.
+fn published_frames(hub: &Hub, c: &Client) -> u64 {
+    match (&c.source, &c.shape) {
+        (Source::Contiguous, Some(shape)) => shape.frames_appended(),
+        _ => hub.appended_seq(),
+    }
+}
+
+/// After bytes were handed over: once the scheduled range is complete, counts its events and
+/// records the delivery latency (once per range, never per event).
+fn range_progress(hub: &Hub, c: &mut Client) {
+    if c.pos == c.boundary && c.pending_events > 0 {
+        Counters::add(&hub.counters.events_delivered, c.pending_events);
+        c.pending_events = 0;
+        // 0 = nothing appended since start (a replay of an older log): no meaningful latency.
+        if c.range_appended_us != 0 {
+            let now = crate::index::now_us() as u64;
+            hub.counters
+                .delivery_latency
+                .record(now.saturating_sub(c.range_appended_us));
+        }
+    }
 }
 
 /// Creates a worker's ring; on ENOMEM (the kernel could not find contiguous memory for the
@@ -1393,12 +1456,12 @@ impl Walker {
         plain: &std::fs::File,
         compressed: bool,
         stop_at: Option<u64>,
-    ) -> Option<(u64, u64)> {
+    ) -> Option<(u64, u64, u64)> {
         if self.next.seq < index.start_pos().seq {
             // Retention passed us while idle; the housekeeping kick handles it.
             return None;
         }
-        let mut run: Option<(u64, u64)> = None;
+        let mut run: Option<(u64, u64, u64)> = None;
         let mut next = self.next;
         let mut walked_past_run = false;
         index.walk(self.next, WALK_BUDGET, |pos, e| {
@@ -1408,8 +1471,11 @@ impl Walker {
             let ok = self.matches(index, plain, pos, e, compressed);
             let end = pos.offset(compressed) + e.frame_len(compressed);
             match (&mut run, ok) {
-                (None, true) => run = Some((pos.offset(compressed), end)),
-                (Some(r), true) if (end - r.0) as usize <= MAX_SEND => r.1 = end,
+                (None, true) => run = Some((pos.offset(compressed), end, 1)),
+                (Some(r), true) if (end - r.0) as usize <= MAX_SEND => {
+                    r.1 = end;
+                    r.2 += 1;
+                }
                 (Some(_), _) => {
                     walked_past_run = true;
                     return false;

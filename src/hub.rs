@@ -10,15 +10,18 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::index::{EventIndex, EventPos};
 use crate::log::Stream;
+use crate::upstream::SkipReason;
 
 /// Counters for the metrics endpoint. Each is bumped where the work already happens, with a
-/// Relaxed add, never per event per client.
+/// Relaxed add, never per event per client. They are read only when metrics are collected.
 #[derive(Default)]
 pub struct Counters {
     /// Upstream events appended.
     pub events_appended: AtomicU64,
-    /// Upstream messages skipped (malformed, duplicate, ...).
+    /// Upstream messages skipped (malformed, duplicate, ...), all reasons.
     pub upstream_skipped: AtomicU64,
+    /// Upstream messages skipped, per reason (index = position in [`SkipReason::ALL`]).
+    pub upstream_skipped_by: [AtomicU64; SkipReason::ALL.len()],
     /// Upstream (re)connections.
     pub upstream_reconnects: AtomicU64,
     /// 1 while an upstream connection is up.
@@ -29,16 +32,25 @@ pub struct Counters {
     pub newest_time_us: AtomicU64,
     /// Bytes handed to client sockets.
     pub bytes_sent: AtomicU64,
+    /// Events handed to client sockets (counted per completed range, not per event).
+    pub events_delivered: AtomicU64,
     /// Clients connected right now.
     pub clients: AtomicU64,
+    /// Clients connected right now, per subscription shape (index = [`ShapeClass::index`]).
+    pub clients_by_shape: [AtomicU64; ShapeClass::COUNT],
     /// Clients accepted (upgraded) in total.
     pub clients_accepted: AtomicU64,
     /// Handshakes refused in total.
     pub handshakes_refused: AtomicU64,
+    /// Handshakes refused, per HTTP status (index = position in [`REFUSAL_STATUSES`], the
+    /// last slot counts any other status).
+    pub refused_by_status: [AtomicU64; REFUSAL_STATUSES.len() + 1],
     /// Clients disconnected because they fell behind retention.
     pub kicked_retention: AtomicU64,
-    /// Clients disconnected for other protocol reasons (dead, violations).
-    pub kicked_other: AtomicU64,
+    /// Clients disconnected because they stopped answering pings.
+    pub kicked_dead: AtomicU64,
+    /// Clients disconnected for protocol violations or invalid options.
+    pub kicked_protocol: AtomicU64,
     /// Retention punches done.
     pub punches: AtomicU64,
     /// Bytes punched.
@@ -49,12 +61,154 @@ pub struct Counters {
     pub ring_loops: AtomicU64,
     /// SQEs submitted across workers.
     pub sqes: AtomicU64,
+    /// Append → handed to the socket, recorded once per completed send range.
+    pub delivery_latency: LatencyHistogram,
 }
+
+/// The statuses the listener refuses handshakes with, each counted on its own so that the
+/// metrics can name the reason without a lock or a map on the refusal path.
+pub const REFUSAL_STATUSES: [u16; 10] = [400, 404, 405, 408, 426, 429, 431, 500, 503, 505];
 
 impl Counters {
     /// Adds to a counter.
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one refused handshake under its HTTP status.
+    pub fn refused(&self, status: u16) {
+        Counters::add(&self.handshakes_refused, 1);
+        let i = REFUSAL_STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(REFUSAL_STATUSES.len());
+        Counters::add(&self.refused_by_status[i], 1);
+    }
+
+    /// Counts one skipped upstream message under its reason.
+    pub fn upstream_skip(&self, reason: SkipReason) {
+        Counters::add(&self.upstream_skipped, 1);
+        if let Some(i) = SkipReason::ALL.iter().position(|r| *r == reason) {
+            Counters::add(&self.upstream_skipped_by[i], 1);
+        }
+    }
+}
+
+/// What kind of filter a client subscribed with, as a small closed set so it can label metrics
+/// and logs without unbounded cardinality (the filters themselves never become labels). Not to
+/// be confused with [`crate::shapes::Shape`], one pre-filtered log per exact filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShapeClass {
+    /// Everything (no collection or DID filter).
+    All,
+    /// A `wantedCollections` filter only.
+    Collections,
+    /// A `wantedDids` filter only.
+    Dids,
+    /// Both filters.
+    CollectionsAndDids,
+}
+
+impl ShapeClass {
+    /// Shapes × {plain, compressed}.
+    pub const COUNT: usize = 8;
+    /// Every shape, in index order.
+    pub const ALL: [ShapeClass; 4] = [
+        ShapeClass::All,
+        ShapeClass::Collections,
+        ShapeClass::Dids,
+        ShapeClass::CollectionsAndDids,
+    ];
+
+    /// The shape of a subscription. A `requireHello` client is classified by its options at
+    /// connect time (it usually has none yet, so it counts as `all`).
+    pub fn of(options: &crate::subscription::SubscriberOptions) -> ShapeClass {
+        match (
+            options.wanted_collections.is_empty(),
+            options.wanted_dids.is_empty(),
+        ) {
+            (true, true) => ShapeClass::All,
+            (false, true) => ShapeClass::Collections,
+            (true, false) => ShapeClass::Dids,
+            (false, false) => ShapeClass::CollectionsAndDids,
+        }
+    }
+
+    /// Stable lower-case name, for metrics labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShapeClass::All => "all",
+            ShapeClass::Collections => "collections",
+            ShapeClass::Dids => "dids",
+            ShapeClass::CollectionsAndDids => "collections_dids",
+        }
+    }
+
+    /// Slot in [`Counters::clients_by_shape`] for this shape and encoding.
+    pub fn index(self, compressed: bool) -> usize {
+        self as usize * 2 + compressed as usize
+    }
+}
+
+impl std::fmt::Display for ShapeClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Buckets of [`LatencyHistogram`]: upper bounds 1 µs · 2^k for k in 0..LATENCY_BUCKETS-1, then
+/// +Inf. Why powers of two: the bucket is one `leading_zeros` away (no search on the record
+/// path), and 2^24 µs ≈ 17 s covers everything from a live send to a stalled client.
+pub const LATENCY_BUCKETS: usize = 26;
+
+/// A lock-free fixed-bucket histogram of microsecond durations: one Relaxed add per bucket
+/// hit plus one for the sum, cheap enough for the fan-out workers to record every completed
+/// send. Readers see each bucket's count exactly; across buckets a snapshot may be a few
+/// records apart, which is harmless for metrics.
+#[derive(Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative).
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    /// Sum of all observations, in µs.
+    sum_us: AtomicU64,
+}
+
+/// A point-in-time copy of a [`LatencyHistogram`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Observations per bucket (not cumulative).
+    pub counts: [u64; LATENCY_BUCKETS],
+    /// Sum of all observations, in µs.
+    pub sum_us: u64,
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn record(&self, us: u64) {
+        // Smallest k with us <= 2^k: the bit length of us - 1.
+        let k = (u64::BITS - us.saturating_sub(1).leading_zeros()) as usize;
+        self.buckets[k.min(LATENCY_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Upper bound (µs, inclusive) of bucket `i`; None for the last (+Inf) bucket.
+    pub fn upper_bound_us(i: usize) -> Option<u64> {
+        (i < LATENCY_BUCKETS - 1).then(|| 1u64 << i)
+    }
+
+    /// Copies the counts.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            counts: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl LatencySnapshot {
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
     }
 }
 
@@ -72,6 +226,10 @@ pub struct Hub {
     pub counters: Counters,
     /// Abuse controls; workers release a client's count when it leaves.
     pub limits: crate::limits::Limits,
+    /// The index's next sequence number when the relay started: with `events_appended` it
+    /// gives the sequence number after the newest appended event without taking the index
+    /// lock (see [`Hub::appended_seq`]).
+    seq_base: u64,
     /// Shared pre-filtered logs.
     pub shapes: crate::shapes::Shapes,
 }
@@ -88,6 +246,7 @@ impl Hub {
         Hub {
             plain: Arc::new(plain),
             zstd: Arc::new(zstd),
+            seq_base: index.next_seq(),
             index: RwLock::new(index),
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
@@ -110,6 +269,12 @@ impl Hub {
     /// The base stream for a client's encoding.
     pub fn base(&self, compressed: bool) -> &Arc<Stream> {
         if compressed { &self.zstd } else { &self.plain }
+    }
+
+    /// Sequence number after the newest event whose index entry is written. It may trail the
+    /// published log end by the event being appended, never lead it; it only grows.
+    pub fn appended_seq(&self) -> u64 {
+        self.seq_base + self.counters.events_appended.load(Ordering::Relaxed)
     }
 
     /// Whether shutdown was requested.
@@ -187,5 +352,63 @@ pub fn stored_payload_len(frame_len: u64) -> u64 {
         frame_len - 4
     } else {
         frame_len - 10
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_powers_of_two_microseconds() {
+        let h = LatencyHistogram::default();
+        for us in [0, 1, 2, 3, 4, 5, 1000, 1024, 1025, u64::MAX / 2] {
+            h.record(us);
+        }
+        let s = h.snapshot();
+        // 0 and 1 → le 1; 2 → le 2; 3, 4 → le 4; 5 → le 8; 1000, 1024 → le 1024;
+        // 1025 → le 2048; huge → +Inf.
+        assert_eq!(s.counts[0], 2);
+        assert_eq!(s.counts[1], 1);
+        assert_eq!(s.counts[2], 2);
+        assert_eq!(s.counts[3], 1);
+        assert_eq!(s.counts[10], 2);
+        assert_eq!(s.counts[11], 1);
+        assert_eq!(s.counts[LATENCY_BUCKETS - 1], 1);
+        assert_eq!(s.count(), 10);
+        assert_eq!(LatencyHistogram::upper_bound_us(10), Some(1024));
+        assert_eq!(LatencyHistogram::upper_bound_us(LATENCY_BUCKETS - 1), None);
+        assert_eq!(
+            s.sum_us,
+            1 + 2 + 3 + 4 + 5 + 1000 + 1024 + 1025 + u64::MAX / 2
+        );
+    }
+
+    #[test]
+    fn shape_slots_are_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for shape in ShapeClass::ALL {
+            for compressed in [false, true] {
+                let i = shape.index(compressed);
+                assert!(i < ShapeClass::COUNT);
+                assert!(seen.insert(i), "{shape} {compressed} collides");
+            }
+        }
+        assert_eq!(seen.len(), ShapeClass::COUNT);
+    }
+
+    #[test]
+    fn refusals_count_by_status() {
+        let c = Counters::default();
+        c.refused(429);
+        c.refused(429);
+        c.refused(418);
+        assert_eq!(c.handshakes_refused.load(Ordering::Relaxed), 3);
+        let i429 = REFUSAL_STATUSES.iter().position(|s| *s == 429).unwrap();
+        assert_eq!(c.refused_by_status[i429].load(Ordering::Relaxed), 2);
+        assert_eq!(
+            c.refused_by_status[REFUSAL_STATUSES.len()].load(Ordering::Relaxed),
+            1
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod index;
 pub mod limits;
 pub mod listener;
 pub mod log;
+pub mod metrics;
 pub mod mock;
 pub mod proxy_protocol;
 pub mod relay;

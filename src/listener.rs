@@ -21,7 +21,7 @@ use rustix::event::epoll;
 use crate::config::{ListenAddr, Settings};
 use crate::fanout::{Fanout, NewClient};
 use crate::handshake::{self, HttpError, ParseStatus};
-use crate::hub::{Counters, Hub};
+use crate::hub::{Counters, Hub, ShapeClass};
 use crate::limits::Admission;
 use crate::proxy_protocol::{self, ProxyParse};
 use crate::subscription;
@@ -228,7 +228,8 @@ impl Listener {
                 }
             };
             if pending.len() >= MAX_HANDSHAKES {
-                Counters::add(&self.hub.counters.handshakes_refused, 1);
+                // Not logged: this is the flood path.
+                self.hub.counters.refused(503);
                 let _ = write_all_nb(
                     &fd,
                     &HttpError::new(503, "too many handshakes in progress").to_response(),
@@ -313,10 +314,7 @@ impl Listener {
         {
             match self.hub.limits.admit(peer.ip()) {
                 Admission::Ok => p.admitted_ip = Some(peer.ip()),
-                Admission::Refused(err) => {
-                    Counters::add(&self.hub.counters.handshakes_refused, 1);
-                    return self.refuse_ref(p, err);
-                }
+                Admission::Refused(err) => return self.refuse_ref(p, err),
             }
         }
         let status = match handshake::parse_request(&p.buf) {
@@ -363,7 +361,7 @@ impl Listener {
                 let peer = p
                     .peer
                     .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
-                tracing::info!(%peer, cursor = ?params.cursor, compress = params.compress,
+                tracing::info!(%peer, shape = %ShapeClass::of(&params.options), cursor = ?params.cursor, compress = params.compress,
                     collections = params.options.wanted_collections.len(),
                     dids = params.options.wanted_dids.len(), "client connected");
                 Counters::add(&self.hub.counters.clients_accepted, 1);
@@ -401,8 +399,11 @@ impl Listener {
     }
 
     fn refuse_ref(&self, p: &mut Pending, err: HttpError) -> Progress {
-        Counters::add(&self.hub.counters.handshakes_refused, 1);
-        tracing::info!(peer = ?p.peer, status = err.status, reason = %err.reason, "handshake refused");
+        self.hub.counters.refused(err.status);
+        let peer = p
+            .peer
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        tracing::info!(%peer, status = err.status, reason = %err.reason, "handshake refused");
         let _ = write_all_nb(&p.fd, &err.to_response());
         self.release(p);
         Progress::Done

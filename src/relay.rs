@@ -40,6 +40,8 @@ pub struct Relay {
     demo: Option<crate::mock::MockHandle>,
     /// Where to remove the trusted Unix socket at exit.
     unix_paths: Vec<std::path::PathBuf>,
+    /// Metrics endpoint, health checks, dashboard and OTLP push.
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// Opens the two base logs and the index in `dir`, verifying and repairing a torn tail.
@@ -264,6 +266,17 @@ impl Relay {
                     }
                 })?,
         );
+        let metrics = if settings.metrics_listen.is_some() || settings.otlp_endpoint.is_some() {
+            Some(crate::metrics::Metrics::start(
+                hub.clone(),
+                fanout.clone(),
+                settings.metrics_listen,
+                settings.otlp_endpoint.as_deref(),
+                stop.clone(),
+            )?)
+        } else {
+            None
+        };
         tracing::info!(listen = %settings.listen, workers = settings.workers, "jetrelay serving");
         Ok(Relay {
             hub,
@@ -273,6 +286,7 @@ impl Relay {
             stop,
             demo,
             unix_paths,
+            metrics,
         })
     }
 
@@ -283,6 +297,9 @@ impl Relay {
         // Workers are already sending close frames; the other threads notice within a second.
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        if let Some(m) = self.metrics.take() {
+            m.shutdown();
         }
         if let Some(f) = Arc::get_mut(&mut self.fanout) {
             f.join();
@@ -297,6 +314,11 @@ impl Relay {
             let _ = std::fs::remove_file(p);
         }
         tracing::info!("jetrelay stopped");
+    }
+
+    /// Address of the metrics listener, if one is configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr())
     }
 
     /// Clients per worker (metrics, status line).

@@ -40,6 +40,9 @@ pub const SHAPE_RING_BYTES: usize = 8 << 20;
 pub struct ShapeTable {
     /// Retained frames, oldest first.
     frames: VecDeque<(u64, u64)>,
+    /// Frames dropped by retention so far: with the position in `frames`, a frame's ordinal
+    /// in the shape's log (for counting delivered events, see [`Shape::frames_appended`]).
+    popped: u64,
 }
 
 impl ShapeTable {
@@ -55,6 +58,11 @@ impl ShapeTable {
         self.frames.get(i).map_or(next_seq, |(s, _)| *s)
     }
 
+    /// Frames before `offset` in the shape's log since it was created.
+    pub fn ordinal_at_offset(&self, offset: u64) -> u64 {
+        self.popped + self.frames.partition_point(|(_, o)| *o < offset) as u64
+    }
+
     /// Seq of the last frame that starts before `offset` (the last one a reader at `offset`
     /// has been sent), if any.
     pub fn last_seq_before(&self, offset: u64) -> Option<u64> {
@@ -68,6 +76,7 @@ impl ShapeTable {
     fn drop_before(&mut self, seq: u64, end: u64) -> u64 {
         while self.frames.front().is_some_and(|(s, _)| *s < seq) {
             self.frames.pop_front();
+            self.popped += 1;
         }
         self.frames.front().map_or(end, |(_, o)| *o)
     }
@@ -89,6 +98,9 @@ pub struct Shape {
     pub clients: AtomicU64,
     /// When the last client left (µs), for idle expiry.
     idle_since: AtomicI64,
+    /// Frames appended (after their publish and table entry), so that workers can count the
+    /// events in a range without the table lock.
+    appended: AtomicU64,
 }
 
 impl Shape {
@@ -97,6 +109,11 @@ impl Shape {
         self.key
             .collection_allowed(meta.kind, meta.collection.as_deref())
             && self.key.size_allowed(payload_len)
+    }
+
+    /// Frames appended so far; never ahead of the published end or the table.
+    pub fn frames_appended(&self) -> u64 {
+        self.appended.load(Ordering::Acquire)
     }
 
     /// Client accounting.
@@ -192,6 +209,7 @@ impl Shapes {
             table: RwLock::new(ShapeTable::default()),
             clients: AtomicU64::new(0),
             idle_since: AtomicI64::new(now_us()),
+            appended: AtomicU64::new(0),
         });
         active.push(shape.clone());
         tracing::info!(shape = %label, start_seq, "shape created");
@@ -262,6 +280,7 @@ pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result
         .frames
         .push_back((seq, at));
     shape.stream.publish(end);
+    shape.appended.fetch_add(1, Ordering::Release);
     Ok(())
 }
 
@@ -298,11 +317,14 @@ mod tests {
         assert_eq!(t.offset_from_seq(21, 400), 400);
         assert_eq!(t.seq_at_offset(200, 99), 8);
         assert_eq!(t.seq_at_offset(400, 99), 99);
+        assert_eq!(t.ordinal_at_offset(200), 2);
         assert_eq!(t.last_seq_before(0), None);
         assert_eq!(t.last_seq_before(1), Some(3));
         assert_eq!(t.last_seq_before(200), Some(7));
         assert_eq!(t.last_seq_before(1000), Some(20));
         assert_eq!(t.drop_before(8, 400), 200);
         assert_eq!(t.frames.len(), 2);
+        assert_eq!(t.ordinal_at_offset(200), 2, "ordinals survive retention");
+        assert_eq!(t.ordinal_at_offset(400), 4);
     }
 }

@@ -129,7 +129,7 @@ impl EventSink for LogWriter {
     }
 
     fn skipped(&mut self, reason: SkipReason, detail: &str) {
-        Counters::add(&self.hub.counters.upstream_skipped, 1);
+        self.hub.counters.upstream_skip(reason);
         tracing::debug!(reason = reason.as_str(), detail, "upstream message skipped");
     }
 

@@ -62,6 +62,10 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<String>,
+    /// Push metrics over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318 [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String>,
     /// Cap on clients in total [default: 100000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
