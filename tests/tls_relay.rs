@@ -649,8 +649,8 @@ fn split_101(out: &[u8]) -> Option<&[u8]> {
     Some(&out[at + 4..])
 }
 
-/// Asserts a run of frames is `count`+ events from seq 0 on, contiguous, byte-exact.
-fn assert_events_from_zero(frames: &[(u8, Vec<u8>)], count: usize) {
+/// Asserts a run of frames is `count`+ events from seq `first` on, contiguous, byte-exact.
+fn assert_events_from(frames: &[(u8, Vec<u8>)], first: u64, count: usize) {
     let generator = Generator::new(SEED, DEFAULT_DIDS);
     let events: Vec<&Vec<u8>> = frames
         .iter()
@@ -663,7 +663,25 @@ fn assert_events_from_zero(frames: &[(u8, Vec<u8>)], count: usize) {
     assert!(events.len() >= count, "only {} events", events.len());
     for (i, json) in events.iter().enumerate() {
         let (seq, _) = verify_event(json, &generator);
-        assert_eq!(seq, i as u64, "events in order from cursor=0");
+        assert_eq!(seq, first + i as u64, "events in order from cursor=0");
+    }
+}
+
+/// The seq of the oldest event the relay holds (what `cursor=0` starts with): the relay's
+/// first upstream connection is live, so it starts wherever the mock was by then.
+fn relay_first_seq(relay: &Relay) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok((mut ws, _)) = tungstenite::connect(relay.url("cursor=0")) {
+            if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+                s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            }
+            if let Ok(tungstenite::Message::Text(t)) = ws.read() {
+                return Generator::seq_of(t.as_bytes()).expect("a mock event");
+            }
+        }
+        assert!(Instant::now() < deadline, "the relay holds no event after 15 s");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -678,12 +696,16 @@ fn u(v: &serde_json::Value, key: &str) -> u64 {
 
 /// Two swarms at once against one relay, one over wss through the sidecar and one over plain ws
 /// direct, both from cursor=0 over a finite upstream (`--count`): every client of both gets
-/// exactly events 0..count, in order, each byte-compared with its regeneration, and both swarms
-/// receive the same number of frame bytes.
+/// exactly events first..count (first = the relay's oldest), in order, each byte-compared with
+/// its regeneration, and both swarms receive the same number of frame bytes.
 fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, duration: &str) {
     let chain = Chain::start(name, rate, &["--count", &count.to_string()], &[]);
+    let first = relay_first_seq(&chain.relay);
+    assert!(first < count / 4, "the relay missed too much of the stream: {first}");
+    let per_client = count - first;
     let clients_s = clients.to_string();
-    let count_s = count.to_string();
+    let count_s = per_client.to_string();
+    let first_s = first.to_string();
     let expect = |url: &str, ca: Option<&str>| -> Vec<String> {
         let mut a: Vec<String> = [
             "--url",
@@ -696,7 +718,7 @@ fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, 
             &clients_s,
             "--expect-in-order",
             "--expect-first-seq",
-            "0",
+            &first_s,
             "--expect-min-events",
             &count_s,
             "--expect-max-events",
@@ -717,7 +739,7 @@ fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, 
     let ws = swarm_wait(ws);
     eprintln!("wss through the sidecar: {wss}\nws direct: {ws}");
     for r in [&wss, &ws] {
-        assert_eq!(u(r, "events"), clients * count);
+        assert_eq!(u(r, "events"), clients * per_client);
         assert_eq!(u(r, "verification_failures"), 0);
         assert_eq!(u(r, "upgrades"), clients, "no reconnects");
     }
@@ -733,7 +755,8 @@ fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, 
         .iter()
         .filter(|l| l.contains("client connected"))
         .collect();
-    assert_eq!(connected.len() as u64, 2 * clients, "client connected lines");
+    // (+1: relay_first_seq's own connection.)
+    assert_eq!(connected.len() as u64, 2 * clients + 1, "client connected lines");
     assert!(
         connected.iter().all(|l| l.contains("peer=127.0.0.1:")),
         "every peer is the real client address: {:?}",
@@ -759,7 +782,7 @@ fn scale_wss_1000_clients_through_sidecar_receive_exactly_what_ws_direct_receive
 
 /// An independent TLS client: `openssl s_client` pipes a raw upgrade through the whole chain
 /// and gets `HTTP/1.1 101` with the right accept key, then WebSocket text frames carrying events
-/// 0, 1, 2… byte-exact.
+/// from the relay's oldest on (cursor=0), contiguous and byte-exact.
 #[test]
 fn openssl_s_client_upgrades_through_the_whole_chain() {
     let _serial = one_at_a_time();
@@ -771,9 +794,7 @@ fn openssl_s_client_upgrades_through_the_whole_chain() {
         );
     }
     let chain = Chain::start("openssl", 500, &[], &[]);
-    wait_until("100 events upstream", Duration::from_secs(15), || {
-        chain.mock.seq() >= 100
-    });
+    let first = relay_first_seq(&chain.relay);
     let mut child = Command::new("openssl")
         .args(["s_client", "-connect"])
         .arg(chain.sidecar.addr().to_string())
@@ -833,7 +854,7 @@ fn openssl_s_client_upgrades_through_the_whole_chain() {
         )
     });
     let frames = parse_server_frames(rest);
-    assert_events_from_zero(&frames, WANT);
+    assert_events_from(&frames, first, WANT);
 }
 
 /// A second independent client: Python's ssl + websockets library (its own TLS stack, HTTP
@@ -853,9 +874,7 @@ fn python_websockets_client_reads_events_through_the_whole_chain() {
         ),
     }
     let chain = Chain::start("python", 500, &[], &[]);
-    wait_until("100 events upstream", Duration::from_secs(15), || {
-        chain.mock.seq() >= 100
-    });
+    let first = relay_first_seq(&chain.relay);
     const SCRIPT: &str = r#"
 import json, ssl, sys
 from websockets.sync.client import connect
@@ -905,7 +924,7 @@ with connect(sys.argv[2], ssl=ctx, open_timeout=10, compression=None, max_size=N
         })
         .collect();
     assert_eq!(frames.len(), WANT);
-    assert_events_from_zero(&frames, WANT);
+    assert_events_from(&frames, first, WANT);
 }
 
 // ---------------------------------------------------------------------------------------------
