@@ -572,13 +572,22 @@ enum End {
 /// Reads a WebSocket until the connection ends, answering a close frame; returns the close code
 /// received (if any) and how the TLS stream ended. Bounded by [`IO_TIMEOUT`] per read.
 fn read_to_end_of_stream(ws: &mut Wss) -> (Option<u16>, End) {
+    read_to_end_of_stream_with(ws, |_| {})
+}
+
+/// Same, handing every text message still arriving to `on_text`.
+fn read_to_end_of_stream_with(ws: &mut Wss, mut on_text: impl FnMut(&[u8])) -> (Option<u16>, End) {
     let mut code = None;
     loop {
         match ws.read() {
             Ok(tungstenite::Message::Close(frame)) => {
                 code = Some(frame.map_or(1005, |f| u16::from(f.code)));
             }
+            Ok(tungstenite::Message::Text(t)) => on_text(t.as_bytes()),
             Ok(_) => {}
+            // rustls reports a clean close_notify as end of stream (Ok(0)); tungstenite calls
+            // that ConnectionClosed after a close handshake, ResetWithoutClosingHandshake
+            // without one.
             Err(tungstenite::Error::ConnectionClosed) => return (code, End::CloseNotify),
             Err(tungstenite::Error::Protocol(
                 tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
@@ -1281,17 +1290,11 @@ fn relay_killed_gives_wss_client_close_notify_and_cursor_resume_continues() {
     chain.relay.proc.kill9();
     let t0 = Instant::now();
     // Events already on their way may still arrive; then a clean end of stream.
-    let (code, end) = loop {
-        match ws.read() {
-            Ok(tungstenite::Message::Text(t)) => {
-                let (seq, time_us) = verify_event(t.as_bytes(), &generator);
-                assert_eq!(seq, last_seq + 1, "in order");
-                (last_seq, last_time) = (seq, time_us);
-            }
-            Ok(_) => {}
-            Err(_) => break read_to_end_of_stream(&mut ws),
-        }
-    };
+    let (code, end) = read_to_end_of_stream_with(&mut ws, |json| {
+        let (seq, time_us) = verify_event(json, &generator);
+        assert_eq!(seq, last_seq + 1, "in order");
+        (last_seq, last_time) = (seq, time_us);
+    });
     assert_eq!(code, None, "a killed relay sends no close frame");
     assert_eq!(end, End::CloseNotify, "TLS closed cleanly");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
