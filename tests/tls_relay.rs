@@ -281,7 +281,9 @@ impl Pki {
             SanType::IpAddress("127.0.0.1".parse().expect("ip")),
             SanType::IpAddress("::1".parse().expect("ip")),
         ];
-        params.distinguished_name.push(DnType::CommonName, "localhost");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
         params.serial_number = Some(SerialNumber::from(serial));
         let cert = params
             .signed_by(&key, &self.ca_cert, &self.ca_key)
@@ -402,7 +404,14 @@ impl Chain {
         let dir = temp_dir(&format!("{name}-tls"));
         let data_dir = temp_dir(name);
         let trusted = format!("unix:{}", dir.join("trusted.sock").display());
-        let relay = start_relay(free_port(), &mock.url(), &data_dir, &trusted, true, relay_extra);
+        let relay = start_relay(
+            free_port(),
+            &mock.url(),
+            &data_dir,
+            &trusted,
+            true,
+            relay_extra,
+        );
         let pki = Pki::new();
         let leaf = pki.leaf(1);
         let cert = dir.join("fullchain.pem");
@@ -491,11 +500,9 @@ fn presented_leaf(tls: &TlsStream) -> CertificateDer<'static> {
         .into_owned()
 }
 
-/// WebSocket upgrade over an established TLS stream: the socket or the HTTP refusal.
-fn ws_upgrade(
-    tls: TlsStream,
-    query: &str,
-) -> Result<Wss, tungstenite::http::Response<Option<Vec<u8>>>> {
+/// WebSocket upgrade over an established TLS stream: the socket, or the refusal's HTTP status
+/// and body.
+fn ws_upgrade(tls: TlsStream, query: &str) -> Result<Wss, (u16, String)> {
     let url = if query.is_empty() {
         "ws://localhost/subscribe".to_string()
     } else {
@@ -506,32 +513,25 @@ fn ws_upgrade(
             assert_eq!(response.status(), 101);
             Ok(ws)
         }
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-            Err(response)
-        }
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => Err((
+            response.status().as_u16(),
+            String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
+        )),
         Err(e) => panic!("WebSocket upgrade through the sidecar failed: {e}"),
     }
 }
 
 /// Connects through the sidecar and upgrades; panics on refusal.
-fn wss_open(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, query: &str) -> (Wss, SocketAddr) {
+fn wss_open(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    query: &str,
+) -> (Wss, SocketAddr) {
     let (tls, local) = tls_connect(addr, config);
     match ws_upgrade(tls, query) {
         Ok(ws) => (ws, local),
-        Err(r) => panic!(
-            "upgrade refused with {}: {}",
-            r.status(),
-            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
-        ),
+        Err((status, body)) => panic!("upgrade refused with {status}: {body}"),
     }
-}
-
-/// Status and body of a refused upgrade.
-fn refusal(r: &tungstenite::http::Response<Option<Vec<u8>>>) -> (u16, String) {
-    (
-        r.status().as_u16(),
-        String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
-    )
 }
 
 /// The next event (text message), checked byte for byte against the mock's generator;
@@ -554,7 +554,10 @@ fn verify_event(json: &[u8], generator: &Generator) -> (u64, i64) {
     let time_us = Generator::time_us_of(json).unwrap_or_else(|| panic!("no time_us: {text}"));
     let mut expected = Vec::new();
     generator.event(seq, time_us, &mut expected);
-    assert!(expected == json, "event {seq} differs from its regeneration:\n{text}");
+    assert!(
+        expected == json,
+        "event {seq} differs from its regeneration:\n{text}"
+    );
     (seq, time_us)
 }
 
@@ -683,13 +686,17 @@ fn relay_first_seq(relay: &Relay) -> u64 {
     loop {
         if let Ok((mut ws, _)) = tungstenite::connect(relay.url("cursor=0")) {
             if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
-                s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+                s.set_read_timeout(Some(Duration::from_secs(2)))
+                    .expect("timeout");
             }
             if let Ok(tungstenite::Message::Text(t)) = ws.read() {
                 return Generator::seq_of(t.as_bytes()).expect("a mock event");
             }
         }
-        assert!(Instant::now() < deadline, "the relay holds no event after 15 s");
+        assert!(
+            Instant::now() < deadline,
+            "the relay holds no event after 15 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -710,7 +717,10 @@ fn u(v: &serde_json::Value, key: &str) -> u64 {
 fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, duration: &str) {
     let chain = Chain::start(name, rate, &["--count", &count.to_string()], &[]);
     let first = relay_first_seq(&chain.relay);
-    assert!(first < count / 4, "the relay missed too much of the stream: {first}");
+    assert!(
+        first < count / 4,
+        "the relay missed too much of the stream: {first}"
+    );
     let per_client = count - first;
     let clients_s = clients.to_string();
     let count_s = per_client.to_string();
@@ -765,11 +775,22 @@ fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, 
         .filter(|l| l.contains("client connected"))
         .collect();
     // (+1: relay_first_seq's own connection.)
-    assert_eq!(connected.len() as u64, 2 * clients + 1, "client connected lines");
-    assert!(
-        connected.iter().all(|l| l.contains("peer=127.0.0.1:")),
-        "every peer is the real client address: {:?}",
-        connected.iter().find(|l| !l.contains("peer=127.0.0.1:"))
+    assert_eq!(
+        connected.len() as u64,
+        2 * clients + 1,
+        "client connected lines"
+    );
+    // Each one under its own real address: 127.0.0.1 and a distinct, real source port.
+    let peers: std::collections::HashSet<&str> = connected
+        .iter()
+        .filter_map(|l| l.split("peer=").nth(1)?.split_whitespace().next())
+        .filter(|p| p.starts_with("127.0.0.1:") && !p.ends_with(":0"))
+        .collect();
+    assert_eq!(
+        peers.len() as u64,
+        2 * clients + 1,
+        "every connection logged with its own real address, e.g. {:?}",
+        connected.first()
     );
 }
 
@@ -807,7 +828,12 @@ fn openssl_s_client_upgrades_through_the_whole_chain() {
     let mut child = Command::new("openssl")
         .args(["s_client", "-connect"])
         .arg(chain.sidecar.addr().to_string())
-        .args(["-servername", "localhost", "-verify_return_error", "-CAfile"])
+        .args([
+            "-servername",
+            "localhost",
+            "-verify_return_error",
+            "-CAfile",
+        ])
         .arg(&chain.ca)
         .arg("-quiet")
         .stdin(Stdio::piped())
@@ -828,14 +854,18 @@ fn openssl_s_client_upgrades_through_the_whole_chain() {
             if n == 0 {
                 break;
             }
-            sink.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&buf[..n]);
+            sink.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&buf[..n]);
         }
     });
     const WANT: usize = 50;
     let deadline = Instant::now() + Duration::from_secs(20);
     let bytes = loop {
         let bytes = out.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let frames = split_101(&bytes).map(parse_server_frames).unwrap_or_default();
+        let frames = split_101(&bytes)
+            .map(parse_server_frames)
+            .unwrap_or_default();
         if frames.len() >= WANT || Instant::now() > deadline {
             break bytes;
         }
@@ -955,13 +985,21 @@ fn relay_logs_the_real_client_address_through_the_sidecar() {
         let (seq, _) = next_event(&mut ws, &generator);
         assert!(seq > first);
     }
-    let line = wait_relay_line(&chain.relay, &["client connected", &peer], Duration::from_secs(5));
+    let line = wait_relay_line(
+        &chain.relay,
+        &["client connected", &peer],
+        Duration::from_secs(5),
+    );
     eprintln!("{line}");
     ws.close(None).expect("close");
     let (code, end) = read_to_end_of_stream(&mut ws);
     assert_eq!(code, Some(1000), "the relay answers our close");
     assert_eq!(end, End::CloseNotify);
-    wait_relay_line(&chain.relay, &["client disconnected", &peer], Duration::from_secs(5));
+    wait_relay_line(
+        &chain.relay,
+        &["client disconnected", &peer],
+        Duration::from_secs(5),
+    );
     // The sidecar reaches the relay over a Unix socket, which has no address: no connection
     // may have been logged without one.
     assert!(
@@ -1014,28 +1052,27 @@ fn per_ip_limit_counts_the_real_address_not_the_sidecar() {
     let generator = Generator::new(SEED, DEFAULT_DIDS);
     const TOO_MANY: &str = "too many concurrent connections from your address";
 
-    let mut from_v4: Vec<(Wss, SocketAddr)> = (0..3)
-        .map(|_| wss_open(v4, &client, ""))
-        .collect();
+    let mut from_v4: Vec<(Wss, SocketAddr)> = (0..3).map(|_| wss_open(v4, &client, "")).collect();
     for (ws, local) in &mut from_v4 {
         next_event(ws, &generator);
         assert_eq!(local.ip().to_string(), "127.0.0.1");
     }
     let (tls, fourth) = tls_connect(v4, &client);
-    let refused = ws_upgrade(tls, "").expect_err("4th connection from 127.0.0.1 admitted");
-    let (status, body) = refusal(&refused);
+    let (status, body) = ws_upgrade(tls, "").expect_err("4th connection from 127.0.0.1 admitted");
     assert_eq!(status, 429, "{body}");
     assert!(body.contains(TOO_MANY), "{body}");
     wait_relay_line(
         &relay,
-        &["handshake refused", &format!("peer=Some({fourth})"), "status=429"],
+        &[
+            "handshake refused",
+            &format!("peer=Some({fourth})"),
+            "status=429",
+        ],
         Duration::from_secs(5),
     );
 
     // ::1 is another client: the sidecar's own 127.0.0.1 (at its limit now) is not the key.
-    let mut from_v6: Vec<(Wss, SocketAddr)> = (0..3)
-        .map(|_| wss_open(v6, &client, ""))
-        .collect();
+    let mut from_v6: Vec<(Wss, SocketAddr)> = (0..3).map(|_| wss_open(v6, &client, "")).collect();
     for (ws, local) in &mut from_v6 {
         next_event(ws, &generator);
         assert_eq!(local.ip().to_string(), "::1");
@@ -1046,7 +1083,7 @@ fn per_ip_limit_counts_the_real_address_not_the_sidecar() {
         );
     }
     let (tls, _) = tls_connect(v6, &client);
-    let (status, body) = refusal(&ws_upgrade(tls, "").expect_err("4th from ::1 admitted"));
+    let (status, body) = ws_upgrade(tls, "").expect_err("4th from ::1 admitted");
     assert_eq!((status, body.contains(TOO_MANY)), (429, true), "{body}");
 
     // Plain ws from 127.0.0.1 shares the real address's count.
@@ -1064,8 +1101,7 @@ fn per_ip_limit_counts_the_real_address_not_the_sidecar() {
         let (tls, local) = tls_connect(v4, &client);
         match ws_upgrade(tls, "") {
             Ok(ws) => break (ws, local),
-            Err(r) => {
-                let (status, body) = refusal(&r);
+            Err((status, body)) => {
                 assert_eq!(status, 429, "{body}");
                 assert!(Instant::now() < deadline, "slot never freed");
                 std::thread::sleep(Duration::from_millis(100));
@@ -1100,10 +1136,20 @@ fn proxy_header_refused_on_public_and_required_on_trusted_listener() {
     let mut with_v2 = v2.clone();
     with_v2.extend_from_slice(request.as_bytes());
     let with_v1 = format!("PROXY TCP4 203.0.113.9 127.0.0.1 4242 443\r\n{request}");
-    for (what, bytes) in [("v2", with_v2.clone()), ("v1", with_v1.clone().into_bytes())] {
+    for (what, bytes) in [
+        ("v2", with_v2.clone()),
+        ("v1", with_v1.clone().into_bytes()),
+    ] {
         let resp = raw_http(chain.relay.port, &bytes);
-        assert_eq!(status_of(&resp), 400, "public listener, PROXY {what}: {resp}");
-        assert!(resp.contains("PROXY protocol header not accepted"), "{resp}");
+        assert_eq!(
+            status_of(&resp),
+            400,
+            "public listener, PROXY {what}: {resp}"
+        );
+        assert!(
+            resp.contains("PROXY protocol header not accepted"),
+            "{resp}"
+        );
     }
 
     // Trusted listener: no header, a v1 header, or garbage are refused.
@@ -1180,7 +1226,10 @@ fn certificate_rotation_is_picked_up_while_wss_streams_keep_flowing() {
         "1800",
     ]);
     let (tls, _) = tls_connect(chain.sidecar.addr(), &chain.client);
-    assert!(presented_leaf(&tls) == chain.leaf.der, "serial 1 served at first");
+    assert!(
+        presented_leaf(&tls) == chain.leaf.der,
+        "serial 1 served at first"
+    );
     drop(tls);
     std::thread::sleep(Duration::from_secs(2));
 
@@ -1202,7 +1251,11 @@ fn certificate_rotation_is_picked_up_while_wss_streams_keep_flowing() {
         "rotation took too long to leave time for the streams to prove they kept flowing"
     );
     let report = swarm_wait(swarm);
-    assert_eq!(u(&report, "upgrades"), 10, "the old streams never reconnected");
+    assert_eq!(
+        u(&report, "upgrades"),
+        10,
+        "the old streams never reconnected"
+    );
     assert_eq!(u(&report, "connect_failures"), 0);
     assert_eq!(u(&report, "verification_failures"), 0);
 }
@@ -1244,7 +1297,11 @@ fn relay_restart_behind_the_sidecar_reconnects_without_a_gap() {
         chain.relay.log_text_stripped()
     );
     let (code, end) = read_to_end_of_stream(&mut watcher);
-    assert_eq!(code, Some(1001), "going-away close frame through the sidecar");
+    assert_eq!(
+        code,
+        Some(1001),
+        "going-away close frame through the sidecar"
+    );
     assert_eq!(end, End::CloseNotify, "TLS closed cleanly");
 
     // Relay down: the TLS handshake succeeds, then the connection ends cleanly and at once.
@@ -1253,7 +1310,10 @@ fn relay_restart_behind_the_sidecar_reconnects_without_a_gap() {
     let _ = tls.write_all(upgrade_request("/subscribe").as_bytes());
     let mut got = Vec::new();
     let result = tls.read_to_end(&mut got);
-    assert!(result.is_ok(), "clean close_notify while the relay is down: {result:?}");
+    assert!(
+        result.is_ok(),
+        "clean close_notify while the relay is down: {result:?}"
+    );
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 
@@ -1319,7 +1379,9 @@ fn relay_killed_gives_wss_client_close_notify_and_cursor_resume_continues() {
         assert_eq!(next_event(&mut ws, &generator).0, expected);
     }
     assert!(
-        relay_lines(&chain.relay).iter().any(|l| l.contains("log recovered")),
+        relay_lines(&chain.relay)
+            .iter()
+            .any(|l| l.contains("log recovered")),
         "the restarted relay recovered its log"
     );
 }
@@ -1432,11 +1494,21 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
     );
     let pki = Pki::new();
     let leaf = pki.leaf(1);
-    let (cert, key, ca) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
     atomic_write(&key, &leaf.key_pem);
     atomic_write(&cert, &leaf.chain_pem);
     std::fs::write(&ca, pki.ca_cert.pem()).expect("ca");
-    let sidecar = Sidecar::start(&["127.0.0.1:0"], &trusted, &cert, &key, dir.join("sidecar.log"));
+    let sidecar = Sidecar::start(
+        &["127.0.0.1:0"],
+        &trusted,
+        &cert,
+        &key,
+        dir.join("sidecar.log"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let relay_pid = relay.proc.child.id();
     let sidecar_pid = sidecar.pid();
