@@ -52,10 +52,10 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 // ---------------------------------------------------------------------------------------------
 // Binaries and processes
 
-/// A binary of this build, or of `$JETRELAY_BENCH_BIN_DIR` (e.g. target/release) when set, so
+/// A binary of this build, or of `$TLS_RELAY_BENCH_BIN_DIR` (e.g. target/release) when set, so
 /// the benchmark can measure optimised builds.
 fn bin(name: &str, built: &str) -> PathBuf {
-    match std::env::var_os("JETRELAY_BENCH_BIN_DIR") {
+    match std::env::var_os("TLS_RELAY_BENCH_BIN_DIR") {
         Some(dir) => PathBuf::from(dir).join(name),
         None => PathBuf::from(built),
     }
@@ -384,6 +384,8 @@ struct Chain {
     sidecar: Sidecar,
     /// Issues leaves (rotation).
     pki: Pki,
+    /// Scratch: certificates, CA file, the trusted socket, the sidecar's log (removed on drop).
+    dir: PathBuf,
     /// `--trusted-listen` / `--backend` value: `unix:<dir>/trusted.sock`.
     trusted: String,
     /// The sidecar's certificate chain file.
@@ -433,6 +435,7 @@ impl Chain {
             relay,
             sidecar,
             pki,
+            dir,
             trusted,
             cert,
             key,
@@ -462,6 +465,18 @@ impl Chain {
         let data_dir = self.relay.data_dir.clone();
         let url = self.mock.url();
         self.relay = start_relay(port, &url, &data_dir, &self.trusted, true, extra);
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        // Processes first, then their files; the relay's logs sit next to its data dir.
+        self.sidecar.proc.kill9();
+        self.relay.proc.kill9();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_dir_all(&self.relay.data_dir);
+        }
     }
 }
 
@@ -1389,11 +1404,6 @@ fn relay_killed_gives_wss_client_close_notify_and_cursor_resume_continues() {
 // ---------------------------------------------------------------------------------------------
 // Benchmark (not a timed test)
 
-/// Sums `utime + stime` of a process set.
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().map(|p| cpu_seconds(*p)).sum()
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -1401,15 +1411,15 @@ fn loadavg() -> String {
         .to_string()
 }
 
-/// Runs one swarm phase and measures: (report, CPU-seconds of `pids` during it, peak RSS KiB of
-/// `rss_pid` sampled during it).
+/// Runs one swarm phase and measures: (report, CPU-seconds of each of `pids` during it, peak RSS
+/// KiB of `rss_pid` sampled during it).
 fn measure_phase(
     args: &[String],
     duration: Duration,
     pids: &[u32],
     rss_pid: Option<u32>,
-) -> (serde_json::Value, f64, u64) {
-    let cpu0 = cpu_of(pids);
+) -> (serde_json::Value, Vec<f64>, u64) {
+    let cpu0: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
     let mut child = Command::new(swarm_bin())
         .args(["--seed", "7", "--json"])
         .args(args)
@@ -1425,7 +1435,11 @@ fn measure_phase(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let cpu = cpu_of(pids) - cpu0;
+    let cpu: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c0)| cpu_seconds(*p) - c0)
+        .collect();
     let out = child.wait_with_output().expect("swarm output");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = stdout
@@ -1447,8 +1461,9 @@ fn measure_phase(
 /// connection. Prints a table; asserts only that both runs delivered in order.
 ///
 /// Knobs: `BENCH_CLIENTS` (1000), `BENCH_RATE` ev/s (500), `BENCH_SECS` per phase (20),
-/// `JETRELAY_BENCH_BIN_DIR` (binaries to measure, e.g. `target/release`). Run with
-/// `cargo test --test tls_relay bench_ -- --ignored --nocapture` or `scripts/bench-tls-relay.sh`.
+/// `BENCH_SWARM_PROCS` (2), `TLS_RELAY_BENCH_BIN_DIR` (binaries to measure, e.g.
+/// `target/release`). Run with
+/// `TLS_RELAY_BENCH_BIN_DIR=$CARGO_TARGET_DIR/release cargo test --test tls_relay bench_ -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark: run explicitly, see the doc comment"]
 fn bench_wss_through_sidecar_vs_ws_direct() {
@@ -1462,6 +1477,7 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
     let clients = env("BENCH_CLIENTS", 1000);
     let rate = env("BENCH_RATE", 500);
     let secs = env("BENCH_SECS", 20);
+    let procs = env("BENCH_SWARM_PROCS", 2);
     let duration = Duration::from_secs(secs);
 
     // The mock from the benchmark's binary dir too.
@@ -1523,6 +1539,8 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
             clients.to_string(),
             "--duration".into(),
             format!("{secs}s"),
+            "--processes".into(),
+            procs.to_string(),
             "--expect-in-order".into(),
         ];
         if let Some(ca) = ca {
@@ -1546,7 +1564,8 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
     );
     let load_after = loadavg();
 
-    let row = |name: &str, r: &serde_json::Value, cpu: f64| {
+    let row = |name: &str, r: &serde_json::Value, cpus: &[f64]| {
+        let cpu: f64 = cpus.iter().sum();
         let bytes = r["frame_bytes"].as_f64().unwrap_or(0.0);
         let gb = bytes / 1e9;
         eprintln!(
@@ -1566,8 +1585,12 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
         relay_bin().display()
     );
     eprintln!("loadavg before {load_before} | between {load_mid} | after {load_after}");
-    row("ws direct (relay)", &ws, ws_cpu);
-    row("wss via sidecar (r+s)", &wss, wss_cpu);
+    row("ws direct (relay)", &ws, &ws_cpu);
+    row("wss via sidecar (r+s)", &wss, &wss_cpu);
+    eprintln!(
+        "wss phase CPU-s: relay {:.2}, sidecar {:.2}",
+        wss_cpu[0], wss_cpu[1]
+    );
     eprintln!(
         "sidecar RSS idle {sidecar_idle_rss} KiB, peak {sidecar_peak_rss} KiB with {clients} connections: {:.1} KiB/connection",
         sidecar_peak_rss.saturating_sub(sidecar_idle_rss) as f64 / clients as f64
