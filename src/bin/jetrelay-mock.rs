@@ -43,6 +43,10 @@ struct Args {
     /// Start emitting at once instead of when the first subscriber connects.
     #[arg(long)]
     start_immediately: bool,
+    /// Print N DIDs of the generator's population (one per line, spread over it) and exit:
+    /// the benchmark builds `wantedDids` filters from them.
+    #[arg(long)]
+    print_dids: Option<u64>,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -58,6 +62,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    if let Some(n) = a.print_dids {
+        let generator = mock::Generator::new(a.seed, a.dids);
+        let step = (a.dids / n.max(1)).max(1);
+        for i in 0..n.min(a.dids) {
+            println!("{}", generator.did_by_index(i * step));
+        }
+        return Ok(());
+    }
     let config = MockConfig {
         listen: a.listen,
         rate: a.rate,
