@@ -96,6 +96,10 @@ pub struct RawSettings {
     pub handshake_timeout: String,
     /// How often idle clients are pinged.
     pub ping_interval: String,
+    /// Inbound bytes per second a client may send before it is closed.
+    pub max_inbound_rate: String,
+    /// Drop clients further behind live than this ("" = never; retention still applies).
+    pub max_lag: String,
 }
 
 impl Default for RawSettings {
@@ -119,6 +123,8 @@ impl Default for RawSettings {
             allow_ip: Vec::new(),
             handshake_timeout: "10s".into(),
             ping_interval: "30s".into(),
+            max_inbound_rate: "64KiB".into(),
+            max_lag: String::new(),
         }
     }
 }
@@ -162,6 +168,10 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Idle ping period.
     pub ping_interval: Duration,
+    /// Inbound byte-rate cap per client (bytes per second).
+    pub max_inbound_rate: u64,
+    /// Optional cap on how far behind live a client may fall.
+    pub max_lag: Option<Duration>,
 }
 
 /// A setting that failed validation, naming the key.
@@ -356,6 +366,16 @@ impl RawSettings {
         if handshake_timeout.is_zero() {
             return Err(bad("handshake_timeout", "must be positive"));
         }
+        let max_inbound_rate =
+            parse_size(&self.max_inbound_rate).map_err(|e| bad("max_inbound_rate", e))?;
+        // Why 1 KiB/s at least: pongs, a close and an options_update must always fit.
+        if max_inbound_rate < 1024 {
+            return Err(bad("max_inbound_rate", "must be at least 1KiB"));
+        }
+        let max_lag = match self.max_lag.trim() {
+            "" => None,
+            s => Some(parse_duration(s).map_err(|e| bad("max_lag", e))?),
+        };
         let ping_interval =
             parse_duration(&self.ping_interval).map_err(|e| bad("ping_interval", e))?;
         if ping_interval < Duration::from_secs(1) {
@@ -380,6 +400,8 @@ impl RawSettings {
             allow_ip,
             handshake_timeout,
             ping_interval,
+            max_inbound_rate,
+            max_lag,
         })
     }
 }

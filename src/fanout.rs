@@ -76,6 +76,17 @@ fn user_data(slot: u32, generation: u32, op: u64) -> u64 {
     ((slot as u64) << 32) | (((generation & 0xFF_FFFF) as u64) << 8) | op
 }
 
+/// Per-client limits every worker applies.
+#[derive(Clone, Debug)]
+pub struct ClientPolicy {
+    /// Idle clients are pinged this often; no answer for two periods = dead.
+    pub ping_interval: Duration,
+    /// Inbound bytes per second before the client is closed (1008).
+    pub max_inbound_rate: u64,
+    /// Clients further behind live than this are closed (1008), if set.
+    pub max_lag: Option<Duration>,
+}
+
 /// A client handed over by the listener after a successful upgrade.
 pub struct NewClient {
     /// The connected socket (non-blocking).
@@ -118,7 +129,7 @@ pub struct Fanout {
 
 impl Fanout {
     /// Starts `n` workers.
-    pub fn start(hub: Arc<Hub>, n: usize, ping_interval: Duration) -> std::io::Result<Fanout> {
+    pub fn start(hub: Arc<Hub>, n: usize, policy: ClientPolicy) -> std::io::Result<Fanout> {
         let mut workers = Vec::with_capacity(n);
         for id in 0..n {
             let (tx, rx) = channel();
@@ -130,7 +141,7 @@ impl Fanout {
                 rx,
                 wake.clone(),
                 clients.clone(),
-                ping_interval,
+                policy.clone(),
             )?;
             let thread = std::thread::Builder::new()
                 .name(format!("fanout-{id}"))
@@ -305,6 +316,8 @@ struct Client {
     last_rx: Instant,
     /// A ping was sent and not answered yet.
     ping_outstanding: bool,
+    /// Inbound bytes since the last housekeeping tick (the inbound rate cap).
+    rx_bytes: u64,
     /// Nothing is sent until the first options_update.
     hello_pending: bool,
     /// New options to apply at the next frame boundary.
@@ -358,7 +371,7 @@ struct Worker {
     wake_buf: Box<[u8; 8]>,
     tick_ts: Box<types::Timespec>,
     client_count: Arc<AtomicU64>,
-    ping_interval: Duration,
+    policy: ClientPolicy,
     slots: Vec<Option<Client>>,
     free: Vec<u32>,
     generations: Vec<u32>,
@@ -382,7 +395,7 @@ impl Worker {
         rx: Receiver<Command>,
         wake_fd: Arc<Waker>,
         client_count: Arc<AtomicU64>,
-        ping_interval: Duration,
+        policy: ClientPolicy,
     ) -> std::io::Result<Worker> {
         let ring = build_ring()?;
         let mut pipes = Vec::with_capacity(PIPES_PER_WORKER);
@@ -403,7 +416,7 @@ impl Worker {
             wake_buf: Box::new([0; 8]),
             tick_ts: Box::new(types::Timespec::new().sec(TICK.as_secs())),
             client_count,
-            ping_interval,
+            policy,
             slots: Vec::new(),
             free: Vec::new(),
             generations: Vec::new(),
@@ -573,6 +586,7 @@ impl Worker {
             inbound: InboundDecoder::new(MAX_OPTIONS_UPDATE_BYTES),
             last_rx: Instant::now(),
             ping_outstanding: false,
+            rx_bytes: 0,
             hello_pending: nc.require_hello,
             pending_options: None,
             closing: None,
@@ -1004,6 +1018,15 @@ impl Worker {
                     Ok((n, _)) => {
                         c.last_rx = Instant::now();
                         c.ping_outstanding = false;
+                        c.rx_bytes += n as u64;
+                        // A flood is cut off at once; a steady excess at the next tick.
+                        if c.rx_bytes > self.policy.max_inbound_rate.saturating_mul(4) {
+                            violation = Some(crate::frame::ProtocolViolation {
+                                code: 1008,
+                                reason: "inbound rate exceeded",
+                            });
+                            break;
+                        }
                         let mut input = &scratch[..n];
                         loop {
                             match c.inbound.next_message(&mut input) {
@@ -1166,8 +1189,16 @@ impl Worker {
                 }
             } else if c.low_mark() < c.stream.kick_below() {
                 self.begin_close(slot, CloseWhy::Retention);
-            } else if now.duration_since(c.last_rx) > self.ping_interval {
-                if c.ping_outstanding && now.duration_since(c.last_rx) > self.ping_interval * 2 {
+            } else if std::mem::take(&mut c.rx_bytes) > self.policy.max_inbound_rate {
+                self.close_with(slot, 1008, "inbound rate exceeded", CloseWhy::Protocol);
+            } else if let Some(max) = self.policy.max_lag
+                && lag_of(&self.hub, c).is_some_and(|lag| lag > max)
+            {
+                self.close_with(slot, 1008, "too far behind live", CloseWhy::Retention);
+            } else if now.duration_since(c.last_rx) > self.policy.ping_interval {
+                if c.ping_outstanding
+                    && now.duration_since(c.last_rx) > self.policy.ping_interval * 2
+                {
                     self.begin_close(slot, CloseWhy::Dead);
                     self.shutdown_client(slot);
                     continue;
@@ -1212,6 +1243,27 @@ impl Worker {
         }
         self.known_streams = lows.into_iter().map(|(st, _)| st).collect();
     }
+}
+
+/// How far behind live a client is: the age of the oldest event it has not been sent yet
+/// (chunk granularity), or None when it is caught up.
+fn lag_of(hub: &Hub, c: &Client) -> Option<Duration> {
+    if c.pos >= c.stream.end() {
+        return None;
+    }
+    let index = hub.index();
+    let seq = match (&c.source, &c.shape) {
+        (Source::Filtered(w), _) => w.next.seq,
+        (Source::Contiguous, Some(shape)) => shape
+            .table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .seq_at_offset(c.pos, index.next_seq()),
+        (Source::Contiguous, None) => index.seq_at_or_before_offset(c.pos, c.compressed)?,
+    };
+    let appended = index.appended_at_of(seq)?;
+    let age = crate::index::now_us().saturating_sub(appended);
+    Some(Duration::from_micros(age.max(0) as u64))
 }
 
 fn queue_close(c: &mut Client, code: u16, reason: &str) {

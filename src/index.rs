@@ -668,6 +668,22 @@ impl EventIndex {
         target
     }
 
+    /// Append time (µs) of the chunk holding event `seq` (its last append), if retained.
+    pub fn appended_at_of(&self, seq: u64) -> Option<i64> {
+        let i = self
+            .chunks
+            .partition_point(|c| c.first_seq + CHUNK_EVENTS <= seq);
+        self.chunks.get(i).map(|c| c.appended_at_us)
+    }
+
+    /// Seq of the chunk start at or before `offset` in a base log (chunk granularity is enough
+    /// for lag estimates).
+    pub fn seq_at_or_before_offset(&self, offset: u64, compressed: bool) -> Option<u64> {
+        let key = |c: &Chunk| if compressed { c.zstd_off } else { c.plain_off };
+        let i = self.chunks.partition_point(|c| key(c) <= offset);
+        self.chunks.get(i.checked_sub(1)?).map(|c| c.first_seq)
+    }
+
     /// The oldest complete chunk, if any (retention looks at it).
     pub fn oldest_chunk(&self) -> Option<&Chunk> {
         self.chunks.front().filter(|_| self.chunks.len() > 1)

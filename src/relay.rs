@@ -191,7 +191,11 @@ impl Relay {
         let fanout = Arc::new(Fanout::start(
             hub.clone(),
             settings.workers,
-            settings.ping_interval,
+            crate::fanout::ClientPolicy {
+                ping_interval: settings.ping_interval,
+                max_inbound_rate: settings.max_inbound_rate,
+                max_lag: settings.max_lag,
+            },
         )?);
 
         let mut listeners = Vec::new();

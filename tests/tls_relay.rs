@@ -801,10 +801,14 @@ fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, 
         .filter_map(|l| l.split("peer=").nth(1)?.split_whitespace().next())
         .filter(|p| p.starts_with("127.0.0.1:") && !p.ends_with(":0"))
         .collect();
-    assert_eq!(
-        peers.len() as u64,
-        2 * clients + 1,
-        "every connection logged with its own real address, e.g. {:?}",
+    // A direct client and a client of the sidecar may get the same ephemeral source port
+    // (they connect to different destination ports, and ports are reused over the run), so
+    // allow some coincidences; the exact check is in relay_logs_the_real_client_address_*.
+    let expected = 2 * clients + 1;
+    assert!(
+        peers.len() as u64 >= expected - expected / 10,
+        "every connection logged with its own real address: {} distinct of {expected}, e.g. {:?}",
+        peers.len(),
         connected.first()
     );
 }
@@ -1078,11 +1082,7 @@ fn per_ip_limit_counts_the_real_address_not_the_sidecar() {
     assert!(body.contains(TOO_MANY), "{body}");
     wait_relay_line(
         &relay,
-        &[
-            "handshake refused",
-            &format!("peer=Some({fourth})"),
-            "status=429",
-        ],
+        &["handshake refused", &format!("peer={fourth}"), "status=429"],
         Duration::from_secs(5),
     );
 

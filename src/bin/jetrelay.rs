@@ -86,6 +86,14 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     handshake_timeout: Option<String>,
+    /// Inbound bytes per second a client may send before it is closed [default: 64KiB].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_inbound_rate: Option<String>,
+    /// Drop clients further behind live than this, e.g. 10m [default: never].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_lag: Option<String>,
     /// Idle client ping period [default: 30s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,165 @@
+//! Abuse controls end to end: each limit is enforced with its status or close code, and the
+//! relay keeps serving everyone else.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+const UPGRADE: &str = "GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// Opens a WebSocket by hand and returns the socket and the response head.
+fn upgrade(port: u16) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(UPGRADE.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        // A refusal: the reason is in the body, then the relay closes.
+        let _ = s.read_to_end(&mut head);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+fn status(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads frames until a close frame; returns its code and reason.
+fn close_code(s: &mut TcpStream) -> Option<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    loop {
+        while let Ok(Some((h, payload))) = jetrelay::frame::split_frame(&buf) {
+            let len = h.frame_len() as usize;
+            if h.opcode == jetrelay::frame::Opcode::Close {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return Some((code, String::from_utf8_lossy(&payload[2..]).into_owned()));
+            }
+            buf.drain(..len);
+        }
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+#[test]
+fn per_ip_caps_rate_and_total_are_enforced_and_others_served() {
+    let mock = Mock::start(200, &[]);
+    let dir = temp_dir("abuse-ip");
+    // No --allow-ip here: the harness default exempts loopback, so pass limits explicitly
+    // on a relay of our own.
+    let port = free_port();
+    let metrics = free_port();
+    let _relay = Proc {
+        child: std::process::Command::new(env!("CARGO_BIN_EXE_jetrelay"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen"])
+            .arg(format!("127.0.0.1:{metrics}"))
+            .args(["--data-dir"])
+            .arg(&dir)
+            .args([
+                "--upstream",
+                &mock.url(),
+                "--max-conns-per-ip",
+                "3",
+                "--conn-rate-per-ip",
+                "2",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "relay".into(),
+    };
+    wait_for_port(port, Duration::from_secs(20));
+    // Burst of 4 (2 × rate): three connections fit the per-IP cap, the fourth is refused 429.
+    let held: Vec<_> = (0..3).map(|_| upgrade(port)).collect();
+    for (_, head) in &held {
+        assert_eq!(status(head), 101, "{head}");
+    }
+    let (_, head) = upgrade(port);
+    assert_eq!(status(&head), 429, "{head}");
+    assert!(head.contains("Retry-After"), "{head}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(500));
+    // Rapid attempts drain the bucket (2/s, burst 4): the rate limit answers 429 too.
+    let heads: Vec<String> = (0..8).map(|_| upgrade(port).1).collect();
+    assert!(
+        heads
+            .iter()
+            .any(|h| status(h) == 429 && h.contains("connecting too fast")),
+        "{heads:?}"
+    );
+    // The metrics say so.
+    let (_, body) = http_get(metrics, "/metrics");
+    assert!(body.contains("jetrelay_limit_refusals"), "{body}");
+}
+
+#[test]
+fn inbound_floods_and_garbage_are_closed_and_others_served() {
+    let mock = Mock::start(200, &[]);
+    let dir = temp_dir("abuse-inbound");
+    let relay = Relay::start(&mock.url(), &dir, &["--max-inbound-rate", "16KiB"]);
+    let bystanders = swarm_spawn(&[
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "20",
+        "--duration",
+        "6s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "800",
+    ]);
+    // A client sending masked pings as fast as it can: closed with 1008.
+    let (mut flood, head) = upgrade(relay.port);
+    assert_eq!(status(&head), 101);
+    let mut frame = Vec::new();
+    jetrelay::frame::encode_client_frame(
+        jetrelay::frame::Opcode::Ping,
+        &[7u8; 125],
+        [1, 2, 3, 4],
+        &mut frame,
+    );
+    let burst: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 1000)
+        .collect();
+    let _ = flood.write_all(&burst);
+    let (code, reason) = close_code(&mut flood).expect("close frame for the flood");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("inbound rate"), "{reason}");
+    // Garbage after the handshake (an unmasked frame): protocol error 1002.
+    let (mut garbage, head) = upgrade(relay.port);
+    assert_eq!(status(&head), 101);
+    garbage
+        .write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
+        .unwrap();
+    let (code, _) = close_code(&mut garbage).expect("close frame for garbage");
+    assert_eq!(code, 1002);
+    // An oversized message (20 MB options_update announced in the header): 1009.
+    let (mut big, head) = upgrade(relay.port);
+    assert_eq!(status(&head), 101);
+    let mut header = vec![0x81u8, 0xFF];
+    header.extend_from_slice(&(20u64 << 20).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    big.write_all(&header).unwrap();
+    let (code, _) = close_code(&mut big).expect("close frame for the oversized message");
+    assert_eq!(code, 1009);
+    swarm_wait(bystanders);
+}
