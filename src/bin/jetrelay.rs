@@ -86,7 +86,7 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     handshake_timeout: Option<String>,
-    /// Inbound bytes per second a client may send before it is closed [default: 64KiB].
+    /// Inbound bytes per second a client may send before it is closed [default: 2MiB].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_inbound_rate: Option<String>,
