@@ -90,7 +90,7 @@ def run(sc, log):
         mock_args = [os.path.join(BIN, "jetrelay-mock"), "--listen", f"127.0.0.1:{mport}",
                      "--rate", str(sc.rate), "--seed", SEED]
         if sc.prefill:
-            mock_args += ["--count", str(sc.prefill), "--rate", "0"]
+            mock_args += ["--count", str(sc.prefill)]
         mock = pinned(LOAD_CORE, mock_args, stdout=log, stderr=log)
         procs.append(mock)
         wait_port(mport)
