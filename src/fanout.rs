@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
@@ -893,7 +893,14 @@ impl Worker {
             Counters::add(&self.hub.counters.bytes_sent, res as u64);
             range_progress(&self.hub, c);
             self.enqueue(slot);
-        } else if res == -libc::EAGAIN {
+        } else {
+            self.send_failed(slot, res);
+        }
+    }
+
+    /// A send that moved nothing: a full socket waits for POLLOUT, anything else closes.
+    fn send_failed(&mut self, slot: u32, res: i32) {
+        if res == -libc::EAGAIN {
             self.block(slot);
         } else {
             self.fail(slot, res);
@@ -913,10 +920,8 @@ impl Worker {
                 }
             }
             self.enqueue(slot);
-        } else if res == -libc::EAGAIN {
-            self.block(slot);
         } else {
-            self.fail(slot, res);
+            self.send_failed(slot, res);
         }
     }
 
@@ -1515,7 +1520,6 @@ impl Walker {
         }
         let mut run: Option<(u64, u64, u64)> = None;
         let mut next = self.next;
-        let mut walked_past_run = false;
         index.walk(self.next, WALK_BUDGET, |pos, e| {
             if stop_at.is_some_and(|s| pos.seq >= s) {
                 return false;
@@ -1529,7 +1533,6 @@ impl Walker {
                     r.2 += 1;
                 }
                 (Some(_), _) => {
-                    walked_past_run = true;
                     return false;
                 }
                 (None, false) => {}
@@ -1541,7 +1544,6 @@ impl Walker {
             };
             true
         });
-        let _ = walked_past_run;
         self.next = next;
         run
     }
@@ -1606,20 +1608,4 @@ fn read_payload(plain: &std::fs::File, off: u64, len: u32) -> Option<Vec<u8>> {
     std::os::unix::fs::FileExt::read_exact_at(plain, &mut buf, off).ok()?;
     let h = crate::hub::stored_header_len(&buf);
     Some(buf.split_off(h.min(buf.len())))
-}
-
-/// Creates a non-blocking socket fd from an accepted std stream.
-pub fn into_owned_fd(stream: std::net::TcpStream) -> OwnedFd {
-    OwnedFd::from(stream)
-}
-
-#[allow(dead_code)]
-fn raw_to_owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: only used for fds this process just received and owns exclusively.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-#[allow(dead_code)]
-fn fd_of(f: &impl AsFd) -> RawFd {
-    f.as_fd().as_raw_fd()
 }

@@ -284,23 +284,6 @@ pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result
     Ok(())
 }
 
-/// Total shape frames retained (metrics).
-pub fn frames(shape: &Shape) -> usize {
-    shape
-        .table
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .frames
-        .len()
-}
-
-#[allow(dead_code)]
-fn _assert_sync() {
-    fn is_sync<T: Sync + Send>() {}
-    is_sync::<Shapes>();
-    let _ = AtomicU64::new(0);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
