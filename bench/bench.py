@@ -67,6 +67,32 @@ def fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def relay_latency(port):
+    """The relay's own delivery-latency histogram (append -> handed to the socket)."""
+    if not port:
+        return None
+    try:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stats", timeout=5) as r:
+            st = json.loads(r.read())
+        return st["latency_bounds_us"], st["latency_counts"]
+    except Exception:  # noqa: BLE001 — metrics off or unreachable: no relay-side figure
+        return None
+
+
+def quantile_us(bounds, counts, q):
+    """Upper bound of the bucket holding quantile q (power-of-two buckets: a ceiling)."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= q * total:
+            return bounds[i] if i < len(bounds) else float("inf")
+    return None
+
+
 def pinned(core, args, **kw):
     return subprocess.Popen(["taskset", "-c", core] + args, **kw)
 
@@ -84,7 +110,9 @@ class Scenario:
 
 def run(sc, log):
     data = tempfile.mkdtemp(prefix="jetrelay-bench-")
-    mport, rport = free_port(), free_port()
+    mport, rport, metrics_port = free_port(), free_port(), free_port()
+    if "--metrics-listen" in sc.relay_args:
+        metrics_port = None
     procs = []
     try:
         mock_args = [os.path.join(BIN, "jetrelay-mock"), "--listen", f"127.0.0.1:{mport}",
@@ -98,7 +126,8 @@ def run(sc, log):
             os.path.join(BIN, "jetrelay"), "--listen", f"127.0.0.1:{rport}",
             "--upstream", f"ws://127.0.0.1:{mport}/subscribe?cursor=0", "--data-dir", data,
             "--workers", "1", "--allow-ip", "127.0.0.0/8", "--max-clients", "1000000",
-        ] + sc.relay_args, stdout=log, stderr=log)
+        ] + (["--metrics-listen", f"127.0.0.1:{metrics_port}"] if metrics_port else [])
+          + sc.relay_args, stdout=log, stderr=log)
         procs.append(relay)
         wait_port(rport)
         if sc.prefill:
@@ -120,11 +149,18 @@ def run(sc, log):
         ], stdout=subprocess.PIPE, stderr=log, text=True)
         procs.append(swarm)
         time.sleep(sc.warmup)
+        h0 = relay_latency(metrics_port)
         c0, t0 = cpu_seconds(relay.pid), time.time()
         window = max(1.0, sc.duration - sc.warmup - 1.5)
         time.sleep(window)
         c1, t1 = cpu_seconds(relay.pid), time.time()
         rss, nfd = rss_kib(relay.pid), fds(relay.pid)
+        h1 = relay_latency(metrics_port)
+        relay_p50 = relay_p99 = None
+        if h0 and h1:
+            delta = [b - a for a, b in zip(h0[1], h1[1])]
+            relay_p50 = quantile_us(h1[0], delta, 0.5)
+            relay_p99 = quantile_us(h1[0], delta, 0.99)
         out, _ = swarm.communicate(timeout=sc.duration + 120)
         report = json.loads(out.strip().splitlines()[-1])
         cpu = (c1 - c0) / (t1 - t0)
@@ -143,6 +179,9 @@ def run(sc, log):
             "p50_ms": lat["p50_us"] / 1000,
             "p99_ms": lat["p99_us"] / 1000,
             "max_ms": lat["max_us"] / 1000,
+            "relay_p50_le_ms": relay_p50 / 1000 if relay_p50 is not None else None,
+            "relay_p99_le_ms": relay_p99 / 1000 if relay_p99 is not None else None,
+            "swarm_busy_pct": report.get("busy_pct"),
             "clients_behind": report["clients_behind"],
             "rss_mib": round(rss / 1024, 1),
             "fds_per_client": round(nfd / sc.clients, 3),
@@ -235,7 +274,8 @@ def main():
     print(f"iperf3 -Z (1 stream, client on core {RELAY_CORE}): "
           + (f"{ref:.2f} Gbps" if ref else "unavailable"))
     cols = ["scenario", "clients", "rate", "passed", "relay_cpu_pct", "cpu_s_per_gb", "gbps",
-            "p50_ms", "p99_ms", "max_ms", "clients_behind", "rss_mib", "fds_per_client"]
+            "p50_ms", "p99_ms", "max_ms", "relay_p50_le_ms", "relay_p99_le_ms", "swarm_busy_pct",
+            "clients_behind", "rss_mib", "fds_per_client"]
     print(" | ".join(cols))
     results = []
     for n in names:

@@ -30,6 +30,14 @@ use crate::subscription;
 /// and keeps a slowloris flood from starving real clients of the listener's attention.
 pub const MAX_HANDSHAKES: usize = 4096;
 
+/// Unsent bytes the kernel may hold for one client (`TCP_NOTSENT_LOWAT`). Why: without it a
+/// client that stops reading soaks up to `tcp_wmem`'s maximum (4 MiB by default; BBR grows the
+/// buffer to it) before the relay sees backpressure: kernel memory per stalled client, and
+/// seconds of feed hidden from `--max-lag` and retention. The log is the buffer; 256 KiB is
+/// about a second of the full network feed, and at loopback speeds still several
+/// milliseconds of sending per wake-up.
+pub const CLIENT_NOTSENT_LOWAT: u32 = 256 * 1024;
+
 /// What `GET /` answers.
 const ROOT_TEXT: &str = "jetrelay: a Jetstream relay. Connect a WebSocket to /subscribe \
 (Jetstream v1 parameters: wantedCollections, wantedDids, cursor, compress, \
@@ -80,6 +88,8 @@ impl Bound {
                 let (s, peer) = l.accept()?;
                 s.set_nonblocking(true)?;
                 let _ = s.set_nodelay(true);
+                // Best effort: without it a slow client only costs more kernel memory.
+                let _ = socket2::SockRef::from(&s).set_tcp_notsent_lowat(CLIENT_NOTSENT_LOWAT);
                 Ok((OwnedFd::from(s), Some(peer)))
             }
             Bound::Unix(l) => {

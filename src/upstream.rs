@@ -542,6 +542,12 @@ impl Follower {
             }
             let message = match socket.read() {
                 Ok(m) => m,
+                // A signal (a debugger attaching, a handler elsewhere in the process) interrupts
+                // the read without harming the connection: tungstenite keeps partial frames,
+                // so the read is simply retried.
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                    continue;
+                }
                 Err(tungstenite::Error::Io(e))
                     if matches!(
                         e.kind(),

@@ -14,7 +14,11 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
 /// Opens a WebSocket by hand and returns the socket and the response head.
 fn upgrade(port: u16) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    upgrade_on(TcpStream::connect(("127.0.0.1", port)).unwrap())
+}
+
+/// Opens a WebSocket by hand on a connected socket.
+fn upgrade_on(mut s: TcpStream) -> (TcpStream, String) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(UPGRADE.as_bytes()).unwrap();
     let mut head = Vec::new();
@@ -36,11 +40,12 @@ fn status(head: &str) -> u16 {
         .unwrap_or(0)
 }
 
-/// Reads frames until a close frame; returns its code and reason.
+/// Reads frames until a close frame (within 30 s); returns its code and reason.
 fn close_code(s: &mut TcpStream) -> Option<(u16, String)> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 65536];
-    loop {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         while let Ok(Some((h, payload))) = jetrelay::frame::split_frame(&buf) {
             let len = h.frame_len() as usize;
             if h.opcode == jetrelay::frame::Opcode::Close {
@@ -54,6 +59,7 @@ fn close_code(s: &mut TcpStream) -> Option<(u16, String)> {
             Ok(n) => buf.extend_from_slice(&tmp[..n]),
         }
     }
+    None
 }
 
 #[test]
@@ -162,4 +168,42 @@ fn inbound_floods_and_garbage_are_closed_and_others_served() {
     let (code, _) = close_code(&mut big).expect("close frame for the oversized message");
     assert_eq!(code, 1009);
     swarm_wait(bystanders);
+}
+
+#[test]
+fn max_lag_drops_a_stalled_client_and_spares_the_others() {
+    let mock = Mock::start(500, &[]);
+    let dir = temp_dir("abuse-lag");
+    let relay = Relay::start(&mock.url(), &dir, &["--max-lag", "2s"]);
+    let bystanders = swarm_spawn(&[
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "20",
+        "--duration",
+        "8s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "2500",
+    ]);
+    // A client that stops reading, with a tiny receive buffer so its socket fills at once
+    // (set before connecting: that also turns off receive autotuning).
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    sockopt::set_socket_recv_buffer_size(&fd, 4096).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], relay.port));
+    rustix::net::connect(&fd, &addr).unwrap();
+    let (mut stalled, head) = upgrade_on(TcpStream::from(fd));
+    assert_eq!(status(&head), 101, "{head}");
+    // Stalled well past the limit: ~1 s until the kernel's share (TCP_NOTSENT_LOWAT) is
+    // full, 2 s of lag, up to 1 s until the housekeeping tick sees it.
+    std::thread::sleep(Duration::from_secs(6));
+    // Reading again: the backlog, then a close frame saying why.
+    let (code, reason) = close_code(&mut stalled).expect("close frame for the laggard");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("too far behind live"), "{reason}");
+    // The clients that kept up were not touched.
+    let report = swarm_wait(bystanders);
+    assert_eq!(report["connected"], 20, "{report}");
+    assert_eq!(report["closes"], serde_json::json!({}), "{report}");
 }
