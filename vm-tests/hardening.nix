@@ -9,6 +9,10 @@
 #   already read-only under ProtectSystem=strict.
 # - DeviceAllow=char-rtc r, which ProtectClock=yes adds by itself.
 # Everything else the assessment looks at scores 0 (exposure ~1.1 "OK").
+#
+# Twin: tests/vm_twins.rs twin_hardening_* runs the relay under the same
+# seccomp groups, capability drop and NoNewPrivileges without systemd, and
+# .ci/nix-check scores the rendered unit with systemd-analyze --offline.
 {
   pkgs,
   jetrelay,

@@ -185,6 +185,18 @@ impl Relay {
 
     /// Same, on a given port.
     pub fn start_on(port: u16, upstream: &str, data_dir: &Path, extra: &[&str]) -> Relay {
+        Self::start_via(&[], port, upstream, data_dir, extra)
+    }
+
+    /// Same, started through `wrapper` (a program that ends by exec'ing its arguments, e.g.
+    /// a sandbox): `wrapper[0] wrapper[1..] jetrelay ARGS`.
+    pub fn start_via(
+        wrapper: &[String],
+        port: u16,
+        upstream: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Relay {
         let metrics_port = free_port();
         let mut args = vec![
             "--listen".to_string(),
@@ -201,7 +213,16 @@ impl Relay {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = data_dir.with_extension(format!("relay-{port}.log"));
-        let proc = spawn("relay", env!("CARGO_BIN_EXE_jetrelay"), &args, Some(&log));
+        let relay_bin = env!("CARGO_BIN_EXE_jetrelay").to_string();
+        let proc = match wrapper.split_first() {
+            None => spawn("relay", &relay_bin, &args, Some(&log)),
+            Some((program, rest)) => {
+                let mut all: Vec<String> = rest.to_vec();
+                all.push(relay_bin);
+                all.extend(args);
+                spawn("relay", program, &all, Some(&log))
+            }
+        };
         wait_for_port(port, Duration::from_secs(20));
         Relay {
             proc,
