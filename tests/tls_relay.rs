@@ -1422,6 +1422,44 @@ fn loadavg() -> String {
         .to_string()
 }
 
+/// Starts Debian's HAProxy as a TLS terminator in front of the relay's trusted socket, the
+/// configuration named in the benchmark's output: `mode tcp`, one thread, TLS 1.2/1.3 with
+/// the same certificate and ALPN http/1.1, PROXY v2 to the relay. None when not installed.
+fn haproxy_terminator(
+    dir: &Path,
+    trusted: &str,
+    cert: &Path,
+    key: &Path,
+) -> Option<(u16, std::process::Child)> {
+    let port = free_port();
+    let pem = dir.join("haproxy.pem");
+    let mut both = std::fs::read(cert).ok()?;
+    both.extend(std::fs::read(key).ok()?);
+    std::fs::write(&pem, both).ok()?;
+    let socket = trusted.strip_prefix("unix:")?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  nbthread 1\n  maxconn 8000\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend tls\n  bind 127.0.0.1:{port} ssl crt {} alpn http/1.1\n  default_backend relay\n\
+             backend relay\n  server relay unix@{socket} send-proxy-v2\n",
+            pem.display()
+        ),
+    )
+    .ok()?;
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for_port(port, Duration::from_secs(10));
+    Some((port, child))
+}
+
 /// Runs one swarm phase and measures: (report, CPU-seconds of each of `pids` during it, peak RSS
 /// KiB of `rss_pid` sampled during it).
 fn measure_phase(
@@ -1573,6 +1611,19 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
         &[relay_pid, sidecar_pid],
         Some(sidecar_pid),
     );
+    // The same wss phase through HAProxy (Debian's, when installed), the terminating proxy
+    // operators use today: TLS 1.3, one thread, PROXY v2 to the same trusted socket.
+    let haproxy = haproxy_terminator(&dir, &trusted, &cert, &key);
+    let ha = haproxy.as_ref().map(|(port, child)| {
+        std::thread::sleep(Duration::from_secs(1));
+        let url = format!("wss://localhost:{port}/subscribe");
+        measure_phase(
+            &common_args(url, Some(&ca)),
+            duration,
+            &[relay_pid, child.id()],
+            Some(child.id()),
+        )
+    });
     let load_after = loadavg();
 
     let row = |name: &str, r: &serde_json::Value, cpus: &[f64]| {
@@ -1602,6 +1653,16 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
         "wss phase CPU-s: relay {:.2}, sidecar {:.2}",
         wss_cpu[0], wss_cpu[1]
     );
+    if let Some((ha, ha_cpu, ha_rss)) = &ha {
+        row("wss via haproxy (r+h)", ha, ha_cpu);
+        eprintln!(
+            "haproxy phase CPU-s: relay {:.2}, haproxy {:.2}; haproxy peak RSS {ha_rss} KiB",
+            ha_cpu[0], ha_cpu[1]
+        );
+        assert_eq!(ha["passed"], true, "haproxy run failed: {ha}");
+    } else {
+        eprintln!("haproxy not installed: no comparison phase");
+    }
     eprintln!(
         "sidecar RSS idle {sidecar_idle_rss} KiB, peak {sidecar_peak_rss} KiB with {clients} connections: {:.1} KiB/connection",
         sidecar_peak_rss.saturating_sub(sidecar_idle_rss) as f64 / clients as f64
@@ -1609,4 +1670,8 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
     eprintln!("ws report: {ws}\nwss report: {wss}");
     assert_eq!(ws["passed"], true, "ws run failed: {ws}");
     assert_eq!(wss["passed"], true, "wss run failed: {wss}");
+    if let Some((_, mut child)) = haproxy {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
