@@ -99,11 +99,14 @@ def pinned(core, args, **kw):
 
 class Scenario:
     def __init__(self, name, clients, rate, queries=("",), duration=15, processes=1,
-                 relay_args=(), warmup=None, prefill=0, swarm_args=(), sidecar=False):
+                 relay_args=(), warmup=None, prefill=0, swarm_args=(), sidecar=False,
+                 exempt_loopback=True):
         self.name, self.clients, self.rate = name, clients, rate
         self.queries, self.duration, self.processes = list(queries), duration, processes
         self.relay_args, self.prefill, self.swarm_args = list(relay_args), prefill, list(swarm_args)
         self.sidecar = sidecar
+        # Loopback is on the allow list (no per-IP limits) unless a scenario measures them.
+        self.exempt_loopback = exempt_loopback
         # Time for all clients to connect before measuring.
         self.warmup = warmup if warmup is not None else 2 + clients / 2000
 
@@ -125,8 +128,8 @@ def run(sc, log):
         relay = pinned(RELAY_CORE, [
             os.path.join(BIN, "jetrelay"), "--listen", f"127.0.0.1:{rport}",
             "--upstream", f"ws://127.0.0.1:{mport}/subscribe?cursor=0", "--data-dir", data,
-            "--workers", "1", "--allow-ip", "127.0.0.0/8", "--max-clients", "1000000",
-        ] + (["--metrics-listen", f"127.0.0.1:{metrics_port}"] if metrics_port else [])
+            "--workers", "1",
+        ] + (["--allow-ip", "127.0.0.0/8", "--max-clients", "1000000"] if sc.exempt_loopback else []) + (["--metrics-listen", f"127.0.0.1:{metrics_port}"] if metrics_port else [])
           + sc.relay_args, stdout=log, stderr=log)
         procs.append(relay)
         wait_port(rport)
@@ -258,8 +261,12 @@ SCENARIOS = {
     "subs-compress": lambda: Scenario("subs-compress", 1000, 500, queries=["compress=true"]),
     "subs-100-dids": lambda: Scenario("subs-100-dids", 1000, 500,
                                       queries=did_queries(200, 100) or ["wantedDids=did:plc:x"]),
+    # Observability and abuse controls off (no metrics listener, loopback exempt from limits)
+    # vs on (metrics scraped by the bench, every limit enforced on the swarm's connections).
     "metrics-off": lambda: Scenario("metrics-off", 1000, 500, relay_args=["--metrics-listen", ""]),
-    "metrics-on": lambda: Scenario("metrics-on", 1000, 500),
+    "metrics-on": lambda: Scenario("metrics-on", 1000, 500, exempt_loopback=False, relay_args=[
+        "--max-clients", "5000", "--max-conns-per-ip", "2000", "--conn-rate-per-ip", "3000",
+        "--max-lag", "30s"]),
 }
 
 
