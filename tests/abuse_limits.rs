@@ -40,6 +40,22 @@ fn status(head: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Twenty well-behaved clients that must get every event in order (at least `min_events`)
+/// while a limit is enforced on someone else.
+fn spawn_bystanders(relay: &Relay, duration: &str, min_events: u64) -> std::process::Child {
+    swarm_spawn(&[
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "20",
+        "--duration",
+        duration,
+        "--expect-in-order",
+        "--expect-min-events",
+        &min_events.to_string(),
+    ])
+}
+
 /// Reads frames until a close frame (within 30 s); returns its code and reason.
 fn close_code(s: &mut TcpStream) -> Option<(u16, String)> {
     let mut buf = Vec::new();
@@ -119,17 +135,7 @@ fn inbound_floods_and_garbage_are_closed_and_others_served() {
     let mock = Mock::start(200, &[]);
     let dir = temp_dir("abuse-inbound");
     let relay = Relay::start(&mock.url(), &dir, &["--max-inbound-rate", "16KiB"]);
-    let bystanders = swarm_spawn(&[
-        "--url",
-        &relay.url(""),
-        "--clients",
-        "20",
-        "--duration",
-        "6s",
-        "--expect-in-order",
-        "--expect-min-events",
-        "800",
-    ]);
+    let bystanders = spawn_bystanders(&relay, "6s", 800);
     // A client sending masked pings as fast as it can: closed with 1008.
     let (mut flood, head) = upgrade(relay.port);
     assert_eq!(status(&head), 101);
@@ -175,17 +181,7 @@ fn max_lag_drops_a_stalled_client_and_spares_the_others() {
     let mock = Mock::start(500, &[]);
     let dir = temp_dir("abuse-lag");
     let relay = Relay::start(&mock.url(), &dir, &["--max-lag", "2s"]);
-    let bystanders = swarm_spawn(&[
-        "--url",
-        &relay.url(""),
-        "--clients",
-        "20",
-        "--duration",
-        "8s",
-        "--expect-in-order",
-        "--expect-min-events",
-        "2500",
-    ]);
+    let bystanders = spawn_bystanders(&relay, "8s", 2500);
     // A client that stops reading, with a tiny receive buffer so its socket fills at once
     // (set before connecting: that also turns off receive autotuning).
     use rustix::net::{AddressFamily, SocketType, sockopt};
