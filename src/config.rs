@@ -100,6 +100,8 @@ pub struct RawSettings {
     pub max_inbound_rate: String,
     /// Drop clients further behind live than this ("" = never; retention still applies).
     pub max_lag: String,
+    /// Share of a fan-out worker's time that live sends may take before it batches (0–1].
+    pub fanout_duty: f64,
 }
 
 impl Default for RawSettings {
@@ -125,6 +127,7 @@ impl Default for RawSettings {
             ping_interval: "30s".into(),
             max_inbound_rate: "2MiB".into(),
             max_lag: String::new(),
+            fanout_duty: 0.5,
         }
     }
 }
@@ -172,6 +175,8 @@ pub struct Settings {
     pub max_inbound_rate: u64,
     /// Optional cap on how far behind live a client may fall.
     pub max_lag: Option<Duration>,
+    /// Pacing of live sends under load (1 = never hold a round back).
+    pub fanout_duty: f64,
 }
 
 /// A setting that failed validation, naming the key.
@@ -381,6 +386,11 @@ impl RawSettings {
         if ping_interval < Duration::from_secs(1) {
             return Err(bad("ping_interval", "must be at least 1s"));
         }
+        // Why at least 0.05: below that a busy worker would hold every round for the full
+        // MAX_PACE_DELAY while using almost nothing of its core.
+        if !(self.fanout_duty >= 0.05 && self.fanout_duty <= 1.0) {
+            return Err(bad("fanout_duty", "must be between 0.05 and 1"));
+        }
         Ok(Settings {
             listen,
             trusted_listen,
@@ -402,6 +412,7 @@ impl RawSettings {
             ping_interval,
             max_inbound_rate,
             max_lag,
+            fanout_duty: self.fanout_duty,
         })
     }
 }

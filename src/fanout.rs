@@ -51,6 +51,10 @@ const PIPES_PER_WORKER: usize = 32;
 const PIPE_BYTES: usize = 256 * 1024;
 /// Housekeeping period: pings, dead peers, retention kicks, `worker_low` refresh.
 const TICK: Duration = Duration::from_secs(1);
+/// Longest a busy worker holds back a round of live sends to batch more events into each
+/// send. Why 10 ms: a few events' worth at the full firehose rate, small next to the network
+/// latency every Jetstream consumer already has, and it bounds what pacing adds to p99.
+const MAX_PACE_DELAY: Duration = Duration::from_millis(10);
 /// A kicked or shutting-down client gets this long to drain its current range and read its
 /// close frame before the socket is simply closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
@@ -71,6 +75,9 @@ const OP_CANCEL: u64 = 6;
 const OP_CTRL: u64 = 7;
 const WORKER_EVENTFD: u64 = 0xF0;
 const WORKER_TICK: u64 = 0xF1;
+const WORKER_PACE: u64 = 0xF2;
+/// `Client::caught_up_round` of a client that has not caught up in any round yet.
+const NEVER: u64 = u64::MAX;
 
 fn user_data(slot: u32, generation: u32, op: u64) -> u64 {
     ((slot as u64) << 32) | (((generation & 0xFF_FFFF) as u64) << 8) | op
@@ -85,6 +92,9 @@ pub struct ClientPolicy {
     pub max_inbound_rate: u64,
     /// Clients further behind live than this are closed (1008), if set.
     pub max_lag: Option<Duration>,
+    /// Share of a worker's time that rounds of live sends may take (0 < duty <= 1); see
+    /// [`Worker::round_may_start`].
+    pub duty: f64,
 }
 
 /// A client handed over by the listener after a successful upgrade.
@@ -342,6 +352,10 @@ struct Client {
     pending_events: u64,
     /// `last_append_us` when the range was scheduled: delivery latency is measured from it.
     range_appended_us: u64,
+    /// The round in which this client's range last reached the end of its log. Such a
+    /// client waits for the next round instead of chasing every append on its own: that is
+    /// what lets a busy worker batch several events into one send.
+    caught_up_round: u64,
 }
 
 impl Client {
@@ -386,6 +400,18 @@ struct Worker {
     /// Streams this worker published a `worker_low` for at the last tick.
     known_streams: Vec<Arc<Stream>>,
     new_data: bool,
+    /// Live rounds started so far: a round hands newly appended data to every idle client.
+    round: u64,
+    /// When the current round started.
+    round_started: Instant,
+    /// Time spent working (not waiting) since the current round started.
+    round_busy: Duration,
+    /// Buffer of the pacing timeout while one is armed.
+    pace_ts: Box<types::Timespec>,
+    /// A pacing timeout is in the ring.
+    pace_armed: bool,
+    /// The pending round was held back by pacing (counted once when it starts).
+    round_held: bool,
 }
 
 impl Worker {
@@ -429,6 +455,12 @@ impl Worker {
             pinned: Vec::new(),
             known_streams: Vec::new(),
             new_data: false,
+            round: 0,
+            round_started: Instant::now(),
+            round_busy: Duration::ZERO,
+            pace_ts: Box::new(types::Timespec::new()),
+            pace_armed: false,
+            round_held: false,
         })
     }
 
@@ -469,6 +501,7 @@ impl Worker {
         let mut last_tick = Instant::now();
         let mut shutdown_started: Option<Instant> = None;
         loop {
+            let started = Instant::now();
             self.take_commands();
             if self.hub.shutting_down() && shutdown_started.is_none() {
                 shutdown_started = Some(Instant::now());
@@ -481,8 +514,15 @@ impl Worker {
             {
                 return Ok(());
             }
-            if self.new_data {
+            if self.new_data && self.round_may_start(started) {
                 self.new_data = false;
+                self.round += 1;
+                Counters::add(&self.hub.counters.rounds, 1);
+                if std::mem::take(&mut self.round_held) {
+                    Counters::add(&self.hub.counters.rounds_held, 1);
+                }
+                self.round_started = started;
+                self.round_busy = Duration::ZERO;
                 let idle = std::mem::take(&mut self.idle);
                 for slot in idle {
                     self.enqueue(slot);
@@ -497,9 +537,11 @@ impl Worker {
             // Clients still in the ready queue (a walk that used up its budget) have work now:
             // blocking for a completion would stall them until an unrelated wake-up.
             let more = !self.ready.is_empty();
+            let mut worked = started.elapsed();
             if ring_sends {
                 self.ring.submit()?;
                 self.unpin_all();
+                worked = started.elapsed();
                 if !more && self.ring.completion().is_empty() {
                     self.submit_and_wait()?;
                 }
@@ -508,8 +550,34 @@ impl Worker {
             } else {
                 self.submit_and_wait()?;
             }
+            let reaping = Instant::now();
             self.reap();
+            self.round_busy += worked + reaping.elapsed();
         }
+    }
+
+    /// Pacing under load. A round of live sends costs the worker `round_busy`; the next round
+    /// may start once that is at most `duty` of the time since the last one started. A lightly
+    /// loaded worker (short rounds) starts each round as soon as data lands; a busy one waits a
+    /// little, so each send carries several events and the CPU per byte falls. The wait never
+    /// exceeds [`MAX_PACE_DELAY`], which bounds the latency it adds. Clients that are behind
+    /// are not paced: they are in the ready queue and are served every loop.
+    fn round_may_start(&mut self, now: Instant) -> bool {
+        let at = next_round_at(self.round_started, self.round_busy, self.policy.duty);
+        if now >= at {
+            return true;
+        }
+        self.round_held = true;
+        if !self.pace_armed {
+            let wait = at - now;
+            *self.pace_ts = types::Timespec::new()
+                .sec(wait.as_secs())
+                .nsec(wait.subsec_nanos());
+            let ts: *const types::Timespec = &*self.pace_ts;
+            self.pace_armed = true;
+            self.push(opcode::Timeout::new(ts).build().user_data(WORKER_PACE));
+        }
+        false
     }
 
     /// Submits without waiting (EINTR/EBUSY: the next loop submits again).
@@ -598,6 +666,7 @@ impl Worker {
             range_seq: point.ordinal,
             pending_events: 0,
             range_appended_us: 0,
+            caught_up_round: NEVER,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
         let fd = client.fd.as_raw_fd();
@@ -659,6 +728,7 @@ impl Worker {
     /// Decides and queues the next operation for one client. Returns true for a ring send.
     fn serve(&mut self, slot: u32) -> bool {
         let hub = self.hub.clone();
+        let round = self.round;
         let Some(c) = self.slots[slot as usize].as_mut() else {
             return false;
         };
@@ -683,7 +753,10 @@ impl Worker {
             // Options change only between frames.
             if let Some(opts) = c.pending_options.take() {
                 match switch_point(&hub, c) {
-                    Some(next) => apply_options(&hub, self.id, c, opts, next),
+                    Some(next) => {
+                        apply_options(&hub, self.id, c, opts, next);
+                        c.caught_up_round = NEVER;
+                    }
                     None => {
                         // The writer is mid-append: retry on the next loop.
                         c.pending_options = Some(opts);
@@ -729,6 +802,11 @@ impl Worker {
             if c.hello_pending {
                 return false;
             }
+            if c.caught_up_round == round {
+                // Already handed everything this round had; the next round brings the rest.
+                self.idle.push(slot);
+                return false;
+            }
             // A walker that reached its shape's start switches to the shape's log.
             switch_to_shape(self.id, c);
             // Extend the range to what is now available. The frame count is read before the
@@ -739,6 +817,7 @@ impl Worker {
             match &mut c.source {
                 Source::Contiguous => {
                     c.boundary = end;
+                    c.caught_up_round = round;
                     c.pending_events += published.saturating_sub(c.range_seq);
                     c.range_seq = c.range_seq.max(published);
                 }
@@ -760,6 +839,9 @@ impl Worker {
                         c.pos = from;
                         c.boundary = to;
                         c.pending_events += n;
+                    }
+                    if w.next.seq >= index.next_seq() {
+                        c.caught_up_round = round;
                     }
                     // (No progress — retention overtook the walk — waits for the kick instead.)
                     if w.next.seq < index.next_seq()
@@ -837,6 +919,10 @@ impl Worker {
                     self.arm_tick();
                     continue;
                 }
+                WORKER_PACE => {
+                    self.pace_armed = false;
+                    continue;
+                }
                 _ => {}
             }
             let slot = (ud >> 32) as u32;
@@ -891,6 +977,7 @@ impl Worker {
         if res > 0 {
             c.pos += res as u64;
             Counters::add(&self.hub.counters.bytes_sent, res as u64);
+            Counters::add(&self.hub.counters.data_sends, 1);
             range_progress(&self.hub, c);
             self.enqueue(slot);
         } else {
@@ -947,6 +1034,7 @@ impl Worker {
             c.pos += res as u64;
             c.pipe_fill = c.pipe_fill.saturating_sub(res as u32);
             Counters::add(&self.hub.counters.bytes_sent, res as u64);
+            Counters::add(&self.hub.counters.data_sends, 1);
             range_progress(&self.hub, c);
         }
         if c.pipe_fill == 0 {
@@ -1451,6 +1539,18 @@ fn range_progress(hub: &Hub, c: &mut Client) {
 
 /// Creates a worker's ring; on ENOMEM (the kernel could not find contiguous memory for the
 /// rings) retries with smaller queues rather than refusing to start.
+/// When the next live round may start, given when the current one started, the work done
+/// since, and the duty cycle: the work plus `(1/duty − 1)` times as much waiting, capped at
+/// [`MAX_PACE_DELAY`]. With `duty` = 1 that is "as soon as the work is done", i.e. now.
+fn next_round_at(started: Instant, busy: Duration, duty: f64) -> Instant {
+    let wait = if duty >= 1.0 {
+        Duration::ZERO
+    } else {
+        busy.mul_f64(1.0 / duty - 1.0).min(MAX_PACE_DELAY)
+    };
+    started + busy + wait
+}
+
 fn build_ring() -> std::io::Result<IoUring> {
     let mut entries = RING_ENTRIES;
     let mut cq = CQ_ENTRIES;
@@ -1608,4 +1708,25 @@ fn read_payload(plain: &std::fs::File, off: u64, len: u32) -> Option<Vec<u8>> {
     std::os::unix::fs::FileExt::read_exact_at(plain, &mut buf, off).ok()?;
     let h = crate::hub::stored_header_len(&buf);
     Some(buf.split_off(h.min(buf.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_waits_in_proportion_to_the_work_and_never_beyond_the_cap() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // Duty 1: the next round may start as soon as the current one's work is done.
+        assert_eq!(next_round_at(t, ms(4), 1.0), t + ms(4));
+        // Duty ½: as much waiting as working.
+        assert_eq!(next_round_at(t, ms(4), 0.5), t + ms(8));
+        // Duty ¼: three times as much waiting...
+        assert_eq!(next_round_at(t, ms(2), 0.25), t + ms(8));
+        // ...but never more than MAX_PACE_DELAY of it.
+        assert_eq!(next_round_at(t, ms(4), 0.05), t + ms(4) + MAX_PACE_DELAY);
+        // An idle worker (no work since the last round) starts the next one at once.
+        assert_eq!(next_round_at(t, Duration::ZERO, 0.5), t);
+    }
 }

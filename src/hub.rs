@@ -61,6 +61,12 @@ pub struct Counters {
     pub ring_loops: AtomicU64,
     /// SQEs submitted across workers.
     pub sqes: AtomicU64,
+    /// Data sends that moved bytes to a client (ring `SEND`s and splices out of a pipe).
+    pub data_sends: AtomicU64,
+    /// Live rounds started (each hands newly appended data to every idle client).
+    pub rounds: AtomicU64,
+    /// Rounds held back by pacing (`--fanout-duty`) to batch more events per send.
+    pub rounds_held: AtomicU64,
     /// Append → handed to the socket, recorded once per completed send range.
     pub delivery_latency: LatencyHistogram,
 }

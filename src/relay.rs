@@ -195,6 +195,7 @@ impl Relay {
                 ping_interval: settings.ping_interval,
                 max_inbound_rate: settings.max_inbound_rate,
                 max_lag: settings.max_lag,
+                duty: settings.fanout_duty,
             },
         )?);
 

@@ -179,6 +179,11 @@ fn metrics_endpoint_reports_a_known_workload() {
     let loops = m.must("jetrelay_ring_loops_total", &[]);
     let sqes = m.must("jetrelay_ring_sqes_total", &[]);
     assert!(loops > 0.0 && sqes > 0.0, "loops {loops} sqes {sqes}");
+    let sends = m.must("jetrelay_fanout_sends_total", &[]);
+    let rounds = m.must("jetrelay_fanout_rounds_total", &[]);
+    assert!(sends > 0.0 && rounds > 0.0, "sends {sends} rounds {rounds}");
+    let held = m.must("jetrelay_fanout_rounds_held_total", &[]);
+    assert!(held <= rounds, "held {held} of {rounds} rounds");
     assert_eq!(
         m.must(
             "jetrelay_build_info",

@@ -98,6 +98,11 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ping_interval: Option<String>,
+    /// Share of a fan-out worker's time live sends may take; a busier worker holds the next
+    /// round back (at most 10 ms) so that each send carries more events. 1 = never [default: 0.5].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fanout_duty: Option<f64>,
 }
 
 fn main() -> anyhow::Result<()> {

@@ -393,6 +393,30 @@ fn register_workers(meter: &Meter, hub: &Arc<Hub>) {
         "io_uring operations completed across workers; divided by loops: operations per syscall.",
         |c| &c.sqes,
     );
+    counter(
+        meter,
+        hub,
+        "jetrelay.fanout.sends",
+        "{send}",
+        "Data sends that moved bytes to a client (tail-ring SENDs and splices out of a pipe); bytes delivered / sends = bytes per send.",
+        |c| &c.data_sends,
+    );
+    counter(
+        meter,
+        hub,
+        "jetrelay.fanout.rounds",
+        "{round}",
+        "Live rounds started: each hands newly appended data to every up-to-date client.",
+        |c| &c.rounds,
+    );
+    counter(
+        meter,
+        hub,
+        "jetrelay.fanout.rounds.held",
+        "{round}",
+        "Rounds a busy worker held back (at most 10 ms, --fanout-duty) so that each send carries more events.",
+        |c| &c.rounds_held,
+    );
 }
 
 #[cfg(test)]
