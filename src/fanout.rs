@@ -219,6 +219,9 @@ pub struct Waker {
     fd: OwnedFd,
     /// Set by `wake`, cleared by the worker when the read completes.
     pending: AtomicBool,
+    /// Append time (unix µs) of the first append since the worker last consumed a wake-up:
+    /// the oldest data the worker has not handed out yet, so delivery latency counts from it.
+    since_us: AtomicU64,
 }
 
 impl Waker {
@@ -226,19 +229,27 @@ impl Waker {
         Ok(Waker {
             fd: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?,
             pending: AtomicBool::new(false),
+            since_us: AtomicU64::new(0),
         })
     }
 
-    /// Wakes the worker unless a wake-up is already pending. SeqCst pairs with the worker's
-    /// clear-then-read-ends, so a publish is never missed.
-    pub fn wake(&self) {
+    /// Wakes the worker unless a wake-up is already pending; `appended_us` is when the data
+    /// was appended. SeqCst pairs with the worker's clear-then-read-ends, so a publish is never
+    /// missed.
+    pub fn wake(&self, appended_us: u64) {
         if !self.pending.swap(true, Ordering::SeqCst) {
+            // Stored before the eventfd write, so the worker reads it with the completion.
+            self.since_us.store(appended_us, Ordering::SeqCst);
             let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
         }
     }
 
-    fn consumed(&self) {
+    /// Clears the pending flag; returns the append time of the oldest data announced since
+    /// the previous call (0 if none: a wake-up for a new client).
+    fn consumed(&self) -> u64 {
+        let since = self.since_us.swap(0, Ordering::SeqCst);
         self.pending.store(false, Ordering::SeqCst);
+        since
     }
 }
 
@@ -412,6 +423,10 @@ struct Worker {
     pace_armed: bool,
     /// The pending round was held back by pacing (counted once when it starts).
     round_held: bool,
+    /// Append time of the oldest data announced since the current round started (0 = none).
+    pending_since_us: u64,
+    /// The same for the current round: its oldest new data, the latency origin of its ranges.
+    round_since_us: u64,
 }
 
 impl Worker {
@@ -461,6 +476,8 @@ impl Worker {
             pace_ts: Box::new(types::Timespec::new()),
             pace_armed: false,
             round_held: false,
+            pending_since_us: 0,
+            round_since_us: 0,
         })
     }
 
@@ -523,6 +540,7 @@ impl Worker {
                 }
                 self.round_started = started;
                 self.round_busy = Duration::ZERO;
+                self.round_since_us = std::mem::take(&mut self.pending_since_us);
                 let idle = std::mem::take(&mut self.idle);
                 for slot in idle {
                     self.enqueue(slot);
@@ -729,6 +747,7 @@ impl Worker {
     fn serve(&mut self, slot: u32) -> bool {
         let hub = self.hub.clone();
         let round = self.round;
+        let round_since_us = self.round_since_us;
         let Some(c) = self.slots[slot as usize].as_mut() else {
             return false;
         };
@@ -860,7 +879,12 @@ impl Worker {
                 self.idle.push(slot);
                 return false;
             }
-            c.range_appended_us = appended_us;
+            // Latency counts from the oldest data this round brought (so a round held back by
+            // pacing shows in it), or from the newest append when the round brought none.
+            c.range_appended_us = match round_since_us {
+                0 => appended_us,
+                since => since.min(appended_us),
+            };
         }
         // Data: ring if the bytes are still there, else splice through a pooled pipe.
         let stream = c.stream.clone();
@@ -910,7 +934,10 @@ impl Worker {
         for (ud, res, flags) in cqes {
             match ud {
                 WORKER_EVENTFD => {
-                    self.wake_fd.consumed();
+                    let since = self.wake_fd.consumed();
+                    if since != 0 && (self.pending_since_us == 0 || since < self.pending_since_us) {
+                        self.pending_since_us = since;
+                    }
                     self.new_data = true;
                     self.arm_wake();
                     continue;
@@ -1537,8 +1564,6 @@ fn range_progress(hub: &Hub, c: &mut Client) {
     }
 }
 
-/// Creates a worker's ring; on ENOMEM (the kernel could not find contiguous memory for the
-/// rings) retries with smaller queues rather than refusing to start.
 /// When the next live round may start, given when the current one started, the work done
 /// since, and the duty cycle: the work plus `(1/duty − 1)` times as much waiting, capped at
 /// [`MAX_PACE_DELAY`]. With `duty` = 1 that is "as soon as the work is done", i.e. now.
@@ -1551,6 +1576,8 @@ fn next_round_at(started: Instant, busy: Duration, duty: f64) -> Instant {
     started + busy + wait
 }
 
+/// Creates a worker's ring; on ENOMEM (the kernel could not find contiguous memory for the
+/// rings) retries with smaller queues rather than refusing to start.
 fn build_ring() -> std::io::Result<IoUring> {
     let mut entries = RING_ENTRIES;
     let mut cq = CQ_ENTRIES;

@@ -104,11 +104,12 @@ impl LogWriter {
         }
         let c = &hub.counters;
         Counters::add(&c.events_appended, 1);
-        c.last_append_us.store(now_us() as u64, Ordering::Relaxed);
+        let appended_us = now_us() as u64;
+        c.last_append_us.store(appended_us, Ordering::Relaxed);
         c.newest_time_us
             .fetch_max(meta.time_us.max(0) as u64, Ordering::Relaxed);
         for w in &self.wakers {
-            w.wake();
+            w.wake(appended_us);
         }
         Ok(())
     }
