@@ -598,31 +598,14 @@ impl Worker {
         false
     }
 
-    /// Submits without waiting (EINTR/EBUSY: the next loop submits again).
+    /// Submits without waiting.
     fn submit_now(&mut self) -> std::io::Result<()> {
-        match self.ring.submit() {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        retry_next_loop(self.ring.submit())
     }
 
+    /// Submits and waits for at least one completion.
     fn submit_and_wait(&mut self) -> std::io::Result<()> {
-        match self.ring.submit_and_wait(1) {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        retry_next_loop(self.ring.submit_and_wait(1))
     }
 
     fn live_clients(&self) -> usize {
@@ -1561,6 +1544,15 @@ fn range_progress(hub: &Hub, c: &mut Client) {
                 .delivery_latency
                 .record(now.saturating_sub(c.range_appended_us));
         }
+    }
+}
+
+/// `io_uring_enter` interrupted (EINTR) or with a full completion queue (EBUSY) is not an error:
+/// the next loop reaps and submits again.
+fn retry_next_loop(r: std::io::Result<usize>) -> std::io::Result<()> {
+    match r {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
+        other => other.map(drop),
     }
 }
 

@@ -2002,36 +2002,28 @@ fn retention_trims_filtered_replays_consistently() {
         r.n()
     );
     assert!(f2 >= f1);
-    for (f, o) in filters.iter().zip(replays) {
-        let what = format!("replay from 0 after retention {f:?}");
+    // A client's stream is exactly its filter's events from a point in [lo, hi) on (nothing
+    // from before), with no close.
+    let expect_filtered_from = |f: &Filter, o: Outcome, lo: u64, hi: u64, what: String| {
         let got = r.seqs(&o.frames, f.compressed, &what);
         let phases = [
             phase(None, 0),
             Phase {
                 filter: Some(f.clone()),
-                lo: f1,
-                hi: f2,
+                lo,
+                hi,
             },
         ];
         assert_eq!(check_phases(&r, &got, &phases, &what), vec![1], "{what}");
         assert!(o.close.is_none(), "{what}: {:?}", o.close);
+    };
+    for (f, o) in filters.iter().zip(replays) {
+        expect_filtered_from(f, o, f1, f2, format!("replay from 0 after retention {f:?}"));
     }
     let b0 = first_seq(&r, &join(probe_before), false, "probe before");
     let a0 = first_seq(&r, &join(probe_after), false, "probe after");
     for (f, h) in filters.iter().zip(live) {
-        let o = join(h);
-        let what = format!("live under retention {f:?}");
-        let got = r.seqs(&o.frames, f.compressed, &what);
-        let phases = [
-            phase(None, 0),
-            Phase {
-                filter: Some(f.clone()),
-                lo: b0,
-                hi: a0,
-            },
-        ];
-        assert_eq!(check_phases(&r, &got, &phases, &what), vec![1], "{what}");
-        assert!(o.close.is_none(), "{what}: {:?}", o.close);
+        expect_filtered_from(f, join(h), b0, a0, format!("live under retention {f:?}"));
     }
 }
 

@@ -309,6 +309,51 @@ impl Pki {
     }
 }
 
+/// A test CA with a leaf (serial 1) installed in a directory the way ACME tools leave it.
+struct TestCert {
+    pki: Pki,
+    leaf: Leaf,
+    /// `fullchain.pem`.
+    cert: PathBuf,
+    /// `key.pem`.
+    key: PathBuf,
+    /// `ca.pem`, for `--ca-file` / `-CAfile`.
+    ca: PathBuf,
+}
+
+impl TestCert {
+    fn install(dir: &Path) -> TestCert {
+        let pki = Pki::new();
+        let leaf = pki.leaf(1);
+        let (cert, key, ca) = (
+            dir.join("fullchain.pem"),
+            dir.join("key.pem"),
+            dir.join("ca.pem"),
+        );
+        atomic_write(&key, &leaf.key_pem);
+        atomic_write(&cert, &leaf.chain_pem);
+        std::fs::write(&ca, pki.ca_cert.pem()).expect("ca.pem");
+        TestCert {
+            pki,
+            leaf,
+            cert,
+            key,
+            ca,
+        }
+    }
+
+    /// A sidecar on an ephemeral port serving this certificate in front of `trusted`.
+    fn start_sidecar(&self, dir: &Path, trusted: &str) -> Sidecar {
+        Sidecar::start(
+            &["127.0.0.1:0"],
+            trusted,
+            &self.cert,
+            &self.key,
+            dir.join("sidecar.log"),
+        )
+    }
+}
+
 /// Writes by write-then-rename, as ACME clients do.
 fn atomic_write(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
@@ -414,22 +459,16 @@ impl Chain {
             true,
             relay_extra,
         );
-        let pki = Pki::new();
-        let leaf = pki.leaf(1);
-        let cert = dir.join("fullchain.pem");
-        let key = dir.join("key.pem");
-        atomic_write(&key, &leaf.key_pem);
-        atomic_write(&cert, &leaf.chain_pem);
-        let ca = dir.join("ca.pem");
-        std::fs::write(&ca, pki.ca_cert.pem()).expect("ca.pem");
-        let sidecar = Sidecar::start(
-            &["127.0.0.1:0"],
-            &trusted,
-            &cert,
-            &key,
-            dir.join("sidecar.log"),
-        );
-        let client = pki.client_config();
+        let tls = TestCert::install(&dir);
+        let sidecar = tls.start_sidecar(&dir, &trusted);
+        let client = tls.pki.client_config();
+        let TestCert {
+            pki,
+            leaf,
+            cert,
+            key,
+            ca,
+        } = tls;
         Chain {
             mock,
             relay,
@@ -1557,23 +1596,9 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
         true,
         &[],
     );
-    let pki = Pki::new();
-    let leaf = pki.leaf(1);
-    let (cert, key, ca) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("ca.pem"),
-    );
-    atomic_write(&key, &leaf.key_pem);
-    atomic_write(&cert, &leaf.chain_pem);
-    std::fs::write(&ca, pki.ca_cert.pem()).expect("ca");
-    let sidecar = Sidecar::start(
-        &["127.0.0.1:0"],
-        &trusted,
-        &cert,
-        &key,
-        dir.join("sidecar.log"),
-    );
+    let tls = TestCert::install(&dir);
+    let (cert, key, ca) = (&tls.cert, &tls.key, &tls.ca);
+    let sidecar = tls.start_sidecar(&dir, &trusted);
     std::thread::sleep(Duration::from_secs(2));
     let relay_pid = relay.proc.child.id();
     let sidecar_pid = sidecar.pid();
@@ -1606,19 +1631,19 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
     let load_mid = loadavg();
     let wss_url = format!("wss://localhost:{}/subscribe", sidecar.addr().port());
     let (wss, wss_cpu, sidecar_peak_rss) = measure_phase(
-        &common_args(wss_url, Some(&ca)),
+        &common_args(wss_url, Some(ca)),
         duration,
         &[relay_pid, sidecar_pid],
         Some(sidecar_pid),
     );
     // The same wss phase through HAProxy (Debian's, when installed), the terminating proxy
     // operators use today: TLS 1.3, one thread, PROXY v2 to the same trusted socket.
-    let haproxy = haproxy_terminator(&dir, &trusted, &cert, &key);
+    let haproxy = haproxy_terminator(&dir, &trusted, cert, key);
     let ha = haproxy.as_ref().map(|(port, child)| {
         std::thread::sleep(Duration::from_secs(1));
         let url = format!("wss://localhost:{port}/subscribe");
         measure_phase(
-            &common_args(url, Some(&ca)),
+            &common_args(url, Some(ca)),
             duration,
             &[relay_pid, child.id()],
             Some(child.id()),
