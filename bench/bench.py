@@ -209,9 +209,17 @@ def run(sc, log):
         subprocess.run(["rm", "-rf", data])
 
 
-def floor(clients, rate, secs=8):
-    """examples/latency_floor: a bare C-like sender (core 0) → receiver (core 1) doing only the
-    kernel's part of live fan-out. Its latency is the floor for any design at that load."""
+class Floor:
+    """Not the relay: examples/latency_floor, a bare sender (core 0) → receiver (core 1) doing
+    only the kernel's part of live fan-out. Its latency is the floor for any design at that
+    load; its `relay_cpu_pct` is the bare sender's CPU."""
+
+    def __init__(self, clients, rate):
+        self.clients, self.rate = clients, rate
+
+
+def floor(fl, secs=8):
+    clients, rate = fl.clients, fl.rate
     exe = os.path.join(BIN, "examples", "latency_floor")
     out = subprocess.run([exe, str(clients), str(rate), str(secs)], capture_output=True,
                          text=True, timeout=secs + 60)
@@ -275,10 +283,8 @@ def did_queries(n_filters, per_filter):
 
 
 SCENARIOS = {
-    # Not the relay: the latency floor at the same loads (see floor()); its `relay_cpu_pct` is
-    # the bare sender's CPU.
-    "floor-1000x500": lambda: (1000, 500),
-    "floor-100x50": lambda: (100, 50),
+    "floor-1000x500": lambda: Floor(1000, 500),
+    "floor-100x50": lambda: Floor(100, 50),
     "core-1000x500": lambda: Scenario("core-1000x500", 1000, 500),
     # The same load with pacing off: every round starts as soon as data lands (the latency end
     # of the trade-off `--fanout-duty` makes; the default 0.5 is the CPU end).
@@ -326,8 +332,8 @@ def main():
     results = []
     for n in names:
         sc = SCENARIOS[n]()
-        if n.startswith("floor"):
-            r = floor(*sc)
+        if isinstance(sc, Floor):
+            r = floor(sc)
         else:
             sc.relay_args += args.relay_arg
             r = run(sc, log)

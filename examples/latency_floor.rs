@@ -8,8 +8,11 @@
 //! event time. No relay, no io_uring, no WebSocket framing, no verification: what is left is
 //! the kernel's cost per send and per wake-up, which bounds every design on this machine.
 //!
-//! Usage: `cargo run --release --example latency_floor -- CLIENTS RATE SECS` (the benchmark
-//! runs it as `floor-…` scenarios). Prints one JSON line.
+//! With `sweep`, each client instead gets what is due when its turn comes, as the relay's
+//! fan-out does (the snapshot moves with the sweep).
+//!
+//! Usage: `cargo run --release --example latency_floor -- CLIENTS RATE SECS [rounds|sweep]`
+//! (the benchmark runs it in rounds as `floor-…` scenarios). Prints one JSON line.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -26,6 +29,7 @@ const BUCKET_US: u64 = 50;
 const BUCKETS: usize = 20_000;
 /// The receiver keeps reading this long after the sender stops, so in-flight events count.
 const DRAIN: Duration = Duration::from_secs(2);
+const USAGE: &str = "usage: latency_floor CLIENTS RATE SECS [rounds|sweep]";
 
 fn pin(core: usize) {
     let mut set = CpuSet::new();
@@ -199,7 +203,6 @@ fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mode = match args.last().map(String::as_str) {
         Some("sweep") => Mode::Sweep,
-        Some("rounds") => Mode::Rounds,
         _ => Mode::Rounds,
     };
     args.retain(|a| a != "sweep" && a != "rounds");
@@ -207,9 +210,9 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()
-        .map_err(|e| anyhow::anyhow!("usage: latency_floor CLIENTS RATE SECS ({e})"))?;
+        .map_err(|e| anyhow::anyhow!("{USAGE} ({e})"))?;
     let [clients, rate, secs] = args[..] else {
-        anyhow::bail!("usage: latency_floor CLIENTS RATE SECS");
+        anyhow::bail!(USAGE);
     };
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;

@@ -1,10 +1,9 @@
 //! Fan-out: worker threads, each with its own io_uring and its own clients, keep every
 //! client's position moving to the end of its log.
 //!
-//! One loop iteration = one `io_uring_enter` that submits the sends of up to [`SWEEP_CHUNK`]
-//! clients that have something to send and reaps completions: the syscalls per loop do not grow
-//! with the number of clients, and one syscall carries up to 64 sends. Per client, per batch, exactly
-//! one of:
+//! One loop iteration = one `io_uring_enter` that submits the operations of up to
+//! [`SWEEP_CHUNK`] clients that have something to send and reaps completions: the syscalls per
+//! loop do not grow with the number of clients. Per client, per batch, exactly one of:
 //! - **live path**: `SEND` (`MSG_DONTWAIT`) straight from the stream's tail ring — the bytes
 //!   the writer copied once for everyone; the kernel copies them into the socket;
 //! - **catch-up path**: a linked pair of `SPLICE`s, file → pooled pipe → socket, zero-copy from
@@ -419,8 +418,6 @@ struct Worker {
     /// Streams this worker published a `worker_low` for at the last tick.
     known_streams: Vec<Arc<Stream>>,
     new_data: bool,
-    /// SQEs pushed so far (a running count: `build_batch` limits its chunk with it).
-    pushed: usize,
     /// Live rounds started so far: a round hands newly appended data to every idle client.
     round: u64,
     /// When the current round started.
@@ -480,7 +477,6 @@ impl Worker {
             pinned: Vec::new(),
             known_streams: Vec::new(),
             new_data: false,
-            pushed: 0,
             round: 0,
             round_started: Instant::now(),
             round_busy: Duration::ZERO,
@@ -493,7 +489,6 @@ impl Worker {
     }
 
     fn push(&mut self, sqe: squeue::Entry) {
-        self.pushed += 1;
         // SAFETY: every pointer in the SQEs built by this worker stays valid until the
         // completion: ring bytes are pinned until submit returns (MSG_DONTWAIT sends complete
         // inline), control buffers and the eventfd/timeout buffers are boxed and owned by the
@@ -724,9 +719,11 @@ impl Worker {
     fn build_batch(&mut self) -> bool {
         let mut ring_sends = false;
         let n = self.ready.len();
-        let chunk_end = self.pushed + SWEEP_CHUNK;
+        // Counted on the submission queue itself (a full queue is submitted and restarts
+        // the count, which only lengthens this chunk).
+        let chunk_end = self.ring.submission().len() + SWEEP_CHUNK;
         for _ in 0..n {
-            if self.pushed >= chunk_end {
+            if self.ring.submission().len() >= chunk_end {
                 break;
             }
             let Some(slot) = self.ready.pop_front() else {

@@ -3,6 +3,7 @@
 //! mock's seed and byte-compares it, and checks sequence numbers for gaps and duplicates).
 
 mod common;
+mod metrics_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -340,9 +341,7 @@ fn stalled_client_is_kicked_and_disk_stays_bounded() {
 fn counter(relay: &Relay, name: &str) -> f64 {
     let (status, body) = http_get(relay.metrics_port, "/metrics");
     assert_eq!(status, 200, "{body}");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    metrics_support::Scrape::parse(&body).must(name, &[])
 }
 
 /// Pacing (`--fanout-duty`): a busy worker holds each round of live sends back a little, so
