@@ -6,7 +6,7 @@ mod metrics_support;
 
 use std::time::{Duration, Instant};
 
-use metrics_support::{Relay, Scrape, Subscriber, cpu_time, free_port, http_request};
+use metrics_support::{RefusedPort, Relay, Scrape, Subscriber, cpu_time, http_request};
 
 /// Events/s of the demo upstream in these tests.
 const RATE: &str = "200";
@@ -228,8 +228,10 @@ fn metrics_endpoint_reports_a_known_workload() {
 
 #[test]
 fn metrics_health_without_upstream() {
-    // An upstream nobody listens on: alive, never ready.
-    let dead = format!("ws://127.0.0.1:{}/subscribe", free_port());
+    // An upstream nobody listens on: alive, never ready. The port stays reserved so that
+    // nothing else (the relay's own listener included) can take it during the test.
+    let refused = RefusedPort::new();
+    let dead = format!("ws://127.0.0.1:{}/subscribe", refused.port);
     let relay = Relay::start(&["--upstream", &dead], &[], true);
     assert_eq!(relay.get("/healthz"), (200, "ok\n".into()));
     let (status, body) = relay.get("/readyz");

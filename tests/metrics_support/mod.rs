@@ -24,6 +24,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback port that refuses connections for as long as this value lives: bound but
+/// never listening, so no other process or test (nor the relay's own listeners, which
+/// also take free ports) can be handed it while a test relies on it being dead.
+pub struct RefusedPort {
+    _socket: socket2::Socket,
+    pub port: u16,
+}
+
+impl RefusedPort {
+    pub fn new() -> RefusedPort {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&any.into()).expect("bind a loopback port");
+        let port = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+            .expect("bound port");
+        RefusedPort {
+            _socket: socket,
+            port,
+        }
+    }
+}
+
 /// A unique scratch directory, removed by the owner.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
