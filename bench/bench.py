@@ -25,7 +25,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release")
 SEED = "7"
 RELAY_CORE = "0"
 LOAD_CORE = "1"
@@ -77,7 +77,8 @@ def relay_latency(port):
         import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stats", timeout=5) as r:
             st = json.loads(r.read())
-        return st["latency_bounds_us"], st["latency_counts"], st["bytes_delivered"]
+        return (st["latency_bounds_us"], st["latency_counts"], st["bytes_delivered"],
+                st.get("data_sends", 0))
     except Exception:  # noqa: BLE001 — metrics off or unreachable: no relay-side figure
         return None
 
@@ -161,7 +162,7 @@ def run(sc, log):
         c1, t1 = cpu_seconds(relay.pid), time.time()
         rss, nfd = rss_kib(relay.pid), fds(relay.pid)
         h1 = relay_latency(metrics_port)
-        relay_p50 = relay_p99 = window_gbps = None
+        relay_p50 = relay_p99 = window_gbps = bytes_per_send = None
         if h0 and h1:
             # Bytes the relay handed to sockets during the CPU window: the throughput figure
             # that matches the CPU figure (the swarm's own averages over its whole run).
@@ -169,6 +170,10 @@ def run(sc, log):
             delta = [b - a for a, b in zip(h0[1], h1[1])]
             relay_p50 = quantile_us(h1[0], delta, 0.5)
             relay_p99 = quantile_us(h1[0], delta, 0.99)
+            if h1[3] > h0[3]:
+                # Batching: payload bytes per data send (a send costs nearly the same at any
+                # size here, so this is what sets CPU per byte).
+                bytes_per_send = round((h1[2] - h0[2]) / (h1[3] - h0[3]))
         out, _ = swarm.communicate(timeout=sc.duration + 120)
         report = json.loads(out.strip().splitlines()[-1])
         cpu = (c1 - c0) / (t1 - t0)
@@ -191,6 +196,7 @@ def run(sc, log):
             "max_ms": lat["max_us"] / 1000,
             "relay_p50_le_ms": relay_p50 / 1000 if relay_p50 is not None else None,
             "relay_p99_le_ms": relay_p99 / 1000 if relay_p99 is not None else None,
+            "bytes_per_send": bytes_per_send,
             "swarm_busy_pct": report.get("busy_pct"),
             "clients_behind": report["clients_behind"],
             "rss_mib": round(rss / 1024, 1),
@@ -326,7 +332,8 @@ def main():
           + (f"{ref:.2f} Gbps" if ref else "unavailable"))
     cols = ["scenario", "clients", "rate", "passed", "relay_cpu_pct", "cpu_s_per_gb", "gbps",
             "window_gbps",
-            "p50_ms", "p99_ms", "max_ms", "relay_p50_le_ms", "relay_p99_le_ms", "swarm_busy_pct",
+            "p50_ms", "p99_ms", "max_ms", "relay_p50_le_ms", "relay_p99_le_ms", "bytes_per_send",
+            "swarm_busy_pct",
             "clients_behind", "rss_mib", "fds_per_client"]
     print(" | ".join(cols))
     results = []

@@ -102,6 +102,11 @@ pub struct RawSettings {
     pub max_lag: String,
     /// Share of a fan-out worker's time that live sends may take before it batches (0–1].
     pub fanout_duty: f64,
+    /// Longest a send to a thin stream (filtered or compressed) waits, under load, to carry
+    /// more bytes ("0s" = never).
+    pub thin_linger: String,
+    /// Worker busy share at which thin streams start to linger (0 = always).
+    pub thin_linger_load: f64,
 }
 
 impl Default for RawSettings {
@@ -128,6 +133,8 @@ impl Default for RawSettings {
             max_inbound_rate: "2MiB".into(),
             max_lag: String::new(),
             fanout_duty: 0.5,
+            thin_linger: "40ms".into(),
+            thin_linger_load: 0.1,
         }
     }
 }
@@ -177,6 +184,10 @@ pub struct Settings {
     pub max_lag: Option<Duration>,
     /// Pacing of live sends under load (1 = never hold a round back).
     pub fanout_duty: f64,
+    /// Longest a thin stream's send waits under load to carry more bytes (zero = never).
+    pub thin_linger: Duration,
+    /// Worker busy share at which thin streams start to linger.
+    pub thin_linger_load: f64,
 }
 
 /// A setting that failed validation, naming the key.
@@ -391,6 +402,15 @@ impl RawSettings {
         if !(self.fanout_duty >= 0.05 && self.fanout_duty <= 1.0) {
             return Err(bad("fanout_duty", "must be between 0.05 and 1"));
         }
+        let thin_linger = parse_duration(&self.thin_linger).map_err(|e| bad("thin_linger", e))?;
+        // Why at most 1 s: it is added to a thin client's latency under load; beyond a second
+        // the feed stops looking live, and a send costs no less for carrying more.
+        if thin_linger > Duration::from_secs(1) {
+            return Err(bad("thin_linger", "must be at most 1s"));
+        }
+        if !(0.0..=1.0).contains(&self.thin_linger_load) {
+            return Err(bad("thin_linger_load", "must be between 0 and 1"));
+        }
         Ok(Settings {
             listen,
             trusted_listen,
@@ -413,6 +433,8 @@ impl RawSettings {
             max_inbound_rate,
             max_lag,
             fanout_duty: self.fanout_duty,
+            thin_linger,
+            thin_linger_load: self.thin_linger_load,
         })
     }
 }
@@ -525,6 +547,30 @@ mod tests {
             ..RawSettings::default()
         };
         assert!(raw.validate().unwrap_err().to_string().contains("`listen`"));
+    }
+
+    #[test]
+    fn thin_linger_is_bounded() {
+        let with = |linger: &str, load: f64| {
+            RawSettings {
+                thin_linger: linger.into(),
+                thin_linger_load: load,
+                ..RawSettings::default()
+            }
+            .validate()
+        };
+        let s = with("40ms", 0.1).unwrap();
+        assert_eq!(s.thin_linger, Duration::from_millis(40));
+        assert_eq!(with("0s", 0.0).unwrap().thin_linger, Duration::ZERO);
+        for (linger, load, key) in [
+            ("2s", 0.1, "`thin_linger`"),
+            ("soon", 0.1, "`thin_linger`"),
+            ("40ms", 1.5, "`thin_linger_load`"),
+            ("40ms", -0.1, "`thin_linger_load`"),
+        ] {
+            let err = with(linger, load).unwrap_err().to_string();
+            assert!(err.contains(key), "{linger} {load}: {err}");
+        }
     }
 
     #[test]

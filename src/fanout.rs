@@ -71,6 +71,11 @@ const WALK_BUDGET: usize = 8192;
 /// the last clients of a busy round). One `io_uring_enter` per 64 sends keeps the syscall
 /// cost per send negligible.
 const SWEEP_CHUNK: usize = 64;
+/// What a lingering thin stream's send waits to carry: about what a full-stream send carries
+/// when a busy worker paces its rounds (1,000 clients × 500 ev/s here: 4–5.5 KB). A send costs
+/// nearly the same whatever its size, so this is what makes a filtered or compressed byte cost
+/// about what a full-stream byte costs.
+const THIN_SEND_BYTES: u64 = 4096;
 
 // user_data layout: [slot: 32 | generation: 24 | op: 8]
 const OP_SEND: u64 = 1;
@@ -83,6 +88,7 @@ const OP_CTRL: u64 = 7;
 const WORKER_EVENTFD: u64 = 0xF0;
 const WORKER_TICK: u64 = 0xF1;
 const WORKER_PACE: u64 = 0xF2;
+const WORKER_LINGER: u64 = 0xF3;
 /// `Client::caught_up_round` of a client that has not caught up in any round yet.
 const NEVER: u64 = u64::MAX;
 
@@ -102,6 +108,11 @@ pub struct ClientPolicy {
     /// Share of a worker's time that rounds of live sends may take (0 < duty <= 1); see
     /// [`Worker::round_may_start`].
     pub duty: f64,
+    /// Longest a thin stream's send may wait under load to carry more bytes (zero = never);
+    /// see [`Worker::linger`].
+    pub thin_linger: Duration,
+    /// Busy share of the worker at which thin streams start lingering.
+    pub thin_linger_load: f64,
 }
 
 /// A client handed over by the listener after a successful upgrade.
@@ -374,6 +385,14 @@ struct Client {
     /// client waits for the next round instead of chasing every append on its own: that is
     /// what lets a busy worker batch several events into one send.
     caught_up_round: u64,
+    /// When a thin stream's pending bytes were first held back to linger (None = not held),
+    /// and the latency origin of the oldest of them.
+    linger_since: Option<(Instant, u64)>,
+    /// In the worker's idle list (waiting for a round) already.
+    parked: bool,
+    /// The round whose start last kept it parked (so a slot listed twice — its previous
+    /// occupant was parked too — is kept once).
+    kept_round: u64,
 }
 
 impl Client {
@@ -434,6 +453,14 @@ struct Worker {
     pending_since_us: u64,
     /// The same for the current round: its oldest new data, the latency origin of its ranges.
     round_since_us: u64,
+    /// Time spent working since the last housekeeping tick: the worker's load.
+    tick_busy: Duration,
+    /// Thin streams linger now (the worker is loaded; see [`linger_gate`]).
+    lingering: bool,
+    /// Buffer of the linger timeout while one is armed.
+    linger_ts: Box<types::Timespec>,
+    /// When the armed linger timeout fires (None = none armed).
+    linger_armed: Option<Instant>,
 }
 
 impl Worker {
@@ -455,6 +482,7 @@ impl Worker {
             let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_BYTES);
             pipes.push(Pipe { r, w });
         }
+        let lingering = linger_gate(false, 0.0, &policy);
         Ok(Worker {
             id,
             hub,
@@ -485,6 +513,10 @@ impl Worker {
             round_held: false,
             pending_since_us: 0,
             round_since_us: 0,
+            tick_busy: Duration::ZERO,
+            lingering,
+            linger_ts: Box::new(types::Timespec::new()),
+            linger_armed: None,
         })
     }
 
@@ -548,12 +580,30 @@ impl Worker {
                 self.round_started = started;
                 self.round_busy = Duration::ZERO;
                 self.round_since_us = std::mem::take(&mut self.pending_since_us);
+                // Only clients the round brings something are served: a filtered client
+                // whose shape got nothing new, or a lingering one whose send is not due yet,
+                // stays parked (this walk is cheap; serving every parked client each round
+                // was a tenth of a worker's CPU with 1,000 filtered clients at 500 ev/s).
+                let linger = self.linger();
                 let idle = std::mem::take(&mut self.idle);
                 for slot in idle {
-                    self.enqueue(slot);
+                    let Some(c) = self.slots[slot as usize].as_mut() else {
+                        continue;
+                    };
+                    if has_round_work(c, started, linger) {
+                        c.parked = false;
+                        self.enqueue(slot);
+                    } else if c.kept_round != self.round {
+                        c.parked = true;
+                        c.kept_round = self.round;
+                        self.idle.push(slot);
+                    }
                 }
             }
             if last_tick.elapsed() >= TICK {
+                let load = self.tick_busy.as_secs_f64() / last_tick.elapsed().as_secs_f64();
+                self.lingering = linger_gate(self.lingering, load, &self.policy);
+                self.tick_busy = Duration::ZERO;
                 last_tick = Instant::now();
                 self.housekeeping();
             }
@@ -577,7 +627,9 @@ impl Worker {
             }
             let reaping = Instant::now();
             self.reap();
-            self.round_busy += worked + reaping.elapsed();
+            let busy = worked + reaping.elapsed();
+            self.round_busy += busy;
+            self.tick_busy += busy;
         }
     }
 
@@ -603,6 +655,30 @@ impl Worker {
             self.push(opcode::Timeout::new(ts).build().user_data(WORKER_PACE));
         }
         false
+    }
+
+    /// Thin streams (filtered or compressed) carry a fraction of the feed's bytes, so at a
+    /// send per round their sends are small, and a send costs nearly the same whatever its
+    /// size. Under load, a thin stream's send therefore waits until it carries
+    /// [`THIN_SEND_BYTES`] or its oldest byte has waited `thin_linger`: a filtered or compressed
+    /// byte then costs about what a full-stream byte costs. Without load nothing lingers, so a
+    /// lightly loaded relay keeps every client's latency at the minimum.
+    fn linger(&self) -> Option<Duration> {
+        self.lingering.then_some(self.policy.thin_linger)
+    }
+
+    /// Makes sure a round starts by `due`, when a lingering send falls due.
+    fn arm_linger(&mut self, due: Instant) {
+        if self.linger_armed.is_some_and(|at| at <= due) {
+            return;
+        }
+        let wait = due.saturating_duration_since(Instant::now());
+        *self.linger_ts = types::Timespec::new()
+            .sec(wait.as_secs())
+            .nsec(wait.subsec_nanos());
+        let ts: *const types::Timespec = &*self.linger_ts;
+        self.linger_armed = Some(due);
+        self.push(opcode::Timeout::new(ts).build().user_data(WORKER_LINGER));
     }
 
     /// Submits without waiting.
@@ -675,6 +751,9 @@ impl Worker {
             pending_events: 0,
             range_appended_us: 0,
             caught_up_round: NEVER,
+            linger_since: None,
+            parked: false,
+            kept_round: 0,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
         let fd = client.fd.as_raw_fd();
@@ -744,6 +823,7 @@ impl Worker {
     fn serve(&mut self, slot: u32) -> bool {
         let hub = self.hub.clone();
         let round = self.round;
+        let linger = self.linger();
         let round_since_us = self.round_since_us;
         let Some(c) = self.slots[slot as usize].as_mut() else {
             return false;
@@ -820,7 +900,7 @@ impl Worker {
             }
             if c.caught_up_round == round {
                 // Already handed everything this round had; the next round brings the rest.
-                self.idle.push(slot);
+                park(&mut self.idle, c, slot);
                 return false;
             }
             // A walker that reached its shape's start switches to the shape's log.
@@ -832,6 +912,11 @@ impl Worker {
             let end = c.stream.end();
             match &mut c.source {
                 Source::Contiguous => {
+                    if let Some(due) = linger_due(linger, &hub, c, end, round_since_us) {
+                        park(&mut self.idle, c, slot);
+                        self.arm_linger(due);
+                        return false;
+                    }
                     c.boundary = end;
                     c.caught_up_round = round;
                     c.pending_events += published.saturating_sub(c.range_seq);
@@ -873,7 +958,7 @@ impl Worker {
                 }
             }
             if c.pos == c.boundary {
-                self.idle.push(slot);
+                park(&mut self.idle, c, slot);
                 return false;
             }
             // Latency counts from the oldest data this round brought (so a round held back by
@@ -882,6 +967,10 @@ impl Worker {
                 0 => appended_us,
                 since => since.min(appended_us),
             };
+            if let Some((_, origin)) = c.linger_since.take() {
+                c.range_appended_us = c.range_appended_us.min(origin);
+                Counters::add(&hub.counters.lingered_sends, 1);
+            }
         }
         // Data: ring if the bytes are still there, else splice through a pooled pipe.
         let stream = c.stream.clone();
@@ -945,6 +1034,12 @@ impl Worker {
                 }
                 WORKER_PACE => {
                     self.pace_armed = false;
+                    continue;
+                }
+                WORKER_LINGER => {
+                    // A new round re-offers every idle client, the lingering ones included.
+                    self.linger_armed = None;
+                    self.new_data = true;
                     continue;
                 }
                 _ => {}
@@ -1362,6 +1457,78 @@ impl Worker {
     }
 }
 
+/// Whether a thin stream's send should wait for more bytes (see [`Worker::linger`]), and until
+/// when. Only a caught-up client of a thin stream lingers: the plain full stream is paced by
+/// rounds alone, and a client that is behind has plenty to send.
+fn linger_due(
+    linger: Option<Duration>,
+    hub: &Hub,
+    c: &mut Client,
+    end: u64,
+    round_since_us: u64,
+) -> Option<Instant> {
+    let wait = linger?;
+    if Arc::ptr_eq(&c.stream, &hub.plain) {
+        return None;
+    }
+    let pending = end.saturating_sub(c.pos);
+    if pending == 0 || pending >= THIN_SEND_BYTES {
+        return None;
+    }
+    let now = Instant::now();
+    let origin = match round_since_us {
+        0 => hub.counters.last_append_us.load(Ordering::Relaxed),
+        since => since,
+    };
+    let (since, _) = *c.linger_since.get_or_insert((now, origin));
+    let due = since + wait;
+    (now < due).then_some(due)
+}
+
+/// Parks a client until the next round (once, however often it is parked meanwhile).
+fn park(idle: &mut Vec<u32>, c: &mut Client, slot: u32) {
+    if !c.parked {
+        c.parked = true;
+        idle.push(slot);
+    }
+}
+
+/// Whether a new round has anything for a parked client. Only a caught-up client of a shared
+/// log can be judged without serving it: nothing new in its log, or a lingering send that is
+/// neither big enough nor due. Anything else (a walker, pending control frames or options) is
+/// served.
+fn has_round_work(c: &Client, now: Instant, linger: Option<Duration>) -> bool {
+    if !matches!(c.source, Source::Contiguous)
+        || c.pos != c.boundary
+        || c.pending_options.is_some()
+        || c.ctrl.is_some()
+        || !c.ctrl_queue.is_empty()
+        || c.closing.is_some()
+    {
+        return true;
+    }
+    let pending = c.stream.end().saturating_sub(c.pos);
+    match (c.linger_since, linger) {
+        _ if pending == 0 => false,
+        (Some((since, _)), Some(wait)) => pending >= THIN_SEND_BYTES || now >= since + wait,
+        _ => true,
+    }
+}
+
+/// Hysteresis on the worker's busy share: thin streams start lingering once it reaches
+/// `thin_linger_load` and stop only below a third of it, so that the relief lingering brings
+/// does not switch it straight off again (and on, and off…).
+fn linger_gate(on: bool, load: f64, p: &ClientPolicy) -> bool {
+    if p.thin_linger.is_zero() {
+        return false;
+    }
+    if on {
+        load >= p.thin_linger_load / 3.0
+    } else {
+        load >= p.thin_linger_load
+    }
+}
+
 /// How far behind live a client is: the age of the oldest event it has not been sent yet
 /// (chunk granularity), or None when it is caught up.
 fn lag_of(hub: &Hub, c: &Client) -> Option<Duration> {
@@ -1761,5 +1928,37 @@ mod tests {
         assert_eq!(next_round_at(t, ms(4), 0.05), t + ms(4) + MAX_PACE_DELAY);
         // An idle worker (no work since the last round) starts the next one at once.
         assert_eq!(next_round_at(t, Duration::ZERO, 0.5), t);
+    }
+
+    fn policy(linger_ms: u64, load: f64) -> ClientPolicy {
+        ClientPolicy {
+            ping_interval: Duration::from_secs(30),
+            max_inbound_rate: 1 << 20,
+            max_lag: None,
+            duty: 0.5,
+            thin_linger: Duration::from_millis(linger_ms),
+            thin_linger_load: load,
+        }
+    }
+
+    #[test]
+    fn lingering_starts_at_the_load_threshold_and_stops_below_a_third_of_it() {
+        let p = policy(40, 0.3);
+        assert!(
+            !linger_gate(false, 0.0, &p),
+            "an idle worker starts without lingering"
+        );
+        assert!(!linger_gate(false, 0.29, &p));
+        assert!(linger_gate(false, 0.3, &p), "on at the threshold");
+        // Lingering lowers the load; it stays on down to a third of the threshold...
+        assert!(linger_gate(true, 0.15, &p));
+        assert!(linger_gate(true, 0.1, &p));
+        // ...and goes off below it.
+        assert!(!linger_gate(true, 0.09, &p));
+        // Threshold 0: always on, from the start.
+        assert!(linger_gate(false, 0.0, &policy(40, 0.0)));
+        // A zero linger never lingers, whatever the load.
+        assert!(!linger_gate(false, 1.0, &policy(0, 0.0)));
+        assert!(!linger_gate(true, 1.0, &policy(0, 0.0)));
     }
 }

@@ -67,6 +67,8 @@ pub struct Counters {
     pub rounds: AtomicU64,
     /// Rounds held back by pacing (`--fanout-duty`) to batch more events per send.
     pub rounds_held: AtomicU64,
+    /// Sends to thin streams that lingered (`--thin-linger`) to carry more bytes.
+    pub lingered_sends: AtomicU64,
     /// Append → handed to the socket, recorded once per completed send range.
     pub delivery_latency: LatencyHistogram,
 }

@@ -196,6 +196,8 @@ impl Relay {
                 max_inbound_rate: settings.max_inbound_rate,
                 max_lag: settings.max_lag,
                 duty: settings.fanout_duty,
+                thin_linger: settings.thin_linger,
+                thin_linger_load: settings.thin_linger_load,
             },
         )?);
 

@@ -103,6 +103,16 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     fanout_duty: Option<f64>,
+    /// Longest a send to a filtered or compressed client waits, under load, to carry at least
+    /// 2 KiB: fewer, larger sends for thin streams. 0s = never [default: 40ms].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thin_linger: Option<String>,
+    /// Worker busy share (0–1) from which thin streams linger; they stop again below a third
+    /// of it. 0 = always [default: 0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thin_linger_load: Option<f64>,
 }
 
 fn main() -> anyhow::Result<()> {

@@ -417,6 +417,14 @@ fn register_workers(meter: &Meter, hub: &Arc<Hub>) {
         "Rounds a busy worker held back (at most 10 ms, --fanout-duty) so that each send carries more events.",
         |c| &c.rounds_held,
     );
+    counter(
+        meter,
+        hub,
+        "jetrelay.fanout.sends.lingered",
+        "{send}",
+        "Ranges for filtered or compressed clients that a loaded worker held back (at most --thin-linger) so that the send carries more bytes.",
+        |c| &c.lingered_sends,
+    );
 }
 
 #[cfg(test)]

@@ -385,6 +385,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "events_appended": load(&c.events_appended),
         "events_delivered": load(&c.events_delivered),
         "bytes_delivered": load(&c.bytes_sent),
+        "data_sends": load(&c.data_sends),
         "upstream_connected": load(&c.upstream_connected) == 1,
         "upstream_lag_s": instruments::upstream_lag_seconds(hub),
         "latency_bounds_us": bounds,
