@@ -586,6 +586,9 @@ impl Worker {
                 // was a tenth of a worker's CPU with 1,000 filtered clients at 500 ev/s).
                 let linger = self.linger();
                 let idle = std::mem::take(&mut self.idle);
+                // The earliest lingering send that stays parked: the timer must cover it, as
+                // nothing else may start a round once the feed pauses.
+                let mut next_due: Option<Instant> = None;
                 for slot in idle {
                     let Some(c) = self.slots[slot as usize].as_mut() else {
                         continue;
@@ -597,7 +600,14 @@ impl Worker {
                         c.parked = true;
                         c.kept_round = self.round;
                         self.idle.push(slot);
+                        if let (Some((since, _)), Some(wait)) = (c.linger_since, linger) {
+                            let due = since + wait;
+                            next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                        }
                     }
+                }
+                if let Some(due) = next_due {
+                    self.arm_linger(due);
                 }
             }
             if last_tick.elapsed() >= TICK {

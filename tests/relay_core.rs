@@ -453,3 +453,57 @@ fn thin_streams_linger_under_load_and_lose_nothing() {
     );
     assert!(light < 2.0 * direct, "{light:.0} B/send at light load");
 }
+
+/// A lingering send must not wait for more data that never comes: when the feed pauses, the
+/// linger timer alone sends what is pending. Two thin streams (a collection filter, the
+/// compressed stream) linger from different moments, so one timer serves the other's deadline
+/// too; every event must still arrive, long before the readers give up.
+#[test]
+fn lingering_sends_go_out_when_the_feed_pauses() {
+    let n = 400;
+    let mock = Mock::start(400, &["--count", &n.to_string()]);
+    let dir = temp_dir("linger-pause");
+    let relay = Relay::start(
+        &mock.url(),
+        &dir,
+        &[
+            "--workers",
+            "1",
+            "--thin-linger",
+            "300ms",
+            "--thin-linger-load",
+            "0",
+        ],
+    );
+    let quiet = Duration::from_millis(1500);
+    let readers: Vec<_> = [
+        "cursor=0",
+        "cursor=0&compress=true",
+        "cursor=0&wantedCollections=app.bsky.feed.post",
+    ]
+    .into_iter()
+    .map(|q| {
+        let url = relay.url(q);
+        std::thread::spawn(move || read_all(&url, quiet, n))
+    })
+    .collect();
+    let mut got: Vec<Vec<Vec<u8>>> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+    let posts = got.pop().unwrap();
+    let compressed = got.pop().unwrap();
+    let full = got.pop().unwrap();
+    assert_eq!(full.len(), n, "the plain stream is complete");
+    assert_eq!(compressed.len(), n, "every compressed event arrived");
+    // Identity and account events reach every subscriber, whatever the collections.
+    let wanted: Vec<&Vec<u8>> = full
+        .iter()
+        .filter(|f| {
+            let v: serde_json::Value = serde_json::from_slice(f).expect("json");
+            v["kind"] != "commit" || v["commit"]["collection"] == "app.bsky.feed.post"
+        })
+        .collect();
+    assert_eq!(posts.len(), wanted.len(), "every post arrived");
+    assert!(
+        posts.iter().zip(&wanted).all(|(a, b)| a == *b),
+        "byte-exact"
+    );
+}
