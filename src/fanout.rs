@@ -390,12 +390,14 @@ struct Client {
     linger_since: Option<(Instant, u64)>,
     /// In the worker's idle list (waiting for a round) already.
     parked: bool,
-    /// The round whose start last kept it parked (so a slot listed twice — its previous
-    /// occupant was parked too — is kept once).
-    kept_round: u64,
 }
 
 impl Client {
+    /// When its lingering send falls due, if it is lingering.
+    fn linger_deadline(&self, wait: Duration) -> Option<Instant> {
+        self.linger_since.map(|(since, _)| since + wait)
+    }
+
     /// Lowest log offset this client may still read.
     fn low_mark(&self) -> u64 {
         if self.shut || (self.closing.is_some() && self.pos == self.boundary) {
@@ -586,6 +588,13 @@ impl Worker {
                 // was a tenth of a worker's CPU with 1,000 filtered clients at 500 ev/s).
                 let linger = self.linger();
                 let idle = std::mem::take(&mut self.idle);
+                // Unpark everyone first, so that a slot listed twice (its previous occupant
+                // was parked too) is parked again only once.
+                for &slot in &idle {
+                    if let Some(c) = self.slots[slot as usize].as_mut() {
+                        c.parked = false;
+                    }
+                }
                 // The earliest lingering send that stays parked: the timer must cover it, as
                 // nothing else may start a round once the feed pauses.
                 let mut next_due: Option<Instant> = None;
@@ -594,16 +603,12 @@ impl Worker {
                         continue;
                     };
                     if has_round_work(c, started, linger) {
-                        c.parked = false;
                         self.enqueue(slot);
-                    } else if c.kept_round != self.round {
-                        c.parked = true;
-                        c.kept_round = self.round;
-                        self.idle.push(slot);
-                        if let (Some((since, _)), Some(wait)) = (c.linger_since, linger) {
-                            let due = since + wait;
-                            next_due = Some(next_due.map_or(due, |d| d.min(due)));
-                        }
+                        continue;
+                    }
+                    park(&mut self.idle, c, slot);
+                    if let Some(due) = linger.and_then(|wait| c.linger_deadline(wait)) {
+                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
                     }
                 }
                 if let Some(due) = next_due {
@@ -763,7 +768,6 @@ impl Worker {
             caught_up_round: NEVER,
             linger_since: None,
             parked: false,
-            kept_round: 0,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
         let fd = client.fd.as_raw_fd();
@@ -919,10 +923,16 @@ impl Worker {
             // end so the delivered count never runs ahead of the bytes.
             let published = published_frames(&hub, c);
             let appended_us = hub.counters.last_append_us.load(Ordering::Relaxed);
+            // Latency counts from the oldest data this round brought (so a round held back by
+            // pacing shows in it), or from the newest append when the round brought none.
+            let origin_us = match round_since_us {
+                0 => appended_us,
+                since => since.min(appended_us),
+            };
             let end = c.stream.end();
             match &mut c.source {
                 Source::Contiguous => {
-                    if let Some(due) = linger_due(linger, &hub, c, end, round_since_us) {
+                    if let Some(due) = linger_due(linger, &hub, c, end, origin_us) {
                         park(&mut self.idle, c, slot);
                         self.arm_linger(due);
                         return false;
@@ -971,12 +981,8 @@ impl Worker {
                 park(&mut self.idle, c, slot);
                 return false;
             }
-            // Latency counts from the oldest data this round brought (so a round held back by
-            // pacing shows in it), or from the newest append when the round brought none.
-            c.range_appended_us = match round_since_us {
-                0 => appended_us,
-                since => since.min(appended_us),
-            };
+            c.range_appended_us = origin_us;
+            // A lingering range counts from when its oldest bytes were first held back.
             if let Some((_, origin)) = c.linger_since.take() {
                 c.range_appended_us = c.range_appended_us.min(origin);
                 Counters::add(&hub.counters.lingered_sends, 1);
@@ -1475,7 +1481,7 @@ fn linger_due(
     hub: &Hub,
     c: &mut Client,
     end: u64,
-    round_since_us: u64,
+    origin_us: u64,
 ) -> Option<Instant> {
     let wait = linger?;
     if Arc::ptr_eq(&c.stream, &hub.plain) {
@@ -1486,13 +1492,8 @@ fn linger_due(
         return None;
     }
     let now = Instant::now();
-    let origin = match round_since_us {
-        0 => hub.counters.last_append_us.load(Ordering::Relaxed),
-        since => since,
-    };
-    let (since, _) = *c.linger_since.get_or_insert((now, origin));
-    let due = since + wait;
-    (now < due).then_some(due)
+    c.linger_since.get_or_insert((now, origin_us));
+    c.linger_deadline(wait).filter(|&due| now < due)
 }
 
 /// Parks a client until the next round (once, however often it is parked meanwhile).
@@ -1518,10 +1519,10 @@ fn has_round_work(c: &Client, now: Instant, linger: Option<Duration>) -> bool {
         return true;
     }
     let pending = c.stream.end().saturating_sub(c.pos);
-    match (c.linger_since, linger) {
+    match linger.and_then(|wait| c.linger_deadline(wait)) {
         _ if pending == 0 => false,
-        (Some((since, _)), Some(wait)) => pending >= THIN_SEND_BYTES || now >= since + wait,
-        _ => true,
+        Some(due) => pending >= THIN_SEND_BYTES || now >= due,
+        None => true,
     }
 }
 

@@ -344,6 +344,29 @@ fn counter(relay: &Relay, name: &str) -> f64 {
     metrics_support::Scrape::parse(&body).must(name, &[])
 }
 
+/// 100 swarm clients spread over `urls` for 5 s, every one connected, each receiving at least
+/// `min_events` in order and byte-exact; returns the relay's bytes per data send meanwhile.
+fn bytes_per_send_of_100_clients(relay: &Relay, urls: &[String], min_events: u64) -> f64 {
+    let mut args: Vec<&str> = Vec::new();
+    for url in urls {
+        args.extend(["--url", url.as_str()]);
+    }
+    let min_events = min_events.to_string();
+    args.extend([
+        "--clients",
+        "100",
+        "--duration",
+        "5s",
+        "--expect-connected",
+        "100",
+        "--expect-in-order",
+        "--expect-min-events",
+        &min_events,
+    ]);
+    swarm_ok(&args);
+    counter(relay, "jetrelay_delivered_bytes_total") / counter(relay, "jetrelay_fanout_sends_total")
+}
+
 /// Pacing (`--fanout-duty`): a busy worker holds each round of live sends back a little, so
 /// that one send carries several events. Measured as bytes per send against the same load with
 /// pacing off; and the swarm checks that holding rounds back loses and reorders nothing.
@@ -360,24 +383,10 @@ fn pacing_batches_live_sends_under_load_and_loses_nothing() {
             &dir,
             &["--workers", "1", "--fanout-duty", duty],
         );
-        swarm_ok(&[
-            "--url",
-            &relay.url(""),
-            "--clients",
-            "100",
-            "--duration",
-            "5s",
-            "--expect-connected",
-            "100",
-            "--expect-in-order",
-            "--expect-min-events",
-            "4000",
-        ]);
-        let bytes = counter(&relay, "jetrelay_delivered_bytes_total");
-        let sends = counter(&relay, "jetrelay_fanout_sends_total");
+        let per_send = bytes_per_send_of_100_clients(&relay, &[relay.url("")], 4000);
         let held = counter(&relay, "jetrelay_fanout_rounds_held_total");
-        eprintln!("duty {duty}: {bytes} bytes in {sends} sends, {held} rounds held");
-        (bytes / sends, held)
+        eprintln!("duty {duty}: {per_send:.0} bytes per send, {held} rounds held");
+        (per_send, held)
     };
     let (unpaced, unpaced_held) = bytes_per_send("1");
     let (paced, paced_held) = bytes_per_send("0.1");
@@ -408,29 +417,10 @@ fn thin_streams_linger_under_load_and_lose_nothing() {
         let mut args = vec!["--workers", "1", "--fanout-duty", "1"];
         args.extend_from_slice(relay_args);
         let relay = Relay::start(&mock.url(), &dir, &args);
-        let urls = urls(&relay);
-        swarm_ok(&[
-            "--url",
-            &urls[0],
-            "--url",
-            &urls[1],
-            "--clients",
-            "100",
-            "--duration",
-            "5s",
-            "--expect-connected",
-            "100",
-            "--expect-in-order",
-            "--expect-min-events",
-            &(rate / 20).to_string(),
-        ]);
-        let bytes = counter(&relay, "jetrelay_delivered_bytes_total");
-        let sends = counter(&relay, "jetrelay_fanout_sends_total");
+        let per_send = bytes_per_send_of_100_clients(&relay, &urls(&relay), rate / 20);
         let lingered = counter(&relay, "jetrelay_fanout_sends_lingered_total");
-        eprintln!(
-            "rate {rate} {relay_args:?}: {bytes} bytes in {sends} sends, {lingered} lingered"
-        );
-        (bytes / sends, lingered)
+        eprintln!("rate {rate} {relay_args:?}: {per_send:.0} bytes per send, {lingered} lingered");
+        (per_send, lingered)
     };
     // 500 ev/s: the post filter passes ~65 ev/s (~48 KB/s), the compressed stream ~120 KB/s;
     // without lingering a send carries about one event (or what one round brought).
