@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """jetrelay benchmark: mock upstream -> relay (pinned to core 0) -> swarm (core 1).
 
-Prints, per scenario: relay CPU %, relay CPU-seconds per GB delivered, delivered Gbps, latency
+Prints, per scenario: relay CPU %, relay CPU-seconds per GB delivered (in all, and for serving
+alone: minus the CPU of an `idle-…` row at the same rate earlier in the run), delivered Gbps, latency
 p50/p99/max (receive time - time_us, measured by the swarm), clients behind, relay RSS and open
 fds per client; plus `iperf3 -Z` (one stream, same pinning) as the physical reference for one
 core's throughput, and `floor-…` rows (examples/latency_floor.rs: a bare sender and receiver
@@ -145,6 +146,16 @@ def run(sc, log):
                 stable = stable + 1 if size == last else 0
                 last = size
                 time.sleep(0.5)
+        if sc.clients == 0:
+            # The fixed cost of following the upstream (parse, compress once, append, wake the
+            # workers) with nobody to serve: the baseline `serve_cpu_s_per_gb` subtracts.
+            time.sleep(sc.warmup)
+            c0, t0 = cpu_seconds(relay.pid), time.time()
+            time.sleep(max(1.0, sc.duration - sc.warmup))
+            c1, t1 = cpu_seconds(relay.pid), time.time()
+            return {"scenario": sc.name, "clients": 0, "rate": sc.rate, "passed": True,
+                    "relay_cpu_pct": round((c1 - c0) / (t1 - t0) * 100, 1),
+                    "rss_mib": round(rss_kib(relay.pid) / 1024, 1)}
         urls = []
         for q in sc.queries:
             urls += ["--url", f"ws://127.0.0.1:{rport}/subscribe" + (f"?{q}" if q else "")]
@@ -291,6 +302,9 @@ def did_queries(n_filters, per_filter):
 SCENARIOS = {
     "floor-1000x500": lambda: Floor(1000, 500),
     "floor-100x50": lambda: Floor(100, 50),
+    # No clients: the relay's fixed cost at 500 ev/s, the baseline of `serve_cpu_s_per_gb` for
+    # the rows after it (list it first with --only).
+    "idle-500": lambda: Scenario("idle-500", 0, 500),
     "core-1000x500": lambda: Scenario("core-1000x500", 1000, 500),
     # The same load with pacing off: every round starts as soon as data lands (the latency end
     # of the trade-off `--fanout-duty` makes; the default 0.5 is the CPU end).
@@ -330,13 +344,15 @@ def main():
     ref = iperf3()
     print(f"iperf3 -Z (1 stream, client on core {RELAY_CORE}): "
           + (f"{ref:.2f} Gbps" if ref else "unavailable"))
-    cols = ["scenario", "clients", "rate", "passed", "relay_cpu_pct", "cpu_s_per_gb", "gbps",
+    cols = ["scenario", "clients", "rate", "passed", "relay_cpu_pct", "cpu_s_per_gb",
+            "serve_cpu_s_per_gb", "gbps",
             "window_gbps",
             "p50_ms", "p99_ms", "max_ms", "relay_p50_le_ms", "relay_p99_le_ms", "bytes_per_send",
             "swarm_busy_pct",
             "clients_behind", "rss_mib", "fds_per_client"]
     print(" | ".join(cols))
     results = []
+    idle_cpu = {}  # rate -> relay CPU % with no clients, from an idle-… row of this run
     for n in names:
         sc = SCENARIOS[n]()
         if isinstance(sc, Floor):
@@ -356,6 +372,14 @@ def main():
                 extra += (f" (swarm-bound; relay core at {r['relay_cpu_pct']}% → projected "
                           f"{r['projected_gbps_per_core']} Gbps at 100%, "
                           f"{r['projected_gbps_per_core'] / ref:.0%} of iperf3)")
+        if r.get("clients") == 0:
+            idle_cpu[r["rate"]] = r["relay_cpu_pct"]
+        elif r.get("rate") in idle_cpu and r.get("window_gbps"):
+            # CPU per GB of serving alone: the relay's CPU minus its fixed cost at this rate
+            # (same run), over the bytes delivered. A thin stream carries the whole fixed cost
+            # over few bytes in cpu_s_per_gb; this column compares the serving itself.
+            serve = max(0.0, r["relay_cpu_pct"] - idle_cpu[r["rate"]]) / 100
+            r["serve_cpu_s_per_gb"] = round(serve / (r["window_gbps"] / 8), 3)
         if "us_per_send" in r:
             extra = f" | bare sender {r['us_per_send']} µs/send"
         results.append(r)
