@@ -161,8 +161,8 @@ impl Fanout {
         let mut workers = Vec::with_capacity(n);
         for id in 0..n {
             let (tx, rx) = channel();
-            let wake = Arc::new(Waker::new()?);
             let clients = Arc::new(AtomicU64::new(0));
+            let wake = Arc::new(Waker::new(clients.clone())?);
             let mut worker = Worker::new(
                 id,
                 hub.clone(),
@@ -197,7 +197,9 @@ impl Fanout {
         else {
             return;
         };
-        w.clients.fetch_add(1, Ordering::Relaxed);
+        // SeqCst: pairs with the fence in `Waker::wake`, so data published before a writer
+        // saw no clients is visible to the round this attach starts.
+        w.clients.fetch_add(1, Ordering::SeqCst);
         if w.tx.send(Command::Attach(Box::new(client))).is_ok() {
             // Not coalesced: a new client must be picked up even while data wake-ups pend.
             let _ = rustix::io::write(&w.wake.fd, &1u64.to_ne_bytes());
@@ -240,14 +242,18 @@ pub struct Waker {
     /// Append time (unix µs) of the first append since the worker last consumed a wake-up:
     /// the oldest data the worker has not handed out yet, so delivery latency counts from it.
     since_us: AtomicU64,
+    /// The worker's client count: a worker without clients has nothing to do with new data,
+    /// so an idle worker costs no wake-up per event (its next client comes with its own).
+    clients: Arc<AtomicU64>,
 }
 
 impl Waker {
-    fn new() -> std::io::Result<Waker> {
+    fn new(clients: Arc<AtomicU64>) -> std::io::Result<Waker> {
         Ok(Waker {
             fd: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?,
             pending: AtomicBool::new(false),
             since_us: AtomicU64::new(0),
+            clients,
         })
     }
 
@@ -255,6 +261,13 @@ impl Waker {
     /// was appended. SeqCst pairs with the worker's clear-then-read-ends, so a publish is never
     /// missed.
     pub fn wake(&self, appended_us: u64) {
+        // The publish (a plain release store) must not pass the client-count load: with the
+        // fence, either this load sees an attach's increment, or the round that attach starts
+        // sees the published data.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.clients.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         if !self.pending.swap(true, Ordering::SeqCst) {
             // Stored before the eventfd write, so the worker reads it with the completion.
             self.since_us.store(appended_us, Ordering::SeqCst);
@@ -1924,6 +1937,42 @@ fn read_payload(plain: &std::fs::File, off: u64, len: u32) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads the eventfd without blocking: the number of wake-ups written since the last read.
+    fn wakes_written(w: &Waker) -> u64 {
+        let mut buf = [0u8; 8];
+        let fd = rustix::fs::fcntl_getfl(&w.fd).expect("getfl");
+        rustix::fs::fcntl_setfl(&w.fd, fd | rustix::fs::OFlags::NONBLOCK).expect("setfl");
+        match rustix::io::read(&w.fd, &mut buf) {
+            Ok(8) => u64::from_ne_bytes(buf),
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn a_worker_without_clients_is_not_woken_for_data_and_one_with_clients_is_once() {
+        let clients = Arc::new(AtomicU64::new(0));
+        let w = Waker::new(clients.clone()).expect("eventfd");
+        w.wake(1);
+        w.wake(2);
+        assert_eq!(wakes_written(&w), 0, "no clients: no syscall per event");
+        assert_eq!(w.consumed(), 0, "nothing announced");
+        clients.fetch_add(1, Ordering::SeqCst);
+        w.wake(3);
+        w.wake(4);
+        assert_eq!(
+            wakes_written(&w),
+            1,
+            "coalesced until the worker consumes it"
+        );
+        assert_eq!(
+            w.consumed(),
+            3,
+            "latency counts from the oldest announced append"
+        );
+        w.wake(5);
+        assert_eq!(wakes_written(&w), 1);
+    }
 
     #[test]
     fn pacing_waits_in_proportion_to_the_work_and_never_beyond_the_cap() {
