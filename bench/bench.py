@@ -147,8 +147,9 @@ def run(sc, log):
                 last = size
                 time.sleep(0.5)
         if sc.clients == 0:
-            # The fixed cost of following the upstream (parse, compress once, append, wake the
-            # workers) with nobody to serve: the baseline `serve_cpu_s_per_gb` subtracts.
+            # The fixed cost of following the upstream (parse, compress once, append; a worker
+            # without clients is not woken) with nobody to serve: what `serve_cpu_s_per_gb`
+            # subtracts.
             time.sleep(sc.warmup)
             c0, t0 = cpu_seconds(relay.pid), time.time()
             time.sleep(max(1.0, sc.duration - sc.warmup))

@@ -141,10 +141,8 @@ enum Command {
 pub struct WorkerHandle {
     /// Channel for new clients.
     tx: Sender<Command>,
-    /// Eventfd the writer and the listener write to.
+    /// Eventfd the writer and the listener write to, and the worker's client count.
     wake: Arc<Waker>,
-    /// Clients currently owned (for least-loaded placement and metrics).
-    pub clients: Arc<AtomicU64>,
     /// Thread handle, joined at shutdown.
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -161,16 +159,8 @@ impl Fanout {
         let mut workers = Vec::with_capacity(n);
         for id in 0..n {
             let (tx, rx) = channel();
-            let clients = Arc::new(AtomicU64::new(0));
-            let wake = Arc::new(Waker::new(clients.clone())?);
-            let mut worker = Worker::new(
-                id,
-                hub.clone(),
-                rx,
-                wake.clone(),
-                clients.clone(),
-                policy.clone(),
-            )?;
+            let wake = Arc::new(Waker::new()?);
+            let mut worker = Worker::new(id, hub.clone(), rx, wake.clone(), policy.clone())?;
             let thread = std::thread::Builder::new()
                 .name(format!("fanout-{id}"))
                 .spawn(move || {
@@ -181,7 +171,6 @@ impl Fanout {
             workers.push(WorkerHandle {
                 tx,
                 wake,
-                clients,
                 thread: Some(thread),
             });
         }
@@ -193,13 +182,13 @@ impl Fanout {
         let Some(w) = self
             .workers
             .iter()
-            .min_by_key(|w| w.clients.load(Ordering::Relaxed))
+            .min_by_key(|w| w.wake.clients.load(Ordering::Relaxed))
         else {
             return;
         };
         // SeqCst: pairs with the fence in `Waker::wake`, so data published before a writer
         // saw no clients is visible to the round this attach starts.
-        w.clients.fetch_add(1, Ordering::SeqCst);
+        w.wake.clients.fetch_add(1, Ordering::SeqCst);
         if w.tx.send(Command::Attach(Box::new(client))).is_ok() {
             // Not coalesced: a new client must be picked up even while data wake-ups pend.
             let _ = rustix::io::write(&w.wake.fd, &1u64.to_ne_bytes());
@@ -215,7 +204,7 @@ impl Fanout {
     pub fn clients_per_worker(&self) -> Vec<u64> {
         self.workers
             .iter()
-            .map(|w| w.clients.load(Ordering::Relaxed))
+            .map(|w| w.wake.clients.load(Ordering::Relaxed))
             .collect()
     }
 
@@ -242,18 +231,19 @@ pub struct Waker {
     /// Append time (unix µs) of the first append since the worker last consumed a wake-up:
     /// the oldest data the worker has not handed out yet, so delivery latency counts from it.
     since_us: AtomicU64,
-    /// The worker's client count: a worker without clients has nothing to do with new data,
-    /// so an idle worker costs no wake-up per event (its next client comes with its own).
-    clients: Arc<AtomicU64>,
+    /// Clients the worker owns (least-loaded placement, metrics). Kept here because a worker
+    /// without clients has nothing to do with new data: an idle worker costs no wake-up per
+    /// event (its next client comes with its own).
+    clients: AtomicU64,
 }
 
 impl Waker {
-    fn new(clients: Arc<AtomicU64>) -> std::io::Result<Waker> {
+    fn new() -> std::io::Result<Waker> {
         Ok(Waker {
             fd: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?,
             pending: AtomicBool::new(false),
             since_us: AtomicU64::new(0),
-            clients,
+            clients: AtomicU64::new(0),
         })
     }
 
@@ -436,7 +426,6 @@ struct Worker {
     wake_fd: Arc<Waker>,
     wake_buf: Box<[u8; 8]>,
     tick_ts: Box<types::Timespec>,
-    client_count: Arc<AtomicU64>,
     policy: ClientPolicy,
     slots: Vec<Option<Client>>,
     free: Vec<u32>,
@@ -484,7 +473,6 @@ impl Worker {
         hub: Arc<Hub>,
         rx: Receiver<Command>,
         wake_fd: Arc<Waker>,
-        client_count: Arc<AtomicU64>,
         policy: ClientPolicy,
     ) -> std::io::Result<Worker> {
         let ring = build_ring()?;
@@ -506,7 +494,6 @@ impl Worker {
             wake_fd,
             wake_buf: Box::new([0; 8]),
             tick_ts: Box::new(types::Timespec::new().sec(TICK.as_secs())),
-            client_count,
             policy,
             slots: Vec::new(),
             free: Vec::new(),
@@ -1409,7 +1396,7 @@ impl Worker {
             drop(c);
             self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
             self.free.push(slot);
-            self.client_count.fetch_sub(1, Ordering::Relaxed);
+            self.wake_fd.clients.fetch_sub(1, Ordering::Relaxed);
             self.hub.counters.clients.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -1506,7 +1493,14 @@ fn linger_due(
     }
     let now = Instant::now();
     c.linger_since.get_or_insert((now, origin_us));
-    c.linger_deadline(wait).filter(|&due| now < due)
+    c.linger_deadline(wait)
+        .filter(|&due| linger_holds(pending, due, now))
+}
+
+/// Whether a lingering send with `pending` bytes keeps waiting at `now`: it is neither big
+/// enough nor due.
+fn linger_holds(pending: u64, due: Instant, now: Instant) -> bool {
+    pending < THIN_SEND_BYTES && now < due
 }
 
 /// Parks a client until the next round (once, however often it is parked meanwhile).
@@ -1534,7 +1528,7 @@ fn has_round_work(c: &Client, now: Instant, linger: Option<Duration>) -> bool {
     let pending = c.stream.end().saturating_sub(c.pos);
     match linger.and_then(|wait| c.linger_deadline(wait)) {
         _ if pending == 0 => false,
-        Some(due) => pending >= THIN_SEND_BYTES || now >= due,
+        Some(due) => !linger_holds(pending, due, now),
         None => true,
     }
 }
@@ -1951,13 +1945,12 @@ mod tests {
 
     #[test]
     fn a_worker_without_clients_is_not_woken_for_data_and_one_with_clients_is_once() {
-        let clients = Arc::new(AtomicU64::new(0));
-        let w = Waker::new(clients.clone()).expect("eventfd");
+        let w = Waker::new().expect("eventfd");
         w.wake(1);
         w.wake(2);
         assert_eq!(wakes_written(&w), 0, "no clients: no syscall per event");
         assert_eq!(w.consumed(), 0, "nothing announced");
-        clients.fetch_add(1, Ordering::SeqCst);
+        w.clients.fetch_add(1, Ordering::SeqCst);
         w.wake(3);
         w.wake(4);
         assert_eq!(
