@@ -388,19 +388,13 @@ struct Client {
     /// client waits for the next round instead of chasing every append on its own: that is
     /// what lets a busy worker batch several events into one send.
     caught_up_round: u64,
-    /// When a thin stream's pending bytes were first held back to linger (None = not held),
-    /// and the latency origin of the oldest of them.
-    linger_since: Option<(Instant, u64)>,
+    /// Whether its next send lingers with its stream's hold (see [`Holds`]).
+    linger: Linger,
     /// In the worker's idle list (waiting for a round) already.
     parked: bool,
 }
 
 impl Client {
-    /// When its lingering send falls due, if it is lingering.
-    fn linger_deadline(&self, wait: Duration) -> Option<Instant> {
-        self.linger_since.map(|(since, _)| since + wait)
-    }
-
     /// Lowest log offset this client may still read.
     fn low_mark(&self) -> u64 {
         if self.shut || (self.closing.is_some() && self.pos == self.boundary) {
@@ -410,6 +404,102 @@ impl Client {
             Source::Filtered(w) if self.pos == self.boundary => w.next.offset(self.compressed),
             _ => self.pos,
         }
+    }
+}
+
+/// Where a caught-up client of a thin stream stands with lingering (see [`Worker::linger`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Linger {
+    /// Its next send goes out as soon as a round brings it bytes.
+    Off,
+    /// Waiting in hold `id` of its stream; `origin_us` is the latency origin of its oldest held
+    /// bytes.
+    Held { id: u64, origin_us: u64 },
+    /// Its hold was released: its next send goes out at once.
+    Released { origin_us: u64 },
+}
+
+impl Linger {
+    /// The latency origin of the held bytes, if the client lingered.
+    fn origin_us(self) -> Option<u64> {
+        match self {
+            Linger::Off => None,
+            Linger::Held { origin_us, .. } | Linger::Released { origin_us } => Some(origin_us),
+        }
+    }
+}
+
+/// The caught-up clients of one thin stream that hold back their sends, together. They share
+/// one deadline and one size threshold, so they are all released by the same round (a few
+/// `io_uring_enter`s for all of them) instead of drifting into many small rounds, and a held
+/// client costs nothing in the rounds it waits through (rounds walk only the idle list).
+struct Hold {
+    /// Names the hold in its members' [`Linger::Held`]: a member may leave (and its slot get a
+    /// new client) while the hold keeps its slot number.
+    id: u64,
+    /// The log its members read.
+    stream: Arc<Stream>,
+    /// When its first member was held: it is due `thin_linger` later.
+    since: Instant,
+    /// Lowest position among its members: the hold is also due once the stream has
+    /// [`THIN_SEND_BYTES`] past it.
+    low: u64,
+    /// Slots of its members (possibly stale: checked against `id` on release).
+    members: Vec<u32>,
+}
+
+/// Every hold of a worker: at most one per thin stream in use, so a handful.
+#[derive(Default)]
+struct Holds {
+    list: Vec<Hold>,
+    next_id: u64,
+}
+
+impl Holds {
+    /// The hold of `stream` (started at `now` if it has none), lowered to `pos`: the hold a
+    /// client at `pos` joins.
+    fn join(&mut self, stream: &Arc<Stream>, pos: u64, now: Instant) -> &mut Hold {
+        let i = match self
+            .list
+            .iter()
+            .position(|h| Arc::ptr_eq(&h.stream, stream))
+        {
+            Some(i) => i,
+            None => {
+                self.next_id += 1;
+                self.list.push(Hold {
+                    id: self.next_id,
+                    stream: stream.clone(),
+                    since: now,
+                    low: pos,
+                    members: Vec::new(),
+                });
+                self.list.len() - 1
+            }
+        };
+        let hold = &mut self.list[i];
+        hold.low = hold.low.min(pos);
+        hold
+    }
+
+    /// Takes out every hold that is due at `now` (all of them when lingering is off: `linger`
+    /// is None). Returns them, and the deadline of the earliest hold that keeps waiting.
+    fn take_due(&mut self, linger: Option<Duration>, now: Instant) -> (Vec<Hold>, Option<Instant>) {
+        let mut due_now = Vec::new();
+        let mut next_due: Option<Instant> = None;
+        let mut i = 0;
+        while i < self.list.len() {
+            let h = &self.list[i];
+            let pending = h.stream.end().saturating_sub(h.low);
+            match linger.map(|wait| h.since + wait) {
+                Some(due) if linger_holds(pending, due, now) => {
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    i += 1;
+                }
+                _ => due_now.push(self.list.swap_remove(i)),
+            }
+        }
+        (due_now, next_due)
     }
 }
 
@@ -465,6 +555,8 @@ struct Worker {
     linger_ts: Box<types::Timespec>,
     /// When the armed linger timeout fires (None = none armed).
     linger_armed: Option<Instant>,
+    /// Thin-stream clients waiting to send, grouped by stream.
+    holds: Holds,
 }
 
 impl Worker {
@@ -519,6 +611,7 @@ impl Worker {
             lingering,
             linger_ts: Box::new(types::Timespec::new()),
             linger_armed: None,
+            holds: Holds::default(),
         })
     }
 
@@ -583,11 +676,27 @@ impl Worker {
                 self.round_busy = Duration::ZERO;
                 self.round_since_us = std::mem::take(&mut self.pending_since_us);
                 // Only clients the round brings something are served: a filtered client
-                // whose shape got nothing new, or a lingering one whose send is not due yet,
-                // stays parked (this walk is cheap; serving every parked client each round
-                // was a tenth of a worker's CPU with 1,000 filtered clients at 500 ev/s).
-                let linger = self.linger();
-                let idle = std::mem::take(&mut self.idle);
+                // whose shape got nothing new stays parked, and a lingering one stays in its
+                // hold until the hold is due (this walk is cheap; serving every parked client
+                // each round was a tenth of a worker's CPU with 1,000 filtered clients at
+                // 500 ev/s).
+                let mut idle = std::mem::take(&mut self.idle);
+                // The members of due holds are offered work with the idle clients. The
+                // earliest hold that keeps waiting: the timer must cover it, as nothing else
+                // may start a round once the feed pauses.
+                let (released, next_due) = self.holds.take_due(self.linger(), started);
+                Counters::add(&self.hub.counters.linger_releases, released.len() as u64);
+                for hold in released {
+                    for slot in hold.members {
+                        if let Some(c) = self.slots[slot as usize].as_mut()
+                            && let Linger::Held { id, origin_us } = c.linger
+                            && id == hold.id
+                        {
+                            c.linger = Linger::Released { origin_us };
+                            idle.push(slot);
+                        }
+                    }
+                }
                 // Unpark everyone first, so that a slot listed twice (its previous occupant
                 // was parked too) is parked again only once.
                 for &slot in &idle {
@@ -595,20 +704,14 @@ impl Worker {
                         c.parked = false;
                     }
                 }
-                // The earliest lingering send that stays parked: the timer must cover it, as
-                // nothing else may start a round once the feed pauses.
-                let mut next_due: Option<Instant> = None;
                 for slot in idle {
                     let Some(c) = self.slots[slot as usize].as_mut() else {
                         continue;
                     };
-                    if has_round_work(c, started, linger) {
+                    if has_round_work(c) {
                         self.enqueue(slot);
-                        continue;
-                    }
-                    park(&mut self.idle, c, slot);
-                    if let Some(due) = linger.and_then(|wait| c.linger_deadline(wait)) {
-                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    } else if !matches!(c.linger, Linger::Held { .. }) {
+                        park(&mut self.idle, c, slot);
                     }
                 }
                 if let Some(due) = next_due {
@@ -766,7 +869,7 @@ impl Worker {
             pending_events: 0,
             range_appended_us: 0,
             caught_up_round: NEVER,
-            linger_since: None,
+            linger: Linger::Off,
             parked: false,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
@@ -932,8 +1035,9 @@ impl Worker {
             let end = c.stream.end();
             match &mut c.source {
                 Source::Contiguous => {
-                    if let Some(due) = linger_due(linger, &hub, c, end, origin_us) {
-                        park(&mut self.idle, c, slot);
+                    if let Some(due) =
+                        linger_due(linger, &hub, &mut self.holds, c, slot, end, origin_us)
+                    {
                         self.arm_linger(due);
                         return false;
                     }
@@ -983,7 +1087,7 @@ impl Worker {
             }
             c.range_appended_us = origin_us;
             // A lingering range counts from when its oldest bytes were first held back.
-            if let Some((_, origin)) = c.linger_since.take() {
+            if let Some(origin) = std::mem::replace(&mut c.linger, Linger::Off).origin_us() {
                 c.range_appended_us = c.range_appended_us.min(origin);
                 Counters::add(&hub.counters.lingered_sends, 1);
             }
@@ -1474,17 +1578,20 @@ impl Worker {
 }
 
 /// Whether a thin stream's send should wait for more bytes (see [`Worker::linger`]), and until
-/// when. Only a caught-up client of a thin stream lingers: the plain full stream is paced by
-/// rounds alone, and a client that is behind has plenty to send.
+/// when: if so, client `slot` joins (or stays in) its stream's hold. Only a caught-up client of
+/// a thin stream lingers: the plain full stream is paced by rounds alone, and a client that is
+/// behind has plenty to send.
 fn linger_due(
     linger: Option<Duration>,
     hub: &Hub,
+    holds: &mut Holds,
     c: &mut Client,
+    slot: u32,
     end: u64,
     origin_us: u64,
 ) -> Option<Instant> {
     let wait = linger?;
-    if Arc::ptr_eq(&c.stream, &hub.plain) {
+    if Arc::ptr_eq(&c.stream, &hub.plain) || matches!(c.linger, Linger::Released { .. }) {
         return None;
     }
     let pending = end.saturating_sub(c.pos);
@@ -1492,9 +1599,23 @@ fn linger_due(
         return None;
     }
     let now = Instant::now();
-    c.linger_since.get_or_insert((now, origin_us));
-    c.linger_deadline(wait)
-        .filter(|&due| linger_holds(pending, due, now))
+    let hold = holds.join(&c.stream, c.pos, now);
+    let due = hold.since + wait;
+    if !linger_holds(end.saturating_sub(hold.low), due, now) {
+        // Due: this client goes now; the round the armed timer starts releases the others.
+        return None;
+    }
+    match c.linger {
+        Linger::Held { id, .. } if id == hold.id => {}
+        held => {
+            c.linger = Linger::Held {
+                id: hold.id,
+                origin_us: held.origin_us().unwrap_or(origin_us),
+            };
+            hold.members.push(slot);
+        }
+    }
+    Some(due)
 }
 
 /// Whether a lingering send with `pending` bytes keeps waiting at `now`: it is neither big
@@ -1512,10 +1633,10 @@ fn park(idle: &mut Vec<u32>, c: &mut Client, slot: u32) {
 }
 
 /// Whether a new round has anything for a parked client. Only a caught-up client of a shared
-/// log can be judged without serving it: nothing new in its log, or a lingering send that is
-/// neither big enough nor due. Anything else (a walker, pending control frames or options) is
+/// log can be judged without serving it: nothing new in its log, or a lingering send whose
+/// hold is not released. Anything else (a walker, pending control frames or options) is
 /// served.
-fn has_round_work(c: &Client, now: Instant, linger: Option<Duration>) -> bool {
+fn has_round_work(c: &Client) -> bool {
     if !matches!(c.source, Source::Contiguous)
         || c.pos != c.boundary
         || c.pending_options.is_some()
@@ -1525,12 +1646,7 @@ fn has_round_work(c: &Client, now: Instant, linger: Option<Duration>) -> bool {
     {
         return true;
     }
-    let pending = c.stream.end().saturating_sub(c.pos);
-    match linger.and_then(|wait| c.linger_deadline(wait)) {
-        _ if pending == 0 => false,
-        Some(due) => !linger_holds(pending, due, now),
-        None => true,
-    }
+    c.stream.end() > c.pos && !matches!(c.linger, Linger::Held { .. })
 }
 
 /// Hysteresis on the worker's busy share: thin streams start lingering once it reaches
@@ -1697,6 +1813,9 @@ fn apply_options(
     next: EventPos,
 ) {
     c.hello_pending = false;
+    // A new stream: whatever it lingered for in the old one is moot (its old hold's entry
+    // for it goes stale).
+    c.linger = Linger::Off;
     if let Some(old) = c.shape.take() {
         old.remove_client();
     }
@@ -1981,6 +2100,62 @@ mod tests {
         assert_eq!(next_round_at(t, ms(4), 0.05), t + ms(4) + MAX_PACE_DELAY);
         // An idle worker (no work since the last round) starts the next one at once.
         assert_eq!(next_round_at(t, Duration::ZERO, 0.5), t);
+    }
+
+    #[test]
+    fn a_thin_streams_clients_share_one_hold_released_by_its_deadline_or_its_size() {
+        let dir = std::env::temp_dir().join(format!("jetrelay-holds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let posts = Arc::new(Stream::create("posts", &dir.join("posts.log"), 1 << 16).unwrap());
+        let likes = Arc::new(Stream::create("likes", &dir.join("likes.log"), 1 << 16).unwrap());
+        let (t, ms) = (Instant::now(), Duration::from_millis);
+        let wait = Some(ms(40));
+        let mut holds = Holds::default();
+        // Clients of one stream join one hold whenever they come: one deadline for all.
+        let first = holds.join(&posts, 0, t);
+        first.members.push(1);
+        let id = first.id;
+        let later = holds.join(&posts, 0, t + ms(30));
+        assert_eq!(
+            (later.id, later.since),
+            (id, t),
+            "the later client joins the first's hold"
+        );
+        later.members.push(2);
+        let other = holds.join(&likes, 0, t + ms(10)).id;
+        assert_ne!(other, id, "another stream holds on its own");
+        // Nothing is due before the earliest deadline, which is what the timer is armed for.
+        let (due, next) = holds.take_due(wait, t + ms(39));
+        assert!(due.is_empty());
+        assert_eq!(next, Some(t + ms(40)));
+        // At its deadline the posts hold goes out whole; the likes hold keeps waiting.
+        let (due, next) = holds.take_due(wait, t + ms(40));
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].id, due[0].members.as_slice()), (id, &[1, 2][..]));
+        assert_eq!(next, Some(t + ms(50)));
+        // A new hold of posts: due early once the stream has THIN_SEND_BYTES past its lowest
+        // member, even if that member joined last.
+        let mut end = 0;
+        posts.append(&[b'x'; 1000], &mut end).unwrap();
+        posts.publish(end);
+        holds.join(&posts, 1000, t + ms(41)).members.push(1);
+        holds.join(&posts, 0, t + ms(42)).members.push(2);
+        assert!(
+            holds.take_due(wait, t + ms(43)).0.is_empty(),
+            "1,000 bytes past the lowest"
+        );
+        posts
+            .append(&vec![b'y'; THIN_SEND_BYTES as usize - 1000], &mut end)
+            .unwrap();
+        posts.publish(end);
+        let (due, _) = holds.take_due(wait, t + ms(43));
+        assert_eq!(due.len(), 1, "THIN_SEND_BYTES past the lowest member: due");
+        assert_eq!(due[0].members, vec![1, 2]);
+        // Lingering switched off: every hold goes at once.
+        let (due, next) = holds.take_due(None, t + ms(44));
+        assert_eq!((due.len(), next), (1, None));
+        assert!(holds.list.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn policy(linger_ms: u64, load: f64) -> ClientPolicy {

@@ -69,6 +69,8 @@ pub struct Counters {
     pub rounds_held: AtomicU64,
     /// Sends to thin streams that lingered (`--thin-linger`) to carry more bytes.
     pub lingered_sends: AtomicU64,
+    /// Holds of lingering clients released (each lets its members' sends go in one round).
+    pub linger_releases: AtomicU64,
     /// Append → handed to the socket, recorded once per completed send range.
     pub delivery_latency: LatencyHistogram,
 }

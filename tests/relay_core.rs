@@ -419,24 +419,34 @@ fn thin_streams_linger_under_load_and_lose_nothing() {
         let relay = Relay::start(&mock.url(), &dir, &args);
         let per_send = bytes_per_send_of_100_clients(&relay, &urls(&relay), rate / 20);
         let lingered = counter(&relay, "jetrelay_fanout_sends_lingered_total");
-        eprintln!("rate {rate} {relay_args:?}: {per_send:.0} bytes per send, {lingered} lingered");
-        (per_send, lingered)
+        let releases = counter(&relay, "jetrelay_fanout_linger_releases_total");
+        eprintln!(
+            "rate {rate} {relay_args:?}: {per_send:.0} bytes per send, {lingered} lingered \
+             in {releases} releases"
+        );
+        (per_send, lingered, releases)
     };
     // 500 ev/s: the post filter passes ~65 ev/s (~48 KB/s), the compressed stream ~120 KB/s;
     // without lingering a send carries about one event (or what one round brought).
     let always = ["--thin-linger", "100ms", "--thin-linger-load", "0"];
-    let (lingering, lingered) = bytes_per_send(500, &always);
-    let (direct, never) = bytes_per_send(500, &["--thin-linger", "0s"]);
+    let (lingering, lingered, releases) = bytes_per_send(500, &always);
+    let (direct, never, _) = bytes_per_send(500, &["--thin-linger", "0s"]);
     assert!(
         lingered > 0.0 && never == 0.0,
         "{lingered} / {never} lingered"
+    );
+    // A stream's lingering clients (50 per stream here) share one deadline and go out
+    // together: a release, and the round it starts, serves most of them at once.
+    assert!(
+        lingered >= 25.0 * releases,
+        "{lingered} lingered sends in {releases} releases"
     );
     assert!(
         lingering > 2.5 * direct,
         "lingering sends should carry several times more: {lingering:.0} vs {direct:.0} B/send"
     );
     // 50 ev/s to 100 clients keeps the worker far below the default load threshold (10 %).
-    let (light, light_lingered) = bytes_per_send(50, &[]);
+    let (light, light_lingered, _) = bytes_per_send(50, &[]);
     assert_eq!(
         light_lingered, 0.0,
         "a lightly loaded relay must not linger"

@@ -425,6 +425,14 @@ fn register_workers(meter: &Meter, hub: &Arc<Hub>) {
         "Ranges for filtered or compressed clients that a loaded worker held back (at most --thin-linger) so that the send carries more bytes.",
         |c| &c.lingered_sends,
     );
+    counter(
+        meter,
+        hub,
+        "jetrelay.fanout.linger.releases",
+        "{release}",
+        "Releases of a thin stream's lingering clients: all of a stream's held sends go out together (sends lingered ÷ releases = clients per release).",
+        |c| &c.linger_releases,
+    );
 }
 
 #[cfg(test)]
