@@ -390,6 +390,8 @@ struct Client {
     caught_up_round: u64,
     /// Whether its next send lingers with its stream's hold (see [`Holds`]).
     linger: Linger,
+    /// The [`Wait`] it is in while it has nothing to send (0 = none).
+    waiting: u64,
     /// In the worker's idle list (waiting for a round) already.
     parked: bool,
 }
@@ -503,6 +505,82 @@ impl Holds {
     }
 }
 
+/// The caught-up clients of one stream that have nothing to send: rounds skip them until
+/// their stream grows. With filters, most rounds bring a given shape nothing (the post filter
+/// passes about one event in six), and walking every such client in every round was most of
+/// the worker's own CPU.
+struct Wait {
+    /// Names the wait in its members' `waiting` (a member may leave and its slot be reused).
+    id: u64,
+    /// The log its members read.
+    stream: Arc<Stream>,
+    /// Lowest position among its members: the wait ends once the stream's end passes it.
+    at: u64,
+    /// Slots of its members (possibly stale: checked against `id`).
+    members: Vec<u32>,
+}
+
+/// Every wait of a worker: at most one per stream in use.
+#[derive(Default)]
+struct Waits {
+    list: Vec<Wait>,
+    next_id: u64,
+}
+
+impl Waits {
+    /// Puts client `slot`, caught up at `pos` in `stream`, into that stream's wait (once);
+    /// returns the wait's id.
+    fn join(&mut self, stream: &Arc<Stream>, pos: u64, slot: u32, waiting: u64) -> u64 {
+        let i = match self
+            .list
+            .iter()
+            .position(|w| Arc::ptr_eq(&w.stream, stream))
+        {
+            Some(i) => i,
+            None => {
+                self.next_id += 1;
+                self.list.push(Wait {
+                    id: self.next_id,
+                    stream: stream.clone(),
+                    at: pos,
+                    members: Vec::new(),
+                });
+                self.list.len() - 1
+            }
+        };
+        let w = &mut self.list[i];
+        w.at = w.at.min(pos);
+        if waiting != w.id {
+            w.members.push(slot);
+        }
+        w.id
+    }
+
+    /// Takes out every wait whose stream grew past it.
+    fn take_grown(&mut self) -> Vec<Wait> {
+        let mut grown = Vec::new();
+        let mut i = 0;
+        while i < self.list.len() {
+            if self.list[i].stream.end() > self.list[i].at {
+                grown.push(self.list.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        grown
+    }
+
+    /// Drops members that left (and waits left empty, with their stream): a stream that never
+    /// grows must not collect the slots of every client that ever waited on it. `waiting`
+    /// gives the wait id of the client in a slot (None for an empty slot).
+    fn prune(&mut self, waiting: impl Fn(u32) -> Option<u64>) {
+        for w in &mut self.list {
+            w.members.retain(|&slot| waiting(slot) == Some(w.id));
+        }
+        self.list.retain(|w| !w.members.is_empty());
+    }
+}
+
 struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
@@ -557,6 +635,8 @@ struct Worker {
     linger_armed: Option<Instant>,
     /// Thin-stream clients waiting to send, grouped by stream.
     holds: Holds,
+    /// Caught-up clients with nothing to send, grouped by stream.
+    waits: Waits,
 }
 
 impl Worker {
@@ -612,6 +692,7 @@ impl Worker {
             linger_ts: Box::new(types::Timespec::new()),
             linger_armed: None,
             holds: Holds::default(),
+            waits: Waits::default(),
         })
     }
 
@@ -697,6 +778,16 @@ impl Worker {
                         }
                     }
                 }
+                for wait in self.waits.take_grown() {
+                    for slot in wait.members {
+                        if let Some(c) = self.slots[slot as usize].as_mut()
+                            && c.waiting == wait.id
+                        {
+                            c.waiting = 0;
+                            idle.push(slot);
+                        }
+                    }
+                }
                 // Unpark everyone first, so that a slot listed twice (its previous occupant
                 // was parked too) is parked again only once.
                 for &slot in &idle {
@@ -711,7 +802,9 @@ impl Worker {
                     if has_round_work(c) {
                         self.enqueue(slot);
                     } else if !matches!(c.linger, Linger::Held { .. }) {
-                        park(&mut self.idle, c, slot);
+                        // Caught up with its log (all `has_round_work` leaves): rounds skip
+                        // it until the log grows.
+                        c.waiting = self.waits.join(&c.stream, c.pos, slot, c.waiting);
                     }
                 }
                 if let Some(due) = next_due {
@@ -870,6 +963,7 @@ impl Worker {
             range_appended_us: 0,
             caught_up_round: NEVER,
             linger: Linger::Off,
+            waiting: 0,
             parked: false,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
@@ -1574,6 +1668,13 @@ impl Worker {
             st.set_worker_low(self.id, *low);
         }
         self.known_streams = lows.into_iter().map(|(st, _)| st).collect();
+        let slots = &self.slots;
+        self.waits.prune(|slot| {
+            slots
+                .get(slot as usize)
+                .and_then(|c| c.as_ref())
+                .map(|c| c.waiting)
+        });
     }
 }
 
@@ -1635,7 +1736,7 @@ fn park(idle: &mut Vec<u32>, c: &mut Client, slot: u32) {
 /// Whether a new round has anything for a parked client. Only a caught-up client of a shared
 /// log can be judged without serving it: nothing new in its log, or a lingering send whose
 /// hold is not released. Anything else (a walker, pending control frames or options) is
-/// served.
+/// served. (A client that gets control frames or options meanwhile is enqueued directly.)
 fn has_round_work(c: &Client) -> bool {
     if !matches!(c.source, Source::Contiguous)
         || c.pos != c.boundary
@@ -1816,6 +1917,7 @@ fn apply_options(
     // A new stream: whatever it lingered for in the old one is moot (its old hold's entry
     // for it goes stale).
     c.linger = Linger::Off;
+    c.waiting = 0;
     if let Some(old) = c.shape.take() {
         old.remove_client();
     }
@@ -2155,6 +2257,44 @@ mod tests {
         let (due, next) = holds.take_due(None, t + ms(44));
         assert_eq!((due.len(), next), (1, None));
         assert!(holds.list.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn caught_up_clients_wait_per_stream_until_it_grows_and_leavers_are_pruned() {
+        let dir = std::env::temp_dir().join(format!("jetrelay-waits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let posts = Arc::new(Stream::create("posts", &dir.join("posts.log"), 1 << 16).unwrap());
+        let likes = Arc::new(Stream::create("likes", &dir.join("likes.log"), 1 << 16).unwrap());
+        let mut waits = Waits::default();
+        let a = waits.join(&posts, 0, 1, 0);
+        assert_eq!(waits.join(&posts, 0, 2, 0), a, "one wait per stream");
+        assert_eq!(waits.join(&posts, 0, 2, a), a);
+        assert_eq!(waits.list[0].members, vec![1, 2], "a member is listed once");
+        let b = waits.join(&likes, 0, 3, 0);
+        assert_ne!(a, b);
+        assert!(
+            waits.take_grown().is_empty(),
+            "nothing appended: every client is skipped"
+        );
+        let mut end = 0;
+        posts.append(b"{}", &mut end).unwrap();
+        posts.publish(end);
+        let grown = waits.take_grown();
+        assert_eq!(grown.len(), 1, "only the stream that grew");
+        assert_eq!((grown[0].id, grown[0].members.as_slice()), (a, &[1, 2][..]));
+        // Slot 3 left (or its slot went to another client): the likes wait is dropped.
+        let c = waits.join(&posts, end, 4, 0);
+        waits.prune(|slot| match slot {
+            3 => None,
+            4 => Some(c),
+            _ => Some(0),
+        });
+        assert_eq!(waits.list.len(), 1);
+        assert_eq!(
+            (waits.list[0].id, waits.list[0].members.as_slice()),
+            (c, &[4][..])
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
