@@ -388,9 +388,9 @@ struct Client {
     /// client waits for the next round instead of chasing every append on its own: that is
     /// what lets a busy worker batch several events into one send.
     caught_up_round: u64,
-    /// Whether its next send lingers with its stream's hold (see [`Holds`]).
+    /// Whether its next send lingers with its stream's hold (see [`Group`]).
     linger: Linger,
-    /// The [`Wait`] it is in while it has nothing to send (0 = none).
+    /// The wait ([`Group`]) it is in while it has nothing to send (0 = none).
     waiting: u64,
     /// In the worker's idle list (waiting for a round) already.
     parked: bool,
@@ -431,45 +431,50 @@ impl Linger {
     }
 }
 
-/// The caught-up clients of one thin stream that hold back their sends, together. They share
-/// one deadline and one size threshold, so they are all released by the same round (a few
-/// `io_uring_enter`s for all of them) instead of drifting into many small rounds, and a held
-/// client costs nothing in the rounds it waits through (rounds walk only the idle list).
-struct Hold {
-    /// Names the hold in its members' [`Linger::Held`]: a member may leave (and its slot get a
-    /// new client) while the hold keeps its slot number.
+/// Caught-up clients of one stream that rounds handle as one, so that a round costs nothing
+/// per client that it has nothing for. A worker keeps two kinds (see `holds` and `waits` in
+/// [`Worker`]):
+/// - a *hold*: the clients of a thin stream holding back their sends. They share one deadline
+///   and one size threshold, so they are all released by the same round (a few
+///   `io_uring_enter`s for all of them) instead of drifting into many small rounds;
+/// - a *wait*: the clients with nothing to send, skipped until their stream grows. With
+///   filters most rounds bring a given shape nothing (the post filter passes about one event
+///   in six), and walking every such client in every round was most of the worker's own CPU.
+struct Group {
+    /// Names the group in its members' state ([`Linger::Held`], `Client::waiting`): a member
+    /// may leave, and its slot get a new client, while the group still lists the slot.
     id: u64,
     /// The log its members read.
     stream: Arc<Stream>,
-    /// When its first member was held: it is due `thin_linger` later.
+    /// When its first member joined (a hold is due `thin_linger` later).
     since: Instant,
-    /// Lowest position among its members: the hold is also due once the stream has
-    /// [`THIN_SEND_BYTES`] past it.
+    /// Lowest position among its members: a hold is also due once its stream has
+    /// [`THIN_SEND_BYTES`] past it, a wait ends once its stream's end passes it.
     low: u64,
-    /// Slots of its members (possibly stale: checked against `id` on release).
+    /// Slots of its members (possibly stale: checked against `id` when taken out).
     members: Vec<u32>,
 }
 
-/// Every hold of a worker: at most one per thin stream in use, so a handful.
+/// The groups of one kind in a worker: at most one per stream in use, so a handful.
 #[derive(Default)]
-struct Holds {
-    list: Vec<Hold>,
+struct Groups {
+    list: Vec<Group>,
     next_id: u64,
 }
 
-impl Holds {
-    /// The hold of `stream` (started at `now` if it has none), lowered to `pos`: the hold a
+impl Groups {
+    /// The group of `stream` (started at `now` if it has none), lowered to `pos`: the group a
     /// client at `pos` joins.
-    fn join(&mut self, stream: &Arc<Stream>, pos: u64, now: Instant) -> &mut Hold {
+    fn join(&mut self, stream: &Arc<Stream>, pos: u64, now: Instant) -> &mut Group {
         let i = match self
             .list
             .iter()
-            .position(|h| Arc::ptr_eq(&h.stream, stream))
+            .position(|g| Arc::ptr_eq(&g.stream, stream))
         {
             Some(i) => i,
             None => {
                 self.next_id += 1;
-                self.list.push(Hold {
+                self.list.push(Group {
                     id: self.next_id,
                     stream: stream.clone(),
                     since: now,
@@ -479,105 +484,56 @@ impl Holds {
                 self.list.len() - 1
             }
         };
-        let hold = &mut self.list[i];
-        hold.low = hold.low.min(pos);
-        hold
+        let g = &mut self.list[i];
+        g.low = g.low.min(pos);
+        g
     }
 
-    /// Takes out every hold that is due at `now` (all of them when lingering is off: `linger`
-    /// is None). Returns them, and the deadline of the earliest hold that keeps waiting.
-    fn take_due(&mut self, linger: Option<Duration>, now: Instant) -> (Vec<Hold>, Option<Instant>) {
-        let mut due_now = Vec::new();
-        let mut next_due: Option<Instant> = None;
+    /// Takes out every group `done` says is done.
+    fn take(&mut self, mut done: impl FnMut(&Group) -> bool) -> Vec<Group> {
+        let mut out = Vec::new();
         let mut i = 0;
         while i < self.list.len() {
-            let h = &self.list[i];
-            let pending = h.stream.end().saturating_sub(h.low);
-            match linger.map(|wait| h.since + wait) {
-                Some(due) if linger_holds(pending, due, now) => {
-                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
-                    i += 1;
-                }
-                _ => due_now.push(self.list.swap_remove(i)),
-            }
-        }
-        (due_now, next_due)
-    }
-}
-
-/// The caught-up clients of one stream that have nothing to send: rounds skip them until
-/// their stream grows. With filters, most rounds bring a given shape nothing (the post filter
-/// passes about one event in six), and walking every such client in every round was most of
-/// the worker's own CPU.
-struct Wait {
-    /// Names the wait in its members' `waiting` (a member may leave and its slot be reused).
-    id: u64,
-    /// The log its members read.
-    stream: Arc<Stream>,
-    /// Lowest position among its members: the wait ends once the stream's end passes it.
-    at: u64,
-    /// Slots of its members (possibly stale: checked against `id`).
-    members: Vec<u32>,
-}
-
-/// Every wait of a worker: at most one per stream in use.
-#[derive(Default)]
-struct Waits {
-    list: Vec<Wait>,
-    next_id: u64,
-}
-
-impl Waits {
-    /// Puts client `slot`, caught up at `pos` in `stream`, into that stream's wait (once);
-    /// returns the wait's id.
-    fn join(&mut self, stream: &Arc<Stream>, pos: u64, slot: u32, waiting: u64) -> u64 {
-        let i = match self
-            .list
-            .iter()
-            .position(|w| Arc::ptr_eq(&w.stream, stream))
-        {
-            Some(i) => i,
-            None => {
-                self.next_id += 1;
-                self.list.push(Wait {
-                    id: self.next_id,
-                    stream: stream.clone(),
-                    at: pos,
-                    members: Vec::new(),
-                });
-                self.list.len() - 1
-            }
-        };
-        let w = &mut self.list[i];
-        w.at = w.at.min(pos);
-        if waiting != w.id {
-            w.members.push(slot);
-        }
-        w.id
-    }
-
-    /// Takes out every wait whose stream grew past it.
-    fn take_grown(&mut self) -> Vec<Wait> {
-        let mut grown = Vec::new();
-        let mut i = 0;
-        while i < self.list.len() {
-            if self.list[i].stream.end() > self.list[i].at {
-                grown.push(self.list.swap_remove(i));
+            if done(&self.list[i]) {
+                out.push(self.list.swap_remove(i));
             } else {
                 i += 1;
             }
         }
-        grown
+        out
     }
 
-    /// Drops members that left (and waits left empty, with their stream): a stream that never
-    /// grows must not collect the slots of every client that ever waited on it. `waiting`
-    /// gives the wait id of the client in a slot (None for an empty slot).
-    fn prune(&mut self, waiting: impl Fn(u32) -> Option<u64>) {
-        for w in &mut self.list {
-            w.members.retain(|&slot| waiting(slot) == Some(w.id));
+    /// Holds: takes out every hold that is due at `now` (all of them when lingering is off:
+    /// `linger` is None). Returns them, and the deadline of the earliest hold that keeps
+    /// waiting.
+    fn take_due(
+        &mut self,
+        linger: Option<Duration>,
+        now: Instant,
+    ) -> (Vec<Group>, Option<Instant>) {
+        let waiting_until = |h: &Group| {
+            let pending = h.stream.end().saturating_sub(h.low);
+            linger
+                .map(|wait| h.since + wait)
+                .filter(|&due| linger_holds(pending, due, now))
+        };
+        let next_due = self.list.iter().filter_map(waiting_until).min();
+        (self.take(|h| waiting_until(h).is_none()), next_due)
+    }
+
+    /// Waits: takes out every wait whose stream grew past it.
+    fn take_grown(&mut self) -> Vec<Group> {
+        self.take(|w| w.stream.end() > w.low)
+    }
+
+    /// Drops members that left (and groups left empty, with their stream): a stream that
+    /// never grows must not collect the slots of every client that ever waited on it.
+    /// `member_of` gives the group id of the client in a slot (None for an empty slot).
+    fn prune(&mut self, member_of: impl Fn(u32) -> Option<u64>) {
+        for g in &mut self.list {
+            g.members.retain(|&slot| member_of(slot) == Some(g.id));
         }
-        self.list.retain(|w| !w.members.is_empty());
+        self.list.retain(|g| !g.members.is_empty());
     }
 }
 
@@ -634,9 +590,9 @@ struct Worker {
     /// When the armed linger timeout fires (None = none armed).
     linger_armed: Option<Instant>,
     /// Thin-stream clients waiting to send, grouped by stream.
-    holds: Holds,
+    holds: Groups,
     /// Caught-up clients with nothing to send, grouped by stream.
-    waits: Waits,
+    waits: Groups,
 }
 
 impl Worker {
@@ -691,8 +647,8 @@ impl Worker {
             lingering,
             linger_ts: Box::new(types::Timespec::new()),
             linger_armed: None,
-            holds: Holds::default(),
-            waits: Waits::default(),
+            holds: Groups::default(),
+            waits: Groups::default(),
         })
     }
 
@@ -804,7 +760,11 @@ impl Worker {
                     } else if !matches!(c.linger, Linger::Held { .. }) {
                         // Caught up with its log (all `has_round_work` leaves): rounds skip
                         // it until the log grows.
-                        c.waiting = self.waits.join(&c.stream, c.pos, slot, c.waiting);
+                        let wait = self.waits.join(&c.stream, c.pos, started);
+                        if c.waiting != wait.id {
+                            c.waiting = wait.id;
+                            wait.members.push(slot);
+                        }
                     }
                 }
                 if let Some(due) = next_due {
@@ -1685,7 +1645,7 @@ impl Worker {
 fn linger_due(
     linger: Option<Duration>,
     hub: &Hub,
-    holds: &mut Holds,
+    holds: &mut Groups,
     c: &mut Client,
     slot: u32,
     end: u64,
@@ -2204,15 +2164,20 @@ mod tests {
         assert_eq!(next_round_at(t, Duration::ZERO, 0.5), t);
     }
 
+    /// Two empty logs in a fresh directory (removed by the caller).
+    fn two_streams(name: &str) -> (std::path::PathBuf, Arc<Stream>, Arc<Stream>) {
+        let dir = std::env::temp_dir().join(format!("jetrelay-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let open = |n: &str| Arc::new(Stream::create(n, &dir.join(n), 1 << 16).expect("stream"));
+        (dir.clone(), open("posts.log"), open("likes.log"))
+    }
+
     #[test]
     fn a_thin_streams_clients_share_one_hold_released_by_its_deadline_or_its_size() {
-        let dir = std::env::temp_dir().join(format!("jetrelay-holds-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let posts = Arc::new(Stream::create("posts", &dir.join("posts.log"), 1 << 16).unwrap());
-        let likes = Arc::new(Stream::create("likes", &dir.join("likes.log"), 1 << 16).unwrap());
+        let (dir, posts, likes) = two_streams("holds");
         let (t, ms) = (Instant::now(), Duration::from_millis);
         let wait = Some(ms(40));
-        let mut holds = Holds::default();
+        let mut holds = Groups::default();
         // Clients of one stream join one hold whenever they come: one deadline for all.
         let first = holds.join(&posts, 0, t);
         first.members.push(1);
@@ -2262,16 +2227,15 @@ mod tests {
 
     #[test]
     fn caught_up_clients_wait_per_stream_until_it_grows_and_leavers_are_pruned() {
-        let dir = std::env::temp_dir().join(format!("jetrelay-waits-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let posts = Arc::new(Stream::create("posts", &dir.join("posts.log"), 1 << 16).unwrap());
-        let likes = Arc::new(Stream::create("likes", &dir.join("likes.log"), 1 << 16).unwrap());
-        let mut waits = Waits::default();
-        let a = waits.join(&posts, 0, 1, 0);
-        assert_eq!(waits.join(&posts, 0, 2, 0), a, "one wait per stream");
-        assert_eq!(waits.join(&posts, 0, 2, a), a);
-        assert_eq!(waits.list[0].members, vec![1, 2], "a member is listed once");
-        let b = waits.join(&likes, 0, 3, 0);
+        let (dir, posts, likes) = two_streams("waits");
+        let t = Instant::now();
+        let mut waits = Groups::default();
+        let a = waits.join(&posts, 0, t).id;
+        waits.join(&posts, 0, t).members.extend([1, 2]);
+        assert_eq!(waits.join(&posts, 0, t).id, a, "one wait per stream");
+        let b = waits.join(&likes, 0, t);
+        b.members.push(3);
+        let b = b.id;
         assert_ne!(a, b);
         assert!(
             waits.take_grown().is_empty(),
@@ -2283,8 +2247,10 @@ mod tests {
         let grown = waits.take_grown();
         assert_eq!(grown.len(), 1, "only the stream that grew");
         assert_eq!((grown[0].id, grown[0].members.as_slice()), (a, &[1, 2][..]));
-        // Slot 3 left (or its slot went to another client): the likes wait is dropped.
-        let c = waits.join(&posts, end, 4, 0);
+        // Slot 3 left (or went to another client): the likes wait is dropped.
+        let c = waits.join(&posts, end, t);
+        c.members.push(4);
+        let c = c.id;
         waits.prune(|slot| match slot {
             3 => None,
             4 => Some(c),
