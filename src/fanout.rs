@@ -723,27 +723,23 @@ impl Worker {
                 // may start a round once the feed pauses.
                 let (released, next_due) = self.holds.take_due(self.linger(), started);
                 Counters::add(&self.hub.counters.linger_releases, released.len() as u64);
-                for hold in released {
-                    for slot in hold.members {
-                        if let Some(c) = self.slots[slot as usize].as_mut()
-                            && let Linger::Held { id, origin_us } = c.linger
-                            && id == hold.id
-                        {
+                offer_members(&mut self.slots, released, &mut idle, |c, hold| {
+                    match c.linger {
+                        Linger::Held { id, origin_us } if id == hold => {
                             c.linger = Linger::Released { origin_us };
-                            idle.push(slot);
+                            true
                         }
+                        _ => false,
                     }
-                }
-                for wait in self.waits.take_grown() {
-                    for slot in wait.members {
-                        if let Some(c) = self.slots[slot as usize].as_mut()
-                            && c.waiting == wait.id
-                        {
-                            c.waiting = 0;
-                            idle.push(slot);
-                        }
+                });
+                let grown = self.waits.take_grown();
+                offer_members(&mut self.slots, grown, &mut idle, |c, wait| {
+                    let member = c.waiting == wait;
+                    if member {
+                        c.waiting = 0;
                     }
-                }
+                    member
+                });
                 // Unpark everyone first, so that a slot listed twice (its previous occupant
                 // was parked too) is parked again only once.
                 for &slot in &idle {
@@ -1683,6 +1679,26 @@ fn linger_due(
 /// enough nor due.
 fn linger_holds(pending: u64, due: Instant, now: Instant) -> bool {
     pending < THIN_SEND_BYTES && now < due
+}
+
+/// Puts the members of `groups` taken out of a hold or wait on `walk`, the round's list of
+/// clients to offer work to. `leave(client, group id)` takes a client out of that group and
+/// says whether it was still in it (a listed slot may have changed hands since it joined).
+fn offer_members(
+    slots: &mut [Option<Client>],
+    groups: Vec<Group>,
+    walk: &mut Vec<u32>,
+    mut leave: impl FnMut(&mut Client, u64) -> bool,
+) {
+    for g in groups {
+        for slot in g.members {
+            if let Some(c) = slots.get_mut(slot as usize).and_then(|c| c.as_mut())
+                && leave(c, g.id)
+            {
+                walk.push(slot);
+            }
+        }
+    }
 }
 
 /// Parks a client until the next round (once, however often it is parked meanwhile).
