@@ -133,7 +133,7 @@ impl Default for RawSettings {
             max_inbound_rate: "2MiB".into(),
             max_lag: String::new(),
             fanout_duty: 0.5,
-            thin_linger: "40ms".into(),
+            thin_linger: "80ms".into(),
             thin_linger_load: 0.1,
         }
     }
@@ -559,8 +559,8 @@ mod tests {
             }
             .validate()
         };
-        let s = with("40ms", 0.1).unwrap();
-        assert_eq!(s.thin_linger, Duration::from_millis(40));
+        let s = with("80ms", 0.1).unwrap();
+        assert_eq!(s.thin_linger, Duration::from_millis(80));
         assert_eq!(with("0s", 0.0).unwrap().thin_linger, Duration::ZERO);
         for (linger, load, key) in [
             ("2s", 0.1, "`thin_linger`"),

@@ -33,6 +33,7 @@ use crate::frame::{InboundDecoder, InboundMessage, Opcode};
 use crate::hub::{Counters, Hub, ShapeClass, stored_payload_len};
 use crate::index::{COLLECTION_NONE, COLLECTION_UNKNOWN, EventPos};
 use crate::log::{NONE, Stream};
+use crate::routes::Routes;
 use crate::shapes::Shape;
 use crate::subscription::{MAX_OPTIONS_UPDATE_BYTES, SubscriberOptions};
 
@@ -288,7 +289,7 @@ struct Walker {
     next: EventPos,
     /// Filters.
     options: SubscriberOptions,
-    /// `did_hash` of each wanted DID, sorted (a hash match is confirmed on the JSON).
+    /// `did_hash` of each wanted DID, sorted and unique (a hash match is confirmed on the JSON).
     did_hashes: Vec<u32>,
     /// Per collection id: 0 = not yet evaluated, 1 = allowed, 2 = refused.
     collection_verdicts: Vec<u8>,
@@ -394,6 +395,10 @@ struct Client {
     waiting: u64,
     /// In the worker's idle list (waiting for a round) already.
     parked: bool,
+    /// Its registration in the worker's DID routes (0 = none; see [`crate::routes`]).
+    route: u32,
+    /// Parked on its DIDs: only an event with one of them wakes it (not in the idle list).
+    route_parked: bool,
 }
 
 impl Client {
@@ -593,6 +598,13 @@ struct Worker {
     holds: Groups,
     /// Caught-up clients with nothing to send, grouped by stream.
     waits: Groups,
+    /// Caught-up DID-filtered clients, by the DIDs they want: each new event is looked up
+    /// once instead of every such client walking it.
+    routes: Routes,
+    /// The next event to route: every event before it was looked up in `routes`. A client
+    /// parks on its DIDs only from here on, so no event between its walk and its wake-up
+    /// goes unseen.
+    route_cursor: EventPos,
 }
 
 impl Worker {
@@ -614,6 +626,7 @@ impl Worker {
             pipes.push(Pipe { r, w });
         }
         let lingering = linger_gate(false, 0.0, &policy);
+        let route_cursor = hub.index().end_pos();
         Ok(Worker {
             id,
             hub,
@@ -649,6 +662,8 @@ impl Worker {
             linger_armed: None,
             holds: Groups::default(),
             waits: Groups::default(),
+            routes: Routes::default(),
+            route_cursor,
         })
     }
 
@@ -718,6 +733,7 @@ impl Worker {
                 // each round was a tenth of a worker's CPU with 1,000 filtered clients at
                 // 500 ev/s).
                 let mut idle = std::mem::take(&mut self.idle);
+                self.route_new_events(&mut idle);
                 // The members of due holds are offered work with the idle clients. The
                 // earliest hold that keeps waiting: the timer must cover it, as nothing else
                 // may start a round once the feed pauses.
@@ -798,6 +814,55 @@ impl Worker {
             self.round_busy += busy;
             self.tick_busy += busy;
         }
+    }
+
+    /// Looks up every event appended since the last round in the DID routes and puts the
+    /// parked clients that want one of them on `walk`, each moved straight to its first such
+    /// event: every event it skips was routed while it was parked, so none of them is for it.
+    fn route_new_events(&mut self, walk: &mut Vec<u32>) {
+        let index = self.hub.index();
+        let end = index.end_pos();
+        let mut from = self.route_cursor;
+        if self.routes.is_empty() || from.seq >= end.seq {
+            self.route_cursor = end;
+            return;
+        }
+        let start = index.start_pos();
+        if from.seq < start.seq {
+            // Retention overtook the cursor (a stalled worker): events went unrouted, so every
+            // parked walker walks again, and one that was behind them is kicked as it would
+            // be without routing.
+            for (slot, c) in self.slots.iter_mut().enumerate() {
+                if let Some(c) = c.as_mut().filter(|c| c.route_parked) {
+                    c.route_parked = false;
+                    walk.push(slot as u32);
+                }
+            }
+            from = start;
+        }
+        let (routes, slots) = (&self.routes, &mut self.slots);
+        let mut wakes = 0;
+        index.walk(from, usize::MAX, |pos, e| {
+            for r in routes.hits(e.did_hash) {
+                let Some(c) = slots.get_mut(r.slot as usize).and_then(|c| c.as_mut()) else {
+                    continue;
+                };
+                if c.route != r.token || !c.route_parked {
+                    continue;
+                }
+                c.route_parked = false;
+                wakes += 1;
+                if let Source::Filtered(w) = &mut c.source
+                    && w.next.seq < pos.seq
+                {
+                    w.next = pos;
+                }
+                walk.push(r.slot);
+            }
+            true
+        });
+        self.route_cursor = end;
+        Counters::add(&self.hub.counters.did_wakes, wakes);
     }
 
     /// Pacing under load. A round of live sends costs the worker `round_busy`; the next round
@@ -921,6 +986,8 @@ impl Worker {
             linger: Linger::Off,
             waiting: 0,
             parked: false,
+            route: 0,
+            route_parked: false,
         };
         tracing::debug!(worker = self.id, peer = %client.peer, compressed = client.compressed, "client attached");
         let fd = client.fd.as_raw_fd();
@@ -995,6 +1062,8 @@ impl Worker {
         let Some(c) = self.slots[slot as usize].as_mut() else {
             return false;
         };
+        // Served for another reason (a control frame, options, a close): it re-parks when done.
+        c.route_parked = false;
         if c.busy || c.blocked || c.shut {
             return false;
         }
@@ -1017,6 +1086,7 @@ impl Worker {
             if let Some(opts) = c.pending_options.take() {
                 match switch_point(&hub, c) {
                     Some(next) => {
+                        unroute(&mut self.routes, c);
                         apply_options(&hub, self.id, c, opts, next);
                         c.caught_up_round = NEVER;
                     }
@@ -1067,7 +1137,7 @@ impl Worker {
             }
             if c.caught_up_round == round {
                 // Already handed everything this round had; the next round brings the rest.
-                park(&mut self.idle, c, slot);
+                park_caught_up(&mut self.idle, &mut self.routes, self.route_cursor, c, slot);
                 return false;
             }
             // A walker that reached its shape's start switches to the shape's log.
@@ -1132,7 +1202,7 @@ impl Worker {
                 }
             }
             if c.pos == c.boundary {
-                park(&mut self.idle, c, slot);
+                park_caught_up(&mut self.idle, &mut self.routes, self.route_cursor, c, slot);
                 return false;
             }
             c.range_appended_us = origin_us;
@@ -1536,7 +1606,8 @@ impl Worker {
             return;
         }
         self.release_pipe(slot);
-        if let Some(c) = self.slots[slot as usize].take() {
+        if let Some(mut c) = self.slots[slot as usize].take() {
+            unroute(&mut self.routes, &mut c);
             if let Some(ip) = c.counted_ip {
                 self.hub.limits.release(ip);
             }
@@ -1563,6 +1634,15 @@ impl Worker {
             let Some(c) = self.slots[slot as usize].as_mut() else {
                 continue;
             };
+            // A client parked on its DIDs was not woken by any event routed since it parked:
+            // none of them is for it, so its walk is at the routing cursor (its retention and
+            // lag checks, and `worker_low`, must not see a stale position).
+            if c.route_parked
+                && let Source::Filtered(w) = &mut c.source
+                && w.next.seq < self.route_cursor.seq
+            {
+                w.next = self.route_cursor;
+            }
             if let Some((_, since)) = c.closing {
                 let fin_expired = c.fin_at.is_some_and(|t| now.duration_since(t) > FIN_GRACE);
                 if (fin_expired || now.duration_since(since) > CLOSE_GRACE) && !c.shut {
@@ -1625,6 +1705,12 @@ impl Worker {
         }
         self.known_streams = lows.into_iter().map(|(st, _)| st).collect();
         let slots = &self.slots;
+        self.routes.compact(|r| {
+            slots
+                .get(r.slot as usize)
+                .and_then(|c| c.as_ref())
+                .is_some_and(|c| c.route == r.token)
+        });
         self.waits.prune(|slot| {
             slots
                 .get(slot as usize)
@@ -1707,6 +1793,44 @@ fn park(idle: &mut Vec<u32>, c: &mut Client, slot: u32) {
         c.parked = true;
         idle.push(slot);
     }
+}
+
+/// Parks a client with nothing to send: a DID-filtered walker on its DIDs (registering them
+/// the first time), so that only an event with one of them wakes it; anyone else until the
+/// next round. A walker parks on its DIDs only if every event from its position on is still
+/// to be routed (`route_cursor` is not past it), else an event could slip by unseen.
+fn park_caught_up(
+    idle: &mut Vec<u32>,
+    routes: &mut Routes,
+    route_cursor: EventPos,
+    c: &mut Client,
+    slot: u32,
+) {
+    if let Source::Filtered(w) = &c.source
+        && c.shape.is_none()
+        && !w.did_hashes.is_empty()
+        && c.pos == c.boundary
+        && w.next.seq >= route_cursor.seq
+    {
+        if c.route == 0 {
+            c.route = routes.register(slot, &w.did_hashes);
+        }
+        c.route_parked = true;
+        return;
+    }
+    park(idle, c, slot);
+}
+
+/// Takes a client out of the DID routes (it leaves or changes its filter): its entries go
+/// stale.
+fn unroute(routes: &mut Routes, c: &mut Client) {
+    if c.route != 0 {
+        if let Source::Filtered(w) = &c.source {
+            routes.forget(w.did_hashes.len());
+        }
+        c.route = 0;
+    }
+    c.route_parked = false;
 }
 
 /// Whether a new round has anything for a parked client. Only a caught-up client of a shared
@@ -2012,6 +2136,7 @@ impl Walker {
             .map(|d| crate::event::did_hash(d))
             .collect();
         did_hashes.sort_unstable();
+        did_hashes.dedup();
         Walker {
             next,
             options,

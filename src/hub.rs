@@ -71,6 +71,8 @@ pub struct Counters {
     pub lingered_sends: AtomicU64,
     /// Holds of lingering clients released (each lets its members' sends go in one round).
     pub linger_releases: AtomicU64,
+    /// Parked DID-filtered clients woken because a new event has one of their DIDs' hashes.
+    pub did_wakes: AtomicU64,
     /// Append → handed to the socket, recorded once per completed send range.
     pub delivery_latency: LatencyHistogram,
 }

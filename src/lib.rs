@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mock;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod routes;
 pub mod shapes;
 pub mod subscription;
 pub mod swarm;

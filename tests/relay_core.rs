@@ -507,3 +507,79 @@ fn lingering_sends_go_out_when_the_feed_pauses() {
         "byte-exact"
     );
 }
+
+/// DID-filtered clients park on their DIDs: each new event is looked up once by its DID and
+/// wakes only the clients that want it, instead of every DID client walking every event. The
+/// swarm checks each client still gets exactly its DIDs' events, in order, byte-exact; the
+/// wake-ups stay in proportion to what is delivered (walking would be clients × events); and
+/// clients whose DIDs never appear stay connected while retention punches the log under them.
+#[test]
+fn did_filtered_clients_wake_only_for_their_dids_and_survive_retention() {
+    // 2,000 ev/s over 2,000 DIDs: each DID about once a second. 4 MiB of disk keeps about
+    // 2.5 s of events, so the run punches the log several times over.
+    let population = 2000u64;
+    let mock = Mock::start(2000, &["--dids", &population.to_string()]);
+    let dir = temp_dir("did-routes");
+    let relay = Relay::start(&mock.url(), &dir, &["--workers", "1", "--max-disk", "4MiB"]);
+    let g = jetrelay::mock::Generator::new(7, population);
+    // 40 filters of 5 DIDs that appear, and 10 of 3 DIDs outside the population (never seen).
+    let mut urls: Vec<String> = (0..40u64)
+        .map(|f| {
+            let q: Vec<String> = (0..5)
+                .map(|k| format!("wantedDids={}", g.did_by_index(f * 5 + k)))
+                .collect();
+            relay.url(&q.join("&"))
+        })
+        .collect();
+    urls.extend((0..10u64).map(|f| {
+        let q: Vec<String> = (0..3)
+            .map(|k| format!("wantedDids={}", g.did_by_index(population + f * 3 + k)))
+            .collect();
+        relay.url(&q.join("&"))
+    }));
+    let mut args: Vec<&str> = Vec::new();
+    for url in &urls {
+        args.extend(["--url", url.as_str()]);
+    }
+    args.extend([
+        "--dids",
+        "2000",
+        "--clients",
+        "200",
+        "--duration",
+        "8s",
+        "--expect-connected",
+        "200",
+        "--expect-in-order",
+    ]);
+    let report = swarm_ok(&args);
+    let metrics = |name: &str| counter(&relay, name);
+    let wakes = metrics("jetrelay_fanout_did_wakes_total");
+    let delivered = metrics("jetrelay_events_delivered_total");
+    let appended = metrics("jetrelay_upstream_events_appended_total");
+    let punches = metrics("jetrelay_retention_punches_total");
+    eprintln!(
+        "{wakes} wakes, {delivered} events delivered, {appended} appended, {punches} punches; \
+         swarm {report}"
+    );
+    // 160 clients × 5 DIDs × ~8 s: some 6,000 events delivered. Walking would have served
+    // every client for every event (200 × ~16,000).
+    assert!(delivered > 2000.0, "{delivered} events delivered");
+    assert!(
+        wakes > 0.0,
+        "clients parked on their DIDs are woken by them"
+    );
+    assert!(
+        wakes <= 1.5 * delivered + 200.0,
+        "{wakes} wake-ups for {delivered} events delivered"
+    );
+    assert!(punches > 0.0, "retention punched the log meanwhile");
+    let log = relay.log_text();
+    assert!(
+        !log.contains("fell behind retention"),
+        "a parked DID client was kicked by retention"
+    );
+    let kicked = metrics_support::Scrape::parse(&http_get(relay.metrics_port, "/metrics").1)
+        .must("jetrelay_clients_kicked_total", &[("reason", "retention")]);
+    assert_eq!(kicked, 0.0, "no client was kicked by retention");
+}

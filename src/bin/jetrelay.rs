@@ -104,7 +104,7 @@ struct Flags {
     #[serde(skip_serializing_if = "Option::is_none")]
     fanout_duty: Option<f64>,
     /// Longest a send to a filtered or compressed client waits, under load, to carry at least
-    /// 4 KiB: fewer, larger sends for thin streams. 0s = never [default: 40ms].
+    /// 4 KiB: fewer, larger sends for thin streams. 0s = never [default: 80ms].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     thin_linger: Option<String>,

@@ -433,6 +433,14 @@ fn register_workers(meter: &Meter, hub: &Arc<Hub>) {
         "Releases of a thin stream's lingering clients: all of a stream's held sends go out together (sends lingered ÷ releases = clients per release).",
         |c| &c.linger_releases,
     );
+    counter(
+        meter,
+        hub,
+        "jetrelay.fanout.did.wakes",
+        "{wake}",
+        "DID-filtered clients woken because a new event carries one of their DIDs (each new event is looked up once; a caught-up DID client costs nothing until then).",
+        |c| &c.did_wakes,
+    );
 }
 
 #[cfg(test)]
