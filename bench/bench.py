@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -344,6 +345,9 @@ def main():
     ap.add_argument("--relay-arg", action="append", default=[],
                     help="extra relay argument for every scenario (repeatable), "
                          "e.g. --relay-arg=--fanout-duty=1")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the scenario list this many times (passes); with subs-full in "
+                         "it, also print each pass's ratios to it and their medians")
     args = ap.parse_args()
     names = args.only or list(SCENARIOS)
     log = open(os.path.join(tempfile.gettempdir(), "jetrelay-bench.log"), "w")
@@ -358,7 +362,20 @@ def main():
             "clients_behind", "rss_mib", "fds_per_client"]
     print(" | ".join(cols))
     results = []
-    idle_cpu = {}  # rate -> relay CPU % with no clients, from an idle-… row of this run
+    passes = []  # per pass: scenario name -> result
+    for _ in range(max(1, args.repeat)):
+        passes.append(run_pass(names, args, ref, log, cols, results))
+    if len(passes) > 1 or "subs-full" in names:
+        print_ratios(passes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"iperf3_gbps": ref, "results": results}, f, indent=2)
+
+
+def run_pass(names, args, ref, log, cols, results):
+    """Runs each named scenario once and prints its row; returns name -> result."""
+    by_name = {}
+    idle_cpu = {}  # rate -> relay CPU % with no clients, from an idle-… row of this pass
     for n in names:
         sc = SCENARIOS[n]()
         if isinstance(sc, Floor):
@@ -389,10 +406,33 @@ def main():
         if "us_per_send" in r:
             extra = f" | bare sender {r['us_per_send']} µs/send"
         results.append(r)
+        by_name[n] = r
         print(" | ".join(str(r.get(c)) for c in cols) + extra, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"iperf3_gbps": ref, "results": results}, f, indent=2)
+    return by_name
+
+
+def print_ratios(passes):
+    """Issue 3's figures against the full stream of the same pass (absolute figures move
+    between passes on a shared host; a pass's ratios do not move as much), then the median
+    over passes."""
+    rows = {}
+    for p in passes:
+        full = p.get("subs-full")
+        if not full or not full.get("cpu_s_per_gb"):
+            continue
+        for n in ("subs-post", "subs-post-linger-40", "subs-10-shapes", "subs-compress"):
+            if p.get(n, {}).get("cpu_s_per_gb"):
+                rows.setdefault(f"{n} CPU/GB ÷ full (≤ 1.5)", []).append(
+                    p[n]["cpu_s_per_gb"] / full["cpu_s_per_gb"])
+        if p.get("subs-compress", {}).get("gbps") and full.get("gbps"):
+            rows.setdefault("subs-compress bytes ÷ full (≤ 0.45)", []).append(
+                p["subs-compress"]["gbps"] / full["gbps"])
+        if p.get("subs-100-dids", {}).get("relay_cpu_pct") is not None:
+            rows.setdefault("subs-100-dids CPU ÷ full CPU (≤ 1)", []).append(
+                p["subs-100-dids"]["relay_cpu_pct"] / full["relay_cpu_pct"])
+    for what, vals in rows.items():
+        each = " ".join(f"{v:.3f}" for v in vals)
+        print(f"{what}: median {statistics.median(vals):.3f} (passes: {each})")
 
 
 if __name__ == "__main__":
