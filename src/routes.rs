@@ -68,7 +68,8 @@ impl Routes {
         self.by_hash.get(&hash).map_or(&[], |v| v.as_slice())
     }
 
-    /// Whether no client is registered (then routing can skip the walk).
+    /// Whether no live registration is left (then routing can skip the walk); stale entries
+    /// may still be held until [`Routes::compact`].
     pub fn is_empty(&self) -> bool {
         self.entries == self.stale
     }
@@ -90,8 +91,9 @@ impl Routes {
         self.stale = 0;
     }
 
-    /// Entries held, stale ones included (for tests and assertions).
-    pub fn len(&self) -> usize {
+    /// Entries held, stale ones included (not `len`: a `Routes` with only stale entries is
+    /// empty but still holds them).
+    pub fn entries(&self) -> usize {
         self.entries
     }
 }
@@ -114,7 +116,7 @@ mod tests {
             &[Route { slot: 1, token: a }, Route { slot: 2, token: b }]
         );
         assert!(r.hits(40).is_empty());
-        assert_eq!(r.len(), 4);
+        assert_eq!(r.entries(), 4);
         assert!(!r.is_empty());
     }
 
@@ -132,9 +134,9 @@ mod tests {
             8 => route.token == kept,
             _ => false,
         };
-        assert_eq!(r.len(), hashes.len() + 3);
+        assert_eq!(r.entries(), hashes.len() + 3);
         r.compact(live);
-        assert_eq!(r.len(), 3, "only the live registrations remain");
+        assert_eq!(r.entries(), 3, "only the live registrations remain");
         assert_eq!(
             r.hits(1),
             &[Route {
@@ -160,7 +162,7 @@ mod tests {
         assert!(r.is_empty());
         r.compact(|_| false);
         assert_eq!(
-            r.len(),
+            r.entries(),
             3,
             "below COMPACT_MIN_STALE compaction does not pay"
         );
