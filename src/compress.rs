@@ -1,4 +1,5 @@
-//! Per-event zstd compression with the official Jetstream v1 dictionary.
+//! Per-event zstd compression with the official Jetstream dictionaries: the v1 one for
+//! `/subscribe?compress=true`, the v2 one for `subscribeEvents?zstdDictionary=<id>`.
 //!
 //! A client that asks for `compress=true` (or sends `Socket-Encoding: zstd`) receives every event
 //! as its own zstd frame in a binary WebSocket message, compressed with a dictionary that real
@@ -27,6 +28,38 @@ use zstd::dict::DecoderDictionary;
 /// The dictionary Jetstream v1 uses for `compress=true` (112,640 bytes, dictionary ID
 /// 1612007021); clients decode with the same file.
 pub static DICTIONARY: &[u8] = include_bytes!("../assets/zstd_dictionary");
+
+/// The dictionary of the v2 stream (`subscribeEvents?zstdDictionary=20260811`, served by
+/// `getZstdDictionary`; 65,536 bytes, trained on v2 message frames).
+pub static DICTIONARY_V2: &[u8] = include_bytes!("../assets/zstd_dictionary_v2");
+
+/// Which wire's dictionary a compressor uses. The two are not interchangeable: each frame names
+/// its dictionary by ID and a client holds only the one its wire defines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dictionary {
+    /// `/subscribe` (`compress=true` / `Socket-Encoding: zstd`), ID 1612007021.
+    V1,
+    /// `subscribeEvents` (`zstdDictionary=20260811`), ID 20260811.
+    V2,
+}
+
+impl Dictionary {
+    /// The raw dictionary file (what clients load; what `getZstdDictionary` serves for V2).
+    pub fn bytes(self) -> &'static [u8] {
+        match self {
+            Dictionary::V1 => DICTIONARY,
+            Dictionary::V2 => DICTIONARY_V2,
+        }
+    }
+
+    /// The zstd dictionary ID in the file's header (and in every frame made with it).
+    pub fn id(self) -> u32 {
+        match self {
+            Dictionary::V1 => 1_612_007_021,
+            Dictionary::V2 => 20_260_811,
+        }
+    }
+}
 
 /// Compression level of the official server (klauspost's default ≈ zstd level 3).
 pub const LEVEL: i32 = 3;
@@ -61,9 +94,14 @@ pub enum CompressError {
 
 /// The digested decoder dictionary, built once per process: digesting costs ~1 ms and the
 /// result is immutable and shareable between threads.
-fn decoder_dictionary() -> &'static DecoderDictionary<'static> {
-    static DICT: OnceLock<DecoderDictionary<'static>> = OnceLock::new();
-    DICT.get_or_init(|| DecoderDictionary::new(DICTIONARY))
+fn decoder_dictionary(dictionary: Dictionary) -> &'static DecoderDictionary<'static> {
+    static V1: OnceLock<DecoderDictionary<'static>> = OnceLock::new();
+    static V2: OnceLock<DecoderDictionary<'static>> = OnceLock::new();
+    let cell = match dictionary {
+        Dictionary::V1 => &V1,
+        Dictionary::V2 => &V2,
+    };
+    cell.get_or_init(|| DecoderDictionary::new(dictionary.bytes()))
 }
 
 /// Compresses events one by one into standalone frames. One per thread: it owns a zstd
@@ -74,8 +112,13 @@ pub struct EventCompressor {
 }
 
 impl EventCompressor {
-    /// Creates a compressor with the official dictionary and [`MATCH_TABLE_LOG`]-sized tables.
+    /// Creates a compressor with the v1 dictionary and [`MATCH_TABLE_LOG`]-sized tables.
     pub fn new() -> Result<Self, CompressError> {
+        Self::with_dictionary(Dictionary::V1)
+    }
+
+    /// Creates a compressor with `dictionary` and [`MATCH_TABLE_LOG`]-sized tables.
+    pub fn with_dictionary(dictionary: Dictionary) -> Result<Self, CompressError> {
         let mut inner = zstd::bulk::Compressor::new(LEVEL).map_err(CompressError::Setup)?;
         for param in [
             zstd::zstd_safe::CParameter::HashLog(MATCH_TABLE_LOG),
@@ -88,7 +131,7 @@ impl EventCompressor {
         }
         // Loaded after the parameters: zstd digests the dictionary with them on first use.
         inner
-            .set_dictionary(LEVEL, DICTIONARY)
+            .set_dictionary(LEVEL, dictionary.bytes())
             .map_err(CompressError::Setup)?;
         Ok(Self { inner })
     }
@@ -122,9 +165,14 @@ pub struct EventDecompressor {
 }
 
 impl EventDecompressor {
-    /// Creates a decompressor with the shared prepared dictionary.
+    /// Creates a decompressor with the shared prepared v1 dictionary.
     pub fn new() -> Result<Self, CompressError> {
-        zstd::bulk::Decompressor::with_prepared_dictionary(decoder_dictionary())
+        Self::with_dictionary(Dictionary::V1)
+    }
+
+    /// Creates a decompressor with the shared prepared `dictionary`.
+    pub fn with_dictionary(dictionary: Dictionary) -> Result<Self, CompressError> {
+        zstd::bulk::Decompressor::with_prepared_dictionary(decoder_dictionary(dictionary))
             .map(|inner| Self { inner })
             .map_err(CompressError::Setup)
     }
@@ -253,6 +301,59 @@ mod tests {
         assert!(d.decompress(truncated, 1 << 20).is_err());
         // The context is still usable after errors.
         assert_eq!(d.decompress(&frame, event.len()).unwrap(), event);
+    }
+
+    /// The v2 dictionary: every sample event's v2 message frame compresses to one standalone
+    /// frame naming dictionary 20260811 that a fresh decoder holding only the v2 file turns back
+    /// into exactly the text frame; the v1 dictionary cannot decode it.
+    #[test]
+    fn v2_frames_round_trip_with_the_v2_dictionary_only() {
+        assert_eq!(
+            &DICTIONARY_V2[..4],
+            &[0x37, 0xa4, 0x30, 0xec],
+            "zstd dictionary magic"
+        );
+        assert_eq!(
+            u32::from_le_bytes([
+                DICTIONARY_V2[4],
+                DICTIONARY_V2[5],
+                DICTIONARY_V2[6],
+                DICTIONARY_V2[7]
+            ]),
+            Dictionary::V2.id()
+        );
+        assert_eq!(
+            u32::from_le_bytes([DICTIONARY[4], DICTIONARY[5], DICTIONARY[6], DICTIONARY[7]]),
+            Dictionary::V1.id()
+        );
+        let mut c = EventCompressor::with_dictionary(Dictionary::V2).unwrap();
+        let mut d = EventDecompressor::with_dictionary(Dictionary::V2).unwrap();
+        let mut v1_decoder = EventDecompressor::new().unwrap();
+        let (mut plain, mut packed) = (0usize, 0usize);
+        for (i, event) in events().into_iter().enumerate() {
+            let mut text = Vec::new();
+            crate::wire::v1_to_v2(event, 1_000 + i as u64, 1_783_175_889_000_000, &mut text)
+                .unwrap();
+            let mut frame = Vec::new();
+            c.compress(&text, &mut frame).unwrap();
+            assert_eq!(
+                zstd::zstd_safe::get_dict_id_from_frame(&frame).map(u32::from),
+                Some(Dictionary::V2.id())
+            );
+            let mut fresh = zstd::stream::read::Decoder::with_dictionary(&frame[..], DICTIONARY_V2)
+                .expect("decoder");
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut fresh, &mut out).expect("frame decodes");
+            assert_eq!(out, text);
+            assert_eq!(d.decompress(&frame, text.len()).unwrap(), text);
+            assert!(v1_decoder.decompress(&frame, 1 << 20).is_err());
+            plain += text.len();
+            packed += frame.len();
+        }
+        let ratio = packed as f64 / plain as f64;
+        println!("v2 zstd+dictionary: ratio {:.1}%", ratio * 100.0);
+        // Bluesky reports ~3x on the v2 wire; the sample must come out well under half.
+        assert!(ratio <= 0.45, "ratio {ratio:.3}");
     }
 
     #[test]

@@ -323,6 +323,22 @@ pub fn simple_response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> 
     response(status, content_type, "close", &[], body)
 }
 
+/// A plain response with extra headers (`ETag`, `Cache-Control`, …) and `Connection: close`;
+/// `head_only` answers a `HEAD`: the same headers (Content-Length of `body`), no body.
+pub fn response_with_headers(
+    status: u16,
+    content_type: &str,
+    extra_headers: &[(&str, &str)],
+    body: &[u8],
+    head_only: bool,
+) -> Vec<u8> {
+    let mut out = response(status, content_type, "close", extra_headers, body);
+    if head_only {
+        out.truncate(out.len() - body.len());
+    }
+    out
+}
+
 fn response(
     status: u16,
     content_type: &str,
@@ -349,6 +365,7 @@ fn status_text(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         204 => "No Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",

@@ -20,4 +20,5 @@ pub mod subscription;
 pub mod swarm;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 pub mod writer;
