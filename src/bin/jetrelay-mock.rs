@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use jetrelay::mock::{self, MockConfig};
+use jetrelay::mock::{self, MockConfig, Wire};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,9 +10,21 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(name = "jetrelay-mock", version)]
 struct Args {
-    /// Address to listen on (GET /subscribe, /stats, /drop, /).
+    /// Address to listen on (GET /subscribe, /stats, /drop, /; with --wire v2 also
+    /// /xrpc/network.bsky.jetstream.subscribeEvents and .getZstdDictionary).
     #[arg(long, default_value = mock::DEFAULT_LISTEN)]
     listen: SocketAddr,
+    /// Wire of --listen: legacy (v1, no cursor fields), cursor (v1 with seq cursors), v2 (a
+    /// 2026 host: cursor /subscribe plus subscribeEvents and getZstdDictionary).
+    #[arg(long, default_value = "legacy")]
+    wire: Wire,
+    /// Another listener over the same event stream, as ADDR=WIRE (repeatable).
+    #[arg(long, value_parser = parse_listener)]
+    also_listen: Vec<(SocketAddr, Wire)>,
+    /// Wire seq of event number N is N + this (seq 0 is never assigned by default); give two
+    /// mocks different offsets to model instance-local sequences.
+    #[arg(long, default_value_t = mock::DEFAULT_SEQ_OFFSET)]
+    seq_offset: u64,
     /// Events per second (0 = as fast as subscribers consume).
     #[arg(long, default_value_t = mock::DEFAULT_RATE)]
     rate: u64,
@@ -49,6 +61,16 @@ struct Args {
     print_dids: Option<u64>,
 }
 
+fn parse_listener(s: &str) -> Result<(SocketAddr, Wire), String> {
+    let (addr, wire) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected ADDR=WIRE, got {s:?}"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?;
+    Ok((addr, wire.parse()?))
+}
+
 fn parse_dur(s: &str) -> Result<Duration, String> {
     mock::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -82,9 +104,14 @@ fn main() -> anyhow::Result<()> {
         time_jitter_ms: a.time_jitter_ms,
         ping_interval: a.ping_interval,
         start_immediately: a.start_immediately,
+        wire: a.wire,
+        also_listen: a.also_listen,
+        seq_offset: a.seq_offset,
     };
     let handle = mock::spawn(config).with_context(|| format!("starting mock on {}", a.listen))?;
-    tracing::info!(addr = %handle.local_addr(), "ready");
+    for (addr, wire) in handle.local_addrs() {
+        tracing::info!(%addr, wire = wire.as_str(), "ready");
+    }
     wait_for_signal();
     tracing::info!(events = handle.seq(), "stopping");
     drop(handle);

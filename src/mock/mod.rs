@@ -10,6 +10,14 @@
 //! The schedule starts when the first subscriber connects (unless `start_immediately`), and then
 //! runs regardless of who is connected, like a real upstream.
 //!
+//! Each listener speaks one [`Wire`], so one mock can be a legacy v1 host, a host whose
+//! `/subscribe` carries sequence cursors, or a 2026 v2 host (both endpoints plus
+//! `getZstdDictionary`), or several of these at once over the same event stream (`also_listen`).
+//! The wire seq of event number `n` is `n + seq_offset` (default 1: like the official server,
+//! seq 0 is never assigned); a second mock with another offset models another instance's
+//! instance-local numbering. Every v2 detail (query errors, frames, compression) comes from
+//! [`crate::wire`], the module the relay uses.
+//!
 //! Fault injection: `drop_connections()` / `GET /drop` / `drop_every` close subscriber TCP
 //! connections abruptly (no close frame); `malformed_every` interleaves messages a relay must
 //! survive (invalid JSON, JSON without `time_us`, a binary frame, a 2 MiB text frame). Those carry
@@ -36,6 +44,53 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:6010";
 
 /// Default `--rate` (events/s).
 pub const DEFAULT_RATE: u64 = 500;
+
+/// Default `--seq-offset`: seq 0 is never assigned, as on the official server.
+pub const DEFAULT_SEQ_OFFSET: u64 = 1;
+
+/// What one listener of the mock serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// A frozen legacy host (`jetstream1.…`): `/subscribe` without `cursor` fields, `?cursor=`
+    /// is unix µs against `time_us`; no `/xrpc/…` endpoints.
+    Legacy,
+    /// `/subscribe` with each event's seq as `"cursor"`; `?cursor=` below 10^15 resumes by seq
+    /// (inclusive, silently clamped to the oldest retained), above by witness time.
+    Cursor,
+    /// A 2026 host: [`Wire::Cursor`]'s `/subscribe` plus `subscribeEvents` and
+    /// `getZstdDictionary`.
+    V2,
+}
+
+impl Wire {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wire::Legacy => "legacy",
+            Wire::Cursor => "cursor",
+            Wire::V2 => "v2",
+        }
+    }
+
+    /// Whether `/subscribe` frames carry `cursor` and `?cursor=` below 10^15 is a seq.
+    pub fn has_seq(self) -> bool {
+        self != Wire::Legacy
+    }
+}
+
+impl std::str::FromStr for Wire {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "legacy" => Ok(Wire::Legacy),
+            "cursor" => Ok(Wire::Cursor),
+            "v2" => Ok(Wire::V2),
+            _ => Err(format!(
+                "unknown wire {s:?} (expected legacy, cursor or v2)"
+            )),
+        }
+    }
+}
 
 /// Default `--history` (events kept for cursor replay).
 pub const DEFAULT_HISTORY: usize = 2_000_000;
@@ -74,6 +129,12 @@ pub struct MockConfig {
     /// the stream begins when someone listens, so a relay started after the mock still sees
     /// seq 0 live and `count` bounds exactly what it receives.
     pub start_immediately: bool,
+    /// The wire of the `listen` address.
+    pub wire: Wire,
+    /// More listeners over the same event stream, each with its own wire.
+    pub also_listen: Vec<(SocketAddr, Wire)>,
+    /// Wire seq of event number `n` is `n + seq_offset`.
+    pub seq_offset: u64,
 }
 
 impl Default for MockConfig {
@@ -90,6 +151,9 @@ impl Default for MockConfig {
             time_jitter_ms: 0,
             ping_interval: DEFAULT_PING_INTERVAL,
             start_immediately: false,
+            wire: Wire::Legacy,
+            also_listen: Vec::new(),
+            seq_offset: DEFAULT_SEQ_OFFSET,
         }
     }
 }
@@ -180,15 +244,20 @@ impl MalformedKind {
 /// `time_us` for event `seq` emitted at `now_us`: jittered backwards for ~30% of events when
 /// `jitter_ms > 0`, deterministically from `(seed, seq)` so tests can predict it.
 pub fn jittered_time(seed: u64, seq: u64, now_us: i64, jitter_ms: u64) -> i64 {
+    now_us - jitter_back_us(seed, seq, jitter_ms)
+}
+
+/// How far `time_us` of event `seq` lies before its emission (witness) time: the inverse of
+/// [`jittered_time`], so the v2 wire's `witnessedAt` is `time_us + jitter_back_us(…)`.
+pub fn jitter_back_us(seed: u64, seq: u64, jitter_ms: u64) -> i64 {
     if jitter_ms == 0 {
-        return now_us;
+        return 0;
     }
     let h = mix64(seq ^ mix64(seed ^ 0x1177e4));
     if h % 10 >= 3 {
-        return now_us;
+        return 0;
     }
-    let back = (h >> 8) % (jitter_ms * 1000);
-    now_us - back as i64
+    ((h >> 8) % (jitter_ms * 1000)) as i64
 }
 
 #[cfg(test)]

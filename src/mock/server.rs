@@ -1,7 +1,9 @@
 //! The mock's threads: an accept loop, a generator on an absolute schedule, and one thread per
 //! HTTP connection / WebSocket subscriber, all sharing a history ring under one mutex.
 
-use super::{Generator, MalformedKind, MockConfig, MockError, jittered_time};
+use super::{Generator, MalformedKind, MockConfig, MockError, Wire, jitter_back_us, jittered_time};
+use crate::compress::{Dictionary, EventCompressor};
+use crate::wire::{self, Cursor, MessageKind, SubscribeEventsParams, XrpcError};
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -148,16 +150,21 @@ impl Shared {
 pub struct MockHandle {
     /// Shared state.
     shared: Arc<Shared>,
-    /// Bound address.
-    addr: SocketAddr,
+    /// Bound addresses and their wires; the first is `MockConfig::listen`.
+    addrs: Vec<(SocketAddr, Wire)>,
     /// Accept loop and generator.
     threads: Vec<JoinHandle<()>>,
 }
 
 impl MockHandle {
-    /// The address the mock listens on.
+    /// The address the mock listens on (`MockConfig::listen`).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0].0
+    }
+
+    /// Every listener's address and wire, `MockConfig::listen` first.
+    pub fn local_addrs(&self) -> &[(SocketAddr, Wire)] {
+        &self.addrs
     }
 
     /// Abruptly closes every subscriber connection (no close frame); returns how many.
@@ -210,9 +217,15 @@ impl Drop for MockHandle {
 
 /// Starts a mock upstream.
 pub fn spawn(config: MockConfig) -> Result<MockHandle, MockError> {
-    let listener = TcpListener::bind(config.listen)?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
+    let mut listeners = Vec::with_capacity(1 + config.also_listen.len());
+    let mut addrs = Vec::with_capacity(listeners.capacity());
+    for &(at, wire) in std::iter::once(&(config.listen, config.wire)).chain(&config.also_listen) {
+        let listener = TcpListener::bind(at)?;
+        listener.set_nonblocking(true)?;
+        addrs.push((listener.local_addr()?, wire));
+        listeners.push((listener, wire));
+    }
+    let addr = addrs[0].0;
     let shared = Arc::new(Shared {
         generator: Generator::new(config.seed, config.dids),
         ring: Mutex::new(Ring {
@@ -233,42 +246,53 @@ pub fn spawn(config: MockConfig) -> Result<MockHandle, MockError> {
     let s1 = shared.clone();
     let acceptor = std::thread::Builder::new()
         .name("mock-accept".into())
-        .spawn(move || accept_loop(&s1, listener))?;
+        .spawn(move || accept_loop(&s1, listeners))?;
     let s2 = shared.clone();
     let generator = std::thread::Builder::new()
         .name("mock-generator".into())
         .spawn(move || generate_loop(&s2))?;
-    tracing::info!(%addr, rate = shared.config.rate, seed = shared.config.seed, "mock upstream listening");
+    tracing::info!(%addr, wire = shared.config.wire.as_str(), rate = shared.config.rate, seed = shared.config.seed, "mock upstream listening");
+    for (extra, wire) in &addrs[1..] {
+        tracing::info!(addr = %extra, wire = wire.as_str(), "mock upstream also listening");
+    }
     Ok(MockHandle {
         shared,
-        addr,
+        addrs,
         threads: vec![acceptor, generator],
     })
 }
 
-/// Accepts connections until stopped, one thread each.
-fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
+/// Accepts connections on every listener until stopped, one thread each.
+fn accept_loop(shared: &Arc<Shared>, listeners: Vec<(TcpListener, Wire)>) {
     while !shared.stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let s = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("mock-conn".into())
-                    .spawn(move || handle_connection(&s, stream, peer));
-                match spawned {
-                    Ok(h) => {
-                        let mut threads = lock(&shared.threads);
-                        threads.retain(|t| !t.is_finished());
-                        threads.push(h);
+        let mut idle = true;
+        for (listener, wire) in &listeners {
+            let wire = *wire;
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    idle = false;
+                    let s = shared.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("mock-conn".into())
+                        .spawn(move || handle_connection(&s, stream, peer, wire));
+                    match spawned {
+                        Ok(h) => {
+                            let mut threads = lock(&shared.threads);
+                            threads.retain(|t| !t.is_finished());
+                            threads.push(h);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot spawn connection thread"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot spawn connection thread"),
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(TICK);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(TICK / 5),
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(TICK);
-            }
+        }
+        if idle {
+            std::thread::sleep(TICK / 5);
         }
     }
 }
@@ -369,12 +393,20 @@ fn generate_loop(shared: &Shared) {
 /// A parsed HTTP request head.
 #[derive(Debug)]
 struct Request {
+    /// Request method.
+    method: String,
     /// Request path without the query.
     path: String,
     /// Raw query string (without `?`).
     query: String,
     /// `Sec-WebSocket-Key`, when this is a WebSocket upgrade.
     ws_key: Option<Vec<u8>>,
+    /// Every `Socket-Encoding` value (the v1 zstd opt-in, refused on v2).
+    socket_encoding: Vec<String>,
+    /// `If-None-Match`, for the dictionary download.
+    if_none_match: Option<String>,
+    /// Whether `Sec-WebSocket-Protocol` offers `xrpc.v1.json` (echoed back on v2).
+    offers_subprotocol: bool,
 }
 
 /// Reads and parses the request head; returns it and any bytes read past it.
@@ -406,21 +438,33 @@ fn read_request(shared: &Shared, stream: &mut TcpStream) -> Option<(Request, Vec
             Ok(httparse::Status::Complete(len)) => {
                 let target = req.path.unwrap_or("/");
                 let (path, query) = target.split_once('?').unwrap_or((target, ""));
-                let header = |name: &str| {
+                let values = |name: &str| -> Vec<String> {
                     req.headers
                         .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| h.value)
+                        .filter(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+                        .collect()
                 };
-                let upgrade = header("upgrade")
-                    .is_some_and(|v| String::from_utf8_lossy(v).eq_ignore_ascii_case("websocket"));
-                let ws_key = header("sec-websocket-key")
+                let upgrade = values("upgrade")
+                    .iter()
+                    .any(|v| v.eq_ignore_ascii_case("websocket"));
+                let ws_key = values("sec-websocket-key")
+                    .into_iter()
+                    .next()
                     .filter(|_| upgrade)
-                    .map(|v| v.to_vec());
+                    .map(String::into_bytes);
+                let offers_subprotocol = values("sec-websocket-protocol")
+                    .iter()
+                    .flat_map(|v| v.split(','))
+                    .any(|t| t.trim() == wire::SUBPROTOCOL);
                 let request = Request {
+                    method: req.method.unwrap_or("GET").to_owned(),
                     path: path.to_string(),
                     query: query.to_string(),
                     ws_key,
+                    socket_encoding: values("socket-encoding"),
+                    if_none_match: values("if-none-match").into_iter().next(),
+                    offers_subprotocol,
                 };
                 return Some((request, buf[len..].to_vec()));
             }
@@ -431,30 +475,68 @@ fn read_request(shared: &Shared, stream: &mut TcpStream) -> Option<(Request, Vec
 }
 
 /// Writes a small plain-text HTTP response and closes.
-fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: &str) {
+fn respond(stream: TcpStream, status: &str, content_type: &str, body: &str) {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body.as_bytes());
+    respond_raw(stream, &[head.as_bytes(), body.as_bytes()].concat());
+}
+
+/// Writes a complete HTTP response and closes.
+fn respond_raw(mut stream: TcpStream, response: &[u8]) {
+    let _ = stream.write_all(response);
     let _ = stream.shutdown(Shutdown::Write);
 }
 
+/// Where a subscriber asked to start, before it is resolved against the ring.
+#[derive(Debug, Clone, Copy)]
+enum StartAt {
+    /// The live end.
+    Live,
+    /// The first event with `time_us >= cursor` (legacy `/subscribe`).
+    TimeUs(i64),
+    /// A cursor of a seq-bearing wire: seqs inclusive, µs against the witness time.
+    Wire(Cursor),
+}
+
+/// How a subscriber's events are rendered.
+enum Render {
+    /// The generator's bytes as they are (legacy `/subscribe`).
+    Legacy,
+    /// With `"cursor":<wire seq>` after `time_us`.
+    V1Cursor,
+    /// `subscribeEvents` message frames, filtered, optionally compressed with the v2 dictionary.
+    V2 {
+        /// The client's query.
+        params: Box<SubscribeEventsParams>,
+        /// Present when `zstdDictionary` was given.
+        compressor: Option<EventCompressor>,
+    },
+}
+
 /// Serves one accepted connection: plain HTTP endpoints or a WebSocket subscriber.
-fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, wire: Wire) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let Some((req, leftover)) = read_request(shared, &mut stream) else {
         return;
     };
-    match (req.path.as_str(), req.ws_key.as_ref()) {
+    let v2_paths = wire == Wire::V2;
+    match (req.path.as_str(), req.ws_key.clone()) {
         ("/subscribe", Some(key)) => {
-            let mut cursor = None;
+            let mut start = StartAt::Live;
             for (k, v) in url_query_pairs(&req.query) {
                 match k.as_str() {
+                    "cursor" if wire.has_seq() => match Cursor::parse(&v) {
+                        Ok(c) => start = c.map_or(StartAt::Live, StartAt::Wire),
+                        Err(e) => {
+                            respond(stream, "400 Bad Request", "text/plain", &e.to_string());
+                            return;
+                        }
+                    },
                     "cursor" => match v.parse::<i64>() {
-                        Ok(c) => cursor = Some(c),
+                        Ok(c) => start = StartAt::TimeUs(c),
                         Err(_) => {
                             respond(
                                 stream,
@@ -477,20 +559,61 @@ fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAd
                     _ => {}
                 }
             }
-            let accept = tungstenite::handshake::derive_accept_key(key);
-            let head = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-            );
-            if stream.write_all(head.as_bytes()).is_err() {
-                return;
-            }
-            subscribe(shared, stream, peer, cursor, leftover);
+            let render = if wire.has_seq() {
+                Render::V1Cursor
+            } else {
+                Render::Legacy
+            };
+            subscribe(shared, stream, peer, &key, None, start, render, leftover);
         }
         ("/subscribe", None) => respond(
             stream,
             "400 Bad Request",
             "text/plain",
             "expected a WebSocket upgrade\n",
+        ),
+        (wire::SUBSCRIBE_EVENTS_PATH, Some(key)) if v2_paths => {
+            let encodings: Vec<&str> = req.socket_encoding.iter().map(String::as_str).collect();
+            let params = match wire::parse_subscribe_events_query(&req.query, &encodings) {
+                Ok(p) => p,
+                Err(e) => return respond_raw(stream, &e.to_response()),
+            };
+            let compressor = if params.compress {
+                match EventCompressor::with_dictionary(Dictionary::V2) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "v2 compressor");
+                        return respond(stream, "500 Internal Server Error", "text/plain", "");
+                    }
+                }
+            } else {
+                None
+            };
+            let start = params.cursor.map_or(StartAt::Live, StartAt::Wire);
+            let subprotocol = req.offers_subprotocol.then_some(wire::SUBPROTOCOL);
+            let render = Render::V2 {
+                params: Box::new(params),
+                compressor,
+            };
+            subscribe(
+                shared,
+                stream,
+                peer,
+                &key,
+                subprotocol,
+                start,
+                render,
+                leftover,
+            );
+        }
+        (wire::SUBSCRIBE_EVENTS_PATH, None) if v2_paths => respond_raw(
+            stream,
+            &XrpcError::invalid_request("subscribeEvents is a WebSocket subscription")
+                .to_response(),
+        ),
+        (wire::GET_ZSTD_DICTIONARY_PATH, _) if v2_paths => respond_raw(
+            stream,
+            &wire::get_zstd_dictionary(&req.method, &req.query, req.if_none_match.as_deref()),
         ),
         ("/drop", _) => {
             let n = shared.drop_all();
@@ -505,7 +628,15 @@ fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAd
             stream,
             "200 OK",
             "text/plain",
-            "jetrelay-mock: a simulated Jetstream upstream. GET /subscribe (WebSocket, cursor), /stats, /drop\n",
+            &format!(
+                "jetrelay-mock: a simulated Jetstream upstream ({} wire). GET /subscribe (WebSocket, cursor){}, /stats, /drop\n",
+                wire.as_str(),
+                if v2_paths {
+                    ", /xrpc/network.bsky.jetstream.subscribeEvents, /xrpc/network.bsky.jetstream.getZstdDictionary"
+                } else {
+                    ""
+                }
+            ),
         ),
         _ => respond(stream, "404 Not Found", "text/plain", "not found\n"),
     }
@@ -571,37 +702,215 @@ fn start_position(ring: &Ring, cursor: Option<i64>) -> u64 {
         .unwrap_or_else(|| ring.end_pos())
 }
 
-/// Registers a WebSocket subscriber and streams to it until it goes away or the mock stops.
+/// Ring position of the first event matching `pred`, or the live end.
+fn first_event_where(ring: &Ring, pred: impl Fn(u64, i64) -> bool) -> u64 {
+    ring.items
+        .iter()
+        .position(|i| matches!(*i, Item::Event { seq, time_us } if pred(seq, time_us)))
+        .map(|p| ring.first_pos + p as u64)
+        .unwrap_or_else(|| ring.end_pos())
+}
+
+/// Resolves a seq-bearing wire's cursor: the start position and the `#info` frame to send
+/// first (v2), or the pre-upgrade refusal (`CursorTooOld`, v2 only; `/subscribe` clamps).
+fn resolve_wire_cursor(
+    shared: &Shared,
+    ring: &Ring,
+    cursor: Cursor,
+    v2: bool,
+) -> Result<(u64, Option<Vec<u8>>), XrpcError> {
+    let cfg = &shared.config;
+    let offset = cfg.seq_offset;
+    let oldest = ring.items.iter().find_map(|i| match *i {
+        Item::Event { seq, .. } => Some(seq),
+        Item::Malformed { .. } => None,
+    });
+    match cursor {
+        Cursor::Seq(wire_seq) => {
+            let next_wire = ring.next_seq + offset;
+            if wire_seq >= next_wire {
+                let info = (v2 && wire_seq > next_wire).then(|| {
+                    let mut f = Vec::new();
+                    wire::future_cursor_frame(wire_seq, next_wire, &mut f);
+                    f
+                });
+                return Ok((ring.end_pos(), info));
+            }
+            let floor = oldest.unwrap_or(ring.next_seq);
+            // Below the oldest retained event, or a seq this mock never assigned (< offset).
+            if wire_seq < floor + offset && (ring.first_pos > 0 || wire_seq < offset) {
+                if v2 && ring.first_pos > 0 {
+                    return Err(XrpcError::cursor_too_old(wire_seq, floor + offset));
+                }
+                return Ok((first_event_where(ring, |_, _| true), None));
+            }
+            let target = wire_seq - offset;
+            Ok((first_event_where(ring, |seq, _| seq >= target), None))
+        }
+        Cursor::TimeUs(us) => {
+            if us > now_us() {
+                return Ok((ring.end_pos(), None));
+            }
+            let witnessed = |seq: u64, time_us: i64| {
+                time_us + jitter_back_us(cfg.seed, seq, cfg.time_jitter_ms)
+            };
+            let pos = first_event_where(ring, |seq, t| witnessed(seq, t) >= us);
+            let oldest_witnessed = ring.items.iter().find_map(|i| match *i {
+                Item::Event { seq, time_us } => Some(witnessed(seq, time_us)),
+                Item::Malformed { .. } => None,
+            });
+            let clamped = ring.first_pos > 0 && oldest_witnessed.is_some_and(|w| us < w);
+            let info = (v2 && clamped).then(|| {
+                let mut f = Vec::new();
+                wire::outdated_cursor_frame(oldest.unwrap_or(0) + offset, &mut f);
+                f
+            });
+            Ok((pos, info))
+        }
+    }
+}
+
+/// Registers a WebSocket subscriber, answers the upgrade, and streams to it until it goes
+/// away or the mock stops. A v2 cursor refusal is answered before the upgrade.
+#[allow(clippy::too_many_arguments)]
 fn subscribe(
     shared: &Arc<Shared>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
-    cursor: Option<i64>,
+    key: &[u8],
+    subprotocol: Option<&str>,
+    start: StartAt,
+    render: Render,
     leftover: Vec<u8>,
 ) {
     let Ok(clone) = stream.try_clone() else {
         return;
     };
+    let v2 = matches!(render, Render::V2 { .. });
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let pos = {
+    let registered = {
         // Register under the ring lock so the generator cannot evict our start meanwhile.
         let ring = lock(&shared.ring);
-        let start = start_position(&ring, cursor);
-        let pos = Arc::new(AtomicU64::new(start));
-        lock(&shared.subscribers).insert(
-            id,
-            Subscriber {
-                stream: clone,
-                pos: pos.clone(),
-            },
-        );
-        pos
+        let resolved = match start {
+            StartAt::Live => Ok((ring.end_pos(), None)),
+            StartAt::TimeUs(c) => Ok((start_position(&ring, Some(c)), None)),
+            StartAt::Wire(cursor) => resolve_wire_cursor(shared, &ring, cursor, v2),
+        };
+        resolved.map(|(start, info)| {
+            let pos = Arc::new(AtomicU64::new(start));
+            lock(&shared.subscribers).insert(
+                id,
+                Subscriber {
+                    stream: clone,
+                    pos: pos.clone(),
+                },
+            );
+            (pos, info)
+        })
     };
-    tracing::info!(%peer, id, ?cursor, start = pos.load(Ordering::SeqCst), "subscriber connected");
-    let reason = stream_to(shared, stream, &pos, leftover);
+    let (pos, info) = match registered {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::info!(%peer, error = %refusal, "subscriber refused");
+            return respond_raw(stream, &refusal.to_response());
+        }
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key);
+    let protocol = subprotocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
+    );
+    let reason = if stream.write_all(head.as_bytes()).is_err() {
+        "upgrade write failed"
+    } else {
+        tracing::info!(%peer, id, ?start, start = pos.load(Ordering::SeqCst), v2, "subscriber connected");
+        stream_to(shared, stream, &pos, leftover, render, info)
+    };
     lock(&shared.subscribers).remove(&id);
     shared.changed.notify_all();
     tracing::info!(%peer, id, reason, "subscriber gone");
+}
+
+/// The WebSocket message for one ring item as `render` wants it; `None` = filtered out.
+fn render_item(
+    shared: &Shared,
+    item: Item,
+    render: &mut Render,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Message>, &'static str> {
+    let cfg = &shared.config;
+    let (seq, time_us) = match item {
+        Item::Event { seq, time_us } => (seq, time_us),
+        Item::Malformed { kind, time_us } => {
+            let (payload, text) = kind.payload(time_us);
+            return Ok(Some(if text {
+                // Invalid UTF-8 cannot occur in our payloads; raw frames avoid the check.
+                Message::Frame(tungstenite::protocol::frame::Frame::message(
+                    payload,
+                    tungstenite::protocol::frame::coding::OpCode::Data(
+                        tungstenite::protocol::frame::coding::Data::Text,
+                    ),
+                    true,
+                ))
+            } else {
+                Message::Binary(payload.into())
+            }));
+        }
+    };
+    buf.clear();
+    shared.generator.event(seq, time_us, buf);
+    let wire_seq = seq + cfg.seq_offset;
+    let text = match render {
+        Render::Legacy => std::mem::take(buf),
+        Render::V1Cursor => {
+            let mut out = Vec::with_capacity(buf.len() + 32);
+            wire::with_cursor(buf, wire_seq, &mut out).map_err(|_| "cursor insertion failed")?;
+            out
+        }
+        Render::V2 { params, compressor } => {
+            let (kind, collection) =
+                Generator::template_kind_and_collection(Generator::template_index(seq));
+            let kind = MessageKind::from_name(kind).ok_or("unknown template kind")?;
+            if !params.wants(kind, &shared.generator.did_for(seq), collection) {
+                return Ok(None);
+            }
+            let witnessed = time_us + jitter_back_us(cfg.seed, seq, cfg.time_jitter_ms);
+            let mut out = Vec::with_capacity(buf.len() + 256);
+            wire::v1_to_v2(buf, wire_seq, witnessed, &mut out)
+                .map_err(|_| "v2 rendering failed")?;
+            if !params.options.size_allowed(out.len()) {
+                return Ok(None);
+            }
+            if let Some(c) = compressor {
+                let mut packed = Vec::with_capacity(out.len());
+                c.compress(&out, &mut packed)
+                    .map_err(|_| "compression failed")?;
+                return Ok(Some(Message::Binary(packed.into())));
+            }
+            out
+        }
+    };
+    tungstenite::Utf8Bytes::try_from(text)
+        .map(|t| Some(Message::Text(t)))
+        .map_err(|_| "generated invalid UTF-8")
+}
+
+/// A v2 control frame (`#info`, error) as the connection sends it: compressed when its events are.
+fn control_message(render: &mut Render, frame: Vec<u8>) -> Option<Message> {
+    if let Render::V2 {
+        compressor: Some(c),
+        ..
+    } = render
+    {
+        let mut packed = Vec::new();
+        c.compress(&frame, &mut packed).ok()?;
+        return Some(Message::Binary(packed.into()));
+    }
+    tungstenite::Utf8Bytes::try_from(frame)
+        .ok()
+        .map(Message::Text)
 }
 
 /// The subscriber loop; returns why it ended.
@@ -610,16 +919,24 @@ fn stream_to(
     stream: TcpStream,
     pos_shared: &AtomicU64,
     leftover: Vec<u8>,
+    mut render: Render,
+    first_frame: Option<Vec<u8>>,
 ) -> &'static str {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     let fd = match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return "clone failed",
     };
+    let v2 = matches!(render, Render::V2 { .. });
     let mut config = WebSocketConfig::default();
     // The mock sends the 2 MiB malformed frame; never refuse to write it.
     config.max_frame_size = None;
     let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(config));
+    if let Some(frame) = first_frame.and_then(|f| control_message(&mut render, f))
+        && ws.write(frame).is_err()
+    {
+        return "write failed";
+    }
     let mut pos = pos_shared.load(Ordering::SeqCst);
     let mut batch: Vec<Item> = Vec::with_capacity(SUBSCRIBER_BATCH);
     let mut next_ping = Instant::now() + shared.config.ping_interval;
@@ -629,52 +946,46 @@ fn stream_to(
             return "mock stopping";
         }
         batch.clear();
-        {
+        let fell_behind = {
             let mut ring = lock(&shared.ring);
-            if pos < ring.first_pos {
-                return "fell out of the history ring";
-            }
-            if pos >= ring.end_pos() {
+            if pos >= ring.end_pos() && pos >= ring.first_pos {
                 ring = shared
                     .changed
                     .wait_timeout(ring, TICK)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
-                if pos < ring.first_pos {
-                    return "fell out of the history ring";
+            }
+            if pos < ring.first_pos {
+                Some(ring.end_pos() - pos)
+            } else {
+                let skip = (pos - ring.first_pos) as usize;
+                batch.extend(ring.items.iter().skip(skip).take(SUBSCRIBER_BATCH));
+                None
+            }
+        };
+        if let Some(lag) = fell_behind {
+            if v2 {
+                // The official rule drops only a reader far behind and not progressing; the
+                // mock's history ring forces the drop sooner, with the same terminal frame.
+                let mut frame = Vec::new();
+                wire::consumer_too_slow_frame(lag, pos + shared.config.seq_offset, &mut frame);
+                if let Some(m) = control_message(&mut render, frame) {
+                    let _ = ws.write(m);
+                    let _ = ws.close(None);
+                    let _ = ws.flush();
                 }
             }
-            let skip = (pos - ring.first_pos) as usize;
-            batch.extend(ring.items.iter().skip(skip).take(SUBSCRIBER_BATCH));
+            return "fell out of the history ring";
         }
         for item in &batch {
-            let msg = match *item {
-                Item::Event { seq, time_us } => {
-                    buf.clear();
-                    shared.generator.event(seq, time_us, &mut buf);
-                    match tungstenite::Utf8Bytes::try_from(std::mem::take(&mut buf)) {
-                        Ok(t) => Message::Text(t),
-                        Err(_) => return "generated invalid UTF-8",
+            match render_item(shared, *item, &mut render, &mut buf) {
+                Ok(Some(msg)) => {
+                    if ws.write(msg).is_err() {
+                        return "write failed";
                     }
                 }
-                Item::Malformed { kind, time_us } => {
-                    let (payload, text) = kind.payload(time_us);
-                    if text {
-                        // Invalid UTF-8 cannot occur in our payloads; raw frames avoid the check.
-                        Message::Frame(tungstenite::protocol::frame::Frame::message(
-                            payload,
-                            tungstenite::protocol::frame::coding::OpCode::Data(
-                                tungstenite::protocol::frame::coding::Data::Text,
-                            ),
-                            true,
-                        ))
-                    } else {
-                        Message::Binary(payload.into())
-                    }
-                }
-            };
-            if ws.write(msg).is_err() {
-                return "write failed";
+                Ok(None) => {}
+                Err(why) => return why,
             }
         }
         if !batch.is_empty() {
@@ -692,9 +1003,18 @@ fn stream_to(
             return "flush failed";
         }
         // Read whatever the subscriber sent (pongs, pings, close, options_update) without
-        // blocking the stream: tungstenite answers pings and close frames itself.
+        // blocking the stream: tungstenite answers pings and close frames itself. The v2 wire
+        // is server-push only: a data frame closes the connection (1008).
         while readable(&fd) {
             match ws.read() {
+                Ok(Message::Text(_) | Message::Binary(_)) if v2 => {
+                    let _ = ws.close(Some(tungstenite::protocol::CloseFrame {
+                        code: wire::CLIENT_DATA_CLOSE_CODE.into(),
+                        reason: wire::CLIENT_DATA_CLOSE_REASON.into(),
+                    }));
+                    let _ = ws.flush();
+                    return "client data frame on subscribeEvents";
+                }
                 Ok(Message::Close(_)) => {}
                 Ok(_) => {}
                 Err(tungstenite::Error::Io(e))

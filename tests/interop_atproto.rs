@@ -1,0 +1,332 @@
+//! Interoperability with the real v2 client: PyPI `atproto` 0.0.73 (module `atproto_jetstream`,
+//! the official Python SDK's Jetstream client) against `jetrelay-mock --wire v2`, driven by
+//! tests/interop/atproto_jetstream_client.py. The library connects with
+//! `base_uri="ws://HOST:PORT/xrpc"`, fetches the dictionary from `getZstdDictionary`, parses
+//! every frame into its lexicon models, tracks `seq`, reconnects and resumes by seq on its own;
+//! the script records the frames it decoded. This test checks them against the mock's
+//! generator: every expected event exactly once, in order, byte-exact and field-exact.
+//!
+//! Python 3 with `atproto==0.0.73` is required: the test fails (it does not skip) without it,
+//! saying how to install it (CI installs it).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jetrelay::mock::Generator;
+use jetrelay::wire;
+
+/// The harness starts mocks with `--seed 7`; `--dids 40` makes DID filters match often.
+const SEED: u64 = 7;
+const DIDS: u64 = 40;
+/// The mock's default: wire seq = event number + 1.
+const SEQ_OFFSET: u64 = 1;
+/// Bound on one script run.
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(150);
+
+const INSTALL_HINT: &str = "this test needs Python 3 with PyPI `atproto` 0.0.73: \
+`python3 -m pip install atproto==0.0.73` (CI installs it)";
+
+fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn require_atproto() {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.metadata as m, atproto_jetstream; print(m.version('atproto'))",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3 ({e}): {INSTALL_HINT}"));
+    assert!(
+        out.status.success(),
+        "{INSTALL_HINT}\npython3 said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(version, "0.0.73", "{INSTALL_HINT} (found {version})");
+}
+
+/// Runs the script (bounded) and returns its summary.
+fn run_script(port: u16, out_dir: &Path, scenarios: &serde_json::Value) -> serde_json::Value {
+    let script = repo_path("tests/interop/atproto_jetstream_client.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(out_dir)
+        .arg(scenarios.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}: {INSTALL_HINT}", script.display()));
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > SCRIPT_DEADLINE {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "the atproto client did not finish within {SCRIPT_DEADLINE:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the atproto client failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("atproto client: {stdout}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("summary ({e}): {stdout}"))
+}
+
+/// One delivered message as the script recorded it.
+struct Delivered {
+    /// The frame's JSON text.
+    raw: String,
+    /// Whether it came as a binary (compressed) frame.
+    binary: bool,
+    /// The library's model, as a dict.
+    model: serde_json::Value,
+}
+
+fn delivered(dir: &Path, name: &str) -> Vec<Delivered> {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.jsonl")))
+        .unwrap_or_else(|e| panic!("{name}.jsonl: {e}"));
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("line JSON");
+            Delivered {
+                raw: v["raw"].as_str().expect("raw").to_owned(),
+                binary: v["binary"].as_bool().expect("binary"),
+                model: v["model"].clone(),
+            }
+        })
+        .collect()
+}
+
+/// What the mock must have sent for wire seq `seq` with display time `time_us`, and the v1
+/// event it came from (the generator's bytes, independent of the v2 renderer).
+fn expected(generator: &Generator, seq: u64, time_us: i64) -> (String, serde_json::Value) {
+    let mut v1 = Vec::new();
+    generator.event(seq - SEQ_OFFSET, time_us, &mut v1);
+    let mut v2 = Vec::new();
+    // No jitter in these runs: the witness time is the display time.
+    wire::v1_to_v2(&v1, seq, time_us, &mut v2).expect("renders");
+    (
+        String::from_utf8(v2).expect("UTF-8"),
+        serde_json::from_slice(&v1).expect("v1 JSON"),
+    )
+}
+
+/// Checks every delivered event byte-exact against the generator and field-exact against the
+/// library's model; returns the seqs in delivery order.
+fn check_events(generator: &Generator, got: &[Delivered], binary: bool, what: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d.binary, binary, "{what}: frame {i} binary");
+        let frame: serde_json::Value = serde_json::from_str(&d.raw).expect("frame JSON");
+        let payload = &frame["payload"];
+        let Some(seq) = payload["seq"].as_u64() else {
+            continue; // #info: checked by the caller
+        };
+        let time = payload["time"].as_str().expect("time");
+        let time_us = wire::rfc3339::parse_micros(time).expect("RFC 3339 time");
+        let (want_raw, v1) = expected(generator, seq, time_us);
+        assert!(
+            d.raw == want_raw,
+            "{what}: seq {seq} differs:\n got {}\nwant {want_raw}",
+            d.raw
+        );
+        // Field-exact: the library's model against the generator's v1 event.
+        let m = &d.model;
+        assert_eq!(m["seq"], seq, "{what}: model seq");
+        assert_eq!(m["did"], v1["did"], "{what}: model did");
+        assert_eq!(m["time"], time, "{what}: model time");
+        assert_eq!(m["witnessedAt"], time, "{what}: model witnessedAt");
+        let kind = v1["kind"].as_str().expect("kind");
+        assert_eq!(
+            m["$type"],
+            format!("network.bsky.jetstream.subscribeEvents#{kind}")
+        );
+        if kind == "commit" {
+            for key in ["rev", "operation", "collection", "rkey", "cid"] {
+                assert_eq!(m[key], v1["commit"][key], "{what}: seq {seq} {key}");
+            }
+            assert_eq!(payload["record"], v1["commit"]["record"]);
+        } else {
+            assert_eq!(payload[kind], v1[kind]);
+            assert_eq!(m[kind]["did"], v1[kind]["did"]);
+        }
+        seqs.push(seq);
+    }
+    seqs
+}
+
+/// Wire seqs from `from` (inclusive) whose events pass `keep` (kind, collection, did, v2 len).
+fn passing(
+    generator: &Generator,
+    from: u64,
+    n: usize,
+    keep: impl Fn(&str, Option<&str>, &str, usize) -> bool,
+) -> Vec<u64> {
+    (from..)
+        .filter(|&seq| {
+            let idx = Generator::template_index(seq - SEQ_OFFSET);
+            let (kind, collection) = Generator::template_kind_and_collection(idx);
+            // The frame length does not depend on the time's value (always 27 characters)
+            // but on its digits' count in no way; any time renders the same length.
+            let (raw, _) = expected(generator, seq, 1_783_175_888_000_000);
+            keep(
+                kind,
+                collection,
+                &generator.did_for(seq - SEQ_OFFSET),
+                raw.len(),
+            )
+        })
+        .take(n)
+        .collect()
+}
+
+#[test]
+fn atproto_v2_client_interoperates_with_the_mock() {
+    require_atproto();
+    let generator = Generator::new(SEED, DIDS);
+    let mock = Mock::start(
+        200,
+        &[
+            "--wire",
+            "v2",
+            "--count",
+            "4000",
+            "--dids",
+            &DIDS.to_string(),
+        ],
+    );
+    let out = temp_dir("interop-atproto");
+    let dids: Vec<String> = (0..3).map(|i| generator.did_by_index(i)).collect();
+    let scenarios = serde_json::json!([
+        // Live from the tip, uncompressed; the mock drops the connection after 100 events and
+        // the library resumes by seq (inclusive) and drops the redelivered event.
+        {"name": "live", "compress": false, "count": 300, "drop_after": 100},
+        // Replay by seq from the first event, dictionary-compressed, filtered.
+        {"name": "filtered", "count": 60, "params": {
+            "kinds": ["commit", "identity"],
+            "collections": ["app.bsky.feed.post", "app.bsky.graph.*"],
+            "maxMessageSizeBytes": 1000, "cursor": 1}},
+        {"name": "dids", "count": 30, "params": {
+            "dids": dids, "kinds": ["commit", "account"], "cursor": 1}},
+        // Resume by seq from the middle: the first event is exactly the cursor's.
+        {"name": "resume", "count": 40, "params": {"cursor": 150}},
+        // A cursor beyond the next seq: #info FutureCursor first, then live.
+        {"name": "future", "count": 6, "params": {"cursor": 100_000_000_000_000u64}},
+    ]);
+    let summary = run_script(mock.port, &out, &scenarios);
+
+    // live: 300 consecutive seqs, text frames, one forced reconnect resumed exactly.
+    let s = &summary["live"];
+    assert_eq!(s["error"], serde_json::Value::Null, "{s}");
+    assert_eq!(s["compressed"], false);
+    assert!(s["connects"].as_u64() >= Some(2), "reconnected: {s}");
+    assert!(
+        s["duplicates_dropped"].as_u64() >= Some(1),
+        "the resumed stream starts with the last event seen (inclusive cursor): {s}"
+    );
+    let seqs = check_events(&generator, &delivered(&out, "live"), false, "live");
+    assert_eq!(seqs.len(), 300);
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "live: not consecutive: {seqs:?}"
+    );
+
+    // filtered: exactly the passing events from seq 1, compressed.
+    let s = &summary["filtered"];
+    assert_eq!(
+        (s["error"].clone(), s["compressed"].clone()),
+        (serde_json::Value::Null, true.into())
+    );
+    let seqs = check_events(&generator, &delivered(&out, "filtered"), true, "filtered");
+    let want = passing(&generator, 1, 60, |kind, collection, _, len| {
+        len <= 1000
+            && match kind {
+                "commit" => collection
+                    .is_some_and(|c| c == "app.bsky.feed.post" || c.starts_with("app.bsky.graph.")),
+                "identity" => true,
+                _ => false,
+            }
+    });
+    assert_eq!(seqs, want, "filtered");
+
+    let s = &summary["dids"];
+    assert_eq!(s["error"], serde_json::Value::Null, "{s}");
+    let seqs = check_events(&generator, &delivered(&out, "dids"), true, "dids");
+    let want = passing(&generator, 1, 30, |kind, _, did, _| {
+        (kind == "commit" || kind == "account") && dids.iter().any(|d| d == did)
+    });
+    assert_eq!(seqs, want, "dids");
+
+    let s = &summary["resume"];
+    assert_eq!(s["error"], serde_json::Value::Null, "{s}");
+    let seqs = check_events(&generator, &delivered(&out, "resume"), true, "resume");
+    assert_eq!(seqs, (150..190).collect::<Vec<_>>(), "resume");
+
+    let s = &summary["future"];
+    assert_eq!(s["error"], serde_json::Value::Null, "{s}");
+    let got = delivered(&out, "future");
+    assert_eq!(got[0].model["name"], "FutureCursor", "{}", got[0].raw);
+    assert_eq!(
+        got[0].model["$type"],
+        "network.bsky.jetstream.subscribeEvents#info"
+    );
+    let seqs = check_events(&generator, &got[1..], true, "future");
+    assert_eq!(seqs.len(), 5);
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A seq cursor below the retained history: the library raises its typed error from the
+/// pre-upgrade 400 `CursorTooOld`, instead of silently skipping the gap.
+#[test]
+fn atproto_v2_client_gets_cursor_too_old() {
+    require_atproto();
+    let mock = Mock::start(
+        2000,
+        &[
+            "--wire",
+            "v2",
+            "--count",
+            "600",
+            "--history",
+            "100",
+            "--start-immediately",
+        ],
+    );
+    wait_until(
+        "the mock's history to roll over",
+        Duration::from_secs(20),
+        || mock.seq() >= 600,
+    );
+    let out = temp_dir("interop-atproto-old");
+    let summary = run_script(
+        mock.port,
+        &out,
+        &serde_json::json!([{"name": "old", "count": 1, "params": {"cursor": 1}}]),
+    );
+    let s = &summary["old"];
+    assert_eq!(s["delivered"], 0, "{s}");
+    assert_eq!(s["error"]["class"], "JetstreamCursorTooOldError", "{s}");
+    let message = s["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("CursorTooOld") && message.contains("below lookback floor 501"),
+        "{message}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
