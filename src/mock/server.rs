@@ -1097,3 +1097,299 @@ mod tests {
         );
     }
 }
+
+/// The wires, end to end over loopback with tungstenite as the client.
+#[cfg(test)]
+mod wire_tests {
+    use super::super::{MockConfig, Wire, spawn};
+    use crate::compress::{Dictionary, EventDecompressor};
+    use crate::mock::{Generator, MockHandle};
+    use crate::wire::{self, V2Frame};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    use tungstenite::Message;
+
+    const SEED: u64 = 5;
+    const COUNT: u64 = 600;
+
+    /// A mock with `COUNT` events already generated, a legacy listener first and a v2 and a
+    /// cursor listener over the same stream.
+    fn finished_mock(history: usize) -> MockHandle {
+        let m = spawn(MockConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            rate: 5000,
+            seed: SEED,
+            dids: 50,
+            count: Some(COUNT),
+            history,
+            start_immediately: true,
+            wire: Wire::Legacy,
+            also_listen: vec![
+                ("127.0.0.1:0".parse().unwrap(), Wire::V2),
+                ("127.0.0.1:0".parse().unwrap(), Wire::Cursor),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while m.seq() < COUNT {
+            assert!(Instant::now() < deadline, "mock did not generate");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn url(m: &MockHandle, wire: Wire, path_query: &str) -> String {
+        let addr = m.local_addrs().iter().find(|(_, w)| *w == wire).unwrap().0;
+        format!("ws://{addr}{path_query}")
+    }
+
+    /// Reads `n` data messages (text or binary, as bytes, with a binary flag).
+    fn read_n(url: &str, n: usize) -> Vec<(Vec<u8>, bool)> {
+        let (mut ws, _) = tungstenite::connect(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        let mut out = Vec::new();
+        while out.len() < n {
+            match ws
+                .read()
+                .unwrap_or_else(|e| panic!("{url} after {}: {e}", out.len()))
+            {
+                Message::Text(t) => out.push((t.as_bytes().to_vec(), false)),
+                Message::Binary(b) => out.push((b.to_vec(), true)),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// GET over raw HTTP: the whole response.
+    fn http(m: &MockHandle, wire: Wire, request: &str) -> String {
+        let addr = m.local_addrs().iter().find(|(_, w)| *w == wire).unwrap().0;
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn upgrade(path_query: &str, extra: &str) -> String {
+        format!(
+            "GET {path_query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn cursor_wire_adds_the_seq_and_resumes_by_it_inclusively() {
+        let m = finished_mock(100_000);
+        let g = Generator::new(SEED, 50);
+        let legacy = read_n(&url(&m, Wire::Legacy, "/subscribe?cursor=0"), 3);
+        let with_seq = read_n(&url(&m, Wire::Cursor, "/subscribe?cursor=11"), 3);
+        for (i, (json, _)) in with_seq.iter().enumerate() {
+            let n = 10 + i as u64; // wire seq 11 is event number 10
+            let time_us = Generator::time_us_of(json).unwrap();
+            let mut plain = Vec::new();
+            g.event(n, time_us, &mut plain);
+            let mut want = Vec::new();
+            wire::with_cursor(&plain, n + 1, &mut want).unwrap();
+            assert_eq!(json, &want, "event {n}");
+        }
+        // The legacy listener of the same stream: same events, no cursor field.
+        let mut plain = Vec::new();
+        g.event(0, Generator::time_us_of(&legacy[0].0).unwrap(), &mut plain);
+        assert_eq!(legacy[0].0, plain);
+        // A µs cursor still works on the cursor wire (witness time = time_us without jitter).
+        let t = Generator::time_us_of(&with_seq[1].0).unwrap();
+        let by_time = read_n(&url(&m, Wire::Cursor, &format!("/subscribe?cursor={t}")), 1);
+        let v: serde_json::Value = serde_json::from_slice(&by_time[0].0).unwrap();
+        assert!(v["cursor"].as_u64().unwrap() <= 12);
+        // Negative cursors are refused on the seq wires, as officially.
+        let r = http(&m, Wire::Cursor, &upgrade("/subscribe?cursor=-1", ""));
+        assert!(
+            r.starts_with("HTTP/1.1 400") && r.contains("negative value -1"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn v2_wire_frames_filters_and_compression() {
+        let m = finished_mock(100_000);
+        let g = Generator::new(SEED, 50);
+        let text = read_n(
+            &url(
+                &m,
+                Wire::V2,
+                &format!(
+                    "{}?cursor=1&kinds=commit&collections=app.bsky.feed.post",
+                    wire::SUBSCRIBE_EVENTS_PATH
+                ),
+            ),
+            5,
+        );
+        let packed = read_n(
+            &url(
+                &m,
+                Wire::V2,
+                &format!(
+                    "{}?cursor=1&kinds=commit&collections=app.bsky.feed.post&zstdDictionary=20260811",
+                    wire::SUBSCRIBE_EVENTS_PATH
+                ),
+            ),
+            5,
+        );
+        let mut d = EventDecompressor::with_dictionary(Dictionary::V2).unwrap();
+        let mut last = 0;
+        for ((t, t_bin), (p, p_bin)) in text.iter().zip(&packed) {
+            assert!(!t_bin && *p_bin);
+            assert_eq!(&d.decompress(p, 1 << 20).unwrap(), t);
+            let V2Frame::Event { seq, event, .. } = wire::parse_v2_frame(t).unwrap() else {
+                panic!("not an event");
+            };
+            assert!(seq > last);
+            last = seq;
+            let (kind, collection) =
+                Generator::template_kind_and_collection(Generator::template_index(seq - 1));
+            assert_eq!((kind, collection), ("commit", Some("app.bsky.feed.post")));
+            let mut v1 = Vec::new();
+            g.event(seq - 1, event.time_us, &mut v1);
+            let mut want = Vec::new();
+            wire::v1_to_v2(&v1, seq, event.time_us, &mut want).unwrap();
+            assert_eq!(t, &want);
+        }
+        // A client data frame closes the connection with 1008.
+        let (mut ws, _) =
+            tungstenite::connect(url(&m, Wire::V2, wire::SUBSCRIBE_EVENTS_PATH)).unwrap();
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        ws.send(Message::Text("{\"type\":\"options_update\"}".into()))
+            .unwrap();
+        let close = loop {
+            match ws.read() {
+                Ok(Message::Close(c)) => break c,
+                Ok(_) => {}
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        };
+        let close = close.expect("close frame with a code");
+        assert_eq!(u16::from(close.code), 1008);
+        assert_eq!(close.reason.as_str(), wire::CLIENT_DATA_CLOSE_REASON);
+    }
+
+    #[test]
+    fn v2_wire_pre_upgrade_errors_info_frames_and_subprotocol() {
+        let m = finished_mock(100);
+        let path = wire::SUBSCRIBE_EVENTS_PATH;
+        for (query, name) in [
+            ("wantedCollections=app.bsky.feed.post", "InvalidRequest"),
+            ("kinds=label", "InvalidRequest"),
+            ("compress=true", "InvalidRequest"),
+            ("zstdDictionary=1", "UnknownZstdDictionary"),
+            ("cursor=1", "CursorTooOld"),
+        ] {
+            let r = http(&m, Wire::V2, &upgrade(&format!("{path}?{query}"), ""));
+            assert!(r.starts_with("HTTP/1.1 400"), "{query}: {r}");
+            assert!(
+                r.contains("application/json") && r.contains(&format!("{{\"error\":\"{name}\"")),
+                "{query}: {r}"
+            );
+        }
+        let r = http(&m, Wire::V2, &upgrade(path, "Socket-Encoding: zstd\r\n"));
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        // The floor is the oldest retained seq: COUNT events, 100 kept (+1 offset).
+        let r = http(&m, Wire::V2, &upgrade(&format!("{path}?cursor=1"), ""));
+        assert!(r.contains("below lookback floor 501"), "{r}");
+        // The subprotocol is echoed when offered.
+        let r = http(
+            &m,
+            Wire::V2,
+            &upgrade(path, "Sec-WebSocket-Protocol: xrpc.v1.json\r\n"),
+        );
+        assert!(
+            r.contains("Sec-WebSocket-Protocol: xrpc.v1.json\r\n"),
+            "{r}"
+        );
+        // No v2 on the legacy listener.
+        assert!(http(&m, Wire::Legacy, &upgrade(path, "")).starts_with("HTTP/1.1 404"));
+        // A µs cursor older than the history: #info OutdatedCursor, then the oldest event.
+        let frames = read_n(
+            &url(&m, Wire::V2, &format!("{path}?cursor=1000000000000000")),
+            2,
+        );
+        assert_eq!(
+            wire::parse_v2_frame(&frames[0].0).unwrap(),
+            V2Frame::Info {
+                name: "OutdatedCursor".into(),
+                message: Some(
+                    "requested timestamp cursor below retention floor; starting at seq 501".into()
+                ),
+            }
+        );
+        assert!(matches!(
+            wire::parse_v2_frame(&frames[1].0).unwrap(),
+            V2Frame::Event { seq: 501, .. }
+        ));
+        // The dictionary download.
+        let r = http(
+            &m,
+            Wire::V2,
+            &format!(
+                "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
+                wire::GET_ZSTD_DICTIONARY_PATH
+            ),
+        );
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains("X-Zstd-Dictionary-Id: 20260811"),
+            "{}",
+            &r[..200]
+        );
+    }
+
+    /// A reader that stops reading falls out of the history ring: on v2 it gets the terminal
+    /// `ConsumerTooSlow` frame, then the close.
+    #[test]
+    fn v2_reader_left_behind_gets_consumer_too_slow() {
+        let m = spawn(MockConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            rate: 50_000,
+            seed: SEED,
+            count: Some(40_000),
+            history: 200,
+            wire: Wire::V2,
+            ..Default::default()
+        })
+        .unwrap();
+        let (mut ws, _) =
+            tungstenite::connect(url(&m, Wire::V2, wire::SUBSCRIBE_EVENTS_PATH)).unwrap();
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut last = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "no end of stream");
+            match ws.read() {
+                Ok(Message::Text(t)) => last = Some(t.as_bytes().to_vec()),
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let last = last.expect("frames");
+        match wire::parse_v2_frame(&last).unwrap() {
+            V2Frame::Error { error, message } => {
+                assert_eq!(error, "ConsumerTooSlow");
+                assert!(
+                    message
+                        .unwrap_or_default()
+                        .contains("reconnect with cursor=")
+                );
+            }
+            other => panic!("last frame {other:?}"),
+        }
+    }
+}
