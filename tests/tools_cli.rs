@@ -173,3 +173,46 @@ fn mock_binary_drop_and_count() {
     ]);
     assert_eq!(code, 0, "{r}\n{stderr}");
 }
+
+/// `--wire` and `--also-listen`: one stream on two wires; a bad wire is refused naming the
+/// choices.
+#[test]
+fn mock_binary_wires_per_listener() {
+    let v2_port = free_port();
+    let (_mock, port) = start_mock(&[
+        "--wire",
+        "cursor",
+        "--also-listen",
+        &format!("127.0.0.1:{v2_port}=v2"),
+        "--rate",
+        "1000",
+    ]);
+    // The body is binary: read bytes.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", v2_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /xrpc/network.bsky.jetstream.getZstdDictionary HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let dict = String::from_utf8_lossy(&raw);
+    assert!(dict.starts_with("HTTP/1.1 200"), "{}", &dict[..100]);
+    assert!(dict.contains("X-Zstd-Dictionary-Id: 20260811"));
+    // The cursor-wire listener has no v2 endpoints.
+    let none = http_get(port, "/xrpc/network.bsky.jetstream.getZstdDictionary").unwrap();
+    assert!(none.starts_with("HTTP/1.1 404"), "{none}");
+    let index = http_get(port, "/").unwrap();
+    assert!(index.contains("(cursor wire)"), "{index}");
+    let out = Command::new(MOCK).args(["--wire", "v3"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected legacy, cursor or v2"), "{stderr}");
+    let out = Command::new(MOCK)
+        .args(["--also-listen", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected ADDR=WIRE"));
+}

@@ -677,4 +677,41 @@ mod tests {
         ));
         assert!(out.is_empty());
     }
+
+    #[test]
+    #[ignore = "throughput report: cargo test --release --lib -- --ignored --nocapture wire::"]
+    fn conversion_throughput() {
+        let lines = lines();
+        let rounds = 2_000;
+        let mut out = Vec::with_capacity(4096);
+        let mut c =
+            crate::compress::EventCompressor::with_dictionary(crate::compress::Dictionary::V2)
+                .unwrap();
+        let mut sink = 0usize;
+        let mut time = |name: &str, f: &mut dyn FnMut(&str, &mut Vec<u8>)| {
+            let started = std::time::Instant::now();
+            for _ in 0..rounds {
+                for l in &lines {
+                    out.clear();
+                    f(l, &mut out);
+                    sink += out.len();
+                }
+            }
+            let per = started.elapsed().as_secs_f64() * 1e6 / (rounds * lines.len()) as f64;
+            println!("{name}: {per:.2} µs/event");
+        };
+        time("with_cursor", &mut |l, o| {
+            with_cursor(l.as_bytes(), 123_456_789, o).unwrap()
+        });
+        time("v1_to_v2", &mut |l, o| {
+            v1_to_v2(l.as_bytes(), 123_456_789, WITNESSED, o).unwrap()
+        });
+        let mut text = Vec::new();
+        time("v1_to_v2 + v2 zstd", &mut |l, o| {
+            text.clear();
+            v1_to_v2(l.as_bytes(), 123_456_789, WITNESSED, &mut text).unwrap();
+            c.compress(&text, o).unwrap();
+        });
+        println!("[{sink}]");
+    }
 }

@@ -48,11 +48,12 @@ fn skip_space(s: &[u8], mut at: usize) -> usize {
 fn skip_string(s: &[u8], at: usize) -> Result<usize, ScanError> {
     let mut i = at + 1;
     loop {
-        match s.get(i) {
+        // Jump to the next quote or backslash (a tight search; strings are most of an event).
+        let rest = s.get(i..).ok_or(ScanError(at))?;
+        match rest.iter().position(|&c| c == b'"' || c == b'\\') {
             None => return Err(ScanError(at)),
-            Some(b'"') => return Ok(i + 1),
-            Some(b'\\') => i += 2,
-            Some(_) => i += 1,
+            Some(p) if rest[p] == b'"' => return Ok(i + p + 1),
+            Some(p) => i += p + 2,
         }
     }
 }
