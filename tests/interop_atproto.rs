@@ -330,3 +330,51 @@ fn atproto_v2_client_gets_cursor_too_old() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// What atproto 0.0.73 does with `#sync`: the frame's `blocks` arrive as `{"$bytes": …}` (the
+/// atproto JSON data model's bytes, as the official server writes them) and the library's model
+/// wants a string, so the client stops with a `JetstreamError` — it neither skips the frame
+/// nor reconnects. A relay that forwards `#sync` to such a client ends its stream; clients
+/// that ask for `kinds` without `sync` are unaffected. Pinned here so a library upgrade that
+/// changes it is noticed.
+#[test]
+fn atproto_v2_client_stops_on_a_sync_frame() {
+    require_atproto();
+    let mock = Mock::start(
+        2000,
+        &[
+            "--wire",
+            "v2",
+            "--count",
+            "200",
+            "--sync-every",
+            "10",
+            "--start-immediately",
+        ],
+    );
+    wait_until("the mock's events", Duration::from_secs(20), || {
+        mock.seq() >= 200
+    });
+    let out = temp_dir("interop-atproto-sync");
+    let summary = run_script(
+        mock.port,
+        &out,
+        &serde_json::json!([
+            {"name": "all", "count": 50, "params": {"cursor": 1}},
+            {"name": "no_sync", "count": 50, "params": {"cursor": 1, "kinds": ["commit", "identity", "account"]}},
+        ]),
+    );
+    let s = &summary["all"];
+    assert_eq!(
+        s["delivered"], 9,
+        "events 1-9, then the #sync at seq 10: {s}"
+    );
+    assert_eq!(s["connects"], 1, "no reconnect: {s}");
+    assert_eq!(s["error"]["class"], "JetstreamError", "{s}");
+    let message = s["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("blocks"), "{message}");
+    let s = &summary["no_sync"];
+    assert_eq!(s["error"], serde_json::Value::Null, "{s}");
+    assert_eq!(s["delivered"], 50, "{s}");
+    let _ = std::fs::remove_dir_all(&out);
+}

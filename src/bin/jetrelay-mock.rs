@@ -25,6 +25,9 @@ struct Args {
     /// mocks different offsets to model instance-local sequences.
     #[arg(long, default_value_t = mock::DEFAULT_SEQ_OFFSET)]
     seq_offset: u64,
+    /// Every Nth event is a #sync instead: sent on subscribeEvents, a seq gap on /subscribe.
+    #[arg(long)]
+    sync_every: Option<u64>,
     /// Events per second (0 = as fast as subscribers consume).
     #[arg(long, default_value_t = mock::DEFAULT_RATE)]
     rate: u64,
@@ -107,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         wire: a.wire,
         also_listen: a.also_listen,
         seq_offset: a.seq_offset,
+        sync_every: a.sync_every,
     };
     let handle = mock::spawn(config).with_context(|| format!("starting mock on {}", a.listen))?;
     for (addr, wire) in handle.local_addrs() {

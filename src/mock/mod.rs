@@ -135,6 +135,10 @@ pub struct MockConfig {
     pub also_listen: Vec<(SocketAddr, Wire)>,
     /// Wire seq of event number `n` is `n + seq_offset`.
     pub seq_offset: u64,
+    /// Every Nth event is a `#sync` instead: sent on `subscribeEvents` (the wrapped object's
+    /// `blocks` as `{"$bytes":…}`, as the atproto JSON data model writes bytes), skipped on
+    /// `/subscribe` (its seq is a gap there, as on the official v1 wire).
+    pub sync_every: Option<u64>,
 }
 
 impl Default for MockConfig {
@@ -154,6 +158,7 @@ impl Default for MockConfig {
             wire: Wire::Legacy,
             also_listen: Vec::new(),
             seq_offset: DEFAULT_SEQ_OFFSET,
+            sync_every: None,
         }
     }
 }
@@ -239,6 +244,11 @@ impl MalformedKind {
             }
         }
     }
+}
+
+/// Whether event number `seq` is a `#sync` under `sync_every` (the last of every N).
+pub fn is_sync_event(sync_every: Option<u64>, seq: u64) -> bool {
+    sync_every.is_some_and(|n| n > 0 && seq % n == n - 1)
 }
 
 /// `time_us` for event `seq` emitted at `now_us`: jittered backwards for ~30% of events when

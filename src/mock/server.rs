@@ -1,7 +1,10 @@
 //! The mock's threads: an accept loop, a generator on an absolute schedule, and one thread per
 //! HTTP connection / WebSocket subscriber, all sharing a history ring under one mutex.
 
-use super::{Generator, MalformedKind, MockConfig, MockError, Wire, jitter_back_us, jittered_time};
+use super::{
+    Generator, MalformedKind, MockConfig, MockError, Wire, is_sync_event, jitter_back_us,
+    jittered_time,
+};
 use crate::compress::{Dictionary, EventCompressor};
 use crate::wire::{self, Cursor, MessageKind, SubscribeEventsParams, XrpcError};
 use std::collections::{HashMap, VecDeque};
@@ -862,6 +865,18 @@ fn render_item(
     buf.clear();
     shared.generator.event(seq, time_us, buf);
     let wire_seq = seq + cfg.seq_offset;
+    if is_sync_event(cfg.sync_every, seq) {
+        return match render {
+            Render::Legacy | Render::V1Cursor => Ok(None),
+            Render::V2 { params, compressor } => {
+                let witnessed = time_us + jitter_back_us(cfg.seed, seq, cfg.time_jitter_ms);
+                let Some(frame) = sync_frame(buf, wire_seq, witnessed, params)? else {
+                    return Ok(None);
+                };
+                v2_message(frame, compressor.as_mut()).map(Some)
+            }
+        };
+    }
     let text = match render {
         Render::Legacy => std::mem::take(buf),
         Render::V1Cursor => {
@@ -894,6 +909,61 @@ fn render_item(
     };
     tungstenite::Utf8Bytes::try_from(text)
         .map(|t| Some(Message::Text(t)))
+        .map_err(|_| "generated invalid UTF-8")
+}
+
+/// The `#sync` message for the event whose v1 bytes are `v1` (its DID, rev and time), or
+/// `None` when the client's filters drop it.
+fn sync_frame(
+    v1: &[u8],
+    wire_seq: u64,
+    witnessed: i64,
+    params: &SubscribeEventsParams,
+) -> Result<Option<Vec<u8>>, &'static str> {
+    let event = wire::EventParts::from_v1(v1).map_err(|_| "template unreadable")?;
+    let did: String = serde_json::from_slice(event.did).map_err(|_| "template DID")?;
+    if !params.wants(MessageKind::Sync, &did, None) {
+        return Ok(None);
+    }
+    let rev: &[u8] = match &event.body {
+        wire::Body::Commit(c) => c.rev,
+        _ => b"\"2222222222222\"",
+    };
+    let time = wire::rfc3339::format_micros_string(event.time_us).map_err(|_| "time")?;
+    let mut object = br#"{"blocks":{"$bytes":"OqJlcm9vdHOB2CpYJQABcRIg"},"did":"#.to_vec();
+    object.extend_from_slice(event.did);
+    object.extend_from_slice(b",\"rev\":");
+    object.extend_from_slice(rev);
+    // The wrapped event's seq is the upstream relay's (firehose) numbering, not ours.
+    let firehose_seq = 100_000_000_000 + wire_seq;
+    object.extend_from_slice(format!(",\"seq\":{firehose_seq},\"time\":\"{time}\"}}").as_bytes());
+    let sync = wire::EventParts {
+        did: event.did,
+        time_us: event.time_us,
+        body: wire::Body::Sync(&object),
+    };
+    let mut out = Vec::with_capacity(object.len() + 256);
+    sync.render_v2(wire_seq, witnessed, &mut out)
+        .map_err(|_| "v2 rendering failed")?;
+    if !params.options.size_allowed(out.len()) {
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+/// A v2 frame as sent: binary and compressed with the v2 dictionary, or text.
+fn v2_message(
+    frame: Vec<u8>,
+    compressor: Option<&mut EventCompressor>,
+) -> Result<Message, &'static str> {
+    if let Some(c) = compressor {
+        let mut packed = Vec::with_capacity(frame.len());
+        c.compress(&frame, &mut packed)
+            .map_err(|_| "compression failed")?;
+        return Ok(Message::Binary(packed.into()));
+    }
+    tungstenite::Utf8Bytes::try_from(frame)
+        .map(Message::Text)
         .map_err(|_| "generated invalid UTF-8")
 }
 
@@ -1104,7 +1174,7 @@ mod wire_tests {
     use super::super::{MockConfig, Wire, spawn};
     use crate::compress::{Dictionary, EventDecompressor};
     use crate::mock::{Generator, MockHandle};
-    use crate::wire::{self, V2Frame};
+    use crate::wire::{self, MessageKind, V2Frame};
     use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
@@ -1391,5 +1461,54 @@ mod wire_tests {
             }
             other => panic!("last frame {other:?}"),
         }
+    }
+
+    /// `--sync-every`: those events are `#sync` messages on v2 (filterable by `kinds`) and
+    /// seq gaps on `/subscribe`.
+    #[test]
+    fn sync_events_reach_v2_only() {
+        let m = spawn(MockConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            rate: 5000,
+            seed: SEED,
+            count: Some(100),
+            start_immediately: true,
+            wire: Wire::V2,
+            sync_every: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+        let syncs = read_n(
+            &url(
+                &m,
+                Wire::V2,
+                &format!("{}?cursor=1&kinds=sync", wire::SUBSCRIBE_EVENTS_PATH),
+            ),
+            3,
+        );
+        for (i, (frame, _)) in syncs.iter().enumerate() {
+            let V2Frame::Event { seq, event, .. } = wire::parse_v2_frame(frame).unwrap() else {
+                panic!("not an event");
+            };
+            assert_eq!(seq, 10 * (i as u64 + 1), "event numbers 9, 19, 29 (+1)");
+            assert_eq!(event.kind(), MessageKind::Sync);
+            let v: serde_json::Value = serde_json::from_slice(frame).unwrap();
+            assert!(v["payload"]["sync"]["blocks"]["$bytes"].is_string());
+            assert_eq!(v["payload"]["sync"]["did"], v["payload"]["did"]);
+        }
+        let v1 = read_n(&url(&m, Wire::V2, "/subscribe?cursor=1"), 12);
+        let seqs: Vec<u64> = v1
+            .iter()
+            .map(|(j, _)| {
+                serde_json::from_slice::<serde_json::Value>(j).unwrap()["cursor"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            seqs,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13],
+            "seq 10 is a #sync: a gap"
+        );
     }
 }
