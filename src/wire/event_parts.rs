@@ -678,6 +678,84 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// Seeded mutations of real frames (byte flips, cuts, splices): the parsers never panic,
+    /// and whatever they accept renders to valid JSON on both wires.
+    #[test]
+    fn mutated_frames_never_panic_and_accepted_ones_render_valid_json() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let bytes = b"{}[]\",:\\0123456789-aez";
+        let seeds: Vec<Vec<u8>> = lines().iter().map(|l| v2(l, 9).into_bytes()).collect();
+        let (mut accepted, mut v1_accepted) = (0, 0);
+        for round in 0..15_000 {
+            let base = &seeds[round % seeds.len()];
+            let mut m = base.clone();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() as usize) % m.len().max(1);
+                match next() % 4 {
+                    0 => m[at] = bytes[(next() as usize) % bytes.len()],
+                    1 => m.truncate(at),
+                    2 => m.insert(at, bytes[(next() as usize) % bytes.len()]),
+                    _ => {
+                        m.remove(at.min(m.len().saturating_sub(1)));
+                    }
+                }
+                if m.is_empty() {
+                    break;
+                }
+            }
+            // Output must be as valid as the input: JSON by the relay's own validator always
+            // (serde_json's IgnoredAny, which lets lone `\uD800` escapes through), and strict
+            // JSON (serde_json::Value) whenever the input was.
+            let check = |out: &[u8], strict: bool| {
+                serde_json::from_slice::<serde::de::IgnoredAny>(out).expect("output is JSON");
+                if strict {
+                    serde_json::from_slice::<serde_json::Value>(out).expect("strict JSON");
+                }
+            };
+            let strict = serde_json::from_slice::<serde_json::Value>(&m).is_ok();
+            if let Ok(V2Frame::Event { seq, event, .. }) = parse_v2_frame(&m) {
+                accepted += 1;
+                let mut out = Vec::new();
+                if event.render_v1(&mut out).is_ok() {
+                    check(&out, strict);
+                    let mut with = Vec::new();
+                    with_cursor(&out, seq, &mut with).expect("v1 output takes a cursor");
+                    check(&with, strict);
+                }
+                out.clear();
+                if event.render_v2(seq, WITNESSED, &mut out).is_ok() {
+                    check(&out, strict);
+                }
+            }
+            // The v1 side: whatever parse_event accepts converts to valid JSON or is refused.
+            let mut v1 = lines()[round % lines().len()].as_bytes().to_vec();
+            let at = (next() as usize) % v1.len();
+            v1[at] = bytes[(next() as usize) % bytes.len()];
+            if crate::event::parse_event(&v1).is_ok() {
+                let strict = serde_json::from_slice::<serde_json::Value>(&v1).is_ok();
+                let mut out = Vec::new();
+                if v1_to_v2(&v1, 1, WITNESSED, &mut out).is_ok() {
+                    v1_accepted += 1;
+                    check(&out, strict);
+                }
+                out.clear();
+                with_cursor(&v1, 1, &mut out).expect("a parsed event takes a cursor");
+                check(&out, strict);
+            }
+        }
+        // The mutations must exercise the accepting paths too, not only refusals.
+        assert!(
+            accepted > 500 && v1_accepted > 500,
+            "{accepted} {v1_accepted}"
+        );
+    }
+
     #[test]
     #[ignore = "throughput report: cargo test --release --lib -- --ignored --nocapture wire::"]
     fn conversion_throughput() {
