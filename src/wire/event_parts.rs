@@ -212,9 +212,8 @@ fn decode_string(token: &[u8], key: &'static str) -> Result<String, WireError> {
     serde_json::from_slice(token).map_err(|_| WireError::InvalidField(key))
 }
 
-fn commit_parts<'a>(json: &'a [u8], commit: &'a [u8]) -> Result<CommitParts<'a>, WireError> {
-    // `commit` is a slice of `json`; scan it on its own.
-    let _ = json;
+/// The commit fields of `commit` (the v1 `commit` object, or a v2 `#commit` payload).
+fn commit_parts(commit: &[u8]) -> Result<CommitParts<'_>, WireError> {
     let scan = object_members(commit)?;
     Ok(CommitParts {
         rev: string_token(commit, &scan, "rev")?,
@@ -240,9 +239,7 @@ impl<'a> EventParts<'a> {
         )?;
         let kind = string_token(json, &scan, "kind")?;
         let body = match kind {
-            b"\"commit\"" => {
-                Body::Commit(commit_parts(json, object_token(json, &scan, "commit")?)?)
-            }
+            b"\"commit\"" => Body::Commit(commit_parts(object_token(json, &scan, "commit")?)?),
             b"\"identity\"" => Body::Identity(object_token(json, &scan, "identity")?),
             b"\"account\"" => Body::Account(object_token(json, &scan, "account")?),
             _ => return Err(WireError::InvalidField("kind")),
@@ -322,10 +319,8 @@ impl<'a> EventParts<'a> {
             out.extend_from_slice(b"\":");
             out.extend_from_slice(value);
         };
-        // The tail every kind shares, in alphabetical position after the kind's own keys.
-        let seq_time = |out: &mut Vec<u8>| {
-            field(out, b"seq", seq_text.as_bytes());
-        };
+        // `seq`, then (after `sync` for #sync) `time` and `witnessedAt`: alphabetical places.
+        let seq_field = |out: &mut Vec<u8>| field(out, b"seq", seq_text.as_bytes());
         let times = |out: &mut Vec<u8>| {
             out.extend_from_slice(b",\"time\":\"");
             out.extend_from_slice(&time);
@@ -351,21 +346,21 @@ impl<'a> EventParts<'a> {
                 }
                 field(out, b"rev", c.rev);
                 field(out, b"rkey", c.rkey);
-                seq_time(out);
+                seq_field(out);
             }
             Body::Identity(o) => {
                 field(out, b"did", self.did);
                 field(out, b"identity", o);
-                seq_time(out);
+                seq_field(out);
             }
             Body::Account(o) => {
                 field(out, b"account", o);
                 field(out, b"did", self.did);
-                seq_time(out);
+                seq_field(out);
             }
             Body::Sync(o) => {
                 field(out, b"did", self.did);
-                seq_time(out);
+                seq_field(out);
                 field(out, b"sync", o);
             }
         }
@@ -427,7 +422,7 @@ pub fn parse_v2_frame(frame: &[u8]) -> Result<V2Frame<'_>, WireError> {
         })
         .transpose()?;
     let body = match kind {
-        MessageKind::Commit => Body::Commit(commit_parts(payload, payload)?),
+        MessageKind::Commit => Body::Commit(commit_parts(payload)?),
         MessageKind::Identity => Body::Identity(object_token(payload, &scan, "identity")?),
         MessageKind::Account => Body::Account(object_token(payload, &scan, "account")?),
         MessageKind::Sync => Body::Sync(object_token(payload, &scan, "sync")?),

@@ -87,10 +87,11 @@ pub struct SubscribeEventsParams {
 impl SubscribeEventsParams {
     /// Whether an event passes this client's filters (kinds, DIDs, collections; not the size).
     pub fn wants(&self, kind: MessageKind, did: &str, collection: Option<&str>) -> bool {
-        self.kinds.contains(kind) && self.options.did_allowed(did) && {
-            let v1_kind = kind.v1_kind().unwrap_or(crate::event::EventKind::Identity);
-            self.options.collection_allowed(v1_kind, collection)
-        }
+        self.kinds.contains(kind)
+            && self.options.did_allowed(did)
+            && self
+                .options
+                .collection_allowed(collection_kind(kind), collection)
     }
 
     /// The shared log this client reads (everything but `dids`).
@@ -123,9 +124,10 @@ impl V2ShapeKey {
     /// Whether the shape's log carries an event of `kind` (`collection` for commits) whose
     /// uncompressed v2 frame is `v2_frame_len` bytes.
     pub fn admits(&self, kind: MessageKind, collection: Option<&str>, v2_frame_len: usize) -> bool {
-        let v1_kind = kind.v1_kind().unwrap_or(crate::event::EventKind::Identity);
         self.kinds.contains(kind)
-            && self.shape.collection_allowed(v1_kind, collection)
+            && self
+                .shape
+                .collection_allowed(collection_kind(kind), collection)
             && self.shape.size_allowed(v2_frame_len)
     }
 
@@ -147,6 +149,12 @@ impl V2ShapeKey {
         }
         format!("{}~{hash:08x}", &label[..cut])
     }
+}
+
+/// The v1 kind whose `collections` rule applies: commits are filtered, every other kind
+/// (`#sync` included, which has no v1 kind) passes, as identity does.
+fn collection_kind(kind: MessageKind) -> crate::event::EventKind {
+    kind.v1_kind().unwrap_or(crate::event::EventKind::Identity)
 }
 
 fn invalid(detail: impl std::fmt::Display) -> XrpcError {
