@@ -76,6 +76,8 @@ pub struct RawSettings {
     pub workers: usize,
     /// Upstream reconnect rewind window.
     pub rewind: String,
+    /// Largest clock difference between upstream instances that failover absorbs.
+    pub upstream_skew: String,
     /// Run an embedded simulated upstream instead of following `upstream`.
     pub demo: bool,
     /// Events per second of the demo upstream.
@@ -120,6 +122,7 @@ impl Default for RawSettings {
             max_disk: "20GiB".into(),
             workers: 0,
             rewind: "5s".into(),
+            upstream_skew: "60s".into(),
             demo: false,
             demo_rate: 50,
             metrics_listen: "127.0.0.1:6009".into(),
@@ -158,6 +161,9 @@ pub struct Settings {
     pub workers: usize,
     /// How far before the last appended event a reconnect resumes.
     pub rewind: Duration,
+    /// Largest clock difference between upstream instances that failover absorbs: a
+    /// reconnect to another instance resumes this much earlier still.
+    pub upstream_skew: Duration,
     /// Embedded simulated upstream.
     pub demo: bool,
     /// Demo upstream rate.
@@ -348,6 +354,12 @@ impl RawSettings {
             return Err(bad("workers", format!("at most {MAX_WORKERS}")));
         }
         let rewind = parse_duration(&self.rewind).map_err(|e| bad("rewind", e))?;
+        let upstream_skew =
+            parse_duration(&self.upstream_skew).map_err(|e| bad("upstream_skew", e))?;
+        // Why an hour: the dedup memory spans twice the skew (at most a million events).
+        if upstream_skew > Duration::from_secs(3600) {
+            return Err(bad("upstream_skew", "at most 1h"));
+        }
         if self.demo_rate == 0 || self.demo_rate > 1_000_000 {
             return Err(bad("demo_rate", "must be 1..=1000000 events/s"));
         }
@@ -420,6 +432,7 @@ impl RawSettings {
             max_disk,
             workers,
             rewind,
+            upstream_skew,
             demo: self.demo,
             demo_rate: self.demo_rate,
             metrics_listen,

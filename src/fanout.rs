@@ -162,12 +162,12 @@ impl Fanout {
             let (tx, rx) = channel();
             let wake = Arc::new(Waker::new()?);
             let mut worker = Worker::new(id, hub.clone(), rx, wake.clone(), policy.clone())?;
-            let thread = std::thread::Builder::new()
-                .name(format!("fanout-{id}"))
-                .spawn(move || {
-                    if let Err(e) = worker.run() {
-                        tracing::error!(worker = id, error = %e, "fan-out worker failed");
-                    }
+            // A worker that ends ends the process (its ring pin and its clients' per-IP counts
+            // die with it): see `liveness`.
+            let liveness = hub.liveness.clone();
+            let thread =
+                crate::liveness::spawn_critical(&liveness, format!("fanout-{id}"), move || {
+                    worker.run()
                 })?;
             workers.push(WorkerHandle {
                 tx,
@@ -704,6 +704,7 @@ impl Worker {
         let mut last_tick = Instant::now();
         let mut shutdown_started: Option<Instant> = None;
         loop {
+            crate::liveness::beat();
             let started = Instant::now();
             self.take_commands();
             if self.hub.shutting_down() && shutdown_started.is_none() {

@@ -75,6 +75,10 @@ pub struct Counters {
     pub did_wakes: AtomicU64,
     /// Append → handed to the socket, recorded once per completed send range.
     pub delivery_latency: LatencyHistogram,
+    /// Failed attempts to append an event (a full disk, an I/O error); each is retried.
+    pub append_errors: AtomicU64,
+    /// Failed syncs of the logs and index to disk.
+    pub sync_errors: AtomicU64,
 }
 
 /// The statuses the listener refuses handshakes with, each counted on its own so that the
@@ -244,6 +248,10 @@ pub struct Hub {
     seq_base: u64,
     /// Shared pre-filtered logs.
     pub shapes: crate::shapes::Shapes,
+    /// The relay's critical threads and whether each makes progress.
+    pub liveness: Arc<crate::liveness::Liveness>,
+    /// Appends and syncs failing (a full disk), for readiness.
+    pub storage: crate::writer::StorageHealth,
 }
 
 impl Hub {
@@ -264,6 +272,10 @@ impl Hub {
             counters: Counters::default(),
             limits,
             shapes,
+            liveness: Arc::new(crate::liveness::Liveness::new(
+                crate::liveness::DEFAULT_STUCK_AFTER,
+            )),
+            storage: crate::writer::StorageHealth::default(),
         }
     }
 
@@ -312,10 +324,9 @@ impl Hub {
         let Some(cursor) = cursor else {
             return index.end_pos();
         };
-        // A cursor in the future is live (official semantics).
-        if cursor > crate::index::now_us() {
-            return index.end_pos();
-        }
+        // A cursor in the future is live (official semantics) — in the future of the upstream
+        // clock that stamped the events, never the relay's own: that is exactly a cursor past
+        // the running maximum of the indexed times, where no chunk is found.
         let Some((mut pos, entries)) = index.cursor_chunk(cursor) else {
             return index.end_pos();
         };

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -163,22 +163,79 @@ pub struct Collections {
     names: Vec<String>,
     /// name → id.
     ids: HashMap<String, u16>,
-    /// Append-only persistence.
+    /// Append-only persistence (`collections.txt`, one name per line, id = line number).
     file: Option<File>,
+    /// Bytes of `file` holding complete lines: the next name is written here, so a failed
+    /// write's partial line is overwritten, never continued.
+    file_len: u64,
 }
 
 impl Collections {
+    /// Reads `path` (creating it if absent). A torn last line (no newline: a crash or a full
+    /// disk mid-write) and anything from an unreadable line on (NUL bytes, invalid UTF-8: a
+    /// zero-filled range) are cut off; returns how many bytes were cut.
+    fn load(path: &Path) -> io::Result<(Collections, u64)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut &file, &mut bytes)?;
+        let mut c = Collections::default();
+        let mut good = 0usize;
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            let Some(name) = line.strip_suffix(b"\n") else {
+                break;
+            };
+            let Ok(name) = std::str::from_utf8(name) else {
+                break;
+            };
+            if name.contains('\0') || c.names.len() >= MAX_COLLECTIONS {
+                break;
+            }
+            let id = c.names.len() as u16;
+            // A name listed twice (only after damage) keeps its first id; both lines still
+            // name the same collection, so records with either id stay correct.
+            c.ids.entry(name.to_owned()).or_insert(id);
+            c.names.push(name.to_owned());
+            good += line.len();
+        }
+        let cut = (bytes.len() - good) as u64;
+        if cut > 0 {
+            file.set_len(good as u64)?;
+        }
+        c.file = Some(file);
+        c.file_len = good as u64;
+        Ok((c, cut))
+    }
+
+    /// The id for `name`, if interned.
+    pub fn id_of(&self, name: &str) -> Option<u16> {
+        self.ids.get(name).copied()
+    }
+
     /// The id for `name`, interning (and persisting) it if new.
     pub fn intern(&mut self, name: &str) -> io::Result<u16> {
         if let Some(id) = self.ids.get(name) {
             return Ok(*id);
         }
-        if self.names.len() >= MAX_COLLECTIONS || name.contains('\n') {
+        if self.names.len() >= MAX_COLLECTIONS || name.contains('\n') || name.contains('\0') {
             return Ok(COLLECTION_UNKNOWN);
         }
         let id = self.names.len() as u16;
-        if let Some(f) = self.file.as_mut() {
-            f.write_all(format!("{name}\n").as_bytes())?;
+        if let Some(f) = &self.file {
+            let line = format!("{name}\n");
+            if let Err(e) =
+                crate::failpoint::write_all_at(f, line.as_bytes(), self.file_len, "collections")
+            {
+                // Best effort: the next attempt overwrites from `file_len` anyway, and
+                // recovery cuts a torn last line.
+                let _ = f.set_len(self.file_len);
+                return Err(e);
+            }
+            self.file_len += line.len() as u64;
         }
         self.names.push(name.to_owned());
         self.ids.insert(name.to_owned(), id);
@@ -212,21 +269,214 @@ pub struct EventIndex {
     events_file: Option<File>,
     /// `chunks.idx`.
     chunks_file: Option<File>,
+    /// `durable.idx`: the durable mark (see [`SyncHandles::mark_durable`]).
+    durable_file: Option<File>,
 }
 
-/// Recovery's frame check: given events with their positions, how many (from the start) are
-/// valid in the logs.
-pub type VerifyFn<'a> = dyn FnMut(&[(EventPos, EventEntry)]) -> usize + 'a;
+/// What recovery's frame check expects of an event's collection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollectionCheck<'a> {
+    /// Not checked (the record says "not interned").
+    Any,
+    /// The event has no collection (identity, account).
+    Absent,
+    /// The event's collection is this one.
+    Named(&'a str),
+}
 
-/// What recovery found and did, for the startup log line and tests.
-#[derive(Debug, Default, Clone)]
+/// Recovery's frame check: are both frames of the event at `pos` valid (complete, the lengths
+/// of the record) and do they match the record (kind, DID hash) and `collection`? Returns the
+/// event's `time_us` if so.
+pub type CheckFn<'a> = dyn FnMut(EventPos, &EventEntry, CollectionCheck<'_>) -> Option<i64> + 'a;
+
+/// A base log as recovery sees it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogExtent {
+    /// Its length (bytes).
+    pub len: u64,
+    /// First byte not in a punched hole.
+    pub first_data: u64,
+}
+
+/// What recovery found and did, for the startup log lines and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
     /// Retained events after recovery.
     pub events: u64,
-    /// Index records dropped because the log did not hold their frames.
+    /// Index records past the recovered end (a torn tail: records without their frames, or
+    /// not locatable).
     pub dropped_records: u64,
     /// Events whose frames failed verification (and everything after them was dropped).
     pub invalid_tail_events: u64,
+    /// Events verified frame by frame (everything after the durable mark).
+    pub verified_events: u64,
+    /// Chunk headers rebuilt from the chain of records (missing, zeroed or contradicting).
+    pub rebuilt_headers: u64,
+    /// Events discarded because damage in the synced part of the index made them
+    /// unlocatable: the damaged chunk and everything older (logged as an error).
+    pub discarded_events: u64,
+    /// Records whose collection id was not in `collections.txt`: served as "unknown"
+    /// (filters read the JSON).
+    pub unknown_collections: u64,
+    /// Bytes cut from the end of `collections.txt` (a torn or damaged last line).
+    pub collections_cut_bytes: u64,
+}
+
+impl Recovery {
+    /// Whether recovery found anything to repair.
+    pub fn repaired(&self) -> bool {
+        self.dropped_records
+            + self.invalid_tail_events
+            + self.rebuilt_headers
+            + self.discarded_events
+            + self.unknown_collections
+            + self.collections_cut_bytes
+            > 0
+    }
+}
+
+/// A chunk header as persisted in `chunks.idx`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChunkHeader {
+    /// Offset of the chunk's first frame in the plain log.
+    plain_off: u64,
+    /// Offset of the chunk's first frame in the zstd log.
+    zstd_off: u64,
+    /// Running maximum of indexed `time_us` up to the chunk's last event.
+    max_time_us: i64,
+    /// Wall clock of the chunk's last append.
+    appended_at_us: i64,
+}
+
+impl ChunkHeader {
+    fn to_bytes(self) -> [u8; CHUNK_RECORD_BYTES as usize] {
+        let mut b = [0u8; CHUNK_RECORD_BYTES as usize];
+        b[0..8].copy_from_slice(&self.plain_off.to_le_bytes());
+        b[8..16].copy_from_slice(&self.zstd_off.to_le_bytes());
+        b[16..24].copy_from_slice(&self.max_time_us.to_le_bytes());
+        b[24..32].copy_from_slice(&self.appended_at_us.to_le_bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8; CHUNK_RECORD_BYTES as usize]) -> ChunkHeader {
+        let w = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            a
+        };
+        ChunkHeader {
+            plain_off: u64::from_le_bytes(w(0)),
+            zstd_off: u64::from_le_bytes(w(1)),
+            max_time_us: i64::from_le_bytes(w(2)),
+            appended_at_us: i64::from_le_bytes(w(3)),
+        }
+    }
+}
+
+/// Events verified frame by frame at startup when there is no durable mark (a data directory
+/// from before the mark existed). Why 64 chunks: several seconds of the firehose, far more than
+/// a crash can tear, read in well under a second.
+const VERIFY_WITHOUT_MARK_EVENTS: u64 = 64 * CHUNK_EVENTS;
+
+/// Checksum salt of the durable mark ("jetrelay"), so a zeroed or garbage mark is not trusted.
+const DURABLE_MARK_SALT: u64 = 0x6a65_7472_656c_6179;
+
+/// Largest frame a record may describe: the largest event plus the longest frame header.
+const MAX_RECORD_FRAME: u32 = crate::event::MAX_EVENT_BYTES as u32 + 16;
+
+/// Whether a record can describe an event at all (a zero-filled or torn range cannot).
+fn record_is_sane(e: &EventEntry) -> bool {
+    (2..=MAX_RECORD_FRAME).contains(&e.plain_len)
+        && (2..=MAX_RECORD_FRAME).contains(&e.zstd_len)
+        && e.kind <= 2
+        && e.flags == 0
+}
+
+/// Reads the durable mark: every event before it was synced to disk (with its index records
+/// and collection names) before the mark was written.
+fn read_durable_mark(f: &File) -> io::Result<Option<u64>> {
+    let mut b = [0u8; 16];
+    match f.read_exact_at(&mut b, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let word = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
+    let (seq, check) = (word(0), word(8));
+    Ok((check == seq ^ DURABLE_MARK_SALT).then_some(seq))
+}
+
+fn durable_mark_bytes(seq: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..].copy_from_slice(&(seq ^ DURABLE_MARK_SALT).to_le_bytes());
+    b
+}
+
+/// Duplicated handles on the index files, to sync them without holding the index lock (an
+/// `fdatasync` can take long, and the writer needs the lock for every append).
+pub struct SyncHandles {
+    /// `events.idx`, `chunks.idx`, `collections.txt`.
+    files: Vec<File>,
+    /// `durable.idx`.
+    durable: Option<File>,
+}
+
+impl SyncHandles {
+    /// Flushes the index files.
+    pub fn sync(&self) -> io::Result<()> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Records that every event before `seq` is durable: call only after its frames (both
+    /// logs) and [`SyncHandles::sync`] succeeded. Recovery trusts the events before the mark
+    /// and verifies every event after it frame by frame, so a power loss that zeroes or loses
+    /// unsynced data is repaired, never served.
+    pub fn mark_durable(&self, seq: u64) -> io::Result<()> {
+        if let Some(f) = &self.durable {
+            crate::failpoint::write_all_at(f, &durable_mark_bytes(seq), 0, "durable.idx")?;
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// How a chunk's first frame was located during recovery.
+enum Located {
+    /// At the end of the previous chunk (the chain of records), its header agreeing.
+    Chained(ChunkHeader),
+    /// At the end of the previous chunk (or at 0); its header missing, zeroed or contradicting.
+    Rebuilt((u64, u64)),
+    /// By its own header (the first chunk of a chain).
+    Anchored(ChunkHeader),
+}
+
+/// Drops the chain kept so far (and `also` more events), loudly; returns the count.
+fn discard(
+    chunks: &mut VecDeque<Chunk>,
+    rebuilt: &mut VecDeque<bool>,
+    also: u64,
+    why: &str,
+    at_seq: u64,
+) -> u64 {
+    let n = chunks.iter().map(|c| c.entries.len() as u64).sum::<u64>() + also;
+    tracing::error!(
+        at_seq,
+        why,
+        discarded_events = n,
+        "index damaged in its synced part: discarding the damaged chunk and everything older \
+         (as retention would); newer events are kept"
+    );
+    chunks.clear();
+    rebuilt.clear();
+    n
 }
 
 impl EventIndex {
@@ -244,19 +494,30 @@ impl EventIndex {
             collections: Collections::default(),
             events_file: None,
             chunks_file: None,
+            durable_file: None,
         }
     }
 
     /// Opens (or creates) the persisted index in `dir` and reconciles it with the two base
-    /// logs' lengths and first data offsets. `verify` checks the frames of the events it is
-    /// given (the caller reads the logs) and returns how many of them are valid.
+    /// logs, repairing whatever prefix of the last writes a crash left on disk:
+    ///
+    /// - records are kept only while they form a chain: each chunk starts where the previous
+    ///   one ends. A chunk header that is missing (a crash between the last record and the
+    ///   header), zeroed (a zero-extended `chunks.idx`) or contradicting the chain is rebuilt
+    ///   from the chain, its running maximum rescanned from the frames;
+    /// - the first frame of every chunk is checked, and every event after the durable mark
+    ///   (not yet known to be on disk) is checked frame by frame; the index is cut at the
+    ///   first event that fails, or at the first record that cannot describe an event;
+    /// - damage in the synced part that breaks the chain (a zeroed range of records, a chunk
+    ///   whose frames are not where the index says) discards that chunk and everything older,
+    ///   as retention would, with an error log line: never a misaligned frame;
+    /// - collection ids missing from `collections.txt` become "unknown" (filters then read
+    ///   the JSON), and a torn last line there is cut.
     pub fn open(
         dir: &Path,
-        plain_len: u64,
-        zstd_len: u64,
-        plain_first_data: u64,
-        zstd_first_data: u64,
-        verify: &mut VerifyFn<'_>,
+        plain: LogExtent,
+        zstd: LogExtent,
+        check: &mut CheckFn<'_>,
     ) -> io::Result<(EventIndex, Recovery)> {
         let open = |name: &str| {
             OpenOptions::new()
@@ -268,114 +529,216 @@ impl EventIndex {
         };
         let events_file = open("events.idx")?;
         let chunks_file = open("chunks.idx")?;
-        let coll_path = dir.join("collections.txt");
-        let mut collections = Collections::default();
-        if coll_path.exists() {
-            for line in io::BufReader::new(File::open(&coll_path)?).lines() {
-                let line = line?;
-                let id = collections.names.len() as u16;
-                collections.ids.insert(line.clone(), id);
-                collections.names.push(line);
-            }
-        }
-        collections.file = Some(
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&coll_path)?,
-        );
+        let durable_file = open("durable.idx")?;
+        let (collections, collections_cut_bytes) = Collections::load(&dir.join("collections.txt"))?;
+        let mut recovery = Recovery {
+            collections_cut_bytes,
+            ..Recovery::default()
+        };
 
-        let mut recovery = Recovery::default();
         let n_records = events_file.metadata()?.len() / ENTRY_BYTES;
-        let first_record_byte = seek_data(&events_file)?.unwrap_or(n_records * ENTRY_BYTES);
-        let mut first_chunk = first_record_byte.div_ceil(CHUNK_EVENTS * ENTRY_BYTES);
         let n_chunk_records = chunks_file.metadata()?.len() / CHUNK_RECORD_BYTES;
+        let first_record_byte = seek_data(&events_file)?.unwrap_or(n_records * ENTRY_BYTES);
+        let first_chunk = first_record_byte / (CHUNK_EVENTS * ENTRY_BYTES);
         let last_chunk = n_records / CHUNK_EVENTS; // possibly partial (or empty)
-
-        // Complete chunks need their header record; find the first chunk whose header exists and
-        // whose frames are not punched in either log.
-        let read_header = |c: u64| -> io::Result<Option<(u64, u64, i64, i64)>> {
+        let verify_from = match read_durable_mark(&durable_file)? {
+            Some(mark) => mark.min(n_records),
+            None => n_records.saturating_sub(VERIFY_WITHOUT_MARK_EVENTS),
+        };
+        let read_header = |c: u64| -> io::Result<Option<ChunkHeader>> {
             if c >= n_chunk_records {
                 return Ok(None);
             }
             let mut b = [0u8; CHUNK_RECORD_BYTES as usize];
             chunks_file.read_exact_at(&mut b, c * CHUNK_RECORD_BYTES)?;
-            let w = |i: usize| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-                a
-            };
-            Ok(Some((
-                u64::from_le_bytes(w(0)),
-                u64::from_le_bytes(w(1)),
-                i64::from_le_bytes(w(2)),
-                i64::from_le_bytes(w(3)),
-            )))
+            Ok(Some(ChunkHeader::from_bytes(&b)))
         };
-        let mut chunks = VecDeque::new();
-        // Chunk `last_chunk` (partial) has no header yet: its offsets follow from the previous one.
-        while first_chunk < last_chunk {
-            match read_header(first_chunk)? {
-                Some((p, z, _, _)) if p >= plain_first_data && z >= zstd_first_data => break,
-                _ => first_chunk += 1,
-            }
-        }
+        let collection_check = |e: &EventEntry| match e.collection {
+            COLLECTION_UNKNOWN => CollectionCheck::Any,
+            COLLECTION_NONE => CollectionCheck::Absent,
+            id => collections
+                .name(id)
+                .map_or(CollectionCheck::Any, CollectionCheck::Named),
+        };
+        let unlogged = |(p, z): (u64, u64)| p < plain.first_data || z < zstd.first_data;
+
+        // 1. The chain of chunks, oldest first.
+        let mut chunks: VecDeque<Chunk> = VecDeque::new();
+        // Per chunk in `chunks`: whether its maximum must be rescanned (and, if complete, its
+        // header rewritten).
+        let mut rebuilt: VecDeque<bool> = VecDeque::new();
         let mut entries_buf = vec![0u8; (CHUNK_EVENTS * ENTRY_BYTES) as usize];
-        let mut next_offsets: Option<(u64, u64)> = None;
         for c in first_chunk..=last_chunk {
             let first_seq = c * CHUNK_EVENTS;
-            let count = (n_records - first_seq).min(CHUNK_EVENTS);
-            let header = read_header(c)?;
-            let (plain_off, zstd_off, max_time_us, appended_at_us) = match (header, next_offsets) {
-                (Some(h), _) if count == CHUNK_EVENTS => h,
-                (_, Some((p, z))) => (p, z, i64::MIN, now_us()),
-                (_, None) if c == 0 => (0, 0, i64::MIN, now_us()),
-                // A partial chunk right after a fully punched region, or a missing header:
-                // nothing before it is usable, and without offsets it is unusable too.
-                _ => break,
-            };
+            let count = n_records.saturating_sub(first_seq).min(CHUNK_EVENTS);
             let bytes = &mut entries_buf[..(count * ENTRY_BYTES) as usize];
             events_file.read_exact_at(bytes, first_seq * ENTRY_BYTES)?;
-            let entries: Vec<EventEntry> = bytes
+            let mut entries: Vec<EventEntry> = bytes
                 .chunks_exact(ENTRY_BYTES as usize)
                 .map(EventEntry::from_bytes)
                 .collect();
-            let chunk = Chunk {
+            // Past the durable mark, anything wrong is a torn tail: cut there. Before it, it
+            // is damage: discard what cannot be trusted and look for a chain further on.
+            let unsynced = |seq: u64| seq >= verify_from;
+            let mut torn = false;
+            if let Some(k) = entries.iter().position(|e| !record_is_sane(e)) {
+                if unsynced(first_seq + k as u64) || c == last_chunk {
+                    entries.truncate(k);
+                    torn = true;
+                } else {
+                    recovery.discarded_events += discard(
+                        &mut chunks,
+                        &mut rebuilt,
+                        count,
+                        "unreadable record",
+                        first_seq,
+                    );
+                    continue;
+                }
+            }
+            let header = if entries.len() as u64 == CHUNK_EVENTS {
+                read_header(c)?
+            } else {
+                None
+            };
+            let chained = chunks.back().map(|p| p.end_offsets());
+            let mut first_ok = |offsets: (u64, u64)| -> bool {
+                let Some(e) = entries.first() else {
+                    return true;
+                };
+                let pos = EventPos {
+                    seq: first_seq,
+                    plain_off: offsets.0,
+                    zstd_off: offsets.1,
+                };
+                !unlogged(offsets) && check(pos, e, collection_check(e)).is_some()
+            };
+            let located = match (chained, header) {
+                (Some(o), Some(h)) if (h.plain_off, h.zstd_off) == o && first_ok(o) => {
+                    Some(Located::Chained(h))
+                }
+                (Some(o), _) if first_ok(o) => Some(Located::Rebuilt(o)),
+                (_, Some(h)) if first_ok((h.plain_off, h.zstd_off)) => Some(Located::Anchored(h)),
+                (None, None) if c == 0 && first_ok((0, 0)) => Some(Located::Rebuilt((0, 0))),
+                _ => None,
+            };
+            let Some(located) = located else {
+                if unsynced(first_seq) || torn {
+                    // The tail's frames are not there (yet): cut here.
+                    break;
+                }
+                if chained.is_none() && header.is_none() {
+                    // Not locatable (the header of the oldest retained chunk is gone) and
+                    // nothing kept before it: skip it.
+                    recovery.discarded_events += entries.len() as u64;
+                } else {
+                    recovery.discarded_events += discard(
+                        &mut chunks,
+                        &mut rebuilt,
+                        entries.len() as u64,
+                        "frames not where the index says",
+                        first_seq,
+                    );
+                }
+                continue;
+            };
+            let (plain_off, zstd_off, max_time_us, appended_at_us, needs_rescan) = match located {
+                Located::Chained(h) => (
+                    h.plain_off,
+                    h.zstd_off,
+                    h.max_time_us,
+                    h.appended_at_us,
+                    false,
+                ),
+                Located::Anchored(h) => {
+                    if chained.is_some() {
+                        // The chain disagrees and only the header's offsets verify: the older
+                        // records are damaged.
+                        recovery.discarded_events += discard(
+                            &mut chunks,
+                            &mut rebuilt,
+                            0,
+                            "records disagree with the next chunk header",
+                            first_seq,
+                        );
+                    }
+                    (
+                        h.plain_off,
+                        h.zstd_off,
+                        h.max_time_us,
+                        h.appended_at_us,
+                        false,
+                    )
+                }
+                Located::Rebuilt((p, z)) => (p, z, i64::MIN, 0, true),
+            };
+            // A complete chunk's header is rewritten if it was rebuilt; a partial chunk has no
+            // header yet, its maximum is rescanned like a rebuilt one's.
+            let complete = entries.len() as u64 == CHUNK_EVENTS;
+            if needs_rescan && complete {
+                recovery.rebuilt_headers += 1;
+            }
+            chunks.push_back(Chunk {
                 first_seq,
                 plain_off,
                 zstd_off,
                 max_time_us,
                 appended_at_us,
                 entries,
-            };
-            next_offsets = Some(chunk.end_offsets());
-            chunks.push_back(chunk);
+            });
+            rebuilt.push_back(needs_rescan || !complete);
+            if torn || !complete {
+                break;
+            }
         }
         if chunks.is_empty() {
-            let seq = n_records.min(first_chunk * CHUNK_EVENTS);
+            // Nothing usable: start empty after whatever the logs and the index hold (their
+            // bytes are punched).
+            let seq = first_chunk.max(n_records.div_ceil(CHUNK_EVENTS)) * CHUNK_EVENTS;
             chunks.push_back(Chunk {
-                first_seq: seq / CHUNK_EVENTS * CHUNK_EVENTS,
-                plain_off: plain_len,
-                zstd_off: zstd_len,
+                first_seq: seq,
+                plain_off: plain.len,
+                zstd_off: zstd.len,
                 max_time_us: i64::MIN,
                 appended_at_us: now_us(),
                 entries: Vec::new(),
             });
+            rebuilt.push_back(false);
         }
 
-        // Drop records whose frames the logs do not (fully) hold: a torn tail.
+        // 2. Records whose frames the logs do not (fully) hold: a torn tail.
         while let Some(last) = chunks.back_mut() {
             let (p, z) = last.end_offsets();
-            if p <= plain_len && z <= zstd_len {
+            if p <= plain.len && z <= zstd.len {
                 break;
             }
             if last.entries.pop().is_some() {
-                recovery.dropped_records += 1;
+                if let Some(r) = rebuilt.back_mut() {
+                    *r = true;
+                }
             } else if chunks.len() > 1 {
                 chunks.pop_back();
+                rebuilt.pop_back();
             } else {
                 break;
             }
+        }
+        // A complete last chunk is followed by an empty one (appends go there).
+        let last = chunks
+            .back()
+            .map(|c| (c.entries.len(), c.end_offsets(), c.first_seq));
+        if let Some((len, (p, z), first_seq)) = last
+            && len as u64 == CHUNK_EVENTS
+        {
+            chunks.push_back(Chunk {
+                first_seq: first_seq + CHUNK_EVENTS,
+                plain_off: p,
+                zstd_off: z,
+                max_time_us: i64::MIN,
+                appended_at_us: 0,
+                entries: Vec::with_capacity(CHUNK_EVENTS as usize),
+            });
+            rebuilt.push_back(true);
         }
 
         let mut index = EventIndex {
@@ -383,35 +746,173 @@ impl EventIndex {
             collections,
             events_file: Some(events_file),
             chunks_file: Some(chunks_file),
+            durable_file: Some(durable_file),
         };
-        // Verify the newest two chunks' frames (where a crash tears things) and truncate at the
-        // first bad one; older chunks were verified when they were written and synced.
-        let verify_from = index.chunks.len().saturating_sub(2);
-        let mut to_verify = Vec::new();
-        for chunk in index.chunks.iter().skip(verify_from) {
-            let mut pos = EventPos {
-                seq: chunk.first_seq,
-                plain_off: chunk.plain_off,
-                zstd_off: chunk.zstd_off,
+        recovery.dropped_records = n_records.saturating_sub(index.next_seq());
+
+        // 3. Every event after the durable mark, frame by frame; cut at the first bad one.
+        let mut times: HashMap<u64, i64> = HashMap::new();
+        let from = index.pos_of(verify_from.max(index.first_seq()));
+        let end_seq = index.next_seq();
+        let mut bad_at = None;
+        index.walk(from, usize::MAX, |pos, e| {
+            let expect = match e.collection {
+                COLLECTION_UNKNOWN => CollectionCheck::Any,
+                COLLECTION_NONE => CollectionCheck::Absent,
+                id => index
+                    .collections
+                    .name(id)
+                    .map_or(CollectionCheck::Any, CollectionCheck::Named),
             };
-            for e in &chunk.entries {
-                to_verify.push((pos, *e));
-                pos = EventPos {
-                    seq: pos.seq + 1,
-                    plain_off: pos.plain_off + e.plain_len as u64,
-                    zstd_off: pos.zstd_off + e.zstd_len as u64,
-                };
+            match check(pos, e, expect) {
+                Some(t) => {
+                    times.insert(pos.seq, t);
+                    true
+                }
+                None => {
+                    bad_at = Some(pos.seq);
+                    false
+                }
+            }
+        });
+        recovery.verified_events = end_seq.saturating_sub(from.seq);
+        if let Some(seq) = bad_at {
+            recovery.invalid_tail_events = end_seq - seq;
+            recovery.verified_events -= end_seq - seq;
+            index.truncate_to(seq);
+            rebuilt.truncate(index.chunks.len());
+            // The chunk the cut fell in is partial now: its maximum is rescanned.
+            if let Some(r) = rebuilt.back_mut() {
+                *r = true;
             }
         }
-        let valid = verify(&to_verify);
-        if valid < to_verify.len() {
-            let keep_seq = to_verify[valid].0.seq;
-            recovery.invalid_tail_events = (to_verify.len() - valid) as u64;
-            index.truncate_to(keep_seq);
+
+        // 4. Running maxima: rescan rebuilt and partial chunks through the upstream clock,
+        // then make the whole sequence monotonic, whatever the headers said.
+        for (i, rescan) in rebuilt.iter().copied().enumerate() {
+            if rescan {
+                let max = index.rescan_max(i, &mut times, check);
+                let c = &mut index.chunks[i];
+                c.max_time_us = max;
+                if c.appended_at_us == 0 {
+                    c.appended_at_us = now_us();
+                }
+            }
+            if i > 0 {
+                let prev = index.chunks[i - 1].max_time_us;
+                let c = &mut index.chunks[i];
+                c.max_time_us = c.max_time_us.max(prev);
+            }
+        }
+
+        // 5. Collection ids the table does not have (lost lines): "unknown", so that filters
+        // read the JSON instead of trusting a name — also on disk, or a name interned later
+        // would take the lost id.
+        let known = index.collections.len();
+        let mut remapped = Vec::new();
+        for (i, c) in index.chunks.iter_mut().enumerate() {
+            let mut any = false;
+            for e in c.entries.iter_mut() {
+                if !matches!(e.collection, COLLECTION_NONE | COLLECTION_UNKNOWN)
+                    && e.collection as usize >= known
+                {
+                    e.collection = COLLECTION_UNKNOWN;
+                    recovery.unknown_collections += 1;
+                    any = true;
+                }
+            }
+            if any {
+                remapped.push(i);
+            }
+        }
+
+        // 6. Make the files agree with memory.
+        for (i, c) in index.chunks.iter().enumerate() {
+            if rebuilt[i] && c.entries.len() as u64 == CHUNK_EVENTS {
+                index.write_header(c)?;
+            }
+        }
+        for i in remapped {
+            let c = &index.chunks[i];
+            let bytes: Vec<u8> = c.entries.iter().flat_map(|e| e.to_bytes()).collect();
+            if let Some(f) = &index.events_file {
+                f.write_all_at(&bytes, c.first_seq * ENTRY_BYTES)?;
+            }
         }
         index.rewrite_tail_records()?;
         recovery.events = index.next_seq() - index.first_seq();
         Ok((index, recovery))
+    }
+
+    /// The running maximum of chunk `i` rebuilt from its frames: the previous chunk's maximum
+    /// and the indexed times of its events, through an upstream clock seeded with the events
+    /// before it. `times` caches what verification already read.
+    fn rescan_max(&self, i: usize, times: &mut HashMap<u64, i64>, check: &mut CheckFn<'_>) -> i64 {
+        let chunk = &self.chunks[i];
+        let prev = i.checked_sub(1).map(|p| &self.chunks[p]);
+        let mut time_of = |pos: EventPos, e: &EventEntry| -> Option<i64> {
+            if let Some(t) = times.get(&pos.seq) {
+                return Some(*t);
+            }
+            let t = check(pos, e, CollectionCheck::Any)?;
+            times.insert(pos.seq, t);
+            Some(t)
+        };
+        let seed_from = chunk
+            .first_seq
+            .saturating_sub(crate::clock::RECENT_EVENTS as u64)
+            .max(self.first_seq());
+        let mut seed = Vec::new();
+        if seed_from < chunk.first_seq {
+            self.walk(
+                self.pos_of(seed_from),
+                (chunk.first_seq - seed_from) as usize,
+                |pos, e| {
+                    seed.extend(time_of(pos, e));
+                    true
+                },
+            );
+        }
+        let mut clock = crate::clock::UpstreamClock::seeded(seed);
+        // The silence before the chunk is unknown; the chunk's own append span (wall clock,
+        // when both ends are known) stands in for the time that passed.
+        let span = match prev {
+            Some(p) if chunk.appended_at_us > 0 && p.appended_at_us > 0 => {
+                chunk.appended_at_us.saturating_sub(p.appended_at_us).max(0)
+            }
+            _ => 0,
+        };
+        let mut since = std::time::Duration::from_micros(span as u64);
+        let mut max = prev.map_or(i64::MIN, |p| p.max_time_us);
+        let start = EventPos {
+            seq: chunk.first_seq,
+            plain_off: chunk.plain_off,
+            zstd_off: chunk.zstd_off,
+        };
+        self.walk(start, chunk.entries.len(), |pos, e| {
+            if let Some(t) = time_of(pos, e) {
+                max = max.max(clock.observe(t, since));
+                since = std::time::Duration::ZERO;
+            }
+            true
+        });
+        max
+    }
+
+    fn write_header(&self, c: &Chunk) -> io::Result<()> {
+        let header = ChunkHeader {
+            plain_off: c.plain_off,
+            zstd_off: c.zstd_off,
+            max_time_us: c.max_time_us,
+            appended_at_us: c.appended_at_us,
+        };
+        if let Some(f) = &self.chunks_file {
+            f.write_all_at(
+                &header.to_bytes(),
+                c.first_seq / CHUNK_EVENTS * CHUNK_RECORD_BYTES,
+            )?;
+        }
+        Ok(())
     }
 
     /// Drops every event with `seq >= keep_seq` (recovery only).
@@ -431,30 +932,29 @@ impl EventIndex {
         }
     }
 
-    /// After recovery: make the files agree with memory (truncate extra records) and recompute
-    /// the partial chunk's running max from its predecessor (the caller rescans time_us).
+    /// After recovery: make the files agree with memory — cut records past the end, punch the
+    /// records of discarded chunks, and pull the durable mark back if the end is now below it
+    /// (what is appended next is not durable yet).
     fn rewrite_tail_records(&mut self) -> io::Result<()> {
         let next = self.next_seq();
+        let first = self.first_seq() / CHUNK_EVENTS * CHUNK_EVENTS;
         if let Some(f) = &self.events_file {
             f.set_len(next * ENTRY_BYTES)?;
+            if first > 0 && seek_data(f)?.is_some_and(|d| d < first * ENTRY_BYTES) {
+                punch(f, 0, first * ENTRY_BYTES)?;
+            }
         }
         if let Some(f) = &self.chunks_file {
             let complete = next / CHUNK_EVENTS;
             f.set_len(complete * CHUNK_RECORD_BYTES)?;
         }
-        Ok(())
-    }
-
-    /// Sets the running max of the newest (partial) chunk after recovery rescanned it.
-    pub fn set_tail_time_scan(&mut self, scanned_times: &[i64]) {
-        let prev_max = if self.chunks.len() >= 2 {
-            self.chunks[self.chunks.len() - 2].max_time_us
-        } else {
-            i64::MIN
-        };
-        if let Some(last) = self.chunks.back_mut() {
-            last.max_time_us = scanned_times.iter().copied().fold(prev_max, i64::max);
+        if let Some(f) = &self.durable_file
+            && read_durable_mark(f)?.is_some_and(|m| m > next)
+        {
+            f.write_all_at(&durable_mark_bytes(next), 0)?;
+            f.sync_data()?;
         }
+        Ok(())
     }
 
     /// Sequence number the next appended event gets.
@@ -508,30 +1008,52 @@ impl EventIndex {
         self.chunks.len()
     }
 
-    /// Appends one event; returns its sequence number.
-    pub fn append(&mut self, entry: EventEntry, time_us: i64, now_us: i64) -> io::Result<u64> {
+    /// Writes the records of the event that will get [`EventIndex::next_seq`] — its 16-byte
+    /// record and, if it completes its chunk, the chunk's header — without changing what
+    /// readers see. Positional writes: a failed attempt is simply retried. `indexed_time_us`
+    /// is the event's time for cursor lookups (see [`crate::clock`]).
+    pub fn write_record(
+        &self,
+        entry: &EventEntry,
+        indexed_time_us: i64,
+        now_us: i64,
+    ) -> io::Result<()> {
         let seq = self.next_seq();
         if let Some(f) = &self.events_file {
-            f.write_all_at(&entry.to_bytes(), seq * ENTRY_BYTES)?;
+            crate::failpoint::write_all_at(f, &entry.to_bytes(), seq * ENTRY_BYTES, "events.idx")?;
         }
+        let last = self.chunks.back().expect("index always has a chunk");
+        if last.entries.len() as u64 + 1 == CHUNK_EVENTS
+            && let Some(f) = &self.chunks_file
+        {
+            let header = ChunkHeader {
+                plain_off: last.plain_off,
+                zstd_off: last.zstd_off,
+                max_time_us: last.max_time_us.max(indexed_time_us),
+                appended_at_us: now_us,
+            };
+            let chunk_no = last.first_seq / CHUNK_EVENTS;
+            crate::failpoint::write_all_at(
+                f,
+                &header.to_bytes(),
+                chunk_no * CHUNK_RECORD_BYTES,
+                "chunks.idx",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Makes the event whose records [`EventIndex::write_record`] wrote visible to readers;
+    /// returns its sequence number.
+    pub fn push(&mut self, entry: EventEntry, indexed_time_us: i64, now_us: i64) -> u64 {
+        let seq = self.next_seq();
         let last = self.chunks.back_mut().expect("index always has a chunk");
         last.entries.push(entry);
-        last.max_time_us = last.max_time_us.max(time_us);
+        last.max_time_us = last.max_time_us.max(indexed_time_us);
         last.appended_at_us = now_us;
         if last.entries.len() as u64 == CHUNK_EVENTS {
             let (plain_off, zstd_off) = last.end_offsets();
-            let record = [
-                last.plain_off.to_le_bytes(),
-                last.zstd_off.to_le_bytes(),
-                last.max_time_us.to_le_bytes(),
-                last.appended_at_us.to_le_bytes(),
-            ]
-            .concat();
-            let chunk_no = last.first_seq / CHUNK_EVENTS;
             let max_time_us = last.max_time_us;
-            if let Some(f) = &self.chunks_file {
-                f.write_all_at(&record, chunk_no * CHUNK_RECORD_BYTES)?;
-            }
             self.chunks.push_back(Chunk {
                 first_seq: seq + 1,
                 plain_off,
@@ -541,7 +1063,13 @@ impl EventIndex {
                 entries: Vec::with_capacity(CHUNK_EVENTS as usize),
             });
         }
-        Ok(seq)
+        seq
+    }
+
+    /// [`EventIndex::write_record`] then [`EventIndex::push`].
+    pub fn append(&mut self, entry: EventEntry, time_us: i64, now_us: i64) -> io::Result<u64> {
+        self.write_record(&entry, time_us, now_us)?;
+        Ok(self.push(entry, time_us, now_us))
     }
 
     /// Finds the first chunk a cursor can start in: the first whose running max reaches
@@ -712,15 +1240,26 @@ impl EventIndex {
         Ok(Some(self.start_pos()))
     }
 
-    /// Flushes the index files.
+    /// Duplicated handles on the index files, for syncing them without the index lock.
+    pub fn sync_handles(&self) -> io::Result<SyncHandles> {
+        let mut files = Vec::new();
+        for f in [&self.events_file, &self.chunks_file, &self.collections.file]
+            .into_iter()
+            .flatten()
+        {
+            files.push(f.try_clone()?);
+        }
+        let durable = self
+            .durable_file
+            .as_ref()
+            .map(File::try_clone)
+            .transpose()?;
+        Ok(SyncHandles { files, durable })
+    }
+
+    /// Flushes the index files (tests; the relay syncs through [`EventIndex::sync_handles`]).
     pub fn sync(&self) -> io::Result<()> {
-        for f in [&self.events_file, &self.chunks_file].into_iter().flatten() {
-            f.sync_data()?;
-        }
-        if let Some(f) = &self.collections.file {
-            f.sync_data()?;
-        }
-        Ok(())
+        self.sync_handles()?.sync()
     }
 
     /// Bytes allocated on disk by the index files.
@@ -828,40 +1367,302 @@ mod tests {
         assert_eq!(idx.pos_of(0).seq, 256, "clamped to the retained start");
     }
 
+    /// What was appended: per seq, its record, offsets and time.
+    struct Model {
+        entries: Vec<EventEntry>,
+        offsets: Vec<(u64, u64)>,
+        times: Vec<i64>,
+    }
+
+    impl Model {
+        fn end(&self) -> (u64, u64) {
+            let (p, z) = *self.offsets.last().unwrap();
+            let e = self.entries.last().unwrap();
+            (p + e.plain_len as u64, z + e.zstd_len as u64)
+        }
+    }
+
+    fn test_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "jetrelay-idx-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A fresh persisted index in `dir` with `n` events (non-monotonic times, two
+    /// collections), synced; `durable`: also mark them all durable.
+    fn build(dir: &Path, n: u64, durable: bool) -> Model {
+        let mut check = |_: EventPos, _: &EventEntry, _: CollectionCheck<'_>| Some(0);
+        let (mut idx, rec) =
+            EventIndex::open(dir, LogExtent::default(), LogExtent::default(), &mut check).unwrap();
+        assert_eq!(rec.events, 0);
+        assert_eq!(idx.collections.intern("app.bsky.feed.post").unwrap(), 0);
+        assert_eq!(idx.collections.intern("app.bsky.feed.like").unwrap(), 1);
+        let mut m = Model {
+            entries: Vec::new(),
+            offsets: Vec::new(),
+            times: Vec::new(),
+        };
+        for i in 0..n {
+            let mut e = entry(20 + (i % 3) as u32);
+            e.collection = (i % 2) as u16;
+            let t = 1_000_000 + i as i64 * 20 - if i % 3 == 0 { 45 } else { 0 };
+            let end = idx.end_pos();
+            m.offsets.push((end.plain_off, end.zstd_off));
+            idx.append(e, t, 1 + i as i64).unwrap();
+            m.entries.push(e);
+            m.times.push(t);
+        }
+        let h = idx.sync_handles().unwrap();
+        h.sync().unwrap();
+        if durable {
+            h.mark_durable(n).unwrap();
+        }
+        m
+    }
+
+    /// Recovery against the model: an event's frames "are there" iff it is asked for at the
+    /// model's offsets with the model's record, and its seq is below `logged` (what reached
+    /// the logs).
+    fn reopen(dir: &Path, m: &Model, logged: u64) -> (EventIndex, Recovery) {
+        let logged = logged.min(m.entries.len() as u64);
+        let (p, z) = if logged == 0 {
+            (0, 0)
+        } else {
+            let (p, z) = m.offsets[logged as usize - 1];
+            let e = m.entries[logged as usize - 1];
+            (p + e.plain_len as u64, z + e.zstd_len as u64)
+        };
+        let mut check = |pos: EventPos, e: &EventEntry, _: CollectionCheck<'_>| {
+            let i = pos.seq as usize;
+            (pos.seq < logged
+                && m.offsets.get(i) == Some(&(pos.plain_off, pos.zstd_off))
+                && m.entries[i] == *e)
+                .then(|| m.times[i])
+        };
+        let extent = |len| LogExtent { len, first_data: 0 };
+        EventIndex::open(dir, extent(p), extent(z), &mut check).unwrap()
+    }
+
+    /// Every retained event is where the model says, and every cursor lookup finds the first
+    /// retained event with time ≥ cursor (or the end), monotonically.
+    fn assert_consistent(idx: &EventIndex, m: &Model) {
+        let first = idx.first_seq();
+        let mut seen = 0;
+        idx.walk(idx.start_pos(), usize::MAX, |pos, e| {
+            let i = pos.seq as usize;
+            assert_eq!((pos.plain_off, pos.zstd_off), m.offsets[i], "seq {i}");
+            assert_eq!(*e, m.entries[i], "seq {i}");
+            seen += 1;
+            true
+        });
+        assert_eq!(seen, idx.next_seq() - first);
+        let retained = first as usize..idx.next_seq() as usize;
+        let mut last = 0;
+        for cursor in (0..200).map(|k| 999_900 + k * 157) {
+            let want = retained
+                .clone()
+                .find(|&i| m.times[i] >= cursor)
+                .unwrap_or(retained.end) as u64;
+            let got = idx
+                .cursor_chunk(cursor)
+                .map_or(idx.next_seq(), |(pos, entries)| {
+                    (pos.seq..pos.seq + entries.len() as u64)
+                        .find(|&s| m.times[s as usize] >= cursor)
+                        .unwrap_or(pos.seq + entries.len() as u64)
+                });
+            assert_eq!(got, want, "cursor {cursor}");
+            assert!(got >= last, "monotonic");
+            last = got;
+        }
+    }
+
     #[test]
     fn persist_and_recover_with_torn_tail() {
-        let dir = std::env::temp_dir().join(format!("jetrelay-idx-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let total_plain;
-        let total_zstd;
-        {
-            let (mut idx, rec) = EventIndex::open(&dir, 0, 0, 0, 0, &mut |v| v.len()).unwrap();
-            assert_eq!(rec.events, 0);
-            assert_eq!(idx.collections.intern("app.bsky.feed.post").unwrap(), 0);
-            for i in 0..700u32 {
-                idx.append(entry(20 + i % 3), i as i64 * 2, 0).unwrap();
-            }
-            let end = idx.end_pos();
-            total_plain = end.plain_off;
-            total_zstd = end.zstd_off;
-            idx.sync().unwrap();
-        }
+        let dir = test_dir("torn");
+        let m = build(&dir, 700, false);
         // The logs lost the last 2 events' frames (crash before they were written).
-        let short_plain = total_plain - 20 - 21;
-        let (idx, rec) =
-            EventIndex::open(&dir, short_plain, total_zstd, 0, 0, &mut |v| v.len()).unwrap();
-        assert_eq!(rec.dropped_records, 2);
+        let (idx, rec) = reopen(&dir, &m, 698);
+        assert_eq!(rec.dropped_records + rec.invalid_tail_events, 2);
         assert_eq!(idx.next_seq(), 698);
         assert_eq!(idx.collections.name(0), Some("app.bsky.feed.post"));
+        assert_consistent(&idx, &m);
         drop(idx);
         // Verification rejects event 650 onwards.
-        let (idx, rec) = EventIndex::open(&dir, total_plain, total_zstd, 0, 0, &mut |v| {
-            v.iter().position(|(p, _)| p.seq == 650).unwrap_or(v.len())
-        })
-        .unwrap();
+        let (idx, rec) = reopen(&dir, &m, 650);
         assert_eq!(idx.next_seq(), 650);
-        assert_eq!(rec.invalid_tail_events, 48);
-        assert_eq!(idx.cursor_chunk(600).unwrap().0.seq, 256);
+        assert_eq!(rec.dropped_records + rec.invalid_tail_events, 48);
+        assert_eq!(idx.cursor_chunk(1_006_000).unwrap().0.seq, 256);
+        assert_consistent(&idx, &m);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_complete_chunk_without_its_header_is_rebuilt() {
+        let dir = test_dir("noheader");
+        let m = build(&dir, 522, false);
+        // A crash between chunk 1's last record and its header.
+        let chunks = OpenOptions::new()
+            .write(true)
+            .open(dir.join("chunks.idx"))
+            .unwrap();
+        chunks.set_len(CHUNK_RECORD_BYTES).unwrap();
+        let (idx, rec) = reopen(&dir, &m, 522);
+        assert_eq!(rec.rebuilt_headers, 1);
+        assert_eq!(idx.next_seq(), 522);
+        assert_consistent(&idx, &m);
+        drop(idx);
+        assert_eq!(
+            std::fs::metadata(dir.join("chunks.idx")).unwrap().len(),
+            2 * CHUNK_RECORD_BYTES,
+            "the header was written back"
+        );
+        let (idx, rec) = reopen(&dir, &m, 522);
+        assert!(!rec.repaired(), "{rec:?}");
+        assert_consistent(&idx, &m);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn zeroed_or_wrong_chunk_headers_are_rebuilt_from_the_chain() {
+        let dir = test_dir("zeroheader");
+        let m = build(&dir, 1300, false);
+        let chunks = OpenOptions::new()
+            .write(true)
+            .open(dir.join("chunks.idx"))
+            .unwrap();
+        // Chunk 1's header zeroed (a zero-extended file), chunk 3's pointing elsewhere with a
+        // running maximum far too high.
+        chunks
+            .write_all_at(&[0u8; CHUNK_RECORD_BYTES as usize], CHUNK_RECORD_BYTES)
+            .unwrap();
+        let bogus = ChunkHeader {
+            plain_off: 17,
+            zstd_off: 3,
+            max_time_us: i64::MAX,
+            appended_at_us: 5,
+        };
+        chunks
+            .write_all_at(&bogus.to_bytes(), 3 * CHUNK_RECORD_BYTES)
+            .unwrap();
+        let (idx, rec) = reopen(&dir, &m, 1300);
+        assert_eq!(rec.rebuilt_headers, 2, "{rec:?}");
+        assert_eq!(rec.discarded_events, 0);
+        assert_eq!(idx.next_seq(), 1300);
+        assert_consistent(&idx, &m);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn damage_in_the_synced_part_discards_the_older_events_never_misaligns() {
+        let dir = test_dir("zerorecords");
+        let m = build(&dir, 1300, true);
+        // Chunk 1's records zero-filled (256..511): they cannot be located, and neither can
+        // chunk 0's successors through them.
+        let events = OpenOptions::new()
+            .write(true)
+            .open(dir.join("events.idx"))
+            .unwrap();
+        events
+            .write_all_at(
+                &vec![0u8; (CHUNK_EVENTS * ENTRY_BYTES) as usize],
+                CHUNK_EVENTS * ENTRY_BYTES,
+            )
+            .unwrap();
+        let (idx, rec) = reopen(&dir, &m, 1300);
+        assert_eq!(rec.discarded_events, 512, "{rec:?}");
+        assert_eq!(idx.first_seq(), 512);
+        assert_eq!(idx.next_seq(), 1300);
+        assert_consistent(&idx, &m);
+        drop(idx);
+        assert_eq!(
+            seek_data(&File::open(dir.join("events.idx")).unwrap()).unwrap(),
+            Some(512 * ENTRY_BYTES),
+            "the discarded records are punched"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+
+        // A record altered so that it still looks sane: the chain points chunk 2 at the wrong
+        // offsets, its header at the right ones; the older chunks are discarded.
+        let dir = test_dir("badrecord");
+        let m = build(&dir, 1300, true);
+        let mut e = m.entries[300];
+        e.plain_len += 1;
+        let events = OpenOptions::new()
+            .write(true)
+            .open(dir.join("events.idx"))
+            .unwrap();
+        events
+            .write_all_at(&e.to_bytes(), 300 * ENTRY_BYTES)
+            .unwrap();
+        let (idx, rec) = reopen(&dir, &m, 1300);
+        assert_eq!(idx.first_seq(), 512, "{rec:?}");
+        assert_eq!(rec.discarded_events, 512);
+        assert_consistent(&idx, &m);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn collections_torn_or_lost_lines_never_name_the_wrong_collection() {
+        let dir = test_dir("collections");
+        let m = build(&dir, 300, false);
+        // A torn third line: cut. Then the second line lost too: ids 1 become "unknown".
+        let path = dir.join("collections.txt");
+        std::fs::write(
+            &path,
+            "app.bsky.feed.post\napp.bsky.feed.like\napp.bsky.gra",
+        )
+        .unwrap();
+        let (idx, rec) = reopen(&dir, &m, 300);
+        assert_eq!(rec.collections_cut_bytes, 12);
+        assert_eq!(rec.unknown_collections, 0);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        drop(idx);
+        std::fs::write(&path, "app.bsky.feed.post\n").unwrap();
+        let (idx, rec) = reopen(&dir, &m, 300);
+        assert_eq!(rec.unknown_collections, 150);
+        let mut unknown = 0;
+        idx.walk(idx.start_pos(), usize::MAX, |pos, e| {
+            if pos.seq % 2 == 1 {
+                assert_eq!(e.collection, COLLECTION_UNKNOWN);
+                unknown += 1;
+            } else {
+                assert_eq!(e.collection, 0);
+            }
+            true
+        });
+        assert_eq!(unknown, 150);
+        drop(idx);
+        // Persisted: a name interned later does not take the lost id over.
+        let (idx, rec) = {
+            let mut check = |pos: EventPos, _: &EventEntry, _: CollectionCheck<'_>| {
+                Some(m.times[pos.seq as usize])
+            };
+            let (p, z) = m.end();
+            let extent = |len| LogExtent { len, first_data: 0 };
+            EventIndex::open(&dir, extent(p), extent(z), &mut check).unwrap()
+        };
+        assert_eq!(rec.unknown_collections, 0);
+        assert_eq!(idx.first_seq(), 0);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_failed_collection_write_leaves_no_partial_line() {
+        let dir = test_dir("intern");
+        let path = dir.join("collections.txt");
+        let (mut c, _) = Collections::load(&path).unwrap();
+        assert_eq!(c.intern("a.b").unwrap(), 0);
+        // As if a write had failed half-way: a torn tail beyond the known length.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"tor", 4).unwrap();
+        assert_eq!(c.intern("c.d").unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a.b\nc.d\n");
+        let (c, cut) = Collections::load(&path).unwrap();
+        assert_eq!((c.len(), cut), (2, 0));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,7 +1,9 @@
 //! jetrelay: a Jetstream relay that lets the kernel do the fan-out.
+pub mod clock;
 pub mod compress;
 pub mod config;
 pub mod event;
+pub mod failpoint;
 pub mod fanout;
 pub mod frame;
 pub mod handshake;
@@ -9,6 +11,7 @@ pub mod hub;
 pub mod index;
 pub mod limits;
 pub mod listener;
+pub mod liveness;
 pub mod log;
 pub mod metrics;
 pub mod mock;

@@ -171,6 +171,7 @@ impl Listener {
         let mut next_token: u64 = 1;
         let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
         while !self.hub.shutting_down() {
+            crate::liveness::beat();
             let now = Instant::now();
             let next_deadline = pending.values().map(|p| p.deadline).min();
             // Why 500 ms at most: the shutdown flag is checked at least that often.

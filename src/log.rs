@@ -21,7 +21,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -208,7 +207,7 @@ impl Stream {
     /// at. Call [`Stream::publish`] after a batch so readers see complete frames only.
     pub fn append(&self, bytes: &[u8], unpublished_end: &mut u64) -> io::Result<u64> {
         let at = *unpublished_end;
-        self.file.write_all_at(bytes, at)?;
+        crate::failpoint::write_all_at(&self.file, bytes, at, &self.label)?;
         self.ring_write(at, bytes);
         *unpublished_end = at + bytes.len() as u64;
         Ok(at)
@@ -371,6 +370,7 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn tmp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("jetrelay-log-{}-{name}", std::process::id()));

@@ -13,9 +13,12 @@ use crate::config::{ListenAddr, Settings};
 use crate::fanout::Fanout;
 use crate::frame::{Opcode, parse_header};
 use crate::hub::{Hub, stored_header_len};
-use crate::index::{EventEntry, EventIndex, EventPos, kind_code, seek_data};
+use crate::index::{
+    CollectionCheck, EventEntry, EventIndex, EventPos, LogExtent, Recovery, kind_code, seek_data,
+};
 use crate::limits::{Limits, LimitsConfig};
 use crate::listener::{Bound, Listener};
+use crate::liveness::spawn_critical;
 use crate::log::Stream;
 use crate::upstream::{Follower, UpstreamConfig};
 use crate::writer::{LogWriter, RetentionPolicy, retention_loop};
@@ -44,8 +47,10 @@ pub struct Relay {
     metrics: Option<crate::metrics::Metrics>,
 }
 
-/// Opens the two base logs and the index in `dir`, verifying and repairing a torn tail.
-pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex)> {
+/// Opens the two base logs and the index in `dir`, repairing whatever a crash left behind
+/// (see [`EventIndex::open`]): the logs are cut to the last event the index holds and punched
+/// below the first one it keeps.
+pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex, Recovery)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let open = |name: &str| -> anyhow::Result<std::fs::File> {
         let p = dir.join(name);
@@ -59,43 +64,33 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex)> {
     };
     let plain = open("plain.log")?;
     let zstd = open("zstd.log")?;
-    let plain_len = plain.metadata()?.len();
-    let zstd_len = zstd.metadata()?.len();
-    let plain_first = seek_data(&plain)?.unwrap_or(plain_len);
-    let zstd_first = seek_data(&zstd)?.unwrap_or(zstd_len);
-    let mut verify = |events: &[(EventPos, EventEntry)]| -> usize {
-        events
-            .iter()
-            .position(|(pos, e)| !frame_ok(&plain, &zstd, pos, e))
-            .unwrap_or(events.len())
+    let extent = |f: &std::fs::File| -> anyhow::Result<LogExtent> {
+        let len = f.metadata()?.len();
+        Ok(LogExtent {
+            len,
+            first_data: seek_data(f)?.unwrap_or(len),
+        })
     };
-    let (mut index, recovery) = EventIndex::open(
-        dir,
-        plain_len,
-        zstd_len,
-        plain_first,
-        zstd_first,
-        &mut verify,
-    )?;
-    // Rebuild the newest chunk's running max of time_us from its frames.
-    let end = index.end_pos();
-    let tail_from = index.pos_of(end.seq - end.seq % crate::index::CHUNK_EVENTS);
-    let mut times = Vec::new();
-    index.walk(tail_from, usize::MAX, |pos, e| {
-        if let Some(json) = read_plain(&plain, pos.plain_off, e.plain_len) {
-            times.extend(crate::event::scan_time_us(&json));
-        }
-        true
-    });
-    index.set_tail_time_scan(&times);
+    let (plain_extent, zstd_extent) = (extent(&plain)?, extent(&zstd)?);
+    let mut decompressor = crate::compress::EventDecompressor::new()?;
+    let mut check = |pos: EventPos, e: &EventEntry, collection: CollectionCheck<'_>| {
+        check_event(&plain, &zstd, &mut decompressor, pos, e, collection)
+    };
+    let (index, recovery) = EventIndex::open(dir, plain_extent, zstd_extent, &mut check)
+        .with_context(|| format!("recovering the index in {}", dir.display()))?;
     let start = index.start_pos();
     let end = index.end_pos();
-    if recovery.dropped_records + recovery.invalid_tail_events > 0 || end.plain_off < plain_len {
+    let cut_bytes = plain_extent.len.saturating_sub(end.plain_off)
+        + zstd_extent.len.saturating_sub(end.zstd_off);
+    if recovery.repaired() || cut_bytes > 0 {
         tracing::warn!(
             dropped_records = recovery.dropped_records,
             invalid_tail = recovery.invalid_tail_events,
-            truncated_bytes =
-                plain_len.saturating_sub(end.plain_off) + zstd_len.saturating_sub(end.zstd_off),
+            rebuilt_headers = recovery.rebuilt_headers,
+            discarded_events = recovery.discarded_events,
+            unknown_collections = recovery.unknown_collections,
+            collections_cut_bytes = recovery.collections_cut_bytes,
+            truncated_bytes = cut_bytes,
             "recovered a torn log tail"
         );
     }
@@ -103,8 +98,13 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex)> {
         events = recovery.events,
         first_seq = start.seq,
         next_seq = end.seq,
+        verified = recovery.verified_events,
         "log recovered"
     );
+    // Bytes below the first retained event are not served: punch them (they are already,
+    // unless recovery discarded a damaged prefix), so that the disk cap counts real data.
+    punch_unindexed(&plain, start.plain_off, plain_extent.first_data)?;
+    punch_unindexed(&zstd, start.zstd_off, zstd_extent.first_data)?;
     drop((plain, zstd));
     let plain = Stream::open(
         "plain",
@@ -120,7 +120,22 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex)> {
         start.zstd_off,
         end.zstd_off,
     )?;
-    Ok((plain, zstd, index))
+    Ok((plain, zstd, index, recovery))
+}
+
+/// Punches the whole blocks of `f` below `start` that still hold data.
+fn punch_unindexed(f: &std::fs::File, start: u64, first_data: u64) -> anyhow::Result<()> {
+    let aligned = start / crate::log::PUNCH_ALIGN * crate::log::PUNCH_ALIGN;
+    if first_data < aligned {
+        rustix::fs::fallocate(
+            f,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            first_data,
+            aligned - first_data,
+        )
+        .context("punching unindexed log bytes")?;
+    }
+    Ok(())
 }
 
 fn read_plain(plain: &std::fs::File, off: u64, len: u32) -> Option<Vec<u8>> {
@@ -130,56 +145,83 @@ fn read_plain(plain: &std::fs::File, off: u64, len: u32) -> Option<Vec<u8>> {
     Some(buf.split_off(h.min(buf.len())))
 }
 
-/// Checks one event's two frames against its index record.
-fn frame_ok(plain: &std::fs::File, zstd: &std::fs::File, pos: &EventPos, e: &EventEntry) -> bool {
-    let check = |f: &std::fs::File, off: u64, len: u32, opcode: Opcode| -> Option<Vec<u8>> {
+/// Recovery's check of one event: both frames complete and well-formed with the lengths of
+/// the record, the compressed one decompressing to the plain one's JSON, and the JSON matching
+/// the record (DID hash, kind, collection). Returns the event's `time_us`.
+fn check_event(
+    plain: &std::fs::File,
+    zstd: &std::fs::File,
+    decompressor: &mut crate::compress::EventDecompressor,
+    pos: EventPos,
+    e: &EventEntry,
+    collection: CollectionCheck<'_>,
+) -> Option<i64> {
+    let read = |f: &std::fs::File, off: u64, len: u32, opcode: Opcode| -> Option<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, off).ok()?;
         let h = parse_header(&buf).ok()??;
         (h.opcode == opcode && h.fin && h.mask.is_none() && h.frame_len() == len as u64)
             .then(|| buf.split_off(h.header_len))
     };
-    let Some(json) = check(plain, pos.plain_off, e.plain_len, Opcode::Text) else {
-        return false;
+    let json = read(plain, pos.plain_off, e.plain_len, Opcode::Text)?;
+    let compressed = read(zstd, pos.zstd_off, e.zstd_len, Opcode::Binary)?;
+    if decompressor.decompress(&compressed, json.len()).ok()? != json {
+        return None;
+    }
+    let meta = crate::event::parse_event(&json).ok()?;
+    let collection_ok = match collection {
+        CollectionCheck::Any => true,
+        CollectionCheck::Absent => meta.collection.is_none(),
+        CollectionCheck::Named(name) => meta.collection.as_deref() == Some(name),
     };
-    if check(zstd, pos.zstd_off, e.zstd_len, Opcode::Binary).is_none() {
-        return false;
-    }
-    match crate::event::parse_event(&json) {
-        Ok(meta) => {
-            crate::event::did_hash(&meta.did) == e.did_hash && kind_code(meta.kind) == e.kind
-        }
-        Err(_) => false,
-    }
+    (crate::event::did_hash(&meta.did) == e.did_hash
+        && kind_code(meta.kind) == e.kind
+        && collection_ok)
+        .then_some(meta.time_us)
 }
 
-/// Dedup keys of the events appended within `window` of the newest time, for a seamless
-/// upstream resume after a restart.
-fn recent_keys(hub: &Hub, window: Duration) -> (Option<i64>, Vec<u64>) {
+/// What the follower needs to resume seamlessly after a restart: the raw `time_us` of the last
+/// events appended (for its clock) and `(time_us, dedup key)` of every event within `window`
+/// of the newest (for its duplicate memory), in log order.
+fn recent_events(hub: &Hub, window: Duration) -> (Vec<i64>, Vec<(i64, u64)>) {
     let index = hub.index();
     let Some(max) = index.max_time_us() else {
-        return (None, Vec::new());
+        return (Vec::new(), Vec::new());
     };
-    let from = match index.cursor_chunk(max - window.as_micros() as i64) {
+    let window_us = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+    let from = match index.cursor_chunk(max.saturating_sub(window_us)) {
         Some((pos, _)) => pos,
-        None => return (Some(max), Vec::new()),
+        None => return (Vec::new(), Vec::new()),
     };
+    // The clock's events may reach further back than the window when the stream is slow.
+    let clock_from = index.pos_of(
+        index
+            .next_seq()
+            .saturating_sub(crate::clock::RECENT_EVENTS as u64)
+            .min(from.seq),
+    );
+    let mut times = Vec::new();
     let mut keys = Vec::new();
-    index.walk(from, usize::MAX, |pos, e| {
+    index.walk(clock_from, usize::MAX, |pos, e| {
         if let Some(json) = read_plain(hub.plain.file(), pos.plain_off, e.plain_len)
             && let Ok(meta) = crate::event::parse_event(&json)
         {
-            keys.push(meta.dedup_key);
+            times.push(meta.time_us);
+            if pos.seq >= from.seq {
+                keys.push((meta.time_us, meta.dedup_key));
+            }
         }
         true
     });
-    (Some(max), keys)
+    let keep = times.len().saturating_sub(crate::clock::RECENT_EVENTS);
+    times.drain(..keep);
+    (times, keys)
 }
 
 impl Relay {
     /// Recovers, binds and starts everything; returns once the relay is serving.
     pub fn start(settings: &Settings) -> anyhow::Result<Relay> {
-        let (plain, zstd, index) = recover(&settings.data_dir)?;
+        let (plain, zstd, index, _) = recover(&settings.data_dir)?;
         let limits = Limits::new(LimitsConfig {
             max_clients: settings.max_clients,
             max_conns_per_ip: settings.max_conns_per_ip,
@@ -234,21 +276,20 @@ impl Relay {
         };
         let mut config = UpstreamConfig::new(urls);
         config.rewind = settings.rewind;
+        config.max_skew = settings.upstream_skew;
         let mut follower = Follower::new(config);
-        let (last_time, keys) = recent_keys(&hub, settings.rewind + Duration::from_secs(60));
-        follower.resume_from(last_time, keys);
+        let (times, keys) = recent_events(&hub, follower.dedup_window());
+        follower.resume_from(times, keys);
         let mut writer = LogWriter::new(hub.clone(), fanout.wakers())?;
         {
             let stop = stop.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("upstream".into())
-                    .spawn(move || {
-                        if let Err(e) = follower.run(&mut writer, &stop) {
-                            tracing::error!(error = %format!("{e:#}"), "upstream follower stopped");
-                        }
-                    })?,
-            );
+            // The follower and the writer share this thread: the follower calls the writer for
+            // every event.
+            threads.push(spawn_critical(&hub.liveness, "upstream", move || {
+                follower
+                    .run(&mut writer, &stop)
+                    .map_err(|e| format!("{e:#}"))
+            })?);
         }
         {
             let hub = hub.clone();
@@ -257,22 +298,15 @@ impl Relay {
                 max_age: settings.retention,
                 max_disk: settings.max_disk,
             };
-            threads.push(
-                std::thread::Builder::new()
-                    .name("retention".into())
-                    .spawn(move || retention_loop(hub, policy, stop))?,
-            );
+            let liveness = hub.liveness.clone();
+            threads.push(spawn_critical(&liveness, "retention", move || {
+                retention_loop(hub, policy, stop)
+            })?);
         }
         let listener = Listener::new(hub.clone(), fanout.clone(), listeners, settings);
-        threads.push(
-            std::thread::Builder::new()
-                .name("listener".into())
-                .spawn(move || {
-                    if let Err(e) = listener.run() {
-                        tracing::error!(error = %e, "listener failed");
-                    }
-                })?,
-        );
+        threads.push(spawn_critical(&hub.liveness, "listener", move || {
+            listener.run()
+        })?);
         let metrics = if settings.metrics_listen.is_some() || settings.otlp_endpoint.is_some() {
             Some(crate::metrics::Metrics::start(
                 hub.clone(),
@@ -299,6 +333,8 @@ impl Relay {
 
     /// Graceful stop: close frames to clients, threads joined, logs synced.
     pub fn shutdown(mut self) {
+        // First: threads may end from now on without ending the process.
+        self.hub.liveness.stop();
         self.hub.shutdown.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         // Workers are already sending close frames; the other threads notice within a second.
@@ -314,9 +350,12 @@ impl Relay {
         if let Some(mut d) = self.demo.take() {
             d.stop();
         }
-        let _ = self.hub.plain.sync();
-        let _ = self.hub.zstd.sync();
-        let _ = self.hub.index().sync();
+        match crate::writer::sync_logs(&self.hub) {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "final log sync failed: the newest events may not be on disk")
+            }
+        }
         for p in &self.unix_paths {
             let _ = std::fs::remove_file(p);
         }

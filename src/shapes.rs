@@ -267,10 +267,25 @@ impl Shapes {
     }
 }
 
-/// Appends one event's frame to a shape (writer thread).
-pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result<()> {
+/// A frame written to a shape's log but not yet visible to its readers.
+#[derive(Clone, Copy, Debug)]
+pub struct UnpublishedFrame {
+    /// Where the frame starts in the shape's log.
+    at: u64,
+    /// The log's end after it.
+    end: u64,
+}
+
+/// Writes one event's frame to a shape's log without publishing it (writer thread): a failed
+/// write (a full disk) leaves nothing visible, and the next attempt writes at the same offset.
+pub fn write_frame(shape: &Shape, frame: &[u8]) -> std::io::Result<UnpublishedFrame> {
     let mut end = shape.stream.end();
     let at = shape.stream.append(frame, &mut end)?;
+    Ok(UnpublishedFrame { at, end })
+}
+
+/// Publishes a frame [`write_frame`] wrote for event `seq` (writer thread).
+pub fn publish_frame(shape: &Shape, seq: u64, frame: UnpublishedFrame) {
     // The table entry before the bytes are published: a reader that has sent a frame can
     // always find which event it was (see `fanout::switch_point`).
     shape
@@ -278,9 +293,16 @@ pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .frames
-        .push_back((seq, at));
-    shape.stream.publish(end);
+        .push_back((seq, frame.at));
+    shape.stream.publish(frame.end);
     shape.appended.fetch_add(1, Ordering::Release);
+}
+
+/// Appends one event's frame to a shape (writer thread): [`write_frame`] then
+/// [`publish_frame`].
+pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result<()> {
+    let written = write_frame(shape, frame)?;
+    publish_frame(shape, seq, written);
     Ok(())
 }
 

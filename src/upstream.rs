@@ -4,9 +4,13 @@
 //! It runs on its own thread with blocking sockets (no async runtime). Each connection is a
 //! *session*; when one ends (close frame, error, stall, oversized frame) the follower waits an
 //! exponentially growing, jittered delay and connects to the next configured URL in turn,
-//! resuming with `cursor = max appended time_us − rewind`. The rewound overlap is removed by
-//! dedup keys ([`crate::event::EventMeta::dedup_key`]), which identify an event across upstream
-//! instances even though each instance stamps its own `time_us`.
+//! resuming with `cursor = reference − rewind` (the reference is a robust recent `time_us`, see
+//! [`crate::clock`]), and on a *different* instance another `max_skew` earlier, because each
+//! instance stamps `time_us` with its own clock. The rewound overlap is removed by dedup keys
+//! ([`crate::event::EventMeta::dedup_key`]), which identify an event across upstream instances
+//! whatever its `time_us`. The first event after a resume tells how far the new instance's
+//! clock is from the old one's (it is a duplicate whose first copy we know); a difference
+//! beyond what the cursor allowed, or no overlap at all, is logged as possible loss.
 //!
 //! The decisions (resume cursor, dedup window, backoff, message classification) are plain
 //! state, unit-tested without sockets; the I/O around them is thin.
@@ -20,7 +24,7 @@
 //!   after every reconnect would keep the follower in backoff. Messages between
 //!   [`MAX_EVENT_BYTES`] and that limit are read and skipped without dropping the connection.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
@@ -35,6 +39,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
+use crate::clock::UpstreamClock;
 use crate::event::{EventError, EventMeta, MAX_EVENT_BYTES, parse_event};
 
 /// Why: messages up to this size are read whole and skipped as too large without dropping the
@@ -56,9 +61,17 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// the FIFO + ~16 in the set per key: ≤ ~32 MB).
 pub const MAX_DEDUP_KEYS: usize = 1_000_000;
 
-/// Why: keys are kept this long beyond the rewind window, to absorb `time_us` skew between
-/// upstream instances when failing over (each instance stamps events with its own clock).
+/// Why: keys are kept this long beyond what a resume can replay (rewind plus twice the skew),
+/// for reordering and for events stamped just before the reference.
 pub const DEDUP_MARGIN: Duration = Duration::from_secs(30);
+
+/// Default largest clock difference between upstream instances that failover absorbs (the
+/// relay's `--upstream-skew`). Why 60 s: instances are NTP-synced to milliseconds; a minute
+/// covers a badly drifting one, and costs only a minute of replay (deduplicated) per failover.
+pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(60);
+
+/// Why: an upstream stamping events far in the future is worth a warning, not one per event.
+const OUTLIER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why: a session that appended events for this long proves the upstream healthy, so the next
 /// reconnect starts again from the minimum backoff.
@@ -90,6 +103,10 @@ pub struct UpstreamConfig {
     /// How far before the last appended `time_us` a reconnect resumes, so that events delivered
     /// out of `time_us` order around the disconnect are not lost.
     pub rewind: Duration,
+    /// Largest clock difference between two upstream instances that failover tolerates without
+    /// loss or duplicates: a reconnect to another instance resumes this much earlier still, and
+    /// duplicates are remembered long enough for a clock this far ahead.
+    pub max_skew: Duration,
     /// Bound on TCP connect + TLS + WebSocket handshake.
     pub connect_timeout: Duration,
     /// No frame at all for this long → reconnect (a ping is sent after half of it).
@@ -106,6 +123,7 @@ impl UpstreamConfig {
         Self {
             urls,
             rewind: DEFAULT_REWIND,
+            max_skew: DEFAULT_MAX_SKEW,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             backoff_min: DEFAULT_BACKOFF_MIN,
@@ -116,8 +134,10 @@ impl UpstreamConfig {
 
 /// Receives what the follower reads.
 pub trait EventSink {
-    /// Called once per accepted (valid, not duplicate) event, in upstream order. Returning Err
-    /// stops the follower.
+    /// Called once per accepted (valid, not duplicate) event, in upstream order. `meta.time_us`
+    /// is the event's *indexed* time: its `time_us`, bounded as [`crate::clock`] explains (the
+    /// JSON keeps the upstream's value). The sink retries what it can (a full disk); returning
+    /// Err stops the follower.
     fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()>;
     /// A message that was not appended. Logged by the follower (rate-limited), counted by the
     /// sink.
@@ -237,14 +257,15 @@ pub fn subscribe_url(base: &str, cursor: Option<i64>) -> String {
 
 /// Keys of recently appended events, to drop the overlap a rewound reconnect replays.
 ///
-/// A FIFO in append order plus a set; pruned by `time_us` to the rewind window plus
-/// [`DEDUP_MARGIN`] behind the newest appended event, and capped at a fixed count. `time_us`
-/// is nearly monotonic, so pruning from the front by time is close to exact; an event with an
-/// outlying time simply lives until it reaches the front.
+/// A FIFO in append order plus a map; pruned by `time_us` to the window behind the clock's
+/// reference (see [`crate::clock`]; an outlier cannot wipe it), and capped at a fixed count.
+/// `time_us` is nearly monotonic, so pruning from the front by time is close to exact; an event
+/// with an outlying time simply lives until it reaches the front.
 #[derive(Debug)]
 struct DedupWindow {
-    /// Membership test for the keys in `order`.
-    keys: HashSet<u64>,
+    /// Membership test for the keys in `order`, with the indexed `time_us` of their first copy
+    /// (to measure the clock difference of the next instance that replays them).
+    keys: HashMap<u64, i64>,
     /// `(time_us, key)` in append order, for pruning.
     order: VecDeque<(i64, u64)>,
     /// Keys whose time is older than newest − this are forgotten.
@@ -256,18 +277,24 @@ struct DedupWindow {
 impl DedupWindow {
     fn new(window: Duration, capacity: usize) -> Self {
         Self {
-            keys: HashSet::new(),
+            keys: HashMap::new(),
             order: VecDeque::new(),
             window_us: duration_us(window),
             capacity,
         }
     }
 
+    /// The time of the first copy of `key`, if it is remembered.
+    fn get(&self, key: u64) -> Option<i64> {
+        self.keys.get(&key).copied()
+    }
+
     /// Records `key` unless it is already known; returns whether it was new.
     fn insert(&mut self, key: u64, time_us: i64) -> bool {
-        if !self.keys.insert(key) {
+        if self.keys.contains_key(&key) {
             return false;
         }
+        self.keys.insert(key, time_us);
         self.order.push_back((time_us, key));
         while self.order.len() > self.capacity {
             self.pop_front();
@@ -293,6 +320,15 @@ impl DedupWindow {
     fn len(&self) -> usize {
         self.order.len()
     }
+}
+
+/// How far back appended events must be remembered: what a resume can replay (the rewind plus
+/// the skew, and the skew again when the new instance's clock is ahead), plus a margin.
+fn dedup_window(config: &UpstreamConfig) -> Duration {
+    config
+        .rewind
+        .saturating_add(config.max_skew.saturating_mul(2))
+        .saturating_add(DEDUP_MARGIN)
 }
 
 fn duration_us(d: Duration) -> i64 {
@@ -380,12 +416,34 @@ enum SessionEnd {
 
 type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 
+/// What the first event of a resumed session is expected to show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResumeCheck {
+    /// Nothing to check: a first connection without history, or already checked.
+    Done,
+    /// The session resumed at `cursor`, which allowed the new instance's clock to differ by
+    /// up to `allowed` from the one the reference came from: its first event should be one we
+    /// already have.
+    ExpectOverlap {
+        /// The cursor asked for.
+        cursor: i64,
+        /// Clock difference the cursor absorbs (the rewind, plus the skew on failover).
+        allowed: Duration,
+    },
+}
+
 /// Follows the upstream(s) and feeds a sink. See the module documentation.
 pub struct Follower {
     /// Where and how to connect.
     config: UpstreamConfig,
-    /// Highest `time_us` appended so far: the resume point.
-    last_time_us: Option<i64>,
+    /// The upstream's clock as seen through appended events: the resume point and the bound on
+    /// indexed times.
+    clock: UpstreamClock,
+    /// Index into `config.urls` of the instance whose clock `clock` follows (its recent events
+    /// came from there); `None` after a restart, when that is unknown.
+    clock_source: Option<usize>,
+    /// When the last event was appended (for the clock's monotonic timeline).
+    last_append: Option<Instant>,
     /// Recently appended keys, to drop replayed overlap.
     dedup: DedupWindow,
     /// Reconnect delay state.
@@ -400,16 +458,25 @@ pub struct Follower {
     max_message_bytes: usize,
     /// Rate limiter for skip warnings.
     skip_log: SkipLog,
+    /// What the current session's first event should show.
+    resume_check: ResumeCheck,
+    /// Events appended by the current session (the clock follows its instance after
+    /// [`crate::clock::RECENT_EVENTS`] of them).
+    session_appended: u64,
+    /// When a far-future `time_us` was last logged (rate limit).
+    outlier_logged: Option<Instant>,
 }
 
 impl Follower {
     /// A follower with no resume point: the first connection is live (no cursor).
     pub fn new(config: UpstreamConfig) -> Self {
-        let window = config.rewind.saturating_add(DEDUP_MARGIN);
+        let window = dedup_window(&config);
         let backoff = Backoff::new(config.backoff_min, config.backoff_max);
         Self {
             config,
-            last_time_us: None,
+            clock: UpstreamClock::new(),
+            clock_source: None,
+            last_append: None,
             dedup: DedupWindow::new(window, MAX_DEDUP_KEYS),
             backoff,
             rng: fastrand::Rng::new(),
@@ -417,43 +484,59 @@ impl Follower {
             tls: None,
             max_message_bytes: MAX_UPSTREAM_MESSAGE_BYTES,
             skip_log: SkipLog::default(),
+            resume_check: ResumeCheck::Done,
+            session_appended: 0,
+            outlier_logged: None,
         }
     }
 
-    /// Seeds the resume point and dedup memory after a relay restart: the last appended
-    /// time_us and the dedup keys of the events appended within the rewind window.
+    /// How far back (in `time_us`) the relay must remember appended events for a restart to
+    /// resume without duplicates: what [`Follower`] keeps in its dedup window.
+    pub fn dedup_window(&self) -> Duration {
+        dedup_window(&self.config)
+    }
+
+    /// Seeds the resume point and dedup memory after a relay restart with the events appended
+    /// within [`Follower::dedup_window`] of the newest: `(indexed time_us, dedup key)` in log
+    /// order. The clock learns the raw `time_us` of the last of them (`recent_raw_times`).
     pub fn resume_from(
         &mut self,
-        last_time_us: Option<i64>,
-        recent_keys: impl IntoIterator<Item = u64>,
+        recent_raw_times: impl IntoIterator<Item = i64>,
+        recent_keys: impl IntoIterator<Item = (i64, u64)>,
     ) {
-        self.last_time_us = match (self.last_time_us, last_time_us) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        // Without a time, the keys are pruned by the first append.
-        let time = self.last_time_us.unwrap_or(i64::MIN);
-        for key in recent_keys {
+        self.clock = UpstreamClock::seeded(recent_raw_times);
+        // Which instance stamped them is not known: the first connection counts as a failover.
+        self.clock_source = None;
+        for (time, key) in recent_keys {
             self.dedup.insert(key, time);
+        }
+        if let Some(reference) = self.clock.reference() {
+            self.dedup.prune(reference);
         }
     }
 
-    /// The highest `time_us` appended so far (or seeded by [`Follower::resume_from`]).
-    pub fn last_time_us(&self) -> Option<i64> {
-        self.last_time_us
+    /// The upstream clock's reference (the robust newest `time_us` appended), if any.
+    pub fn reference_time_us(&self) -> Option<i64> {
+        self.clock.reference()
     }
 
-    /// The cursor the next connection will ask for.
+    /// The cursor a connection to `config.urls[url]` will ask for, and the clock difference it
+    /// absorbs.
     ///
     /// `time_us` is not monotonic: an event can arrive after one stamped later. Every event
-    /// not yet received when the connection dropped follows the last received one in upstream
-    /// order, so its `time_us` is at least (max received − reordering skew). Resuming `rewind`
-    /// before the maximum therefore replays everything missed as long as the skew (hundreds of
-    /// ms in practice) and the clock difference between upstream instances stay below
-    /// `rewind`; what is replayed twice is dropped by the dedup window.
-    pub fn resume_cursor(&self) -> Option<i64> {
-        self.last_time_us
-            .map(|t| t.saturating_sub(duration_us(self.config.rewind)))
+    /// not yet received when the connection dropped follows the last received ones in upstream
+    /// order, so its `time_us` is at least (reference − reordering skew). Resuming `rewind`
+    /// before the reference therefore replays everything missed as long as reordering stays
+    /// below `rewind`. Another instance stamps the same events with its own clock, so a
+    /// failover resumes `max_skew` earlier still; what is replayed twice is dropped by the
+    /// dedup window.
+    pub fn resume_cursor(&self, url: usize) -> Option<(i64, Duration)> {
+        let reference = self.clock.reference()?;
+        let mut allowed = self.config.rewind;
+        if self.clock_source != Some(url) {
+            allowed = allowed.saturating_add(self.config.max_skew);
+        }
+        Some((reference.saturating_sub(duration_us(allowed)), allowed))
     }
 
     /// Runs until `stop` becomes true (checked at least every [`POLL_INTERVAL`]) or the sink
@@ -461,15 +544,34 @@ impl Follower {
     pub fn run(&mut self, sink: &mut dyn EventSink, stop: &AtomicBool) -> anyhow::Result<()> {
         anyhow::ensure!(!self.config.urls.is_empty(), "no upstream URL configured");
         while !stop.load(Ordering::Relaxed) {
-            let base = &self.config.urls[self.next_url % self.config.urls.len()];
+            crate::liveness::beat();
+            let url_index = self.next_url % self.config.urls.len();
+            let base = &self.config.urls[url_index];
             self.next_url = (self.next_url + 1) % self.config.urls.len();
-            let url = subscribe_url(base, self.resume_cursor());
-            let reason = match self.connect(&url, stop) {
+            let resume = self.resume_cursor(url_index);
+            let url = subscribe_url(base, resume.map(|(cursor, _)| cursor));
+            let connected = {
+                // DNS resolution is not bounded by the connect timeout (see the module
+                // documentation): a stated wait, not a wedge.
+                let _idle = crate::liveness::idle("connecting to the upstream");
+                self.connect(&url, stop)
+            };
+            let reason = match connected {
                 Ok(mut socket) => {
                     info!(url, "connected to upstream");
                     sink.connection(ConnectionState::Connected { url: url.clone() });
+                    self.resume_check = match resume {
+                        Some((cursor, allowed)) => ResumeCheck::ExpectOverlap { cursor, allowed },
+                        None => ResumeCheck::Done,
+                    };
+                    self.session_appended = 0;
+                    if self.clock_source != Some(url_index) {
+                        // Until this session has appended enough events, the clock still
+                        // follows the previous instance (or an unknown one).
+                        self.clock_source = None;
+                    }
                     let started = Instant::now();
-                    let (end, appended) = self.session(&mut socket, sink, stop);
+                    let (end, appended) = self.session(&mut socket, sink, stop, url_index);
                     if appended > 0 && started.elapsed() >= HEALTHY_SESSION {
                         self.backoff.reset();
                     }
@@ -505,26 +607,100 @@ impl Follower {
     }
 
     /// Classifies one text message and appends it if it is a new valid event.
-    fn ingest(&mut self, json: &[u8], sink: &mut dyn EventSink) -> anyhow::Result<bool> {
-        let meta = match parse_event(json) {
+    fn ingest(
+        &mut self,
+        json: &[u8],
+        sink: &mut dyn EventSink,
+        url_index: usize,
+    ) -> anyhow::Result<bool> {
+        let mut meta = match parse_event(json) {
             Ok(meta) => meta,
             Err(e) => {
                 self.skip(sink, SkipReason::from(&e), &e.to_string());
                 return Ok(false);
             }
         };
-        if !self.dedup.insert(meta.dedup_key, meta.time_us) {
+        let first_copy = self.dedup.get(meta.dedup_key);
+        self.check_resume(meta.time_us, first_copy);
+        if first_copy.is_some() {
             let detail = format!("{} {} time_us={}", meta.kind, meta.did, meta.time_us);
             self.skip(sink, SkipReason::Duplicate, &detail);
             return Ok(false);
         }
+        let raw = meta.time_us;
+        let since = self.last_append.map_or(Duration::ZERO, |t| t.elapsed());
+        let indexed = self.clock.indexed_time(raw, since);
+        if indexed != raw {
+            self.log_outlier(&meta, indexed);
+        }
+        meta.time_us = indexed;
         sink.append(json, &meta)?;
-        let newest = self
-            .last_time_us
-            .map_or(meta.time_us, |t| t.max(meta.time_us));
-        self.last_time_us = Some(newest);
-        self.dedup.prune(newest);
+        // Only what was appended is remembered: a failed append leaves no trace to skip later.
+        self.dedup.insert(meta.dedup_key, indexed);
+        self.clock.record(raw, since);
+        self.last_append = Some(Instant::now());
+        self.session_appended += 1;
+        if self.session_appended == crate::clock::RECENT_EVENTS as u64 {
+            self.clock_source = Some(url_index);
+        }
+        if let Some(reference) = self.clock.reference() {
+            self.dedup.prune(reference);
+        }
         Ok(true)
+    }
+
+    /// After a resume, the first event shows whether the cursor reached back far enough: it
+    /// should be a duplicate, and its two copies' times give the instances' clock difference.
+    fn check_resume(&mut self, time_us: i64, first_copy: Option<i64>) {
+        let ResumeCheck::ExpectOverlap { cursor, allowed } = self.resume_check else {
+            return;
+        };
+        self.resume_check = ResumeCheck::Done;
+        match first_copy {
+            Some(before) => {
+                let offset_us = time_us.saturating_sub(before);
+                let offset = Duration::from_micros(offset_us.unsigned_abs());
+                if offset > allowed {
+                    warn!(
+                        clock_offset_ms = offset_us / 1000,
+                        allowed_ms = allowed.as_millis() as u64,
+                        "upstream clocks differ by more than the resume cursor allows: events \
+                         may have been missed (this instance is behind) or duplicated (ahead); \
+                         raise --upstream-skew"
+                    );
+                } else {
+                    info!(
+                        clock_offset_ms = offset_us / 1000,
+                        "resumed with overlap; upstream clock offset vs the previous copy"
+                    );
+                }
+            }
+            None => warn!(
+                cursor,
+                time_us,
+                "resumed upstream without overlap: the first event is not one already \
+                 appended, so events between may be missing (clock skew beyond \
+                 --upstream-skew, or a gap in the upstream's history)"
+            ),
+        }
+    }
+
+    fn log_outlier(&mut self, meta: &EventMeta<'_>, indexed: i64) {
+        if self
+            .outlier_logged
+            .is_some_and(|t| t.elapsed() < OUTLIER_LOG_INTERVAL)
+        {
+            return;
+        }
+        self.outlier_logged = Some(Instant::now());
+        warn!(
+            did = %meta.did,
+            time_us = meta.time_us,
+            indexed_time_us = indexed,
+            reference_time_us = self.clock.reference(),
+            "upstream event stamped far ahead of the upstream's recent events: appended, but \
+             indexed (cursors, resume point) at the tolerance"
+        );
     }
 
     fn skip(&mut self, sink: &mut dyn EventSink, reason: SkipReason, detail: &str) {
@@ -538,11 +714,13 @@ impl Follower {
         socket: &mut Socket,
         sink: &mut dyn EventSink,
         stop: &AtomicBool,
+        url_index: usize,
     ) -> (SessionEnd, u64) {
         let mut appended = 0u64;
         let mut last_frame = Instant::now();
         let mut pinged = false;
         loop {
+            crate::liveness::beat();
             if stop.load(Ordering::Relaxed) {
                 return (SessionEnd::Stopped, appended);
             }
@@ -588,11 +766,15 @@ impl Follower {
             last_frame = Instant::now();
             pinged = false;
             match message {
-                Message::Text(text) => match self.ingest(text.as_bytes(), sink) {
-                    Ok(true) => appended += 1,
-                    Ok(false) => {}
-                    Err(e) => return (SessionEnd::SinkFailed(e), appended),
-                },
+                Message::Text(text) => {
+                    match self.ingest(text.as_bytes(), sink, url_index) {
+                        Ok(true) => appended += 1,
+                        Ok(false) => {}
+                        Err(e) => return (SessionEnd::SinkFailed(e), appended),
+                    }
+                    // The sink may have waited (a full disk): that was not upstream silence.
+                    last_frame = Instant::now();
+                }
                 Message::Binary(bytes) => {
                     let detail = format!("{} byte binary message", bytes.len());
                     self.skip(sink, SkipReason::Binary, &detail);
@@ -700,10 +882,11 @@ fn is_timeout(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
 }
 
-/// Sleeps `delay`, waking every [`POLL_INTERVAL`] to check `stop`.
+/// Sleeps `delay`, waking every [`POLL_INTERVAL`] to check `stop` (and to report progress).
 fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
     let until = Instant::now() + delay;
     while !stop.load(Ordering::Relaxed) {
+        crate::liveness::beat();
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return;
@@ -779,6 +962,7 @@ fn connect_tcp(addr: SocketAddr, deadline: Instant, stop: &AtomicBool) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
     use std::net::TcpListener;
     use std::sync::Mutex;
     use std::thread;
@@ -830,16 +1014,151 @@ mod tests {
     }
 
     #[test]
-    fn resume_cursor_is_max_time_minus_rewind() {
-        let mut config = UpstreamConfig::new(vec!["ws://h/subscribe".into()]);
+    fn resume_cursor_is_the_reference_minus_rewind_and_the_skew_on_failover() {
+        let mut config = UpstreamConfig::new(vec!["ws://a/subscribe".into(), "ws://b".into()]);
         config.rewind = Duration::from_secs(5);
+        config.max_skew = Duration::from_secs(60);
         let mut f = Follower::new(config);
-        assert_eq!(f.resume_cursor(), None);
-        f.resume_from(Some(10_000_000), []);
-        assert_eq!(f.resume_cursor(), Some(5_000_000));
-        // A seed older than what is known does not move the resume point back.
-        f.resume_from(Some(1), []);
-        assert_eq!(f.last_time_us(), Some(10_000_000));
+        assert_eq!(f.resume_cursor(0), None, "no history: live");
+        // The newest events are at 10 s, then 9.9 s and 9.8 s: the reference is the third.
+        f.resume_from([9_700_000, 9_900_000, 10_000_000, 9_800_000], []);
+        assert_eq!(f.reference_time_us(), Some(9_800_000));
+        // After a restart the instance is unknown: every URL counts as a failover.
+        let failover = Duration::from_secs(65);
+        assert_eq!(f.resume_cursor(0), Some((9_800_000 - 65_000_000, failover)));
+        // Once the clock follows instance 0, reconnecting there rewinds only.
+        f.clock_source = Some(0);
+        assert_eq!(
+            f.resume_cursor(0),
+            Some((4_800_000, Duration::from_secs(5)))
+        );
+        assert_eq!(f.resume_cursor(1), Some((9_800_000 - 65_000_000, failover)));
+        assert_eq!(
+            f.dedup_window(),
+            Duration::from_secs(5 + 120) + DEDUP_MARGIN
+        );
+    }
+
+    /// Feeds `events` (JSON) to the follower as if instance `url` sent them.
+    fn feed(f: &mut Follower, sink: &mut dyn EventSink, url: usize, events: &[String]) {
+        for e in events {
+            f.ingest(e.as_bytes(), sink, url).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_outlier_moves_neither_the_resume_point_nor_the_dedup_window() {
+        let t0: i64 = 1_783_175_888_000_000;
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mut sink = SharedSink(record.clone());
+        let mut f = Follower::new(test_config("ws://h".into()));
+        let normal: Vec<String> = (0..60).map(|i| event(i, t0 + i as i64 * 10_000)).collect();
+        feed(&mut f, &mut sink, 0, &normal);
+        let before = f.reference_time_us().unwrap();
+        // One event an hour ahead, one from the epoch.
+        let future = event(60, t0 + 3_600_000_000);
+        let past = event(61, 0);
+        feed(&mut f, &mut sink, 0, &[future.clone(), past.clone()]);
+        assert!(f.reference_time_us().unwrap() <= t0 + 590_000);
+        assert!(f.reference_time_us().unwrap() >= before);
+        let (cursor, _) = f.resume_cursor(0).unwrap();
+        assert!(
+            cursor < t0 + 600_000,
+            "the resume point did not jump: {cursor}"
+        );
+        // Both were appended (nothing is lost), the future one indexed within the tolerance.
+        let r = record.lock().unwrap();
+        assert_eq!(r.appended.len(), 62);
+        let indexed = *r.indexed.last().unwrap();
+        assert_eq!(indexed, 0, "the far past is appended as stamped");
+        let future_indexed = r.indexed[60];
+        assert!(
+            future_indexed <= t0 + 600_000 + crate::clock::FUTURE_TOLERANCE.as_micros() as i64
+                && future_indexed > t0,
+            "{future_indexed}"
+        );
+        drop(r);
+        // The duplicate memory survived: the first events replayed again are duplicates.
+        feed(&mut f, &mut sink, 0, &normal[..5]);
+        let r = record.lock().unwrap();
+        assert_eq!(r.appended.len(), 62);
+        assert_eq!(r.skipped, vec![SkipReason::Duplicate; 5]);
+    }
+
+    /// Failover between instances whose clocks differ by 45 s (more than the rewind and than
+    /// the old fixed dedup margin): every event exactly once, in order, both ways.
+    #[test]
+    fn failover_between_skewed_upstreams_loses_and_duplicates_nothing() {
+        for skew_s in [45i64, -45] {
+            let t0: i64 = 1_783_175_888_000_000;
+            let times: Vec<i64> = (0..200).map(|i| t0 + i * 500_000).collect();
+            let a = TcpListener::bind("127.0.0.1:0").unwrap();
+            let b = TcpListener::bind("127.0.0.1:0").unwrap();
+            let urls = vec![
+                format!("ws://{}/subscribe", a.local_addr().unwrap()),
+                format!("ws://{}/subscribe", b.local_addr().unwrap()),
+            ];
+            let uris = Arc::new(Mutex::new(Vec::new()));
+            let server = {
+                let (uris, times) = (uris.clone(), times.clone());
+                thread::spawn(move || {
+                    // Instance A: the first 150 events, then it goes away.
+                    let mut ws = accept(&a, &uris);
+                    for (i, t) in times[..150].iter().enumerate() {
+                        ws.send(Message::text(
+                            event(i % 40, *t).replace("\"rkey\":\"", &format!("\"rkey\":\"k{i}x")),
+                        ))
+                        .unwrap();
+                    }
+                    ws.close(None).unwrap();
+                    while ws.read().is_ok() {}
+                    drop(a);
+                    // Instance B stamps every event `skew_s` later, and replays from the cursor.
+                    let mut ws = accept(&b, &uris);
+                    let uri = uris.lock().unwrap()[1].clone();
+                    let cursor: i64 = uri.rsplit_once("cursor=").unwrap().1.parse().unwrap();
+                    for (i, t) in times.iter().enumerate() {
+                        let tb = t + skew_s * 1_000_000;
+                        if tb >= cursor {
+                            ws.send(Message::text(
+                                event(i % 40, tb)
+                                    .replace("\"rkey\":\"", &format!("\"rkey\":\"k{i}x")),
+                            ))
+                            .unwrap();
+                        }
+                    }
+                    ws.get_mut()
+                        .set_read_timeout(Some(Duration::from_secs(20)))
+                        .unwrap();
+                    while ws.read().is_ok() {}
+                })
+            };
+            let mut config = test_config(urls[0].clone());
+            config.urls = urls;
+            config.max_skew = Duration::from_secs(50);
+            let record = Arc::new(Mutex::new(Record::default()));
+            let (stop, follower) = spawn_follower(Follower::new(config), &record);
+            wait_for(&record, "the last event", |r| {
+                r.appended.iter().any(|e| e.contains("\"rkey\":\"k199x"))
+            });
+            stop.store(true, Ordering::Relaxed);
+            follower.join().unwrap().unwrap();
+            server.join().unwrap();
+            let r = record.lock().unwrap();
+            let order: Vec<usize> = r
+                .appended
+                .iter()
+                .map(|e| {
+                    let k = e.split("\"rkey\":\"k").nth(1).unwrap();
+                    k[..k.find('x').unwrap()].parse().unwrap()
+                })
+                .collect();
+            assert_eq!(
+                order,
+                (0..200).collect::<Vec<_>>(),
+                "skew {skew_s} s: every event once, in order"
+            );
+        }
     }
 
     #[test]
@@ -877,26 +1196,22 @@ mod tests {
             fn connection(&mut self, _: ConnectionState) {}
         }
         let lines: Vec<&str> = SAMPLE.lines().collect();
-        let keys: Vec<u64> = lines[..10]
+        let metas: Vec<EventMeta<'_>> = lines
             .iter()
-            .map(|l| parse_event(l.as_bytes()).unwrap().dedup_key)
+            .map(|l| parse_event(l.as_bytes()).unwrap())
             .collect();
-        let max = lines[..10]
-            .iter()
-            .map(|l| parse_event(l.as_bytes()).unwrap().time_us)
-            .max();
         let mut f = Follower::new(UpstreamConfig::new(vec!["ws://h".into()]));
-        f.resume_from(max, keys);
+        f.resume_from(
+            metas[..10].iter().map(|m| m.time_us),
+            metas[..10].iter().map(|m| (m.time_us, m.dedup_key)),
+        );
         let mut sink = Count(0, 0);
         for l in &lines {
-            f.ingest(l.as_bytes(), &mut sink).unwrap();
+            f.ingest(l.as_bytes(), &mut sink, 0).unwrap();
         }
         assert_eq!((sink.0, sink.1), (lines.len() - 10, 10));
-        let overall_max = lines
-            .iter()
-            .map(|l| parse_event(l.as_bytes()).unwrap().time_us)
-            .max();
-        assert_eq!(f.last_time_us(), overall_max);
+        let all = UpstreamClock::seeded(metas.iter().map(|m| m.time_us));
+        assert_eq!(f.reference_time_us(), all.reference());
     }
 
     #[test]
@@ -954,6 +1269,8 @@ mod tests {
     #[derive(Default)]
     struct Record {
         appended: Vec<String>,
+        /// The indexed `time_us` of each appended event.
+        indexed: Vec<i64>,
         skipped: Vec<SkipReason>,
         states: Vec<ConnectionState>,
     }
@@ -962,12 +1279,12 @@ mod tests {
 
     impl EventSink for SharedSink {
         fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
-            assert_eq!(parse_event(json).unwrap(), *meta);
-            self.0
-                .lock()
-                .unwrap()
-                .appended
-                .push(String::from_utf8(json.to_vec())?);
+            let mut parsed = parse_event(json).unwrap();
+            parsed.time_us = meta.time_us;
+            assert_eq!(parsed, *meta, "only the time is the indexed one");
+            let mut r = self.0.lock().unwrap();
+            r.appended.push(String::from_utf8(json.to_vec())?);
+            r.indexed.push(meta.time_us);
             Ok(())
         }
         fn skipped(&mut self, reason: SkipReason, _: &str) {
@@ -982,6 +1299,7 @@ mod tests {
         UpstreamConfig {
             urls: vec![url],
             rewind: Duration::from_secs(1),
+            max_skew: Duration::ZERO,
             connect_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(10),
@@ -1122,8 +1440,9 @@ mod tests {
         assert_eq!(count(SkipReason::MissingField), 1);
         assert_eq!(count(SkipReason::UnknownKind), 1);
         assert_eq!(count(SkipReason::TooLarge), 1);
-        // Cursor = 1.2 s − 1 s rewind = 0.2 s: events at 0.3, 0.9, 0.6 and 1.2 s come again.
-        assert_eq!(count(SkipReason::Duplicate), 4);
+        // The reference is the third-highest time appended, 0.6 s: cursor = 0.6 s − 1 s rewind,
+        // so the five events of the first session come again.
+        assert_eq!(count(SkipReason::Duplicate), 5);
 
         let uris = uris.lock().unwrap();
         assert_eq!(
@@ -1134,7 +1453,7 @@ mod tests {
             uris[1],
             format!(
                 "/subscribe?wantedCollections=app.bsky.feed.like&cursor={}",
-                t0 + 200_000
+                t0 - 400_000
             )
         );
         let connected = r

@@ -6,13 +6,22 @@
 //! records the event in the index and wakes the fan-out workers. Nothing else ever touches a
 //! payload.
 //!
+//! An append is two phases. First every write that can fail, in an order whose every prefix
+//! recovery repairs (`relay::recover`): the two frames, the shapes' frames, a new collection's
+//! line, the index record and, when the event completes a chunk, the chunk header. Nothing is
+//! visible to readers yet, so a write that fails — a full disk, an I/O error — leaves nothing
+//! half-published: the writer waits and retries the whole event at the same offsets until it
+//! succeeds (`/readyz` says why meanwhile, a metric counts the failures). Then the publish,
+//! which cannot fail: ring copies, log ends, shape tables, the index entry in memory.
+//!
 //! Retention runs on its own thread: once a second it drops whole index chunks that are older
 //! than the retention age or that push the logs over the disk cap, after the readers still
-//! positioned there have been kicked (with a close frame) by their workers.
+//! positioned there have been kicked (with a close frame) by their workers; then it syncs the
+//! logs and the index to disk and records how far they are durable.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::compress::EventCompressor;
 use crate::event::{EventMeta, did_hash};
@@ -21,6 +30,126 @@ use crate::frame::{MAX_HEADER_LEN, Opcode, write_server_header};
 use crate::hub::{Counters, Hub};
 use crate::index::{COLLECTION_NONE, EventEntry, kind_code, now_us};
 use crate::upstream::{ConnectionState, EventSink, SkipReason};
+
+/// First wait before retrying a failed append. Why 50 ms: a transient error clears fast.
+const APPEND_RETRY_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between append retries. Why 2 s: once space returns (retention punched, an
+/// operator freed some), ingestion resumes within that; an attempt costs a few failed writes.
+const APPEND_RETRY_MAX: Duration = Duration::from_secs(2);
+/// At most one warning per this interval while appends keep failing (the first failure and the
+/// recovery are always logged).
+const APPEND_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long `/readyz` reports a failed sync after it happened. Why 60 s: a sync failure may
+/// have lost data the page cache still serves; an operator must see it even if the next
+/// sync reports success (after a writeback error the kernel may not report it twice).
+pub const SYNC_FAILURE_HOLD: Duration = Duration::from_secs(60);
+
+/// Appends failing right now.
+#[derive(Clone, Debug)]
+struct AppendFailure {
+    /// When the first attempt of the current event failed.
+    since: Instant,
+    /// The latest error.
+    error: String,
+    /// Failed attempts so far.
+    attempts: u64,
+    /// When a warning was last logged.
+    logged: Instant,
+}
+
+/// How storage is doing, for `/readyz` and the status line: appends failing (a full disk) and
+/// the last failed sync.
+#[derive(Default)]
+pub struct StorageHealth {
+    /// Set while an event cannot be appended (it is being retried).
+    append_failure: Mutex<Option<AppendFailure>>,
+    /// The last failed `fdatasync` of a log or index file: when, and what.
+    sync_failure: Mutex<Option<(Instant, String)>>,
+}
+
+impl StorageHealth {
+    fn append_failure(&self) -> MutexGuard<'_, Option<AppendFailure>> {
+        self.append_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sync_failure(&self) -> MutexGuard<'_, Option<(Instant, String)>> {
+        self.sync_failure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether appends are failing right now.
+    pub fn appends_failing(&self) -> bool {
+        self.append_failure().is_some()
+    }
+
+    /// Why storage makes the relay unready, if it does.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(f) = &*self.append_failure() {
+            return Some(format!(
+                "log appends failing for {}s ({} attempts, retrying): {}",
+                f.since.elapsed().as_secs(),
+                f.attempts,
+                f.error
+            ));
+        }
+        match &*self.sync_failure() {
+            Some((at, error)) if at.elapsed() < SYNC_FAILURE_HOLD => Some(format!(
+                "log sync to disk failed {}s ago: {error}",
+                at.elapsed().as_secs()
+            )),
+            _ => None,
+        }
+    }
+
+    fn append_failed(&self, error: &anyhow::Error) {
+        let mut failure = self.append_failure();
+        let error = format!("{error:#}");
+        match failure.as_mut() {
+            None => {
+                tracing::error!(
+                    %error,
+                    "log append failed; retrying until it succeeds (nothing was published, \
+                     nothing is skipped)"
+                );
+                *failure = Some(AppendFailure {
+                    since: Instant::now(),
+                    error,
+                    attempts: 1,
+                    logged: Instant::now(),
+                });
+            }
+            Some(f) => {
+                f.attempts += 1;
+                f.error = error;
+                if f.logged.elapsed() >= APPEND_LOG_INTERVAL {
+                    f.logged = Instant::now();
+                    tracing::warn!(
+                        error = %f.error,
+                        attempts = f.attempts,
+                        failing_for_s = f.since.elapsed().as_secs(),
+                        "log appends still failing"
+                    );
+                }
+            }
+        }
+    }
+
+    fn append_succeeded(&self) {
+        let mut failure = self.append_failure();
+        if let Some(f) = failure.take() {
+            tracing::info!(
+                failed_attempts = f.attempts,
+                failing_for_ms = f.since.elapsed().as_millis() as u64,
+                "log appends resumed"
+            );
+        }
+    }
+
+    fn sync_failed(&self, error: &std::io::Error) {
+        *self.sync_failure() = Some((Instant::now(), error.to_string()));
+    }
+}
 
 /// Appends upstream events to the logs.
 pub struct LogWriter {
@@ -34,6 +163,8 @@ pub struct LogWriter {
     zstd_payload: Vec<u8>,
     /// Scratch for the compressed frame.
     zstd_frame: Vec<u8>,
+    /// Scratch: the shapes an event was written to (index in the registry, frame).
+    shape_frames: Vec<(usize, crate::shapes::UnpublishedFrame)>,
     /// Workers to wake after each publish.
     wakers: Vec<Arc<Waker>>,
 }
@@ -47,11 +178,14 @@ impl LogWriter {
             plain_frame: Vec::with_capacity(64 * 1024),
             zstd_payload: Vec::with_capacity(64 * 1024),
             zstd_frame: Vec::with_capacity(64 * 1024),
+            shape_frames: Vec::new(),
             wakers,
         })
     }
 
-    /// Appends one validated event: frames, logs, publish, index, wake.
+    /// Appends one validated event (see the module documentation): on error nothing was
+    /// published and the same event may be appended again. `meta.time_us` is the event's
+    /// indexed time.
     pub fn append_event(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
         frame_into(Opcode::Text, json, &mut self.plain_frame);
         self.zstd_payload.clear();
@@ -59,49 +193,61 @@ impl LogWriter {
         frame_into(Opcode::Binary, &self.zstd_payload, &mut self.zstd_frame);
 
         let hub = &self.hub;
+        // Phase 1: every write that can fail, nothing visible.
         let mut plain_end = hub.plain.end();
         let mut zstd_end = hub.zstd.end();
         hub.plain.append(&self.plain_frame, &mut plain_end)?;
         hub.zstd.append(&self.zstd_frame, &mut zstd_end)?;
-        // Publish the bytes before the index entry: a filtered reader finds events through the
-        // index and must never be pointed at bytes that are not visible yet.
-        hub.plain.publish(plain_end);
-        hub.zstd.publish(zstd_end);
-        {
-            // Shapes first, under the registry's read lock held until the index entry exists.
-            let shapes = hub.shapes.lock();
-            if !shapes.is_empty() {
-                let seq = hub.index().next_seq();
-                let plain_payload = json.len();
-                let zstd_payload = self.zstd_payload.len();
-                for shape in shapes.iter() {
-                    let (frame, payload_len) = if shape.key.compress {
-                        (&self.zstd_frame, zstd_payload)
-                    } else {
-                        (&self.plain_frame, plain_payload)
-                    };
-                    if shape.wants(meta, payload_len) {
-                        crate::shapes::append_to_shape(shape, seq, frame)?;
-                    }
+        // The shapes' registry is read-locked until the index entry exists, so that a shape
+        // created concurrently starts exactly at an event boundary.
+        let shapes = hub.shapes.lock();
+        let seq = hub.index().next_seq();
+        self.shape_frames.clear();
+        let plain_payload = json.len();
+        let zstd_payload = self.zstd_payload.len();
+        for (i, shape) in shapes.iter().enumerate() {
+            let (frame, payload_len) = if shape.key.compress {
+                (&self.zstd_frame, zstd_payload)
+            } else {
+                (&self.plain_frame, plain_payload)
+            };
+            if shape.wants(meta, payload_len) {
+                let written = crate::shapes::write_frame(shape, frame)?;
+                self.shape_frames.push((i, written));
+            }
+        }
+        let collection = match &meta.collection {
+            Some(c) => {
+                let known = hub.index().collections.id_of(c);
+                match known {
+                    Some(id) => id,
+                    None => hub.index_mut().collections.intern(c)?,
                 }
             }
-            let mut index = hub.index_mut();
-            let collection = match &meta.collection {
-                Some(c) => index.collections.intern(c)?,
-                None => COLLECTION_NONE,
-            };
-            let entry = EventEntry {
-                plain_len: self.plain_frame.len() as u32,
-                zstd_len: self.zstd_frame.len() as u32,
-                did_hash: did_hash(&meta.did),
-                collection,
-                kind: kind_code(meta.kind),
-                flags: 0,
-            };
-            index.append(entry, meta.time_us, now_us())?;
-            drop(index);
-            drop(shapes);
+            None => COLLECTION_NONE,
+        };
+        let entry = EventEntry {
+            plain_len: self.plain_frame.len() as u32,
+            zstd_len: self.zstd_frame.len() as u32,
+            did_hash: did_hash(&meta.did),
+            collection,
+            kind: kind_code(meta.kind),
+            flags: 0,
+        };
+        let appended_at = now_us();
+        hub.index()
+            .write_record(&entry, meta.time_us, appended_at)?;
+
+        // Phase 2: publish. The bytes before the index entry: a filtered reader finds events
+        // through the index and must never be pointed at bytes that are not visible yet.
+        hub.plain.publish(plain_end);
+        hub.zstd.publish(zstd_end);
+        for (i, written) in self.shape_frames.drain(..) {
+            crate::shapes::publish_frame(&shapes[i], seq, written);
         }
+        hub.index_mut().push(entry, meta.time_us, appended_at);
+        drop(shapes);
+
         let c = &hub.counters;
         Counters::add(&c.events_appended, 1);
         let appended_us = now_us() as u64;
@@ -125,8 +271,32 @@ fn frame_into(opcode: Opcode, payload: &[u8], out: &mut Vec<u8>) {
 }
 
 impl EventSink for LogWriter {
+    /// Appends the event, retrying with backoff while appends fail (a full disk): the follower
+    /// waits here, and resumes reading (or reconnects from the last appended event) once the
+    /// event is in. Gives up only when the relay shuts down.
     fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
-        self.append_event(json, meta)
+        let mut delay = APPEND_RETRY_MIN;
+        loop {
+            match self.append_event(json, meta) {
+                Ok(()) => {
+                    self.hub.storage.append_succeeded();
+                    return Ok(());
+                }
+                Err(e) => {
+                    if self.hub.shutting_down() {
+                        return Err(e.context("shutting down while log appends fail"));
+                    }
+                    Counters::add(&self.hub.counters.append_errors, 1);
+                    self.hub.storage.append_failed(&e);
+                    let _idle = crate::liveness::idle("waiting for log appends to succeed");
+                    let until = Instant::now() + delay;
+                    while Instant::now() < until && !self.hub.shutting_down() {
+                        std::thread::sleep(Duration::from_millis(20).min(delay));
+                    }
+                    delay = (delay * 2).min(APPEND_RETRY_MAX);
+                }
+            }
+        }
     }
 
     fn skipped(&mut self, reason: SkipReason, detail: &str) {
@@ -218,18 +388,51 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
     Ok(dropped)
 }
 
-/// Runs retention once a second until `stop`.
-pub fn retention_loop(hub: Arc<Hub>, policy: RetentionPolicy, stop: Arc<AtomicBool>) {
+/// Syncs both base logs and the index files to disk, then records how far they are durable
+/// (see [`crate::index::SyncHandles::mark_durable`]). The index lock is not held while syncing.
+pub fn sync_logs(hub: &Hub) -> std::io::Result<()> {
+    // Read first: every write of the events before it was issued before the syncs start.
+    let durable = hub.appended_seq();
+    let handles = hub.index().sync_handles()?;
+    hub.plain.sync()?;
+    hub.zstd.sync()?;
+    handles.sync()?;
+    handles.mark_durable(durable)
+}
+
+/// Runs retention and a sync once a second until `stop`. Errors are logged, counted and
+/// reported by `/readyz`; the loop goes on (the next pass retries).
+pub fn retention_loop(
+    hub: Arc<Hub>,
+    policy: RetentionPolicy,
+    stop: Arc<AtomicBool>,
+) -> Result<(), std::convert::Infallible> {
+    let mut sync_error_logged: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        crate::liveness::beat();
         match enforce_retention(&hub, policy) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(chunks = n, "retention dropped old events"),
             Err(e) => tracing::error!(error = %e, "retention failed"),
         }
         // Keep data durable at a bounded cost: one fdatasync per file per second.
-        let _ = hub.plain.sync();
-        let _ = hub.zstd.sync();
-        let _ = hub.index().sync();
+        let synced = {
+            let _idle = crate::liveness::idle("syncing the logs to disk");
+            sync_logs(&hub)
+        };
+        if let Err(e) = synced {
+            Counters::add(&hub.counters.sync_errors, 1);
+            hub.storage.sync_failed(&e);
+            if sync_error_logged.is_none_or(|t| t.elapsed() >= APPEND_LOG_INTERVAL) {
+                sync_error_logged = Some(Instant::now());
+                tracing::error!(
+                    error = %e,
+                    "syncing the logs to disk failed: recent events may not survive a power \
+                     loss (recovery verifies everything after the last durable point)"
+                );
+            }
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use jetrelay::liveness::Liveness;
 use serde::Serialize;
 
 /// A Jetstream relay that serves the Bluesky event feed to tens of thousands of WebSocket
@@ -50,6 +51,11 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     rewind: Option<String>,
+    /// Largest clock difference between upstream instances that failover absorbs without loss
+    /// or duplicates: a reconnect to another instance resumes this much earlier [default: 60s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_skew: Option<String>,
     /// Run fully offline with an embedded simulated upstream.
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -115,6 +121,15 @@ struct Flags {
     thin_linger_load: Option<f64>,
 }
 
+/// Longest interval between two `STATUS=` lines.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// systemd's watchdog timeout (`WatchdogSec`), if it is enabled for this process.
+fn watchdog_timeout() -> Option<Duration> {
+    let mut usec = 0u64;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -132,43 +147,64 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, term.clone())?;
     }
     let relay = jetrelay::relay::Relay::start(&settings)?;
+    let watchdog = watchdog_timeout();
+    let liveness = relay.hub.liveness.clone();
+    liveness.set_stuck_after(Liveness::stuck_after_for_watchdog(watchdog));
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let mut watchdog_every = None;
-    if sd_notify::watchdog_enabled(false, &mut 0u64) {
-        let mut usec = 0u64;
-        sd_notify::watchdog_enabled(false, &mut usec);
-        watchdog_every = Some(Duration::from_micros(usec / 2));
-    }
-    let mut last_status = Instant::now();
+    // Keep-alives at half the watchdog timeout; the status line at least every 5 s.
+    let report_every = watchdog.map_or(STATUS_EVERY, |w| w / 2).min(STATUS_EVERY);
+    let mut last_report = Instant::now();
     let mut last_bytes = 0u64;
+    let mut was_stuck = false;
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
-        let since = last_status.elapsed();
-        if since
-            >= watchdog_every
-                .unwrap_or(Duration::from_secs(5))
-                .min(Duration::from_secs(5))
-        {
-            let c = &relay.hub.counters;
-            let bytes = c.bytes_sent.load(Ordering::Relaxed);
-            let gbps = (bytes - last_bytes) as f64 * 8.0 / since.as_secs_f64() / 1e9;
-            last_bytes = bytes;
-            last_status = Instant::now();
-            let lag_ms = (jetrelay::index::now_us() as u64)
-                .saturating_sub(c.newest_time_us.load(Ordering::Relaxed))
-                / 1000;
-            let status = format!(
-                "{} clients, {:.3} Gbps, upstream lag {} ms",
-                c.clients.load(Ordering::Relaxed),
-                gbps,
-                lag_ms
+        // Keep-alives only while every part progressed (or waits for a stated reason): a
+        // wedged thread makes systemd restart the relay instead of leaving it limping.
+        let parts = liveness.check();
+        let stuck = !parts.healthy();
+        if stuck && !was_stuck {
+            tracing::error!(
+                problem = parts.problem().unwrap_or_default(),
+                "a critical part of the relay made no progress: withholding watchdog keep-alives"
             );
-            let mut states = vec![sd_notify::NotifyState::Status(&status)];
-            if watchdog_every.is_some() {
-                states.push(sd_notify::NotifyState::Watchdog);
-            }
-            let _ = sd_notify::notify(false, &states);
+        } else if !stuck && was_stuck {
+            tracing::info!("every part of the relay is making progress again");
         }
+        let since = last_report.elapsed();
+        if since < report_every && stuck == was_stuck {
+            continue;
+        }
+        was_stuck = stuck;
+        let c = &relay.hub.counters;
+        let bytes = c.bytes_sent.load(Ordering::Relaxed);
+        let gbps = (bytes - last_bytes) as f64 * 8.0 / since.as_secs_f64() / 1e9;
+        last_bytes = bytes;
+        last_report = Instant::now();
+        let lag_ms = (jetrelay::index::now_us() as u64)
+            .saturating_sub(c.newest_time_us.load(Ordering::Relaxed))
+            / 1000;
+        let mut status = format!(
+            "{} clients, {:.3} Gbps, upstream lag {} ms",
+            c.clients.load(Ordering::Relaxed),
+            gbps,
+            lag_ms
+        );
+        for problem in [
+            parts.problem(),
+            relay.hub.storage.problem(),
+            parts.idle_summary(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            status.push_str("; ");
+            status.push_str(&problem);
+        }
+        let mut states = vec![sd_notify::NotifyState::Status(&status)];
+        if watchdog.is_some() && !stuck {
+            states.push(sd_notify::NotifyState::Watchdog);
+        }
+        let _ = sd_notify::notify(false, &states);
     }
     tracing::info!("signal received, shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

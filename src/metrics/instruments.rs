@@ -366,6 +366,38 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
         "Bytes freed by retention hole punches.",
         |c| &c.punched_bytes,
     );
+    counter(
+        meter,
+        hub,
+        "jetrelay.log.append.errors",
+        "{error}",
+        "Failed attempts to append an event (a full disk, an I/O error); the event is retried \
+         until it succeeds.",
+        |c| &c.append_errors,
+    );
+    let h = hub.clone();
+    meter
+        .u64_observable_gauge("jetrelay.log.appends.failing")
+        .with_description("1 while an event cannot be appended and is being retried.")
+        .with_callback(move |o| o.observe(u64::from(h.storage.appends_failing()), &[]))
+        .build();
+    counter(
+        meter,
+        hub,
+        "jetrelay.log.sync.errors",
+        "{error}",
+        "Failed syncs of the logs and the index to disk.",
+        |c| &c.sync_errors,
+    );
+    let h = hub.clone();
+    meter
+        .u64_observable_gauge("jetrelay.parts.stuck")
+        .with_description(
+            "Critical threads (upstream, listener, retention, fan-out workers) without progress \
+             for longer than the stuck threshold.",
+        )
+        .with_callback(move |o| o.observe(h.liveness.check().stuck.len() as u64, &[]))
+        .build();
 }
 
 fn register_workers(meter: &Meter, hub: &Arc<Hub>) {

@@ -10,11 +10,12 @@
 //! - with `--otlp-endpoint`, a `PeriodicReader` pushing OTLP http/protobuf from the SDK's own
 //!   thread ([`otlp`]).
 //!
-//! Routes: `GET /metrics`, `GET /healthz` (alive), `GET /readyz` (upstream connected, an event
-//! appended recently, log writable), `GET /` (the dashboard, one self-contained HTML page) and
-//! `GET /api/stats` (the JSON the dashboard polls every second, read straight from the
-//! atomics). The server is a thread that accepts and a short-lived thread per request,
-//! bounded: it serves a scraper and a few browsers, not the public.
+//! Routes: `GET /metrics`, `GET /healthz` (alive), `GET /readyz` (no critical thread stuck,
+//! appends and syncs succeeding, upstream connected, an event appended recently, log
+//! writable), `GET /` (the dashboard, one self-contained HTML page) and `GET /api/stats` (the
+//! JSON the dashboard polls every second, read straight from the atomics). The server is a
+//! thread that accepts and a short-lived thread per request, bounded: it serves a scraper and
+//! a few browsers, not the public.
 
 pub mod instruments;
 pub mod otlp;
@@ -302,6 +303,13 @@ fn route(method: &str, path: &str, shared: &Shared) -> Vec<u8> {
 
 /// Whether the relay should receive traffic, or why not.
 pub fn readiness(hub: &Hub) -> Result<(), String> {
+    // A stuck part or failing storage first: they explain the symptoms checked below.
+    if let Some(why) = hub.liveness.check().problem() {
+        return Err(why);
+    }
+    if let Some(why) = hub.storage.problem() {
+        return Err(why);
+    }
     let c = &hub.counters;
     let disk = rustix::fs::fstatvfs(hub.plain.file())
         .map(|s| Disk {
