@@ -5,8 +5,9 @@
 //! In debug builds, `JETRELAY_TEST_CRASH=POINT:N` kills the process (`SIGKILL`, as a crash
 //! would) just before the `N`-th write (1-based) to `POINT`, and `POINT:N:torn` after writing
 //! only part of it (a torn write: what a crash or a full disk mid-`write` leaves), so that a
-//! test can stop the real append path between any two of its writes. Release builds compile
-//! this to a plain positional write.
+//! test can stop the real append path between any two of its writes; [`crash_point`] marks a
+//! step that is not a write (retention between its punches). Release builds compile this to a
+//! plain positional write.
 
 use std::fs::File;
 use std::io;
@@ -19,10 +20,19 @@ pub const CRASH_ENV: &str = "JETRELAY_TEST_CRASH";
 #[inline]
 pub fn write_all_at(f: &File, buf: &[u8], offset: u64, point: &str) -> io::Result<()> {
     #[cfg(debug_assertions)]
-    hook::before_write(f, buf, offset, point);
+    hook::reached(point, Some((f, buf, offset)));
     #[cfg(not(debug_assertions))]
     let _ = point;
     f.write_all_at(buf, offset)
+}
+
+/// A crash point between two steps that are not writes (see the module documentation).
+#[inline]
+pub fn crash_point(point: &str) {
+    #[cfg(debug_assertions)]
+    hook::reached(point, None);
+    #[cfg(not(debug_assertions))]
+    let _ = point;
 }
 
 #[cfg(debug_assertions)]
@@ -62,17 +72,20 @@ mod hook {
             .as_ref()
     }
 
-    pub(super) fn before_write(f: &File, buf: &[u8], offset: u64, point: &str) {
+    pub(super) fn reached(point: &str, write: Option<(&File, &[u8], u64)>) {
         let Some(c) = crash() else {
             return;
         };
         if c.point != point || c.seen.fetch_add(1, Ordering::SeqCst) + 1 != c.nth {
             return;
         }
-        if c.torn && !buf.is_empty() {
-            // A prefix of the write reached the file: the first byte up to all but the last.
-            let len = (offset as usize ^ buf.len()) % buf.len().max(1);
-            let _ = f.write_all_at(&buf[..len.max(1).min(buf.len())], offset);
+        if let Some((f, buf, offset)) = write
+            && c.torn
+            && buf.len() > 1
+        {
+            // A prefix of the write reached the file: from one byte to all but the last.
+            let len = 1 + (offset as usize ^ buf.len()) % (buf.len() - 1);
+            let _ = f.write_all_at(&buf[..len], offset);
         }
         let _ =
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);

@@ -673,20 +673,23 @@ impl EventIndex {
                 Located::Rebuilt((p, z)) => (p, z, i64::MIN, 0, true),
             };
             // A complete chunk's header is rewritten if it was rebuilt; a partial chunk has no
-            // header yet, its maximum is rescanned like a rebuilt one's.
+            // header yet, its maximum is rescanned like a rebuilt one's. So is the maximum of a
+            // chunk reaching past the durable mark: its header was not synced either, and a
+            // power loss may have torn it (offsets intact, maximum not).
             let complete = entries.len() as u64 == CHUNK_EVENTS;
             if needs_rescan && complete {
                 recovery.rebuilt_headers += 1;
             }
+            let rescan = needs_rescan || !complete || unsynced(first_seq + CHUNK_EVENTS - 1);
             chunks.push_back(Chunk {
                 first_seq,
                 plain_off,
                 zstd_off,
                 max_time_us,
-                appended_at_us,
+                appended_at_us: if rescan { 0 } else { appended_at_us },
                 entries,
             });
-            rebuilt.push_back(needs_rescan || !complete);
+            rebuilt.push_back(rescan);
             if torn || !complete {
                 break;
             }
@@ -723,24 +726,6 @@ impl EventIndex {
                 break;
             }
         }
-        // A complete last chunk is followed by an empty one (appends go there).
-        let last = chunks
-            .back()
-            .map(|c| (c.entries.len(), c.end_offsets(), c.first_seq));
-        if let Some((len, (p, z), first_seq)) = last
-            && len as u64 == CHUNK_EVENTS
-        {
-            chunks.push_back(Chunk {
-                first_seq: first_seq + CHUNK_EVENTS,
-                plain_off: p,
-                zstd_off: z,
-                max_time_us: i64::MIN,
-                appended_at_us: 0,
-                entries: Vec::with_capacity(CHUNK_EVENTS as usize),
-            });
-            rebuilt.push_back(true);
-        }
-
         let mut index = EventIndex {
             chunks,
             collections,
@@ -785,6 +770,25 @@ impl EventIndex {
             if let Some(r) = rebuilt.back_mut() {
                 *r = true;
             }
+        }
+
+        // A complete last chunk is followed by an empty one (appends go there).
+        let last = index
+            .chunks
+            .back()
+            .map(|c| (c.entries.len(), c.end_offsets(), c.first_seq));
+        if let Some((len, (p, z), first_seq)) = last
+            && len as u64 == CHUNK_EVENTS
+        {
+            index.chunks.push_back(Chunk {
+                first_seq: first_seq + CHUNK_EVENTS,
+                plain_off: p,
+                zstd_off: z,
+                max_time_us: i64::MIN,
+                appended_at_us: 0,
+                entries: Vec::with_capacity(CHUNK_EVENTS as usize),
+            });
+            rebuilt.push_back(true);
         }
 
         // 4. Running maxima: rescan rebuilt and partial chunks through the upstream clock,

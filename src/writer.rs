@@ -372,6 +372,7 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
             break;
         }
         hub.index_mut().drop_oldest_chunk()?;
+        crate::failpoint::crash_point("retention");
         let freed = hub.plain.punch_below(plain_next)? + hub.zstd.punch_below(zstd_next)?;
         Counters::add(&hub.counters.punches, 1);
         Counters::add(&hub.counters.punched_bytes, freed);

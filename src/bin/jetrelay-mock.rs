@@ -58,6 +58,13 @@ struct Args {
     /// Start emitting at once instead of when the first subscriber connects.
     #[arg(long)]
     start_immediately: bool,
+    /// Shift every time_us by this many ms (negative: behind), like an instance whose clock
+    /// is off.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    clock_offset_ms: i64,
+    /// Stamp one event far off: SEQ:MS adds MS ms (negative: into the past) to event SEQ.
+    #[arg(long, value_parser = parse_outlier)]
+    time_outlier: Option<(u64, i64)>,
     /// Print N DIDs of the generator's population (one per line, spread over it) and exit:
     /// the benchmark builds `wantedDids` filters from them.
     #[arg(long)]
@@ -72,6 +79,15 @@ fn parse_listener(s: &str) -> Result<(SocketAddr, Wire), String> {
         .parse()
         .map_err(|e| format!("bad address {addr:?}: {e}"))?;
     Ok((addr, wire.parse()?))
+}
+
+fn parse_outlier(s: &str) -> Result<(u64, i64), String> {
+    let (seq, ms) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected SEQ:MS, got {s:?}"))?;
+    let seq = seq.parse().map_err(|e| format!("SEQ in {s:?}: {e}"))?;
+    let ms: i64 = ms.parse().map_err(|e| format!("MS in {s:?}: {e}"))?;
+    Ok((seq, ms.saturating_mul(1000)))
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -111,6 +127,10 @@ fn main() -> anyhow::Result<()> {
         also_listen: a.also_listen,
         seq_offset: a.seq_offset,
         sync_every: a.sync_every,
+        clock: mock::ClockFaults {
+            offset_us: a.clock_offset_ms.saturating_mul(1000),
+            outlier: a.time_outlier,
+        },
     };
     let handle = mock::spawn(config).with_context(|| format!("starting mock on {}", a.listen))?;
     for (addr, wire) in handle.local_addrs() {

@@ -139,6 +139,30 @@ pub struct MockConfig {
     /// `blocks` as `{"$bytes":…}`, as the atproto JSON data model writes bytes), skipped on
     /// `/subscribe` (its seq is a gap there, as on the official v1 wire).
     pub sync_every: Option<u64>,
+    /// Clock faults: this instance's clock offset, and one event stamped far off.
+    pub clock: ClockFaults,
+}
+
+/// How the mock's clock misbehaves (fault injection for the relay's clock handling): every
+/// `time_us` is shifted by `offset_us` (an instance whose clock is ahead or behind), and event
+/// `outlier.0` is stamped a further `outlier.1` µs off (one far-future or far-past event).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClockFaults {
+    /// Added to every `time_us`.
+    pub offset_us: i64,
+    /// `(seq, extra µs)` for the one outlying event.
+    pub outlier: Option<(u64, i64)>,
+}
+
+impl ClockFaults {
+    /// `time_us` of event `seq` given its fault-free value.
+    pub fn apply(&self, seq: u64, time_us: i64) -> i64 {
+        let extra = match self.outlier {
+            Some((s, extra)) if s == seq => extra,
+            _ => 0,
+        };
+        time_us.saturating_add(self.offset_us).saturating_add(extra)
+    }
 }
 
 impl Default for MockConfig {
@@ -159,6 +183,7 @@ impl Default for MockConfig {
             also_listen: Vec::new(),
             seq_offset: DEFAULT_SEQ_OFFSET,
             sync_every: None,
+            clock: ClockFaults::default(),
         }
     }
 }
@@ -305,6 +330,17 @@ mod tests {
             None,
             "malformed messages carry no seq"
         );
+    }
+
+    #[test]
+    fn clock_faults_shift_every_event_and_one_outlier() {
+        let c = ClockFaults {
+            offset_us: -5,
+            outlier: Some((3, 1_000)),
+        };
+        assert_eq!(c.apply(2, 100), 95);
+        assert_eq!(c.apply(3, 100), 1_095);
+        assert_eq!(ClockFaults::default().apply(3, 100), 100);
     }
 
     #[test]

@@ -304,7 +304,9 @@ fn accept_loop(shared: &Arc<Shared>, listeners: Vec<(TcpListener, Wire)>) {
 fn push_event(shared: &Shared, ring: &mut Ring, now: i64) {
     let cfg = &shared.config;
     let seq = ring.next_seq;
-    let time_us = jittered_time(cfg.seed, seq, now, cfg.time_jitter_ms);
+    let time_us = cfg
+        .clock
+        .apply(seq, jittered_time(cfg.seed, seq, now, cfg.time_jitter_ms));
     let push = |ring: &mut Ring, item| {
         if ring.items.len() >= cfg.history.max(1) {
             ring.items.pop_front();
