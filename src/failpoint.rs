@@ -2,7 +2,7 @@
 //! index goes through [`write_all_at`], named after what it writes (`plain`, `zstd`,
 //! `collections`, `events.idx`, `chunks.idx`, `durable.idx`, a shape's label).
 //!
-//! In debug builds, `JETRELAY_TEST_CRASH=POINT:N` kills the process (`SIGKILL`, as a crash
+//! In debug builds, `TEST_JETRELAY_CRASH=POINT:N` kills the process (`SIGKILL`, as a crash
 //! would) just before the `N`-th write (1-based) to `POINT`, and `POINT:N:torn` after writing
 //! only part of it (a torn write: what a crash or a full disk mid-`write` leaves), so that a
 //! test can stop the real append path between any two of its writes; [`crash_point`] marks a
@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 /// Environment variable of the crash hook (debug builds only).
-pub const CRASH_ENV: &str = "JETRELAY_TEST_CRASH";
+pub const CRASH_ENV: &str = "TEST_JETRELAY_CRASH";
 
 /// Writes all of `buf` at `offset` of `f`; `point` names the write for the crash hook.
 #[inline]

@@ -15,7 +15,7 @@
 //! process also releases everything a dead thread held: a fan-out worker's tail-ring pin and
 //! the per-IP counts of its clients die with it.
 //!
-//! Test hook (debug builds only): `JETRELAY_TEST_FAIL_PART=NAME:MODE:MS[,…]` makes the part
+//! Test hook (debug builds only): `TEST_JETRELAY_FAIL_PART=NAME:MODE:MS[,…]` makes the part
 //! `NAME` panic (`MODE` = `panic`) or hang forever (`hang`) in its first [`beat`] at least `MS`
 //! milliseconds after it started, so integration tests can kill or wedge any part of the real
 //! binary.
@@ -39,7 +39,7 @@ pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(10);
 pub const MIN_STUCK_AFTER: Duration = Duration::from_secs(3);
 
 /// Environment variable of the test hook (debug builds only; see the module documentation).
-pub const TEST_FAIL_ENV: &str = "JETRELAY_TEST_FAIL_PART";
+pub const TEST_FAIL_ENV: &str = "TEST_JETRELAY_FAIL_PART";
 
 /// What a part is doing, as far as liveness is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

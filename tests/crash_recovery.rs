@@ -1,5 +1,5 @@
 //! Crash at any point: the real append path (`LogWriter`, the logs, the index, retention) runs
-//! in a child process (this test binary re-run with `JETRELAY_CRASH_CHILD_DIR`) that is
+//! in a child process (this test binary re-run with `TEST_JETRELAY_CRASH_CHILD_DIR`) that is
 //! killed with `SIGKILL` just before — or half-way through — one of its writes, chosen at
 //! random: a log frame, a collection name, an index record, a chunk header, the durable mark,
 //! or between retention's punches. The parent then recovers the directory with the relay's own
@@ -16,8 +16,8 @@
 //! then keep everything before the mark and still serve only exact frames.
 //!
 //! The directory is reused across iterations (recovering a recovered directory, appending on
-//! top), fresh every 25. `JETRELAY_CRASH_ITERATIONS=N` runs a longer soak (default 160) and
-//! `JETRELAY_CRASH_SEED=S` replays one run.
+//! top), fresh every 25. `TEST_JETRELAY_CRASH_ITERATIONS=N` runs a longer soak (default 160) and
+//! `TEST_JETRELAY_CRASH_SEED=S` replays one run.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -30,9 +30,9 @@ use jetrelay::index::{COLLECTION_NONE, COLLECTION_UNKNOWN};
 use jetrelay::limits::{Limits, LimitsConfig};
 
 /// Set in the child: the data directory to append to.
-const CHILD_ENV: &str = "JETRELAY_CRASH_CHILD_DIR";
+const CHILD_ENV: &str = "TEST_JETRELAY_CRASH_CHILD_DIR";
 /// Set in the child: how many events to append.
-const CHILD_EVENTS_ENV: &str = "JETRELAY_CRASH_CHILD_EVENTS";
+const CHILD_EVENTS_ENV: &str = "TEST_JETRELAY_CRASH_CHILD_EVENTS";
 /// Events a child appends when no crash point stops it first.
 const CHILD_EVENTS: u64 = 600;
 /// The child syncs (and moves the durable mark) every this many events.
@@ -382,15 +382,15 @@ fn check_recovered(hub: &Hub, dir: &Path, rng: &mut fastrand::Rng, what: &str) -
 
 #[test]
 fn crash_at_any_write_recovers_exact_frames_and_monotonic_cursors() {
-    let iterations: u64 = std::env::var("JETRELAY_CRASH_ITERATIONS")
+    let iterations: u64 = std::env::var("TEST_JETRELAY_CRASH_ITERATIONS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(160);
-    let seed: u64 = std::env::var("JETRELAY_CRASH_SEED")
+    let seed: u64 = std::env::var("TEST_JETRELAY_CRASH_SEED")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
-    println!("JETRELAY_CRASH_SEED={seed}");
+    println!("TEST_JETRELAY_CRASH_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
     let root = std::env::temp_dir().join(format!("jetrelay-crash-{}", std::process::id()));
     let mut dir = root.join("0");

@@ -124,10 +124,15 @@ struct Flags {
 /// Longest interval between two `STATUS=` lines.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
-/// systemd's watchdog timeout (`WatchdogSec`), if it is enabled for this process.
+/// systemd's watchdog timeout (`WatchdogSec`), if it is enabled for this process: as
+/// `sd_watchdog_enabled(3)` reads it, `WATCHDOG_USEC`, unless `WATCHDOG_PID` names another
+/// process (the sd-notify crate also insists on `WATCHDOG_PID` being set).
 fn watchdog_timeout() -> Option<Duration> {
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let for_us = std::env::var("WATCHDOG_PID")
+        .ok()
+        .is_none_or(|pid| pid.parse() == Ok(std::process::id()));
+    (for_us && usec > 0).then(|| Duration::from_micros(usec))
 }
 
 fn main() -> anyhow::Result<()> {

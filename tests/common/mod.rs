@@ -94,8 +94,21 @@ pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) 
 }
 
 fn spawn(name: &str, bin: &str, args: &[String], log: Option<&Path>) -> Proc {
+    spawn_env(name, bin, args, log, &[])
+}
+
+fn spawn_env(
+    name: &str,
+    bin: &str,
+    args: &[String],
+    log: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Proc {
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     match log {
         Some(path) => {
             let f = std::fs::File::create(path).expect("log file");
@@ -197,6 +210,28 @@ impl Relay {
         data_dir: &Path,
         extra: &[&str],
     ) -> Relay {
+        Self::start_full(wrapper, port, upstream, data_dir, extra, &[])
+    }
+
+    /// Same, on a given port, with extra environment variables (test hooks, systemd's).
+    pub fn start_env(
+        port: u16,
+        upstream: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Relay {
+        Self::start_full(&[], port, upstream, data_dir, extra, env)
+    }
+
+    fn start_full(
+        wrapper: &[String],
+        port: u16,
+        upstream: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Relay {
         let metrics_port = free_port();
         let mut args = vec![
             "--listen".to_string(),
@@ -215,12 +250,12 @@ impl Relay {
         let log = data_dir.with_extension(format!("relay-{port}.log"));
         let relay_bin = env!("CARGO_BIN_EXE_jetrelay").to_string();
         let proc = match wrapper.split_first() {
-            None => spawn("relay", &relay_bin, &args, Some(&log)),
+            None => spawn_env("relay", &relay_bin, &args, Some(&log), env),
             Some((program, rest)) => {
                 let mut all: Vec<String> = rest.to_vec();
                 all.push(relay_bin);
                 all.extend(args);
-                spawn("relay", program, &all, Some(&log))
+                spawn_env("relay", program, &all, Some(&log), env)
             }
         };
         wait_for_port(port, Duration::from_secs(20));
