@@ -351,6 +351,8 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
         }
     }
     loop {
+        // Dropping a long backlog (a shorter retention after a restart) takes a while.
+        crate::liveness::beat();
         let now = now_us();
         let index = hub.index();
         let Some(oldest) = index.oldest_chunk() else {
