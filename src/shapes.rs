@@ -34,6 +34,8 @@ pub const MAX_SHAPES: usize = 32;
 pub const SHAPE_IDLE: Duration = Duration::from_secs(60);
 /// Ring per shape: smaller than the base rings since there can be many shapes.
 pub const SHAPE_RING_BYTES: usize = 8 << 20;
+/// The bit of a shape's client count that marks it retired.
+const RETIRED: u64 = 1 << 63;
 
 /// Where each of a shape's frames is: (event seq, offset in the shape's log).
 #[derive(Default)]
@@ -94,8 +96,9 @@ pub struct Shape {
     pub start_seq: u64,
     /// Frame positions.
     pub table: RwLock<ShapeTable>,
-    /// Clients attached (reading it or walking towards it).
-    pub clients: AtomicU64,
+    /// Clients attached (reading it or walking towards it), plus [`RETIRED`] once the shape is
+    /// retired: one atomic, so that a client is never counted into a retired shape.
+    clients: AtomicU64,
     /// When the last client left (µs), for idle expiry.
     idle_since: AtomicI64,
     /// Frames appended (after their publish and table entry), so that workers can count the
@@ -116,16 +119,33 @@ impl Shape {
         self.appended.load(Ordering::Acquire)
     }
 
-    /// Client accounting.
-    pub fn add_client(&self) {
-        self.clients.fetch_add(1, Ordering::Relaxed);
+    /// Counts a client in; false if the shape was retired (the writer no longer feeds it, so
+    /// the client must find or create another).
+    pub fn try_add_client(&self) -> bool {
+        self.clients
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                (c & RETIRED == 0).then_some(c + 1)
+            })
+            .is_ok()
     }
 
-    /// Client accounting.
+    /// Counts a client out.
     pub fn remove_client(&self) {
-        if self.clients.fetch_sub(1, Ordering::Relaxed) == 1 {
+        if self.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle_since.store(now_us(), Ordering::Relaxed);
         }
+    }
+
+    /// Clients attached right now.
+    pub fn client_count(&self) -> u64 {
+        self.clients.load(Ordering::Relaxed) & !RETIRED
+    }
+
+    /// Retires the shape if it has no client: from then on no client can be counted in.
+    fn retire_if_unused(&self) -> bool {
+        self.clients
+            .compare_exchange(0, RETIRED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 }
 
@@ -223,8 +243,9 @@ impl Shapes {
         let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
         let now = now_us();
         active.retain(|s| {
-            let idle = s.clients.load(Ordering::Relaxed) == 0
-                && now - s.idle_since.load(Ordering::Relaxed) > SHAPE_IDLE.as_micros() as i64;
+            let idle = s.client_count() == 0
+                && now - s.idle_since.load(Ordering::Relaxed) > SHAPE_IDLE.as_micros() as i64
+                && s.retire_if_unused();
             if idle {
                 s.stream.retire();
                 let _ = std::fs::remove_file(s.stream.path());

@@ -345,7 +345,7 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
         )
         .with_callback(move |o| {
             for shape in h.shapes.active() {
-                let n = shape.clients.load(Ordering::Relaxed);
+                let n = shape.client_count();
                 o.observe(n as i64, &[KeyValue::new("shape", shape.label.clone())]);
             }
         })
