@@ -11,10 +11,12 @@
 //!
 //! Concurrency contract (one writer thread, many fan-out workers):
 //! - `end` is published with Release after the bytes are in both the file and the ring;
-//! - a worker *pins* the lowest ring offset it may send from before it submits a batch, and
-//!   unpins after `io_uring_enter` returns (sends are `MSG_DONTWAIT`, so the kernel has copied
-//!   the bytes by then); the writer never overwrites pinned ring bytes (Dekker-style handshake
-//!   on `overwrite_floor` and the pins, both SeqCst);
+//! - a worker *pins* the lowest ring offset it may send from before it builds a send, and
+//!   unpins once the completion of every send built on the pin is reaped (a send the kernel
+//!   has not run yet still reads the ring); the writer never overwrites pinned ring bytes
+//!   (Dekker-style handshake on `overwrite_floor` and the pins, both SeqCst) — when it cannot
+//!   wait, it gives the ring bytes up instead (`overwrite_floor` rises past them and readers
+//!   take them from the file);
 //! - retention raises `kick_below`, waits until every worker reports no reader below the punch
 //!   point (`worker_low`), then raises `start` and punches. Readers never start below `start`.
 
@@ -102,6 +104,8 @@ pub struct Stream {
     ring: TailRing,
     /// An unused shape is retired: its readers are moved off or closed, then it is deleted.
     retired: AtomicBool,
+    /// How long the writer waits for a pinned ring region (ns); see [`PIN_WAIT_LIMIT`].
+    pin_wait_ns: AtomicU64,
 }
 
 impl Stream {
@@ -136,6 +140,7 @@ impl Stream {
             ring: TailRing::new(ring_capacity),
             // The ring holds nothing from before this process: readers of older bytes use the file.
             retired: AtomicBool::new(false),
+            pin_wait_ns: AtomicU64::new(PIN_WAIT_LIMIT.as_nanos() as u64),
         }
         .with_ring_floor(end))
     }
@@ -196,6 +201,14 @@ impl Stream {
         self.retired.store(true, Ordering::Release);
     }
 
+    /// Sets how long the writer waits for a pinned ring region before it gives the region up
+    /// (readers then take those bytes from the file). A single-threaded simulation, in which a
+    /// pin can only be released after the writer returns, sets zero.
+    pub fn set_pin_wait(&self, wait: Duration) {
+        self.pin_wait_ns
+            .store(wait.as_nanos() as u64, Ordering::Relaxed);
+    }
+
     /// Path of the file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -232,7 +245,8 @@ impl Stream {
         };
         let new_floor = (at + bytes.len() as u64).saturating_sub(cap);
         ring.overwrite_floor.fetch_max(new_floor, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + PIN_WAIT_LIMIT;
+        let wait = Duration::from_nanos(self.pin_wait_ns.load(Ordering::Relaxed));
+        let deadline = std::time::Instant::now() + wait;
         let mut floor_ok = true;
         for pin in &ring.pins {
             while pin.load(Ordering::SeqCst) < new_floor {
@@ -289,7 +303,13 @@ impl Stream {
         low
     }
 
-    /// Releases the pin after `io_uring_enter` returned.
+    /// The lowest offset the ring holds valid bytes for right now (for a pin that is already
+    /// held: the writer may have given up ring bytes above the pin since it was taken).
+    pub fn ring_floor(&self) -> u64 {
+        self.ring.overwrite_floor.load(Ordering::SeqCst)
+    }
+
+    /// Releases the pin once no send from the ring is in flight.
     pub fn unpin_ring(&self, worker: usize) {
         self.ring.pins[worker].store(NONE, Ordering::SeqCst);
     }

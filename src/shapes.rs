@@ -157,6 +157,8 @@ pub struct Shapes {
     admin: Mutex<u64>,
     /// Directory for shape logs.
     dir: PathBuf,
+    /// Tail ring bytes of each new shape ([`SHAPE_RING_BYTES`]; tests use less).
+    ring_bytes: usize,
 }
 
 impl Shapes {
@@ -171,7 +173,15 @@ impl Shapes {
             active: RwLock::new(Vec::new()),
             admin: Mutex::new(0),
             dir,
+            ring_bytes: SHAPE_RING_BYTES,
         })
+    }
+
+    /// The same registry with `bytes` of tail ring per shape (a power of two, at least 4 KiB):
+    /// simulations create thousands of shapes and need small rings that wrap.
+    pub fn with_ring_bytes(mut self, bytes: usize) -> Shapes {
+        self.ring_bytes = bytes;
+        self
     }
 
     /// Snapshot of the live shapes.
@@ -211,7 +221,7 @@ impl Shapes {
         *counter += 1;
         let label = key.label();
         let path = self.dir.join(format!("shape-{}.log", *counter));
-        let stream = match Stream::create(label.clone(), &path, SHAPE_RING_BYTES) {
+        let stream = match Stream::create(label.clone(), &path, self.ring_bytes) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, shape = %label, "cannot create shape log; falling back to filtering");
@@ -252,6 +262,21 @@ impl Shapes {
                 tracing::info!(shape = %s.label, "shape dropped (unused)");
             }
             !idle
+        });
+    }
+
+    /// Retires every shape without clients at once, however briefly idle (the simulation's
+    /// way to retire shapes while clients attach).
+    #[cfg(test)]
+    pub fn retire_unused_now(&self) {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+        active.retain(|s| {
+            let retire = s.retire_if_unused();
+            if retire {
+                s.stream.retire();
+            }
+            !retire
         });
     }
 

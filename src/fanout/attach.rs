@@ -120,12 +120,22 @@ pub fn switch_to_shape(worker: usize, c: &mut Client) -> bool {
     c.stream.register_reader(worker, pos)
 }
 
-/// Where a client switching filters continues: the first event it has not been sent. `None`
-/// while that is not known yet: the writer publishes an event's frames (base logs, then shape
-/// logs) before indexing it, so a live client may already have sent a frame whose event the
-/// index does not have; falling back to the index's end would send that event again. The
-/// window is the writer's append of one event (microseconds); the caller retries.
-pub fn switch_point(hub: &Hub, c: &Client) -> Option<EventPos> {
+/// Where a client switching filters continues.
+pub enum Switch {
+    /// At this event: the first one it has not been sent.
+    At(EventPos),
+    /// Not known yet: the writer publishes an event's frames (base logs, then shape logs)
+    /// before indexing it, so a live client may already have sent a frame whose event the
+    /// index does not have; falling back to the index's end would send that event again. The
+    /// window is the writer's append of one event (microseconds); the caller retries.
+    Later,
+    /// Its next event was dropped by retention: it must be kicked (continuing at the oldest
+    /// retained event would skip events silently).
+    BehindRetention,
+}
+
+/// Where a client switching filters continues (see [`Switch`]).
+pub fn switch_point(hub: &Hub, c: &Client) -> Switch {
     // The index's end first, then the shape's table: every event below `next_seq` that the
     // shape carries is already in its table (the writer appends there before indexing).
     let next_seq = hub.index().next_seq();
@@ -134,7 +144,7 @@ pub fn switch_point(hub: &Hub, c: &Client) -> Option<EventPos> {
         (Source::Contiguous, Some(shape)) => {
             let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
             if table.last_seq_before(c.pos).is_some_and(|s| s >= next_seq) {
-                return None;
+                return Switch::Later;
             }
             table.seq_at_offset(c.pos, next_seq)
         }
@@ -142,12 +152,19 @@ pub fn switch_point(hub: &Hub, c: &Client) -> Option<EventPos> {
             let index = hub.index();
             match index.seq_at_offset(c.pos, c.compressed) {
                 Some(seq) => seq,
-                None if c.pos > index.end_pos().offset(c.compressed) => return None,
+                None if c.pos > index.end_pos().offset(c.compressed) => return Switch::Later,
+                None if c.pos < index.start_pos().offset(c.compressed) => {
+                    return Switch::BehindRetention;
+                }
                 None => index.next_seq(),
             }
         }
     };
-    Some(hub.index().pos_of(seq))
+    let index = hub.index();
+    if seq < index.first_seq() {
+        return Switch::BehindRetention;
+    }
+    Switch::At(index.pos_of(seq))
 }
 
 /// Applies new options from event position `next` (from [`switch_point`]). Returns false if

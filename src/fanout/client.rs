@@ -270,6 +270,9 @@ pub struct Inbound {
     pub decoder: InboundDecoder,
     /// Last time anything arrived (dead-peer detection).
     pub last_rx: Instant,
+    /// Last time its socket took bytes: a peer whose TCP window keeps moving is alive even
+    /// if our ping is still queued behind the data it is reading slowly.
+    pub last_tx: Instant,
     /// A ping was sent and not answered yet.
     pub ping_outstanding: bool,
     /// Inbound bytes since the last housekeeping tick (the inbound rate cap).

@@ -241,8 +241,8 @@ impl<K: Kernel> Driver<K> {
         Ok(d)
     }
 
-    /// Takes over a client.
-    pub fn attach(&mut self, sock: K::Socket, a: Attach) -> io::Result<()> {
+    /// Takes over a client; returns its slot.
+    pub fn attach(&mut self, sock: K::Socket, a: Attach) -> io::Result<ClientId> {
         let now = self.kernel.now();
         let id = self.sched.handle_attach(a, now) as usize;
         if self.conns.len() <= id {
@@ -258,7 +258,8 @@ impl<K: Kernel> Driver<K> {
             reading: true,
             shut: false,
         });
-        self.arm_pollin(id as ClientId)
+        self.arm_pollin(id as ClientId)?;
+        Ok(id as ClientId)
     }
 
     /// One loop: timeouts, a batch of up to [`SWEEP_CHUNK`] operations, one submission (which
@@ -279,6 +280,10 @@ impl<K: Kernel> Driver<K> {
             let Some(op) = self.sched.poll_op(started) else {
                 break;
             };
+            #[cfg(test)]
+            if std::env::var_os("JETRELAY_SIM_TRACE").is_some() {
+                eprintln!("op {}", op_name(&op));
+            }
             self.issue(op)?;
             issued += 1;
         }
@@ -476,10 +481,12 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// Pins `stream`'s ring (once per stream while sends are in flight) and returns the
-    /// lowest offset a ring send may start at.
+    /// lowest offset a ring send may start at. A pin already held keeps the writer from
+    /// overwriting what is above it, but the writer may have given ring bytes up since (when
+    /// it could not wait): those must come from the file.
     fn pin(&mut self, stream: &Arc<Stream>) -> u64 {
         if let Some(p) = self.pins.iter().find(|p| Arc::ptr_eq(&p.stream, stream)) {
-            return p.low;
+            return p.low.max(stream.ring_floor());
         }
         let low = stream.pin_ring(self.worker);
         self.pins.push(Pin {
@@ -635,9 +642,10 @@ impl<K: Kernel> Driver<K> {
         match res {
             n if n > 0 => {
                 if control {
-                    self.sched.handle_control_sent(id, n as usize);
+                    self.sched.handle_control_sent(id, n as usize, now);
                 } else {
-                    self.sched.handle_sent(id, n as u64, self.kernel.wall_us());
+                    let wall = self.kernel.wall_us();
+                    self.sched.handle_sent(id, n as u64, now, wall);
                 }
             }
             0 => {
@@ -790,6 +798,12 @@ impl<K: Kernel> Driver<K> {
 
     /// The kernel (for the simulation).
     #[cfg(test)]
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// The kernel (for the simulation).
+    #[cfg(test)]
     pub fn kernel_mut(&mut self) -> &mut K {
         &mut self.kernel
     }
@@ -825,6 +839,19 @@ impl<K: Kernel> Driver<K> {
                 "pin count differs from ring sends in flight"
             );
         }
+    }
+}
+
+#[cfg(test)]
+fn op_name(op: &Op) -> String {
+    match op {
+        Op::Data {
+            client, from, to, ..
+        } => format!("data {client} {from}..{to}"),
+        Op::Control { client, bytes } => format!("control {client} {}", bytes.as_slice().len()),
+        Op::Fin { client } => format!("fin {client}"),
+        Op::Shut { client } => format!("shut {client}"),
+        Op::StopReading { client } => format!("stop {client}"),
     }
 }
 

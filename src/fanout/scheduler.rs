@@ -20,7 +20,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::ClientPolicy;
-use super::attach::{apply_options, attach_point, published_frames, switch_point, switch_to_shape};
+use super::attach::{
+    Switch, apply_options, attach_point, published_frames, switch_point, switch_to_shape,
+};
 use super::client::{
     Client, CloseWhy, Control, Inbound, Life, Linger, NEVER, Place, RangeAccount, Source,
 };
@@ -260,6 +262,7 @@ impl Scheduler {
             inbound: Inbound {
                 decoder: InboundDecoder::new(MAX_OPTIONS_UPDATE_BYTES),
                 last_rx: now,
+                last_tx: now,
                 ping_outstanding: false,
                 rx_bytes: 0,
                 update_tokens: OPTIONS_UPDATE_BURST,
@@ -300,10 +303,11 @@ impl Scheduler {
     }
 
     /// `n` bytes of the client's current [`Op::Data`] were handed to its socket.
-    pub fn handle_sent(&mut self, id: ClientId, n: u64, wall_us: u64) {
+    pub fn handle_sent(&mut self, id: ClientId, n: u64, now: Instant, wall_us: u64) {
         let Some(c) = open_mut(&mut self.clients, id) else {
             return;
         };
+        c.inbound.last_tx = now;
         debug_assert_eq!(
             c.place,
             Place::InFlight,
@@ -324,21 +328,17 @@ impl Scheduler {
                     .record(wall_us.saturating_sub(c.range.origin_us));
             }
         }
-        self.make_ready(id);
+        self.op_done(id);
     }
 
     /// `n` bytes of the client's current [`Op::Control`] were handed to its socket.
-    pub fn handle_control_sent(&mut self, id: ClientId, n: usize) {
+    pub fn handle_control_sent(&mut self, id: ClientId, n: usize, now: Instant) {
         let Some(c) = self.open_client(id) else {
             return;
         };
-        debug_assert_eq!(
-            c.place,
-            Place::InFlight,
-            "a completion without an operation"
-        );
+        c.inbound.last_tx = now;
         c.control.sent(n);
-        self.make_ready(id);
+        self.op_done(id);
     }
 
     /// The client's socket is full: nothing of its operation went. The driver waits for it
@@ -482,8 +482,11 @@ impl Scheduler {
     /// wanted and pacing allows it.
     pub fn begin_batch(&mut self, now: Instant) {
         for id in std::mem::take(&mut self.deferred) {
-            if self.client(id).is_some_and(|c| c.place == Place::Deferred) {
-                self.make_ready(id);
+            if let Some(c) = self.client_mut(id)
+                && c.place == Place::Deferred
+            {
+                c.place = Place::Ready;
+                self.ready.push_back(id);
             }
         }
         if self.round.wanted && self.round_may_start(now) {
@@ -551,15 +554,33 @@ impl Scheduler {
         let Some(c) = self.clients[id as usize].as_mut() else {
             return None;
         };
+        #[cfg(test)]
+        if std::env::var_os("JETRELAY_SIM_TRACE").is_some() {
+            eprintln!(
+                "serve {id} {:?} {:?} ctrl {} pos {} b {}",
+                c.place,
+                c.life,
+                c.control.queued_bytes(),
+                c.pos,
+                c.boundary
+            );
+        }
         if c.at_boundary() {
             // Options change only between frames.
             if let Some(opts) = c.pending_options.take() {
-                let Some(next) = switch_point(&hub, c) else {
-                    // The writer is mid-append: retry in the next loop.
-                    c.pending_options = Some(opts);
-                    c.place = Place::Deferred;
-                    self.deferred.push(id);
-                    return None;
+                let next = match switch_point(&hub, c) {
+                    Switch::At(next) => next,
+                    Switch::Later => {
+                        // The writer is mid-append: retry in the next loop.
+                        c.pending_options = Some(opts);
+                        c.place = Place::Deferred;
+                        self.deferred.push(id);
+                        return None;
+                    }
+                    Switch::BehindRetention => {
+                        self.begin_close(id, CloseWhy::Retention, now);
+                        return self.serve_again(id);
+                    }
                 };
                 if c.route != 0 {
                     if let Source::Filtered(w) = &c.source {
@@ -945,6 +966,10 @@ impl Scheduler {
             _ => {}
         }
         tracing::info!(peer = %c.peer, ?why, code, reason, "closing client");
+        #[cfg(test)]
+        if std::env::var_os("JETRELAY_SIM_TRACE").is_some() {
+            eprintln!("close {id} {why:?} {code} {reason}");
+        }
         c.control.close(code, reason);
         self.make_ready(id);
     }
@@ -1084,8 +1109,11 @@ impl Scheduler {
                     {
                         self.close_with(id, 1008, "too far behind live", CloseWhy::Retention, now);
                     } else if now.duration_since(c.inbound.last_rx) > ping_interval {
+                        // Dead: no answer for two periods, and its socket took nothing
+                        // for one (a slow reader whose window moves is alive).
                         if c.inbound.ping_outstanding
                             && now.duration_since(c.inbound.last_rx) > ping_interval * 2
+                            && now.duration_since(c.inbound.last_tx) > ping_interval
                         {
                             self.begin_close(id, CloseWhy::Dead, now);
                             self.shut(id, CloseWhy::Dead, now);
@@ -1155,23 +1183,31 @@ impl Scheduler {
         open_mut(&mut self.clients, id)
     }
 
-    /// Moves a client that is waiting somewhere (or whose operation completed) to the ready
-    /// queue. A client already ready, in flight or blocked is served when that ends.
+    /// Moves a client that is waiting somewhere to the ready queue. A client already ready, in
+    /// flight or blocked is served when that ends.
     fn make_ready(&mut self, id: ClientId) {
         let Some(c) = self.client_mut(id) else {
             return;
         };
         match c.place {
-            Place::InFlight
-            | Place::Idle
-            | Place::Waiting(_)
-            | Place::Held(_)
-            | Place::Routed
-            | Place::Hello => {
+            Place::Idle | Place::Waiting(_) | Place::Held(_) | Place::Routed | Place::Hello => {
                 c.place = Place::Ready;
                 self.ready.push_back(id);
             }
-            Place::Ready | Place::Deferred | Place::Blocked | Place::Closed => {}
+            Place::Ready | Place::InFlight | Place::Deferred | Place::Blocked | Place::Closed => {}
+        }
+    }
+
+    /// The client's operation completed: it is served again.
+    fn op_done(&mut self, id: ClientId) {
+        if let Some(c) = self.client_mut(id) {
+            debug_assert_eq!(
+                c.place,
+                Place::InFlight,
+                "a completion without an operation"
+            );
+            c.place = Place::Ready;
+            self.ready.push_back(id);
         }
     }
 }
