@@ -205,3 +205,48 @@ fn max_lag_drops_a_stalled_client_and_spares_the_others() {
     assert_eq!(report["connected"], 20, "{report}");
     assert_eq!(report["closes"], serde_json::json!({}), "{report}");
 }
+
+/// A client on the same worker as twenty bystanders floods empty pings and small binary frames
+/// (1 MiB, never reading). The pongs it is owed pile up past the cap, so it is closed with
+/// 1008 and a reason, and its input is no longer decoded; the bystanders' events keep arriving
+/// on time: their largest latency (receive time − `time_us`, i.e. the longest stall) stays
+/// well under a second. (Before the fan-out answered only the latest ping, every ping queued a
+/// pong drained one per loop: the worker froze for seconds.)
+#[test]
+fn ping_flood_on_one_worker_leaves_bystanders_on_time() {
+    let mock = Mock::start(200, &[]);
+    let dir = temp_dir("abuse-ping-flood");
+    let relay = Relay::start(&mock.url(), &dir, &["--workers", "1"]);
+    let bystanders = spawn_bystanders(&relay, "6s", 800);
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut flood, head) = upgrade(relay.port);
+    assert_eq!(status(&head), 101);
+    let (mut ping, mut binary) = (Vec::new(), Vec::new());
+    jetrelay::frame::encode_client_frame(
+        jetrelay::frame::Opcode::Ping,
+        b"",
+        [1, 2, 3, 4],
+        &mut ping,
+    );
+    jetrelay::frame::encode_client_frame(
+        jetrelay::frame::Opcode::Binary,
+        &[0u8; 20],
+        [5, 6, 7, 8],
+        &mut binary,
+    );
+    let pair = [ping, binary].concat();
+    let burst: Vec<u8> = pair.iter().copied().cycle().take(1 << 20).collect();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = flood.write_all(&burst);
+    let (code, reason) = close_code(&mut flood).expect("close frame for the flood");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("ping flood"), "{reason}");
+    let report = swarm_wait(bystanders);
+    let max_ms = report["latency"]["max_us"].as_u64().unwrap_or(u64::MAX) as f64 / 1000.0;
+    assert!(
+        max_ms < 500.0,
+        "a bystander waited {max_ms:.0} ms for an event during the flood"
+    );
+}
