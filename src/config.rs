@@ -109,6 +109,8 @@ pub struct RawSettings {
     pub thin_linger: String,
     /// Worker busy share at which thin streams start to linger (0 = always).
     pub thin_linger_load: f64,
+    /// `options_update` messages per second per client (token bucket).
+    pub options_update_rate: f64,
 }
 
 impl Default for RawSettings {
@@ -138,6 +140,7 @@ impl Default for RawSettings {
             fanout_duty: 0.5,
             thin_linger: "80ms".into(),
             thin_linger_load: 0.1,
+            options_update_rate: 1.0,
         }
     }
 }
@@ -194,6 +197,9 @@ pub struct Settings {
     pub thin_linger: Duration,
     /// Worker busy share at which thin streams start to linger.
     pub thin_linger_load: f64,
+    /// `options_update` messages per second per client (token bucket; burst 10 or 2× the
+    /// rate).
+    pub options_update_rate: f64,
 }
 
 /// A setting that failed validation, naming the key.
@@ -423,6 +429,13 @@ impl RawSettings {
         if !(0.0..=1.0).contains(&self.thin_linger_load) {
             return Err(bad("thin_linger_load", "must be between 0 and 1"));
         }
+        // Why at most 1000: each update re-parses up to 1 MiB and re-registers filters.
+        if !(self.options_update_rate > 0.0 && self.options_update_rate <= 1000.0) {
+            return Err(bad(
+                "options_update_rate",
+                "must be in (0, 1000] per second",
+            ));
+        }
         Ok(Settings {
             listen,
             trusted_listen,
@@ -448,6 +461,7 @@ impl RawSettings {
             fanout_duty: self.fanout_duty,
             thin_linger,
             thin_linger_load: self.thin_linger_load,
+            options_update_rate: self.options_update_rate,
         })
     }
 }

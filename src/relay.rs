@@ -240,6 +240,7 @@ impl Relay {
                 duty: settings.fanout_duty,
                 thin_linger: settings.thin_linger,
                 thin_linger_load: settings.thin_linger_load,
+                options_update_rate: settings.options_update_rate,
             },
         )?);
 

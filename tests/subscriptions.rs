@@ -536,10 +536,15 @@ impl Drop for Cleanup {
 /// Starts a finite mock and a relay following it (the cleanup comes first so that it runs
 /// after both are stopped).
 fn setup(name: &str, rate: u64, count: usize) -> (Cleanup, Mock, Relay) {
+    setup_with(name, rate, count, &[])
+}
+
+/// [`setup`] with extra relay flags.
+fn setup_with(name: &str, rate: u64, count: usize, relay_args: &[&str]) -> (Cleanup, Mock, Relay) {
     let count = count.to_string();
     let mock = Mock::start(rate, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir(name);
-    let relay = Relay::start(&upstream(&mock), &dir, &[]);
+    let relay = Relay::start(&upstream(&mock), &dir, relay_args);
     (Cleanup(dir), mock, relay)
 }
 
@@ -1802,7 +1807,11 @@ fn run_storm(mut ws: Ws, updates: Vec<String>, every: Duration, stop: Stop) -> (
 #[test]
 fn options_update_storm_loses_and_duplicates_nothing() {
     let n = 16_000;
-    let (_clean, _mock, relay) = setup("subs-storm", 4000, n);
+    // An update every 3 ms is far beyond the default per-client rate (a storm like this is
+    // closed with 1008 by default, see `options_update_rate_is_limited`); raised here to test
+    // the switches themselves.
+    let (_clean, _mock, relay) =
+        setup_with("subs-storm", 4000, n, &["--options-update-rate", "1000"]);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(200, Duration::from_secs(30));
     let stop = Arc::new(AtomicU8::new(RUN));
@@ -2189,4 +2198,40 @@ fn read_close_or_frame(ws: &mut Ws) -> Result<Frame, Option<(u16, String)>> {
         }
     }
     Err(None)
+}
+
+/// A client sending `options_update`s faster than `--options-update-rate` (default 1/s, burst
+/// 10) is closed with 1008 and a reason; a client updating within the rate is not.
+#[test]
+fn options_update_rate_is_limited() {
+    let (_clean, _mock, relay) = setup("subs-update-rate", 200, 20_000);
+    let stop = Arc::new(AtomicU8::new(RUN));
+    let open_all = || {
+        let (url, headers) = request(&relay, &Filter::all(), &Connect::default());
+        open(&url, &headers)
+    };
+    let updates = vec![
+        Filter::collections(&["app.bsky.feed.post"]).update(),
+        Filter::collections(&["app.bsky.feed.like"]).update(),
+    ];
+    let fast = {
+        let (ws, updates, stop) = (open_all(), updates.clone(), stop.clone());
+        std::thread::spawn(move || run_storm(ws, updates, Duration::from_millis(20), stop))
+    };
+    let slow = {
+        let (ws, stop) = (open_all(), stop.clone());
+        std::thread::spawn(move || run_storm(ws, updates, Duration::from_millis(1500), stop))
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    drain(&stop);
+    let (o, sent) = join(fast);
+    let (code, reason) = o.close.expect("the fast updater is closed");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(
+        reason.contains("options_update rate"),
+        "{reason} after {sent} updates"
+    );
+    let (o, sent) = join(slow);
+    assert!(sent >= 2, "{sent}");
+    assert!(o.close.is_none(), "closed within the rate: {:?}", o.close);
 }

@@ -119,6 +119,11 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     thin_linger_load: Option<f64>,
+    /// `options_update` messages per second a client may send (burst: 10 or twice the
+    /// rate); beyond it the client is closed (1008).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    options_update_rate: Option<f64>,
 }
 
 /// Longest interval between two `STATUS=` lines.

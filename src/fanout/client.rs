@@ -277,8 +277,9 @@ pub struct Inbound {
     pub ping_outstanding: bool,
     /// Inbound bytes since the last housekeeping tick (the inbound rate cap).
     pub rx_bytes: u64,
-    /// Tokens for `options_update` (refilled each tick, see `OPTIONS_UPDATE_BURST`).
-    pub update_tokens: u32,
+    /// Tokens for `options_update` (refilled each tick; see
+    /// [`super::ClientPolicy::options_update_rate`]).
+    pub update_tokens: f64,
     /// A limit was violated: its input is no longer decoded.
     pub stopped: bool,
 }

@@ -90,6 +90,17 @@ pub struct ClientPolicy {
     pub thin_linger: Duration,
     /// Busy share of the worker at which thin streams start lingering.
     pub thin_linger_load: f64,
+    /// `options_update` messages per second a client may send (token bucket, burst
+    /// `max(10, 2 × rate)`); beyond it the client is closed (1008).
+    pub options_update_rate: f64,
+}
+
+impl ClientPolicy {
+    /// Burst of the `options_update` token bucket. Why 10 at least: a client that sets up
+    /// several subscriptions at start sends a few updates at once.
+    pub fn options_update_burst(&self) -> f64 {
+        (2.0 * self.options_update_rate).max(10.0)
+    }
 }
 
 /// A client handed over by the listener after a successful upgrade.

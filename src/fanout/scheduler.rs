@@ -45,10 +45,6 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// After our FIN, how long the peer gets to close its side before the socket is closed.
 pub const FIN_GRACE: Duration = Duration::from_secs(2);
-/// `options_update` messages a client may send in a burst; one more is allowed per tick. Why:
-/// each one re-parses up to 1 MiB of JSON and re-registers filters on the worker; a client that
-/// changes its mind more often than once a second is not a subscriber but a load generator.
-pub const OPTIONS_UPDATE_BURST: u32 = 10;
 /// The longest control frame: a header and the largest control payload.
 pub const MAX_CONTROL_FRAME: usize = 2 + MAX_CONTROL_PAYLOAD;
 
@@ -265,7 +261,7 @@ impl Scheduler {
                 last_tx: now,
                 ping_outstanding: false,
                 rx_bytes: 0,
-                update_tokens: OPTIONS_UPDATE_BURST,
+                update_tokens: self.policy.options_update_burst(),
                 stopped: false,
             },
             awaiting_hello: a.require_hello,
@@ -1037,11 +1033,13 @@ impl Scheduler {
             }
             InboundMessage::Text(_) if !open => {}
             InboundMessage::Text(text) => {
-                if c.inbound.update_tokens == 0 {
+                // Each update re-parses up to 1 MiB and re-registers filters: a client that
+                // changes its mind faster than the rate is a load generator.
+                if c.inbound.update_tokens < 1.0 {
                     self.violation(id, 1008, "options_update rate exceeded", now);
                     return;
                 }
-                c.inbound.update_tokens -= 1;
+                c.inbound.update_tokens -= 1.0;
                 match crate::subscription::parse_options_update(&text) {
                     Ok(opts) => {
                         c.pending_options = Some(opts);
@@ -1067,6 +1065,8 @@ impl Scheduler {
             self.policy.max_lag,
             self.policy.ping_interval,
         );
+        let update_burst = self.policy.options_update_burst();
+        let update_refill = self.policy.options_update_rate * TICK.as_secs_f64();
         for id in 0..self.clients.len() as ClientId {
             let route_cursor = self.route_cursor;
             let Some(c) = self.clients[id as usize].as_mut() else {
@@ -1081,7 +1081,7 @@ impl Scheduler {
             {
                 w.next = route_cursor;
             }
-            c.inbound.update_tokens = (c.inbound.update_tokens + 1).min(OPTIONS_UPDATE_BURST);
+            c.inbound.update_tokens = (c.inbound.update_tokens + update_refill).min(update_burst);
             let rx = std::mem::take(&mut c.inbound.rx_bytes);
             match c.life {
                 Life::Shut { .. } => continue,

@@ -689,6 +689,7 @@ impl Sim {
             duty: [1.0, 0.5, 0.25][rng.usize(0..3)],
             thin_linger: Duration::from_millis([0, 20, 80][rng.usize(0..3)]),
             thin_linger_load: [0.0, 0.1][rng.usize(0..2)],
+            options_update_rate: 1.0,
         };
         let driver = Driver::new(kernel, 0, hub.clone(), waker.clone(), policy).expect("driver");
         let generator = Generator::new(seed, 6);
