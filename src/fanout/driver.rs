@@ -280,10 +280,7 @@ impl<K: Kernel> Driver<K> {
             let Some(op) = self.sched.poll_op(started) else {
                 break;
             };
-            #[cfg(test)]
-            if std::env::var_os("JETRELAY_SIM_TRACE").is_some() {
-                eprintln!("op {}", op_name(&op));
-            }
+            sim_trace!("op {}", op_name(&op));
             self.issue(op)?;
             issued += 1;
         }
@@ -731,10 +728,7 @@ impl<K: Kernel> Driver<K> {
     /// Reads what the client sent and hands it to the scheduler.
     fn read_input(&mut self, id: ClientId, now: Instant) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        loop {
-            let Some(conn) = self.conns.get(id as usize).and_then(|c| c.as_ref()) else {
-                break;
-            };
+        while let Some(conn) = self.conns.get(id as usize).and_then(|c| c.as_ref()) {
             match self.kernel.recv(&conn.sock, &mut scratch) {
                 Ok(0) => {
                     self.sched.handle_peer_gone(id, now);
@@ -842,6 +836,7 @@ impl<K: Kernel> Driver<K> {
     }
 }
 
+/// An operation in a trace line.
 #[cfg(test)]
 fn op_name(op: &Op) -> String {
     match op {

@@ -47,6 +47,21 @@
 //!
 //! File descriptors: one per client (its socket) plus a fixed pipe pool per worker.
 
+/// Prints a line of the simulation's trace when `JETRELAY_SIM_TRACE` is set (test builds only;
+/// nothing at all otherwise).
+#[cfg(test)]
+macro_rules! sim_trace {
+    ($($arg:tt)*) => {
+        if crate::fanout::sim::tracing_on() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+#[cfg(not(test))]
+macro_rules! sim_trace {
+    ($($arg:tt)*) => {};
+}
+
 pub mod attach;
 pub mod client;
 pub mod driver;

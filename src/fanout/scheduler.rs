@@ -547,9 +547,7 @@ impl Scheduler {
         let hub = self.hub.clone();
         let worker = self.worker;
         let round = self.round.number;
-        let Some(c) = self.clients[id as usize].as_mut() else {
-            return None;
-        };
+        let c = self.clients[id as usize].as_mut()?;
         #[cfg(test)]
         if std::env::var_os("JETRELAY_SIM_TRACE").is_some() {
             eprintln!(
@@ -644,9 +642,7 @@ impl Scheduler {
                         self.linger_due = Some(self.linger_due.map_or(due, |d| d.min(due)));
                         return None;
                     }
-                    let Some(c) = self.clients[id as usize].as_mut() else {
-                        return None;
-                    };
+                    let c = self.clients[id as usize].as_mut()?;
                     c.boundary = end;
                     c.caught_up_round = round;
                     c.range.pending_events += published.saturating_sub(c.range.ordinal);
@@ -680,9 +676,7 @@ impl Scheduler {
                     // (No progress — retention overtook the walk — waits for the kick.)
                 }
             }
-            let Some(c) = self.clients[id as usize].as_mut() else {
-                return None;
-            };
+            let c = self.clients[id as usize].as_mut()?;
             if c.at_boundary() {
                 self.park_caught_up(id);
                 return None;
@@ -962,10 +956,7 @@ impl Scheduler {
             _ => {}
         }
         tracing::info!(peer = %c.peer, ?why, code, reason, "closing client");
-        #[cfg(test)]
-        if std::env::var_os("JETRELAY_SIM_TRACE").is_some() {
-            eprintln!("close {id} {why:?} {code} {reason}");
-        }
+        sim_trace!("close {id} {why:?} {code} {reason}");
         c.control.close(code, reason);
         self.make_ready(id);
     }

@@ -43,7 +43,7 @@ use crate::subscription::{CollectionPattern, SubscriberOptions};
 use crate::writer::{LogWriter, RetentionPolicy, enforce_retention};
 
 /// Seeds run by the normal test suite.
-const SEEDS: u64 = 1500;
+const SEEDS: u64 = 2000;
 /// Simulation steps per seed (each: the world acts, then the driver turns once).
 const STEPS: usize = 300;
 /// Most steps of the final drain (feed stopped, every peer reading everything it has), which
@@ -156,8 +156,6 @@ pub struct SimKernel {
     wake_pending: bool,
     /// Simulated cost of each pushed entry (so pacing sees work).
     cost: Duration,
-    /// Print every entry and completion (`JETRELAY_SIM_TRACE=1`).
-    trace: bool,
 }
 
 impl SimKernel {
@@ -176,7 +174,6 @@ impl SimKernel {
             wake: None,
             wake_pending: false,
             cost: Duration::from_micros(rng.u64(0..6)),
-            trace: std::env::var_os("JETRELAY_SIM_TRACE").is_some(),
         }
     }
 
@@ -427,6 +424,12 @@ impl SimKernel {
     }
 }
 
+/// Whether `JETRELAY_SIM_TRACE` is set (read once).
+pub fn tracing_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("JETRELAY_SIM_TRACE").is_some())
+}
+
 /// A user_data as `slot/op` for traces.
 fn describe(ud: u64) -> String {
     if ud == super::driver::WAKE {
@@ -493,9 +496,7 @@ impl Kernel for SimKernel {
             Entry::Cancel { sock } => Queued::Cancel { sock: sock.0 },
             Entry::ReadWake => Queued::ReadWake,
         };
-        if self.trace {
-            eprintln!("push {} {:?}", describe(user_data), q.sock());
-        }
+        sim_trace!("push {} {:?}", describe(user_data), q.sock());
         self.sq.push((q, user_data));
     }
 
@@ -519,15 +520,13 @@ impl Kernel for SimKernel {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         // Completions in any order.
         self.rng.shuffle(&mut self.cq);
-        if self.trace {
-            for c in &self.cq {
-                eprintln!(
-                    "done {} = {} more {}",
-                    describe(c.user_data),
-                    c.result,
-                    c.more
-                );
-            }
+        for c in &self.cq {
+            sim_trace!(
+                "done {} = {} more {}",
+                describe(c.user_data),
+                c.result,
+                c.more
+            );
         }
         out.append(&mut self.cq);
     }
@@ -1240,26 +1239,4 @@ fn simulated_kernel_seeds() {
     for seed in first..first + seeds {
         run_seed(seed);
     }
-}
-
-#[test]
-#[ignore]
-fn sim_timing() {
-    let t = Instant::now();
-    for seed in 0..20 {
-        let _ = Sim::new(seed);
-    }
-    eprintln!("new: {:?}", t.elapsed() / 20);
-    let t = Instant::now();
-    for seed in 0..20 {
-        let mut s = Sim::new(seed);
-        let n = 300;
-        s.append(n);
-    }
-    eprintln!("new+append 300: {:?}", t.elapsed() / 20);
-    let t = Instant::now();
-    for seed in 0..20 {
-        run_seed(seed);
-    }
-    eprintln!("run: {:?}", t.elapsed() / 20);
 }
