@@ -114,6 +114,8 @@ class Scenario:
         self.exempt_loopback = exempt_loopback
         # Time for all clients to connect before measuring.
         self.warmup = warmup if warmup is not None else 2 + clients / 2000
+        # The relay binary (another build, for A/B runs with --relay-bin).
+        self.relay_bin = os.path.join(BIN, "jetrelay")
 
 
 def run(sc, log):
@@ -131,7 +133,7 @@ def run(sc, log):
         procs.append(mock)
         wait_port(mport)
         relay = pinned(RELAY_CORE, [
-            os.path.join(BIN, "jetrelay"), "--listen", f"127.0.0.1:{rport}",
+            sc.relay_bin, "--listen", f"127.0.0.1:{rport}",
             "--upstream", f"ws://127.0.0.1:{mport}/subscribe?cursor=0", "--data-dir", data,
             "--workers", "1",
         ] + (["--allow-ip", "127.0.0.0/8", "--max-clients", "1000000"] if sc.exempt_loopback else []) + (["--metrics-listen", f"127.0.0.1:{metrics_port}"] if metrics_port else [])
@@ -345,6 +347,10 @@ def main():
     ap.add_argument("--relay-arg", action="append", default=[],
                     help="extra relay argument for every scenario (repeatable), "
                          "e.g. --relay-arg=--fanout-duty=1")
+    ap.add_argument("--relay-bin", action="append", default=[], metavar="LABEL=PATH",
+                    help="A/B: run every scenario once per relay binary given (repeatable; mock "
+                         "and swarm stay this build's), interleaved, rows named scenario@LABEL; "
+                         "prints each later binary's ratios to the first")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the scenario list this many times (passes); with subs-full in "
                          "it, also print each pass's ratios to it and their medians")
@@ -367,6 +373,8 @@ def main():
         passes.append(run_pass(names, args, ref, log, cols, results))
     if "subs-full" in names:
         print_ratios(passes)
+    if len(args.relay_bin) > 1:
+        print_ab(passes, names, [b.split("=", 1)[0] for b in args.relay_bin])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"iperf3_gbps": ref, "results": results}, f, indent=2)
@@ -376,8 +384,12 @@ def run_pass(names, args, ref, log, cols, results):
     """Runs each named scenario once and prints its row; returns name -> result."""
     by_name = {}
     idle_cpu = {}  # rate -> relay CPU % with no clients, from an idle-… row of this pass
-    for n in names:
+    binaries = [b.split("=", 1) for b in args.relay_bin] or [(None, None)]
+    for n, (label, path) in [(n, b) for n in names for b in binaries]:
         sc = SCENARIOS[n]()
+        if label is not None and not isinstance(sc, Floor):
+            sc.relay_bin, sc.name = path, f"{n}@{label}"
+            n = sc.name
         if isinstance(sc, Floor):
             r = floor(sc)
         else:
@@ -409,6 +421,22 @@ def run_pass(names, args, ref, log, cols, results):
         by_name[n] = r
         print(" | ".join(str(r.get(c)) for c in cols) + extra, flush=True)
     return by_name
+
+
+def print_ab(passes, names, labels):
+    """A/B: each later binary's figures over the first's, per scenario, median over passes."""
+    for n in names:
+        for other in labels[1:]:
+            for key in ("cpu_s_per_gb", "relay_cpu_pct", "p99_ms", "relay_p99_le_ms"):
+                vals = []
+                for p in passes:
+                    a, b = p.get(f"{n}@{labels[0]}", {}), p.get(f"{n}@{other}", {})
+                    if a.get(key) and b.get(key) is not None:
+                        vals.append(b[key] / a[key])
+                if vals:
+                    each = " ".join(f"{v:.3f}" for v in vals)
+                    print(f"{n} {key} {other} ÷ {labels[0]}: median "
+                          f"{statistics.median(vals):.3f} (passes: {each})")
 
 
 def print_ratios(passes):
