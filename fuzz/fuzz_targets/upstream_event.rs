@@ -62,9 +62,14 @@ thread_local! {
 
 fuzz_target!(|data: &[u8]| {
     let parsed = parse_event(data);
-    let value = std::str::from_utf8(data)
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(s).ok());
+    let value = match std::str::from_utf8(data).map(serde_json::from_str::<Value>) {
+        Ok(Ok(v)) => Some(v),
+        // JSON does not bound numbers; serde_json refuses to hold one beyond f64 (1E400) while
+        // the relay only skips over it, as it must to forward upstream bytes unchanged: no
+        // reference reading for such an event.
+        Ok(Err(e)) if e.to_string().starts_with("number out of range") => return,
+        _ => None,
+    };
     let expected = value.as_ref().and_then(reference_meta);
     let meta = match parsed {
         Ok(meta) => meta,
