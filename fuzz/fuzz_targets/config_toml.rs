@@ -11,10 +11,29 @@ use libfuzzer_sys::fuzz_target;
 
 /// Keys of the TOML file (= `RawSettings` fields).
 const KEYS: &[&str] = &[
-    "listen", "trusted_listen", "upstream", "data_dir", "retention", "max_disk", "workers",
-    "rewind", "demo", "demo_rate", "metrics_listen", "otlp_endpoint", "max_clients",
-    "max_conns_per_ip", "conn_rate_per_ip", "allow_ip", "handshake_timeout", "ping_interval",
-    "max_inbound_rate", "max_lag", "fanout_duty", "thin_linger", "thin_linger_load",
+    "listen",
+    "trusted_listen",
+    "upstream",
+    "data_dir",
+    "retention",
+    "max_disk",
+    "workers",
+    "rewind",
+    "demo",
+    "demo_rate",
+    "metrics_listen",
+    "otlp_endpoint",
+    "max_clients",
+    "max_conns_per_ip",
+    "conn_rate_per_ip",
+    "allow_ip",
+    "handshake_timeout",
+    "ping_interval",
+    "max_inbound_rate",
+    "max_lag",
+    "fanout_duty",
+    "thin_linger",
+    "thin_linger_load",
 ];
 
 /// Reference: digits, optional spaces, a unit; `None` when refused.
@@ -60,7 +79,11 @@ thread_local! {
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         for line in text.lines().take(8) {
-            assert_eq!(parse_duration(line).ok(), duration(line), "duration {line:?}");
+            assert_eq!(
+                parse_duration(line).ok(),
+                duration(line),
+                "duration {line:?}"
+            );
             assert_eq!(parse_size(line).ok(), size(line), "size {line:?}");
         }
     }
@@ -76,7 +99,10 @@ fuzz_target!(|data: &[u8]| {
                     let key = rest.split('`').next().unwrap_or_default();
                     assert!(KEYS.contains(&key), "error names no setting: {message}");
                 } else {
-                    assert!(message.starts_with("configuration: "), "unexplained error: {message}");
+                    assert!(
+                        message.starts_with("configuration: "),
+                        "unexplained error: {message}"
+                    );
                 }
             }
             Ok(s) => {

@@ -179,7 +179,9 @@ fuzz_target!(|input: Input| {
     // Server frames: header fields and payload survive, and clients' decoders refuse them.
     for m in input.messages.iter().take(4) {
         let (opcode, payload): (Opcode, Vec<u8>) = match m {
-            Message::Text { text, .. } => (Opcode::Text, text.repeat(1 + stretch * 512).into_bytes()),
+            Message::Text { text, .. } => {
+                (Opcode::Text, text.repeat(1 + stretch * 512).into_bytes())
+            }
             Message::Binary { data, .. } => (Opcode::Binary, data.repeat(1 + stretch * 512)),
             Message::Control(Control::Ping(p)) => {
                 (Opcode::Ping, p[..p.len().min(MAX_CONTROL_PAYLOAD)].to_vec())
@@ -205,14 +207,25 @@ fuzz_target!(|input: Input| {
             "recovery's header rule disagrees with the encoder"
         );
         let complete = &frame[..frame.len() - b"trailing".len()];
-        for cut in [0, 1, header.header_len.saturating_sub(1), complete.len() - 1] {
+        for cut in [
+            0,
+            1,
+            header.header_len.saturating_sub(1),
+            complete.len() - 1,
+        ] {
             if cut < complete.len() {
-                assert!(split_frame(&complete[..cut]).expect("valid prefix").is_none());
+                assert!(
+                    split_frame(&complete[..cut])
+                        .expect("valid prefix")
+                        .is_none()
+                );
             }
         }
         let mut decoder = InboundDecoder::new(max);
         let mut input: &[u8] = &frame;
-        let err = decoder.next_message(&mut input).expect_err("unmasked client frame");
+        let err = decoder
+            .next_message(&mut input)
+            .expect_err("unmasked client frame");
         assert_eq!(err.code, 1002);
     }
 });

@@ -14,8 +14,15 @@ use libfuzzer_sys::fuzz_target;
 
 /// A refusal must be a complete, parseable response whose body is the reason.
 fn check_error(e: &HttpError) {
-    assert!(e.reason.len() <= MAX_REASON_LEN, "reason too long: {}", e.reason.len());
-    assert!(!e.reason.chars().any(char::is_control), "control character in reason");
+    assert!(
+        e.reason.len() <= MAX_REASON_LEN,
+        "reason too long: {}",
+        e.reason.len()
+    );
+    assert!(
+        !e.reason.chars().any(char::is_control),
+        "control character in reason"
+    );
     assert!((400..600).contains(&e.status), "status {}", e.status);
     let response = e.to_response();
     let mut headers = [httparse::EMPTY_HEADER; 16];
@@ -49,7 +56,10 @@ fn view(r: &Request<'_>) -> (String, String, String, Vec<Option<String>>) {
         r.method.to_owned(),
         r.path.to_owned(),
         r.query.to_owned(),
-        names.iter().map(|n| r.header(n).map(str::to_owned)).collect(),
+        names
+            .iter()
+            .map(|n| r.header(n).map(str::to_owned))
+            .collect(),
     )
 }
 
@@ -95,14 +105,20 @@ fn check_upgrade(r: &Request<'_>) {
 fuzz_target!(|data: &[u8]| {
     match parse_request(data) {
         Ok(ParseStatus::Incomplete) => {
-            assert!(data.len() < MAX_REQUEST_BYTES, "a full window cannot be incomplete");
+            assert!(
+                data.len() < MAX_REQUEST_BYTES,
+                "a full window cannot be incomplete"
+            );
         }
         Ok(ParseStatus::Complete { request, consumed }) => {
             assert!(consumed <= data.len() && consumed <= MAX_REQUEST_BYTES);
             let seen = view(&request);
             // Exactly its own bytes parse the same…
             match parse_request(&data[..consumed]) {
-                Ok(ParseStatus::Complete { request: again, consumed: c }) => {
+                Ok(ParseStatus::Complete {
+                    request: again,
+                    consumed: c,
+                }) => {
                     assert_eq!(c, consumed);
                     assert_eq!(view(&again), seen);
                 }
@@ -112,7 +128,10 @@ fuzz_target!(|data: &[u8]| {
             let mut longer = data[..consumed].to_vec();
             longer.extend_from_slice(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58");
             match parse_request(&longer) {
-                Ok(ParseStatus::Complete { request: again, consumed: c }) => {
+                Ok(ParseStatus::Complete {
+                    request: again,
+                    consumed: c,
+                }) => {
                     assert_eq!(c, consumed);
                     assert_eq!(view(&again), seen);
                 }

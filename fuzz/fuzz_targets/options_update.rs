@@ -16,7 +16,10 @@ use serde_json::Value;
 fn strings(payload: &serde_json::Map<String, Value>, key: &str) -> Option<Vec<String>> {
     match payload.get(key) {
         None | Some(Value::Null) => Some(Vec::new()),
-        Some(Value::Array(items)) => items.iter().map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect(),
         Some(_) => None,
     }
 }
@@ -25,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
     match parse_options_update(data) {
         Err(e) => {
             let reason = e.to_string();
-            assert!(reason.len() <= MAX_CLOSE_REASON_BYTES, "close reason {}", reason.len());
+            assert!(
+                reason.len() <= MAX_CLOSE_REASON_BYTES,
+                "close reason {}",
+                reason.len()
+            );
             if matches!(e, OptionsUpdateError::TooLarge(_)) {
                 assert!(data.len() > MAX_OPTIONS_UPDATE_BYTES);
                 return;
@@ -34,25 +41,35 @@ fuzz_target!(|data: &[u8]| {
             let Ok(Value::Object(message)) = serde_json::from_slice::<Value>(data) else {
                 return;
             };
-            let keys_plain = message.keys().all(|k| k == "type" || k == "payload" || !k.eq_ignore_ascii_case("type") && !k.eq_ignore_ascii_case("payload"));
+            let keys_plain = message.keys().all(|k| {
+                k == "type"
+                    || k == "payload"
+                    || !k.eq_ignore_ascii_case("type") && !k.eq_ignore_ascii_case("payload")
+            });
             let Some(Value::Object(payload)) = message.get("payload") else {
                 return;
             };
             let odd_keys = payload.keys().any(|k| {
                 ["wantedcollections", "wanteddids", "maxmessagesizebytes"]
                     .contains(&k.to_ascii_lowercase().as_str())
-                    && !["wantedCollections", "wantedDids", "maxMessageSizeBytes"].contains(&k.as_str())
+                    && !["wantedCollections", "wantedDids", "maxMessageSizeBytes"]
+                        .contains(&k.as_str())
             });
             let max_ok = match payload.get("maxMessageSizeBytes") {
                 None | Some(Value::Null) => true,
                 Some(v) => v.as_i64().is_some(),
             };
-            if message.get("type") != Some(&Value::from("options_update")) || !keys_plain || odd_keys || !max_ok {
+            if message.get("type") != Some(&Value::from("options_update"))
+                || !keys_plain
+                || odd_keys
+                || !max_ok
+            {
                 return;
             }
-            let (Some(collections), Some(dids)) =
-                (strings(payload, "wantedCollections"), strings(payload, "wantedDids"))
-            else {
+            let (Some(collections), Some(dids)) = (
+                strings(payload, "wantedCollections"),
+                strings(payload, "wantedDids"),
+            ) else {
                 return;
             };
             let mut distinct = dids.clone();
@@ -77,10 +94,16 @@ fuzz_target!(|data: &[u8]| {
             for d in &options.wanted_dids {
                 assert!(reference::did(d), "invalid DID {d:?} accepted");
             }
-            let collections: Vec<String> =
-                options.wanted_collections.iter().map(ToString::to_string).collect();
+            let collections: Vec<String> = options
+                .wanted_collections
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             for c in &collections {
-                assert!(reference::collection_value(c), "invalid collection {c:?} accepted");
+                assert!(
+                    reference::collection_value(c),
+                    "invalid collection {c:?} accepted"
+                );
             }
             // Re-encoded canonical options parse to themselves.
             let mut payload = serde_json::json!({

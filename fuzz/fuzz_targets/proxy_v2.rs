@@ -13,7 +13,9 @@ use jetrelay::proxy_protocol::{
 use jetrelay_fuzz::reference;
 use libfuzzer_sys::fuzz_target;
 
-fn as_reference(p: Result<ProxyParse, jetrelay::proxy_protocol::ProxyError>) -> Option<Result<(Option<SocketAddr>, usize), jetrelay::proxy_protocol::ProxyError>> {
+fn as_reference(
+    p: Result<ProxyParse, jetrelay::proxy_protocol::ProxyError>,
+) -> Option<Result<(Option<SocketAddr>, usize), jetrelay::proxy_protocol::ProxyError>> {
     match p {
         Ok(ProxyParse::Incomplete) => None,
         Ok(ProxyParse::Complete { source, consumed }) => Some(Ok((source, consumed))),
@@ -42,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
         }
         buf.extend_from_slice(rest);
         let whole = as_reference(parse_v2(&buf));
-        assert_eq!(whole, reference::proxy_v2(&buf, MAX_V2_HEADER_LEN), "{buf:?}");
+        assert_eq!(
+            whole,
+            reference::proxy_v2(&buf, MAX_V2_HEADER_LEN),
+            "{buf:?}"
+        );
         let mut decided = None;
         for n in 0..=buf.len().min(MAX_V2_HEADER_LEN + 1) {
             let p = as_reference(parse_v2(&buf[..n]));
@@ -63,7 +69,9 @@ fuzz_target!(|data: &[u8]| {
     }
     // Round trip.
     let mut u = Unstructured::new(rest);
-    let (Ok(source), Ok(destination), Ok(tail)) = (addr(&mut u), addr(&mut u), <Vec<u8>>::arbitrary(&mut u)) else {
+    let (Ok(source), Ok(destination), Ok(tail)) =
+        (addr(&mut u), addr(&mut u), <Vec<u8>>::arbitrary(&mut u))
+    else {
         return;
     };
     let mut buf = Vec::new();
@@ -73,7 +81,10 @@ fuzz_target!(|data: &[u8]| {
     let canonical = SocketAddr::new(source.ip().to_canonical(), source.port());
     assert_eq!(
         parse_v2(&buf),
-        Ok(ProxyParse::Complete { source: Some(canonical), consumed: len })
+        Ok(ProxyParse::Complete {
+            source: Some(canonical),
+            consumed: len
+        })
     );
     for n in 0..len {
         assert_eq!(parse_v2(&buf[..n]), Ok(ProxyParse::Incomplete));
@@ -83,6 +94,9 @@ fuzz_target!(|data: &[u8]| {
     local.extend_from_slice(&tail);
     assert_eq!(
         parse_v2(&local),
-        Ok(ProxyParse::Complete { source: None, consumed: 16 })
+        Ok(ProxyParse::Complete {
+            source: None,
+            consumed: 16
+        })
     );
 });

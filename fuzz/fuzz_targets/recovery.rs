@@ -10,9 +10,9 @@
 //!   fdatasync'ed together once a second and nothing orders their writeback: any file cut
 //!   short anywhere; the logs' tails (the frames of the newest 256 events, less than a
 //!   second of the public feed) zeroed from any byte on, the size kept; the index files'
-//!   newest records zeroed in whole records (16/32-byte records never straddle a page);
-//!   `collections.txt` cut anywhere in the names the newest 256 events interned; zeros
-//!   appended. After crash damage the oracle is strict: every retained event's frames are
+//!   newest records zeroed in whole records (16/32-byte records never straddle a page); a
+//!   torn, unfinished last line in `collections.txt` (names are synced before any record
+//!   names them); zeros appended. After crash damage the oracle is strict: every retained event's frames are
 //!   byte-identical to the ones appended under that sequence number, its index record names
 //!   its DID hash, kind and collection, and a cursor never skips an event at or after it.
 //! - *Corruption* (garbage anywhere, files deleted, an old copy of the index restored) has no
@@ -43,7 +43,13 @@ const CRASH_WINDOW_EVENTS: usize = 256;
 const MAX_APPEND: u16 = 700;
 const MAX_STEPS: usize = 12;
 
-const FILES: [&str; 5] = ["plain.log", "zstd.log", "events.idx", "chunks.idx", "collections.txt"];
+const FILES: [&str; 5] = [
+    "plain.log",
+    "zstd.log",
+    "events.idx",
+    "chunks.idx",
+    "collections.txt",
+];
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum FileSel {
@@ -68,16 +74,27 @@ enum Crash {
     ZeroLogTail { zstd: bool, n: u32 },
     /// Zero the last `n` records of an index file inside the crash window, size kept.
     ZeroRecords { chunks: bool, n: u16 },
-    /// Cut `collections.txt` inside the names the crash window interned.
-    CutCollections { cut: u16 },
+    /// A name torn while being appended to `collections.txt` (interned names are synced
+    /// before any record names them, so only an unfinished last line can be lost).
+    TornName { bytes: Vec<u8> },
     /// Zeros appended (the size was extended, the data never written).
     Extend { file: FileSel, n: u16 },
 }
 
 #[derive(Arbitrary, Debug)]
 enum Corruption {
-    Garbage { file: FileSel, at: u32, bytes: Vec<u8> },
-    Delete { file: FileSel },
+    /// Cut `collections.txt` anywhere in the names the newest events interned.
+    CutCollections {
+        cut: u16,
+    },
+    Garbage {
+        file: FileSel,
+        at: u32,
+        bytes: Vec<u8>,
+    },
+    Delete {
+        file: FileSel,
+    },
     /// Restore the index files saved at an earlier restart.
     OldIndex,
     Crash(Crash),
@@ -85,12 +102,19 @@ enum Corruption {
 
 #[derive(Arbitrary, Debug)]
 enum Step {
-    Append { count: u16, seed: u16 },
+    Append {
+        count: u16,
+        seed: u16,
+    },
     Restart,
     /// `enforce_retention` with a zero disk cap (drops every complete chunk) or none.
-    Retention { all: bool },
+    Retention {
+        all: bool,
+    },
     /// Drop `n` oldest chunks and punch the logs below them, as retention does.
-    DropChunks { n: u8 },
+    DropChunks {
+        n: u8,
+    },
     Crash(Vec<Crash>),
     Corrupt(Vec<Corruption>),
 }
@@ -178,16 +202,24 @@ fn served(live: &Live) -> Vec<(u64, Vec<u8>, Vec<u8>)> {
     let plain_len = hub.plain.file().metadata().expect("stat").len();
     let zstd_len = hub.zstd.file().metadata().expect("stat").len();
     let end = index.end_pos();
-    assert!(end.plain_off <= plain_len && end.zstd_off <= zstd_len, "index past the logs");
-    assert_eq!((hub.plain.end(), hub.zstd.end()), (end.plain_off, end.zstd_off));
+    assert!(
+        end.plain_off <= plain_len && end.zstd_off <= zstd_len,
+        "index past the logs"
+    );
+    assert_eq!(
+        (hub.plain.end(), hub.zstd.end()),
+        (end.plain_off, end.zstd_off)
+    );
     let mut out = Vec::new();
     let mut expect_seq = index.first_seq();
     index.walk(index.start_pos(), usize::MAX, |pos, e| {
         assert_eq!(pos.seq, expect_seq, "sequence numbers are contiguous");
         expect_seq += 1;
         assert_eq!(pos, index.pos_of(pos.seq));
-        let p = read_at(hub.plain.file(), pos.plain_off, e.plain_len.into()).expect("plain frame inside the log");
-        let z = read_at(hub.zstd.file(), pos.zstd_off, e.zstd_len.into()).expect("zstd frame inside the log");
+        let p = read_at(hub.plain.file(), pos.plain_off, e.plain_len.into())
+            .expect("plain frame inside the log");
+        let z = read_at(hub.zstd.file(), pos.zstd_off, e.zstd_len.into())
+            .expect("zstd frame inside the log");
         out.push((pos.seq, p, z));
         true
     });
@@ -202,7 +234,11 @@ fn check_strict(live: &Live, model: &mut Model) {
         let index = hub.index();
         (index.first_seq() as usize, index.next_seq() as usize)
     };
-    assert!(next <= model.events.len(), "recovered {next} events, {} were appended", model.events.len());
+    assert!(
+        next <= model.events.len(),
+        "recovered {next} events, {} were appended",
+        model.events.len()
+    );
     // Recovery may drop a torn tail (never more than the crash could have touched is not
     // checked here: losing events is allowed, serving wrong ones is not).
     model.events.truncate(next);
@@ -216,8 +252,14 @@ fn check_strict(live: &Live, model: &mut Model) {
         let want = &model.events[seq];
         let p = read_at(hub.plain.file(), pos.plain_off, e.plain_len.into());
         let z = read_at(hub.zstd.file(), pos.zstd_off, e.zstd_len.into());
-        assert!(p.as_deref() == Some(&want.plain[..]), "seq {seq}: plain frame differs from the one appended");
-        assert!(z.as_deref() == Some(&want.zstd[..]), "seq {seq}: zstd frame differs from the one appended");
+        assert!(
+            p.as_deref() == Some(&want.plain[..]),
+            "seq {seq}: plain frame differs from the one appended"
+        );
+        assert!(
+            z.as_deref() == Some(&want.zstd[..]),
+            "seq {seq}: zstd frame differs from the one appended"
+        );
         assert_eq!(e.did_hash, did_hash(&want.did), "seq {seq}: DID hash");
         assert_eq!(e.kind, kind_code(want.kind), "seq {seq}: kind");
         match (&want.collection, e.collection) {
@@ -247,8 +289,16 @@ fn check_strict(live: &Live, model: &mut Model) {
             .position(|e| e.time_us >= c)
             .map_or(next, |i| first + i) as u64;
         let got = hub.resolve_cursor(Some(c));
-        assert_eq!(got, hub.index().pos_of(got.seq), "cursor position is an event boundary");
-        assert!(got.seq <= exact, "cursor {c}: resolved to seq {}, but seq {exact} is the first at or after it", got.seq);
+        assert_eq!(
+            got,
+            hub.index().pos_of(got.seq),
+            "cursor position is an event boundary"
+        );
+        assert!(
+            got.seq <= exact,
+            "cursor {c}: resolved to seq {}, but seq {exact} is the first at or after it",
+            got.seq
+        );
         if !model.dropped {
             assert_eq!(got.seq, exact, "cursor {c}");
         }
@@ -260,13 +310,21 @@ fn file_len(dir: &Path, f: FileSel) -> u64 {
 }
 
 fn write_at(dir: &Path, f: FileSel, at: u64, bytes: &[u8]) {
-    if let Ok(file) = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(dir.join(f.name())) {
+    if let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(f.name()))
+    {
         let _ = file.write_all_at(bytes, at);
     }
 }
 
 fn set_len(dir: &Path, f: FileSel, len: u64) {
-    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(dir.join(f.name())) {
+    if let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(f.name()))
+    {
         let _ = file.set_len(len);
     }
 }
@@ -305,19 +363,15 @@ fn apply_crash(dir: &Path, model: &Model, c: &Crash) {
             let n = u64::from(n) % (window.min(len / size) + 1);
             write_at(dir, file, len - n * size, &vec![0u8; (n * size) as usize]);
         }
-        Crash::CutCollections { cut } => {
-            // Names interned by the newest events may be lost, a partial line included.
-            let recent = model.events.len().saturating_sub(CRASH_WINDOW_EVENTS);
+        Crash::TornName { ref bytes } => {
             let len = file_len(dir, FileSel::Collections);
-            let keep: u64 = model
-                .names
+            let partial: Vec<u8> = bytes
                 .iter()
-                .take_while(|(_, seq)| *seq < recent)
-                .map(|(name, _)| name.len() as u64 + 1)
-                .sum();
-            if len > keep {
-                set_len(dir, FileSel::Collections, len - u64::from(cut) % (len - keep + 1));
-            }
+                .copied()
+                .filter(|&b| b != b'\n')
+                .take(40)
+                .collect();
+            write_at(dir, FileSel::Collections, len, &partial);
         }
         Crash::Extend { file, n } => {
             let len = file_len(dir, file);
@@ -326,22 +380,24 @@ fn apply_crash(dir: &Path, model: &Model, c: &Crash) {
     }
 }
 
-/// Re-reads `collections.txt` into the model after damage, the way recovery will.
-fn reread_names(dir: &Path, model: &mut Model) {
-    let text = std::fs::read(dir.join("collections.txt")).unwrap_or_default();
-    let old = std::mem::take(&mut model.names);
-    let mut lines: Vec<String> = text
-        .split(|&b| b == b'\n')
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .collect();
-    if lines.last().is_some_and(String::is_empty) {
-        lines.pop();
+/// Cuts `collections.txt` anywhere in the names the newest events interned (corruption: those
+/// names were synced before any record named them).
+fn cut_collections(dir: &Path, model: &Model, cut: u16) {
+    let recent = model.events.len().saturating_sub(CRASH_WINDOW_EVENTS);
+    let len = file_len(dir, FileSel::Collections);
+    let keep: u64 = model
+        .names
+        .iter()
+        .take_while(|(_, seq)| *seq < recent)
+        .map(|(name, _)| name.len() as u64 + 1)
+        .sum();
+    if len > keep {
+        set_len(
+            dir,
+            FileSel::Collections,
+            len - u64::from(cut) % (len - keep + 1),
+        );
     }
-    model.names = lines
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| (l, old.get(i).map_or(usize::MAX, |o| o.1)))
-        .collect();
 }
 
 fn run(plan: &[Step]) {
@@ -381,9 +437,23 @@ fn run(plan: &[Step]) {
                     let pos = index.pos_of(seq as u64);
                     let e_end = index.end_pos();
                     drop(index);
-                    let plain = read_at(l.hub.plain.file(), pos.plain_off, e_end.plain_off - pos.plain_off).expect("appended");
-                    let zstd = read_at(l.hub.zstd.file(), pos.zstd_off, e_end.zstd_off - pos.zstd_off).expect("appended");
-                    assert_eq!(&plain[plain.len() - json.len()..], &json[..], "the text frame carries the event");
+                    let plain = read_at(
+                        l.hub.plain.file(),
+                        pos.plain_off,
+                        e_end.plain_off - pos.plain_off,
+                    )
+                    .expect("appended");
+                    let zstd = read_at(
+                        l.hub.zstd.file(),
+                        pos.zstd_off,
+                        e_end.zstd_off - pos.zstd_off,
+                    )
+                    .expect("appended");
+                    assert_eq!(
+                        &plain[plain.len() - json.len()..],
+                        &json[..],
+                        "the text frame carries the event"
+                    );
                     model.events.push(Appended {
                         plain,
                         zstd,
@@ -421,7 +491,7 @@ fn run(plan: &[Step]) {
                 for c in crashes.iter().take(4) {
                     apply_crash(dir, &model, c);
                 }
-                reread_names(dir, &mut model);
+                // A torn last line is forgotten by recovery: the model's names stay.
             }
             Step::Corrupt(corruptions) => {
                 for c in corruptions.iter().take(4) {
@@ -430,6 +500,7 @@ fn run(plan: &[Step]) {
                             let len = file_len(dir, *file);
                             write_at(dir, *file, u64::from(*at) % (len + 64), bytes);
                         }
+                        Corruption::CutCollections { cut } => cut_collections(dir, &model, *cut),
                         Corruption::Delete { file } => {
                             let _ = std::fs::remove_file(dir.join(file.name()));
                         }
@@ -457,7 +528,10 @@ fn run(plan: &[Step]) {
             }
             drop(l);
             let l = open(dir).expect("a recovered directory recovers again");
-            assert!(served(&l) == first, "a clean restart changed what is served");
+            assert!(
+                served(&l) == first,
+                "a clean restart changed what is served"
+            );
             if !model.strict {
                 // The model is meaningless now; keep only the sequence numbering.
                 let next = l.hub.index().next_seq() as usize;

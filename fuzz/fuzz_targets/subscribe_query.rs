@@ -59,7 +59,8 @@ fuzz_target!(|data: &[u8]| {
     let dids = values("wantedDids");
     let result = parse_subscribe(&pairs, encodings);
     let cursor = values("cursor").first().copied();
-    let cursor_ok = matches!(cursor, None | Some("")) || cursor.is_some_and(|c| c.parse::<i64>().is_ok());
+    let cursor_ok =
+        matches!(cursor, None | Some("")) || cursor.is_some_and(|c| c.parse::<i64>().is_ok());
     if !cursor_ok {
         assert!(matches!(result, Err(SubscribeError::InvalidCursor(_))));
         return;
@@ -74,7 +75,9 @@ fuzz_target!(|data: &[u8]| {
             distinct_dids.sort_unstable();
             distinct_dids.dedup();
             assert!(
-                !valid_values || distinct_dids.len() > MAX_WANTED_DIDS || collections.len() > MAX_WANTED_COLLECTIONS,
+                !valid_values
+                    || distinct_dids.len() > MAX_WANTED_DIDS
+                    || collections.len() > MAX_WANTED_COLLECTIONS,
                 "valid options refused: {e}"
             );
             return;
@@ -84,10 +87,16 @@ fuzz_target!(|data: &[u8]| {
         params.compress,
         values("compress").first() == Some(&"true") || encoding_sel % 3 == 1
     );
-    assert_eq!(params.require_hello, values("requireHello").first() == Some(&"true"));
+    assert_eq!(
+        params.require_hello,
+        values("requireHello").first() == Some(&"true")
+    );
     let options = &params.options;
     for c in &collections {
-        assert!(reference::collection_value(c), "invalid collection {c:?} accepted");
+        assert!(
+            reference::collection_value(c),
+            "invalid collection {c:?} accepted"
+        );
     }
     for d in &dids {
         assert!(reference::did(d), "invalid DID {d:?} accepted");
@@ -103,7 +112,9 @@ fuzz_target!(|data: &[u8]| {
         .chain(collections.iter().map(|c| c.trim_end_matches(".*")));
     for probe in probes {
         let expected = collections.is_empty()
-            || collections.iter().any(|c| reference::collection_matches(c, probe));
+            || collections
+                .iter()
+                .any(|c| reference::collection_matches(c, probe));
         assert_eq!(
             options.collection_allowed(EventKind::Commit, Some(probe)),
             expected,
@@ -111,7 +122,10 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(options.collection_allowed(EventKind::Identity, Some(probe)));
         let key = options.shape_key(params.compress);
-        assert_eq!(key.collection_allowed(EventKind::Commit, Some(probe)), expected);
+        assert_eq!(
+            key.collection_allowed(EventKind::Commit, Some(probe)),
+            expected
+        );
         assert!(key.label().len() <= MAX_SHAPE_LABEL_BYTES);
     }
     for probe in dids.iter().copied().chain(["did:plc:notwanted"]) {

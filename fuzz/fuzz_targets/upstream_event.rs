@@ -30,7 +30,10 @@ fn reference_meta(v: &Value) -> Option<(String, i64, EventKind, Option<String>)>
             for f in ["rev", "operation", "rkey"] {
                 c.get(f)?.as_str()?;
             }
-            (EventKind::Commit, Some(c.get("collection")?.as_str()?.to_owned()))
+            (
+                EventKind::Commit,
+                Some(c.get("collection")?.as_str()?.to_owned()),
+            )
         }
         "identity" => {
             o.get("identity")?.as_object()?.get("seq")?.as_i64()?;
@@ -75,14 +78,17 @@ fuzz_target!(|data: &[u8]| {
         Ok(meta) => meta,
         Err(e) => {
             assert!(
-                expected.is_none() || data.len() > MAX_EVENT_BYTES || reference::has_duplicate_keys(data),
+                expected.is_none()
+                    || data.len() > MAX_EVENT_BYTES
+                    || reference::has_duplicate_keys(data),
                 "valid event refused: {e}"
             );
             return;
         }
     };
     assert!(data.len() <= MAX_EVENT_BYTES);
-    let (did, time_us, kind, collection) = expected.expect("the relay accepted an event the reference refuses");
+    let (did, time_us, kind, collection) =
+        expected.expect("the relay accepted an event the reference refuses");
     assert_eq!(meta.did, did);
     assert_eq!(meta.time_us, time_us);
     assert_eq!(meta.kind, kind);
@@ -96,7 +102,10 @@ fuzz_target!(|data: &[u8]| {
     let reserialized = serde_json::to_vec(value.as_ref().expect("parsed")).expect("serializes");
     let again = parse_event(&reserialized).expect("re-serialized event");
     assert_eq!(again.dedup_key, meta.dedup_key);
-    assert_eq!((again.did, again.time_us, again.kind), (meta.did.clone(), meta.time_us, meta.kind));
+    assert_eq!(
+        (again.did, again.time_us, again.kind),
+        (meta.did.clone(), meta.time_us, meta.kind)
+    );
     assert_eq!(scan_time_us(&reserialized), Some(time_us));
 
     // What the writer stores: a text frame of the bytes as received…
@@ -110,9 +119,14 @@ fuzz_target!(|data: &[u8]| {
     CODEC.with(|codec| {
         let (compressor, decompressor) = &mut *codec.borrow_mut();
         let mut compressed = Vec::new();
-        compressor.compress(data, &mut compressed).expect("compresses");
+        compressor
+            .compress(data, &mut compressed)
+            .expect("compresses");
         let zframe = frame(Opcode::Binary, &compressed);
-        assert_eq!(stored_payload_len(zframe.len() as u64), compressed.len() as u64);
+        assert_eq!(
+            stored_payload_len(zframe.len() as u64),
+            compressed.len() as u64
+        );
         let restored = decompressor
             .decompress(&compressed, MAX_EVENT_BYTES)
             .expect("decompresses");
@@ -129,7 +143,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut index = EventIndex::in_memory();
     index.append(entry, meta.time_us, 0).expect("in memory");
-    assert_eq!(index.max_time_us(), Some(meta.time_us).filter(|t| *t != i64::MIN));
+    assert_eq!(
+        index.max_time_us(),
+        Some(meta.time_us).filter(|t| *t != i64::MIN)
+    );
     let mut seen = Vec::new();
     index.walk(index.start_pos(), usize::MAX, |_, e| {
         seen.push(*e);

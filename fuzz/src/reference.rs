@@ -175,7 +175,10 @@ pub fn ws_decode(stream: &[u8], max_message_len: usize) -> WsOutcome {
 /// command LOCAL or PROXY, one of the listed family/transport pairs, a length covering the
 /// family's address block, TLVs that tile the rest exactly; the relay caps the whole header at
 /// `max_len` bytes and refuses datagram transports for PROXY. Returns `None` for "need more".
-pub fn proxy_v2(buf: &[u8], max_len: usize) -> Option<Result<(Option<SocketAddr>, usize), ProxyError>> {
+pub fn proxy_v2(
+    buf: &[u8],
+    max_len: usize,
+) -> Option<Result<(Option<SocketAddr>, usize), ProxyError>> {
     const SIG: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
     for (i, &b) in buf.iter().take(SIG.len()).enumerate() {
         if b != SIG[i] {
@@ -245,7 +248,10 @@ pub fn proxy_v2(buf: &[u8], max_len: usize) -> Option<Result<(Option<SocketAddr>
                 Some(v4) => IpAddr::V4(v4),
                 None => IpAddr::V6(v6),
             };
-            Some(SocketAddr::new(ip, u16::from(buf[48]) * 256 + u16::from(buf[49])))
+            Some(SocketAddr::new(
+                ip,
+                u16::from(buf[48]) * 256 + u16::from(buf[49]),
+            ))
         }
         _ => None,
     };
