@@ -344,7 +344,14 @@ fn apply_crash(dir: &Path, model: &Model, c: &Crash) {
     match *c {
         Crash::Truncate { file, cut } => {
             let len = file_len(dir, file);
-            set_len(dir, file, len - u64::from(cut) % (len + 1));
+            let mut new_len = len - u64::from(cut) % (len + 1);
+            if let FileSel::Collections = file {
+                // Synced names survive a crash; only an unfinished last line can be cut.
+                let text = std::fs::read(dir.join(file.name())).unwrap_or_default();
+                let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                new_len = new_len.max(complete as u64);
+            }
+            set_len(dir, file, new_len);
         }
         Crash::ZeroLogTail { zstd, n } => {
             let file = if zstd { FileSel::Zstd } else { FileSel::Plain };
