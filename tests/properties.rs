@@ -38,8 +38,12 @@ enum Msg {
 
 fn msg() -> impl Strategy<Value = Msg> {
     prop_oneof![
-        (any::<String>(), prop::collection::vec(0usize..64, 0..4)).prop_map(|(s, f)| Msg::Text(s, f)),
-        (prop::collection::vec(any::<u8>(), 0..70_000), prop::collection::vec(0usize..70_000, 0..3))
+        (any::<String>(), prop::collection::vec(0usize..64, 0..4))
+            .prop_map(|(s, f)| Msg::Text(s, f)),
+        (
+            prop::collection::vec(any::<u8>(), 0..70_000),
+            prop::collection::vec(0usize..70_000, 0..3)
+        )
             .prop_map(|(b, f)| Msg::Binary(b, f)),
         prop::collection::vec(any::<u8>(), 0..=125).prop_map(Msg::Ping),
     ]
@@ -80,9 +84,15 @@ fn check_shape_table(seqs: &[u64], lens: &[usize], drop_below: u64, queries: &[u
         let seq = q % (next_seq + 2);
         let offset = q % (end + 2);
         let first_at = model.iter().find(|(s, _)| *s >= seq);
-        assert_eq!(table.offset_from_seq(seq, end), first_at.map_or(end, |f| f.1));
+        assert_eq!(
+            table.offset_from_seq(seq, end),
+            first_at.map_or(end, |f| f.1)
+        );
         let at_or_after = model.iter().find(|(_, o)| *o >= offset);
-        assert_eq!(table.seq_at_offset(offset, next_seq), at_or_after.map_or(next_seq, |f| f.0));
+        assert_eq!(
+            table.seq_at_offset(offset, next_seq),
+            at_or_after.map_or(next_seq, |f| f.0)
+        );
         let before = model.iter().filter(|(_, o)| *o < offset).count() as u64;
         assert_eq!(table.ordinal_at_offset(offset), popped + before);
         let last_before = model.iter().rev().find(|(_, o)| *o < offset).map(|f| f.0);
@@ -290,9 +300,9 @@ proptest! {
                     Some(503)
                 } else if exempt {
                     None
-                } else if conns.get(&key).copied().unwrap_or(0) >= per_ip {
-                    Some(429)
-                } else if !instant_refill && *tokens.get(&key).unwrap_or(&burst) < 1.0 {
+                } else if conns.get(&key).copied().unwrap_or(0) >= per_ip
+                    || (!instant_refill && *tokens.get(&key).unwrap_or(&burst) < 1.0)
+                {
                     Some(429)
                 } else {
                     None
