@@ -182,3 +182,60 @@ fn torn_collection_name_is_forgotten() {
     drop(hub);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A torn tail whose first damaged event opens a chunk: recovery used to leave the full
+/// chunk before it as the newest, so later appends grew it past 256 events (no chunk record
+/// was ever written for them) and position lookups beyond it indexed past the chunk list.
+#[test]
+fn torn_tail_at_a_chunk_boundary_keeps_appending() {
+    let dir = common::temp_dir("recovery-chunk-boundary");
+    let (hub, mut writer) = open(&dir);
+    append(&mut writer, 300, |_| None);
+    let cut = hub.index().pos_of(256);
+    drop((hub, writer));
+    // Event 256's frame is zeroed in place (a crash zero-fills the log's tail); recovery's
+    // frame check stops there.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("plain.log"))
+        .unwrap();
+    f.write_all_at(&[0u8; 8], cut.plain_off).unwrap();
+    drop(f);
+
+    let (hub, mut writer) = open(&dir);
+    assert_eq!(hub.index().next_seq(), 256);
+    append(&mut writer, 300, |_| None);
+    assert_eq!(served(&hub).len(), 556);
+    drop((hub, writer));
+    let (hub, _writer) = open(&dir);
+    assert_eq!(served(&hub).len(), 556, "a clean restart keeps every event");
+    drop(hub);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A crash extends `events.idx` with zeros (the size was updated, the records never
+/// written): recovery used to load the zero records as events of empty frames, and enough of
+/// them made phantom chunks that pushed real records out of the two chunks it verifies.
+/// Fails without the unwritten-record check in `EventIndex::open`.
+#[test]
+fn zero_extended_index_records_are_not_events() {
+    let dir = common::temp_dir("recovery-zero-records");
+    let (hub, mut writer) = open(&dir);
+    append(&mut writer, 300, |_| None);
+    drop((hub, writer));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("events.idx"))
+        .unwrap();
+    f.set_len((300 + 600) * 16 + 5).unwrap();
+    drop(f);
+
+    let (hub, mut writer) = open(&dir);
+    assert_eq!(hub.index().next_seq(), 300, "zero records are not events");
+    append(&mut writer, 10, |_| None);
+    let events = served(&hub);
+    assert_eq!(events.len(), 310);
+    assert!(events.iter().all(|(plain, _)| parse_event(plain).is_ok()));
+    drop((hub, writer));
+    std::fs::remove_dir_all(&dir).ok();
+}
