@@ -51,13 +51,16 @@ struct Input {
 
 /// Appends a control frame and returns the message it decodes to.
 fn control(c: &Control, mask: [u8; 4], out: &mut Vec<u8>) -> InboundMessage {
-    let (opcode, payload, message): (_, &[u8], fn(Vec<u8>) -> InboundMessage) = match c {
-        Control::Ping(p) => (Opcode::Ping, p, InboundMessage::Ping),
-        Control::Pong(p) => (Opcode::Pong, p, InboundMessage::Pong),
+    let (opcode, payload) = match c {
+        Control::Ping(p) => (Opcode::Ping, p),
+        Control::Pong(p) => (Opcode::Pong, p),
     };
     let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
     encode_masked_frame(true, opcode, payload, mask, out);
-    message(payload.to_vec())
+    match c {
+        Control::Ping(_) => InboundMessage::Ping(payload.to_vec()),
+        Control::Pong(_) => InboundMessage::Pong(payload.to_vec()),
+    }
 }
 
 /// Appends a data message as fragments; returns what the decoder yields, in order.

@@ -77,7 +77,7 @@ pub fn ws_decode(stream: &[u8], max_message_len: usize) -> WsOutcome {
                 for &b in &rest[2..10] {
                     n = n * 256 + u64::from(b);
                 }
-                if n >= 1 << 63 || n < 65_536 {
+                if !(65_536..1 << 63).contains(&n) {
                     return fail(out, 1002);
                 }
                 (n, 10)
