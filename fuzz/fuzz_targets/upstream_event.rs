@@ -71,6 +71,10 @@ fuzz_target!(|data: &[u8]| {
         // the relay only skips over it, as it must to forward upstream bytes unchanged: no
         // reference reading for such an event.
         Ok(Err(e)) if e.to_string().starts_with("number out of range") => return,
+        // Likewise a lone UTF-16 surrogate escape (`"\ud800"`) in a field the relay skips:
+        // JSON's grammar allows it, serde_json's Value refuses it, the relay forwards it
+        // (reported; not this target's question).
+        Ok(Err(e)) if e.to_string().contains("surrogate") => return,
         _ => None,
     };
     let expected = value.as_ref().and_then(reference_meta);
