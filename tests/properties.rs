@@ -148,7 +148,15 @@ proptest! {
     /// Server frames of every length class parse back to their header and payload, and no
     /// strict prefix is a complete frame.
     #[test]
-    fn server_frames_round_trip(len in prop_oneof![0usize..300, 65_400usize..65_700], byte in any::<u8>()) {
+    fn server_frames_round_trip(
+        len in prop_oneof![
+            // The length-class boundaries themselves, then ranges around them.
+            prop::sample::select(vec![0usize, 125, 126, 127, 65_535, 65_536]),
+            0usize..300,
+            65_400usize..65_700,
+        ],
+        byte in any::<u8>(),
+    ) {
         let payload = vec![byte; len];
         let mut frame = Vec::new();
         encode_server_frame(Opcode::Binary, &payload, &mut frame);
