@@ -9,6 +9,10 @@ secs=${1:-900}
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -s none || exit 1
 logs=$(mktemp -d)
+# Scratch directories of the recovery and config targets (a crashed run leaves its own).
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR="$scratch"
 lane() {
   for target in "$@"; do
     mkdir -p "corpus/$target"
