@@ -239,3 +239,39 @@ fn zero_extended_index_records_are_not_events() {
     drop((hub, writer));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A crash leaves the two newest chunk records zeroed (the file kept its size, not the
+/// records) and the newest event records too: recovery used to take a zeroed record's (0, 0)
+/// offsets for real, saw its predecessor end elsewhere, dropped every synced event before it
+/// and truncated both logs to nothing. Fails without the zero-record check in `read_header`.
+#[test]
+fn zeroed_chunk_records_keep_synced_events() {
+    let dir = common::temp_dir("recovery-zero-chunk-records");
+    let (hub, mut writer) = open(&dir);
+    append(&mut writer, 523, |_| None);
+    drop((hub, writer));
+    let zero = |name: &str, from: u64, len: u64| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(name))
+            .unwrap();
+        f.write_all_at(&vec![0u8; len as usize], from).unwrap();
+    };
+    zero("chunks.idx", 0, 2 * 32);
+    zero("events.idx", 302 * 16, (523 - 302) * 16);
+
+    let (hub, _writer) = open(&dir);
+    let events = served(&hub);
+    assert_eq!(
+        events.len(),
+        302,
+        "the events whose records survived are kept"
+    );
+    let mut decompressor = EventDecompressor::new().unwrap();
+    for (plain, zstd) in &events {
+        assert!(parse_event(plain).is_ok());
+        assert_eq!(&decompressor.decompress(zstd, 1 << 20).unwrap(), plain);
+    }
+    drop(hub);
+    std::fs::remove_dir_all(&dir).ok();
+}
