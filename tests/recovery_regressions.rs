@@ -243,7 +243,9 @@ fn zero_extended_index_records_are_not_events() {
 /// A crash leaves the two newest chunk records zeroed (the file kept its size, not the
 /// records) and the newest event records too: recovery used to take a zeroed record's (0, 0)
 /// offsets for real, saw its predecessor end elsewhere, dropped every synced event before it
-/// and truncated both logs to nothing. Fails without the zero-record check in `read_header`.
+/// and truncated both logs to nothing; and the lost records' running max of `time_us` made
+/// cursors skip the kept events. Fails without the zero-record check in `read_header` and the
+/// rescan of chunks whose record was lost (`time_scan_from`).
 #[test]
 fn zeroed_chunk_records_keep_synced_events() {
     let dir = common::temp_dir("recovery-zero-chunk-records");
@@ -271,6 +273,20 @@ fn zeroed_chunk_records_keep_synced_events() {
     for (plain, zstd) in &events {
         assert!(parse_event(plain).is_ok());
         assert_eq!(&decompressor.decompress(zstd, 1 << 20).unwrap(), plain);
+    }
+    // Their chunks' running max of time_us was in the lost records: rescanned, cursors into
+    // them resolve at or before the first event at the cursor, not past them.
+    let times: Vec<i64> = events
+        .iter()
+        .map(|(p, _)| parse_event(p).unwrap().time_us)
+        .collect();
+    for i in [0, 10, 200, 280] {
+        let exact = times.iter().position(|t| *t >= times[i]).unwrap() as u64;
+        let got = hub.resolve_cursor(Some(times[i])).seq;
+        assert!(
+            got <= exact,
+            "cursor of event {i}: seq {got}, first at or after it {exact}"
+        );
     }
     drop(hub);
     std::fs::remove_dir_all(&dir).ok();
