@@ -19,7 +19,7 @@ use jetrelay::writer::LogWriter;
 const SAMPLE: &str = include_str!("../assets/jetstream-v1-sample.jsonl");
 
 fn open(dir: &Path) -> (Arc<Hub>, LogWriter) {
-    let (plain, zstd, index) = recover(dir).expect("recovers");
+    let (plain, zstd, index, _recovery) = recover(dir).expect("recovers");
     let limits = Limits::new(LimitsConfig {
         max_clients: 1,
         max_conns_per_ip: 1,

@@ -188,7 +188,7 @@ fn make_event(seed: u16, k: usize, seq: usize) -> Vec<u8> {
 }
 
 fn open(dir: &Path) -> anyhow::Result<Live> {
-    let (plain, zstd, index) = recover(dir)?;
+    let (plain, zstd, index, _recovery) = recover(dir)?;
     let limits = Limits::new(LimitsConfig {
         max_clients: 1,
         max_conns_per_ip: 1,
