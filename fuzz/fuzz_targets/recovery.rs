@@ -558,8 +558,9 @@ fn run(plan: &[Step]) {
             drop(l);
             let l = open(dir).expect("a recovered directory recovers again");
             let again = served(&l);
-            // After corruption (not crash damage) this does not hold yet: see
-            // fuzz/findings/recovery/README.md. Still checked for crash damage.
+            // Checked after crash damage only: after corruption it failed against the previous
+            // recovery (regressions/recovery/restart-after-index-garbage, which the current one
+            // passes); to be widened once a longer corruption campaign has run.
             if model.strict && again != first {
                 let at = first.iter().zip(&again).position(|(a, b)| a != b);
                 let seqs =
