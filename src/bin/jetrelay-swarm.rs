@@ -12,6 +12,9 @@ use std::time::Duration;
 #[command(name = "jetrelay-swarm", version)]
 struct Args {
     /// ws:// or wss:// URL, query passed through (repeatable: clients are spread round-robin).
+    /// The path picks the stream: /xrpc/network.bsky.jetstream.subscribeEvents is v2
+    /// (kinds, dids, collections, maxMessageSizeBytes, zstdDictionary, cursor), anything else
+    /// v1 (/subscribe: wantedCollections, wantedDids, maxMessageSizeBytes, compress, cursor).
     #[arg(long, required = true)]
     url: Vec<String>,
     /// Concurrent clients (in total).
@@ -29,10 +32,17 @@ struct Args {
     /// The mock's --dids (needed for wantedDids filters).
     #[arg(long, default_value_t = mock::DEFAULT_DIDS)]
     dids: u64,
-    /// Ask for compress=true and decode with the dictionary.
+    /// Ask for compression and decode it: compress=true (v1 dictionary) on v1 URLs,
+    /// zstdDictionary=20260811 (v2 dictionary) on v2 URLs. A URL may ask by itself instead.
     #[arg(long)]
     compress: bool,
-    /// On close/EOF, reconnect with cursor = newest time_us seen; replayed duplicates skipped.
+    /// Every Nth event of the mock is a #sync (the mock's --sync-every): never on v1, placed
+    /// in the expected sequence on v2.
+    #[arg(long)]
+    sync_every: Option<u64>,
+    /// On close/EOF, reconnect with cursor = the last seq received when the stream carries
+    /// seqs (v1 cursor field, v2 seq: exact, the replayed one is skipped), else the newest
+    /// time_us seen (replayed duplicates skipped).
     #[arg(long)]
     reconnect: bool,
     /// Connection attempts per second (whole swarm).
@@ -80,12 +90,29 @@ struct Args {
     /// Every upgrade must be refused with this HTTP status.
     #[arg(long)]
     expect_http_status: Option<u16>,
+    /// Each client must receive a v2 #info with this name (e.g. FutureCursor).
+    #[arg(long)]
+    expect_info: Option<String>,
+    /// Each client must receive a v2 error frame with this name (e.g. ConsumerTooSlow).
+    #[arg(long)]
+    expect_error_frame: Option<String>,
+    /// present: every v1 event must carry the server's cursor field; absent: none may.
+    #[arg(long, value_parser = parse_presence)]
+    expect_cursor_field: Option<bool>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
     /// Internal: run shard I of --processes as a child and print its raw report.
     #[arg(long, hide = true)]
     shard_index: Option<u64>,
+}
+
+fn parse_presence(s: &str) -> Result<bool, String> {
+    match s {
+        "present" => Ok(true),
+        "absent" => Ok(false),
+        _ => Err(format!("expected present or absent, got {s:?}")),
+    }
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -109,6 +136,7 @@ fn main() -> ExitCode {
         seed: a.seed,
         dids: a.dids,
         compress: a.compress,
+        sync_every: a.sync_every,
         reconnect: a.reconnect,
         connect_rate: a.connect_rate.div_ceil(processes).max(1),
         connect_timeout: a.connect_timeout,
@@ -126,6 +154,9 @@ fn main() -> ExitCode {
             close_code: a.expect_close_code,
             connected: a.expect_connected,
             http_status: a.expect_http_status,
+            info: a.expect_info.clone(),
+            error_frame: a.expect_error_frame.clone(),
+            cursor_field: a.expect_cursor_field,
         },
         shard: (a.shard_index.unwrap_or(0), processes),
     };

@@ -5,11 +5,15 @@
 //! whatever the session queued in its output buffer. Tests drive the same code with hand-made
 //! byte streams, including corrupted, reordered and gapped ones.
 
+use super::Wire;
 use super::filter::Filter;
 use super::histogram::Histogram;
 pub use super::verify::Checks;
-use super::verify::{Accepted, Order, Verifier};
+use super::verify::{
+    Accepted, Delivered, Order, OrderError, Received, Verified, Verifier, VerifyError,
+};
 use crate::frame::{self, FrameHeader, Opcode};
+use std::collections::BTreeMap;
 
 /// Longest upgrade response accepted.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -17,8 +21,13 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// Failures whose details are kept (the rest are only counted).
 pub const MAX_FAILURE_EXAMPLES: usize = 20;
 
-/// Close codes remembered per client (a reconnecting client sees one per connection).
+/// Close codes (and v2 `#info` / error names) remembered per client (a reconnecting client
+/// sees one per connection).
 const MAX_CLOSES_PER_CLIENT: usize = 8;
+
+/// Distinct `#info` / error names counted in the report: a server inventing a new name per
+/// frame must not grow the report without bound.
+const MAX_NAMES: usize = 32;
 
 /// Builds the HTTP upgrade request.
 pub fn upgrade_request(host: &str, path_and_query: &str, key: &str) -> Vec<u8> {
@@ -132,7 +141,27 @@ pub struct Totals {
     /// Bytes of all frames received (headers included).
     pub frame_bytes: u64,
     /// The first close reason seen per close code.
-    pub close_reasons: std::collections::BTreeMap<u16, String>,
+    pub close_reasons: BTreeMap<u16, String>,
+    /// v2 `#sync` messages received (replayed duplicates excluded).
+    pub syncs: u64,
+    /// v2 `#info` frames by name, with the first message of each.
+    pub infos: BTreeMap<String, (u64, String)>,
+    /// v2 error frames by error name, with the first message of each.
+    pub errors: BTreeMap<String, (u64, String)>,
+    /// v1 events that carried the server's `cursor` field.
+    pub events_with_cursor: u64,
+}
+
+/// Counts one named frame (`#info`, error) and keeps its first message.
+fn count_name(map: &mut BTreeMap<String, (u64, String)>, name: &str, message: Option<&str>) {
+    if let Some(entry) = map.get_mut(name) {
+        entry.0 += 1;
+    } else if map.len() < MAX_NAMES {
+        map.insert(
+            name.to_string(),
+            (1, message.unwrap_or_default().to_string()),
+        );
+    }
 }
 
 impl Totals {
@@ -168,6 +197,16 @@ pub struct ClientState {
     pub upgrades: u64,
     /// HTTP statuses of refused upgrades.
     pub refused: Vec<u16>,
+    /// v2 `#sync` messages accepted.
+    pub syncs: u64,
+    /// v2 `#info` names received, oldest first, capped.
+    pub infos: Vec<String>,
+    /// v2 error frame names received, oldest first, capped.
+    pub errors: Vec<String>,
+    /// v1 events with the server's `cursor` field.
+    pub with_cursor: u64,
+    /// v1 events without it.
+    pub without_cursor: u64,
 }
 
 /// What the connection should do after feeding bytes.
@@ -181,11 +220,26 @@ pub enum Next {
     Abort,
 }
 
+/// Where one open connection stands (frames after a close or an error frame are violations).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Frames flow.
+    #[default]
+    Streaming,
+    /// A v2 error frame was received: only the close may follow.
+    Errored,
+    /// A close frame was received.
+    Closed,
+}
+
 /// The frame-level state of one open connection.
 #[derive(Debug, Default)]
 pub struct Session {
-    /// A close frame was received; further frames are violations.
-    closed: bool,
+    /// Where the connection stands.
+    stage: Stage,
+    /// Whether this connection's v1 events carry the `cursor` field (set by the first one: a
+    /// server adds it to every event or to none).
+    cursor_field: Option<bool>,
 }
 
 impl Session {
@@ -268,9 +322,20 @@ impl Session {
             fail(totals, None, "server sent a masked frame".into());
             return Next::Abort;
         }
-        if self.closed {
-            fail(totals, None, "frame after the close frame".into());
-            return Next::Abort;
+        match (self.stage, header.opcode) {
+            (Stage::Closed, _) => {
+                fail(totals, None, "frame after the close frame".into());
+                return Next::Abort;
+            }
+            (Stage::Errored, Opcode::Text | Opcode::Binary) => {
+                fail(
+                    totals,
+                    None,
+                    "data frame after a terminal error frame".into(),
+                );
+                return Next::Abort;
+            }
+            _ => {}
         }
         if !header.fin || header.opcode == Opcode::Continuation {
             fail(
@@ -281,14 +346,14 @@ impl Session {
             return Next::Abort;
         }
         let mask = || fastrand::u32(..).to_ne_bytes();
-        let verified = match header.opcode {
+        let binary = match header.opcode {
             Opcode::Ping => {
                 frame::encode_client_frame(Opcode::Pong, payload, mask(), out);
                 return Next::Continue;
             }
             Opcode::Pong => return Next::Continue,
             Opcode::Close => {
-                self.closed = true;
+                self.stage = Stage::Closed;
                 let code = match frame::parse_close(payload) {
                     Ok((code, reason)) => {
                         let code = code.unwrap_or(1005);
@@ -317,26 +382,53 @@ impl Session {
                 frame::encode_client_close(frame::CloseCode(reply), "", mask(), out);
                 return Next::Closed;
             }
-            Opcode::Text if checks.compressed => Err(super::verify::VerifyError::WrongFrameType(
-                "text frame on a compressed subscription",
-            )),
-            Opcode::Binary if !checks.compressed => {
-                Err(super::verify::VerifyError::WrongFrameType(
-                    "binary frame on an uncompressed subscription",
-                ))
-            }
-            Opcode::Text => verifier.verify_plain(payload),
-            Opcode::Binary => {
-                let predicted = client.order.last.map(|l| l + 1);
-                verifier.verify_compressed(payload, predicted)
-            }
+            Opcode::Text => false,
+            Opcode::Binary => true,
             Opcode::Continuation => return Next::Abort,
         };
-        let v = match verified {
-            Ok(v) => v,
+        // The cache hint: v1 the generator's next number, v2 the seq that followed this
+        // client's last one on another client of the same URL.
+        let predicted = match checks.wire {
+            Wire::V1 => client.order.last.map(|l| l + 1),
+            Wire::V2 => client
+                .order
+                .last_wire
+                .and_then(|w| verifier.v2_successor(checks.target, w)),
+        };
+        match verifier.verify_frame(checks, binary, payload, predicted) {
+            Ok(Delivered::Event(v)) => {
+                self.on_event(v, client, filter, verifier, checks, totals, now_us)
+            }
+            Ok(Delivered::Sync { wire_seq, did }) => {
+                let frame_len = if binary {
+                    // The size limit counts the uncompressed frame; the compressed cache
+                    // holds it.
+                    verifier
+                        .v2_frame_len(checks.target, wire_seq)
+                        .unwrap_or(payload.len())
+                } else {
+                    payload.len()
+                };
+                on_sync(
+                    wire_seq, &did, frame_len, client, filter, verifier, checks, totals,
+                );
+            }
+            Ok(Delivered::Info { name, message }) => {
+                count_name(&mut totals.infos, &name, message.as_deref());
+                if client.infos.len() < MAX_CLOSES_PER_CLIENT {
+                    client.infos.push(name);
+                }
+            }
+            Ok(Delivered::Error { error, message }) => {
+                self.stage = Stage::Errored;
+                count_name(&mut totals.errors, &error, message.as_deref());
+                if client.errors.len() < MAX_CLOSES_PER_CLIENT {
+                    client.errors.push(error);
+                }
+            }
             Err(e) => {
                 let seq = match &e {
-                    super::verify::VerifyError::Mismatch { seq, .. } => Some(*seq),
+                    VerifyError::Mismatch { seq, .. } => Some(*seq),
                     _ => None,
                 };
                 fail(totals, seq, e.to_string());
@@ -345,19 +437,56 @@ impl Session {
                     // corrupted event is one failure, not also a gap.
                     client.order.last = Some(client.order.last.map_or(seq, |l| l.max(seq)));
                 }
-                return Next::Continue;
             }
-        };
+        }
+        Next::Continue
+    }
+
+    /// Accounts for one verified event: the cursor-field rule, order, counts, latency.
+    #[allow(clippy::too_many_arguments)]
+    fn on_event(
+        &mut self,
+        v: Verified,
+        client: &mut ClientState,
+        filter: &Filter,
+        verifier: &mut Verifier,
+        checks: &Checks,
+        totals: &mut Totals,
+        now_us: i64,
+    ) {
+        if checks.wire == Wire::V1 {
+            let has = v.wire_seq.is_some();
+            match self.cursor_field {
+                None => self.cursor_field = Some(has),
+                Some(first) if first != has => {
+                    client.failures += 1;
+                    totals.fail(
+                        client.id,
+                        v.seq,
+                        format!(
+                            "cursor field {} on this connection's first event but {} here",
+                            if first { "present" } else { "absent" },
+                            if has { "present" } else { "absent" },
+                        ),
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        let last_wire = client.order.last_wire;
         let accepted = match (verifier.generator(), v.seq) {
             (Some(g), Some(seq)) => {
-                let t = v.time_us.unwrap_or(0);
-                match client
-                    .order
-                    .accept(g, filter, seq, t, payload.len(), checks)
-                {
+                let received = Received {
+                    seq,
+                    time_us: v.time_us.unwrap_or(0),
+                    measured_len: v.measured_len,
+                    wire_seq: v.wire_seq,
+                };
+                match client.order.accept(g, filter, &received, checks) {
                     Ok(a) => a,
                     Err(e) => {
-                        fail(totals, Some(seq), e.to_string());
+                        client.failures += 1;
+                        totals.fail(client.id, Some(seq), e.to_string());
                         // Resynchronise so one gap is one failure, not one per later event.
                         client.order.last = Some(client.order.last.map_or(seq, |l| l.max(seq)));
                         Accepted::New
@@ -368,19 +497,95 @@ impl Session {
         };
         if accepted == Accepted::Duplicate {
             totals.duplicates += 1;
-            return Next::Continue;
+            return;
+        }
+        if checks.wire == Wire::V2
+            && let (Some(prev), Some(next)) = (last_wire, v.wire_seq)
+        {
+            verifier.v2_link(checks.target, prev, next);
+        }
+        if checks.wire == Wire::V1 {
+            if v.wire_seq.is_some() {
+                client.with_cursor += 1;
+                totals.events_with_cursor += 1;
+            } else {
+                client.without_cursor += 1;
+            }
         }
         client.events += 1;
         totals.events += 1;
         if let Some(t) = v.time_us {
             client.max_time_us = Some(client.max_time_us.map_or(t, |m| m.max(t)));
+        }
+        if let Some(t) = v.latency_from_us {
             let lat = now_us.saturating_sub(t);
             if lat < 0 {
                 totals.negative_latency += 1;
             }
             totals.latency.record(lat.max(0) as u64);
         }
-        Next::Continue
+    }
+}
+
+/// Accounts for one v2 `#sync`: placed in the generator's stream by its DID when the swarm
+/// knows which events are syncs (`--sync-every`) and where the client is, else checked by its
+/// seq alone.
+#[allow(clippy::too_many_arguments)]
+fn on_sync(
+    wire_seq: u64,
+    did: &str,
+    frame_len: usize,
+    client: &mut ClientState,
+    filter: &Filter,
+    verifier: &mut Verifier,
+    checks: &Checks,
+    totals: &mut Totals,
+) {
+    let last_wire = client.order.last_wire;
+    let mut placed = None;
+    let accepted = if client.order.is_replayed(wire_seq) {
+        Ok(Accepted::Duplicate)
+    } else {
+        match (verifier.generator(), client.order.last) {
+            (Some(g), Some(last)) if filter.knows_syncs() => {
+                match filter.sync_position(g, last, did) {
+                    Some(seq) => {
+                        placed = Some(seq);
+                        let received = Received {
+                            seq,
+                            time_us: 0,
+                            measured_len: frame_len,
+                            wire_seq: Some(wire_seq),
+                        };
+                        client.order.accept(g, filter, &received, checks)
+                    }
+                    None => client.order.accept_wire_seq(wire_seq).and_then(|_| {
+                        Err(OrderError::UnexpectedSync {
+                            did: did.to_string(),
+                            after: last,
+                        })
+                    }),
+                }
+            }
+            _ => client.order.accept_wire_seq(wire_seq),
+        }
+    };
+    match accepted {
+        Ok(Accepted::Duplicate) => totals.duplicates += 1,
+        Ok(Accepted::New) => {
+            client.syncs += 1;
+            totals.syncs += 1;
+            if let Some(prev) = last_wire {
+                verifier.v2_link(checks.target, prev, wire_seq);
+            }
+        }
+        Err(e) => {
+            client.failures += 1;
+            totals.fail(client.id, placed, e.to_string());
+            if let Some(seq) = placed {
+                client.order.last = Some(client.order.last.map_or(seq, |l| l.max(seq)));
+            }
+        }
     }
 }
 

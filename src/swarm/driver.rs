@@ -305,7 +305,7 @@ pub fn run(
         .collect();
     let mut filters = Vec::new();
     for t in targets {
-        let mut f = Filter::from_query(&t.query);
+        let mut f = Filter::for_target(t.wire, &t.query, config.sync_every);
         for hello in &config.send_on_open {
             f.apply_options_update(hello);
         }
@@ -353,11 +353,13 @@ pub fn run(
         tls,
         checks: targets
             .iter()
-            .map(|t| conn::Checks {
+            .enumerate()
+            .map(|(target, t)| conn::Checks {
                 in_order: config.expect.in_order,
                 first_seq: config.expect.first_seq,
-                // The URL may ask for compression itself.
-                compressed: config.compress || Filter::from_query(&t.query).compressed(),
+                compressed: t.compressed,
+                wire: t.wire,
+                target,
             })
             .collect(),
     };
@@ -607,10 +609,16 @@ impl Driver<'_> {
     fn connected(&mut self, i: usize, now: Instant) {
         let target = &self.targets[self.clients[i].target];
         let mut path = target.path_and_query.clone();
-        if self.config.reconnect
-            && let Some(t) = self.clients[i].state.max_time_us
-        {
-            path = super::with_cursor(&path, t);
+        if self.config.reconnect {
+            // Exact when the stream numbers its events (the server replays from that seq,
+            // inclusive: the one duplicate is skipped), else by time (replayed events up to the
+            // last are skipped by the generator's numbers).
+            let state = &self.clients[i].state;
+            if let Some(seq) = state.order.last_wire {
+                path = super::with_cursor(&path, seq);
+            } else if let Some(t) = state.max_time_us {
+                path = super::with_cursor(&path, t);
+            }
         }
         let key = tungstenite::handshake::client::generate_key();
         let request = conn::upgrade_request(&target.host_header, &path, &key);
@@ -687,7 +695,8 @@ impl Driver<'_> {
                 c.session = Session::new();
                 c.state.upgrades += 1;
                 c.failures_in_row = 0;
-                c.state.order.replaying = c.state.order.last.is_some();
+                c.state.order.replaying =
+                    c.state.order.last.is_some() || c.state.order.last_wire.is_some();
                 for hello in &self.hellos {
                     let mask = fastrand::u32(..).to_ne_bytes();
                     crate::frame::encode_client_frame(

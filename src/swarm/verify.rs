@@ -4,16 +4,20 @@
 //! recent seqs in a small ring (keyed by `seq % CACHE_SLOTS`), rendered *without* `time_us`, so
 //! thousands of clients receiving the same event cost one generation and two `memcmp`s each. The
 //! received `time_us` digits must be the canonical rendering of a number, which makes the check
-//! equivalent to "regenerate with the received time_us and compare the whole frame".
+//! equivalent to "regenerate with the received time_us and compare the whole frame". A v1
+//! frame's `cursor` field (the server's seq) is taken out first ([`super::v1_cursor`]): the rest
+//! must be the generator's event. v2 frames are checked by [`super::v2`] on top of this.
 //!
 //! For compressed clients the ring also remembers the last compressed frame verified for a seq:
 //! a byte-identical frame decompresses identically, so it is accepted without decompressing
 //! again (the relay compresses each event once, so this is the common case).
 //!
-//! [`Order`] is the per-client sequence state machine: it decides whether a verified seq is the
-//! one the client must receive next, given its filter.
+//! [`Order`] is the per-client sequence state machine: it decides whether a verified event is
+//! the one the client must receive next, given its filter, and whether the server's seqs
+//! (v1 `cursor`, v2 `seq`) still increase.
 
 use super::filter::{Filter, Verdict};
+use super::v2::V2Checker;
 use crate::mock::Generator;
 
 /// Expected renderings kept: covers clients spread over this many consecutive seqs without
@@ -37,6 +41,10 @@ pub struct Checks {
     pub first_seq: Option<u64>,
     /// Whether compressed (binary) frames are expected instead of text.
     pub compressed: bool,
+    /// Which stream the client reads.
+    pub wire: super::Wire,
+    /// Index of the client's target URL (v2 frames are cached per server).
+    pub target: usize,
 }
 
 /// Why a received frame failed verification.
@@ -65,6 +73,35 @@ pub enum VerifyError {
     /// The frame type does not match the subscription (text vs binary).
     #[error("{0}")]
     WrongFrameType(&'static str),
+    /// A v2 frame that is not a `subscribeEvents` message, info or error frame.
+    #[error("not a subscribeEvents frame: {0}")]
+    V2Frame(String),
+    /// A v2 event without `witnessedAt` (the relay always sends it).
+    #[error("seq {0}: v2 event without witnessedAt")]
+    NoWitnessedAt(u64),
+    /// A v2 frame whose content is the generator's event but whose bytes are not the canonical
+    /// v2 rendering (key order, spacing, time format).
+    #[error(
+        "seq {seq}: not the canonical v2 frame from offset {offset} (got {got:?}, want {want:?})"
+    )]
+    NotCanonical {
+        /// The wire seq.
+        seq: u64,
+        /// First differing byte offset.
+        offset: usize,
+        /// A few received bytes around the difference.
+        got: String,
+        /// The canonical bytes there.
+        want: String,
+    },
+    /// One server sent two different frames for one seq: it stores each event once.
+    #[error("seq {seq}: differs from an earlier copy of the same seq from offset {offset}")]
+    SeqChanged {
+        /// The wire seq.
+        seq: u64,
+        /// First differing byte offset.
+        offset: usize,
+    },
     /// The same event reached clients with different `time_us` values: a relay stores each
     /// event once, so every copy (live or replayed) must be identical.
     #[error("seq {seq} delivered with time_us {got}, but earlier with {first}")]
@@ -108,6 +145,23 @@ pub enum OrderError {
         /// The seq received.
         got: u64,
     },
+    /// The server's seq (v1 `cursor`, v2 `seq`) did not increase.
+    #[error("seq {got} from the server after seq {last}: not increasing")]
+    SeqNotIncreasing {
+        /// Last server seq accepted.
+        last: u64,
+        /// The seq received.
+        got: u64,
+    },
+    /// A `#sync` the filter model has no place for: no sync event after the client's last
+    /// event that it may receive has this DID.
+    #[error("unexpected #sync of {did} after event {after}")]
+    UnexpectedSync {
+        /// Its DID.
+        did: String,
+        /// The client's last generator number.
+        after: u64,
+    },
     /// The gap is too long to check event by event.
     #[error("gap from seq {from} to {to} too long to check")]
     GapTooLong {
@@ -131,17 +185,57 @@ struct Slot {
     compressed: Vec<u8>,
     /// `time_us` inside `compressed`.
     compressed_time: i64,
+    /// The `cursor` field inside `compressed`, if it had one.
+    compressed_cursor: Option<u64>,
     /// `time_us` of the first copy of this seq received (all copies must agree).
     time_us: Option<i64>,
 }
 
-/// The result of verifying one frame.
+/// The result of verifying one event frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verified {
-    /// Decoded seq (`None` when the swarm runs without a seed and the event is foreign).
+    /// The generator's number of the event (`None` when the swarm runs without a seed and the
+    /// event is foreign).
     pub seq: Option<u64>,
     /// The event's `time_us` (`None` if it has none, e.g. no seed and a foreign event shape).
     pub time_us: Option<i64>,
+    /// The server's seq for it: the v1 `cursor` field or the v2 `seq` (`None`: not sent).
+    pub wire_seq: Option<u64>,
+    /// Where latency counts from: v1 `time_us`, v2 `witnessedAt` (see [`super::v2`]).
+    pub latency_from_us: Option<i64>,
+    /// Its size as `maxMessageSizeBytes` measures it: v1 the payload as sent, v2 the
+    /// uncompressed frame.
+    pub measured_len: usize,
+}
+
+/// What one data frame turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// An event: a v1 frame, or a v2 `#commit` / `#identity` / `#account`.
+    Event(Verified),
+    /// A v2 `#sync` message: well-formed and canonical, but its wrapped object is the
+    /// upstream's, so its place in the generator's stream is found by the client's order state
+    /// (from its DID).
+    Sync {
+        /// The server's seq.
+        wire_seq: u64,
+        /// Its top-level DID (decoded).
+        did: String,
+    },
+    /// A v2 `#info` advisory (no seq).
+    Info {
+        /// `OutdatedCursor`, `FutureCursor`, …
+        name: String,
+        /// Free text.
+        message: Option<String>,
+    },
+    /// A v2 error frame: terminal, the server closes next.
+    Error {
+        /// The XRPC error name (`ConsumerTooSlow`, …).
+        error: String,
+        /// Free text.
+        message: Option<String>,
+    },
 }
 
 /// Process-wide verification state.
@@ -154,6 +248,10 @@ pub struct Verifier {
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     /// Reused decompression output.
     plain: Vec<u8>,
+    /// Reused copy of a v1 frame without its `cursor` field.
+    uncursored: Vec<u8>,
+    /// The v2 side (its own caches and dictionary).
+    v2: V2Checker,
     /// Events rendered (cache misses), for the report.
     pub generated: u64,
     /// Frames decompressed (compressed-cache misses), for the report.
@@ -180,6 +278,8 @@ impl Verifier {
             cache: (0..CACHE_SLOTS).map(|_| Slot::default()).collect(),
             decompressor: None,
             plain: Vec::new(),
+            uncursored: Vec::new(),
+            v2: V2Checker::default(),
             generated: 0,
             decompressed: 0,
         }
@@ -190,12 +290,33 @@ impl Verifier {
         self.generator.as_ref()
     }
 
-    /// Verifies a plain (text-frame) event.
+    /// Verifies a plain (text-frame) v1 event, with or without the server's `cursor` field.
     pub fn verify_plain(&mut self, payload: &[u8]) -> Result<Verified, VerifyError> {
+        let Some(field) = super::v1_cursor::split(payload) else {
+            return self.verify_event(payload);
+        };
+        let mut event = std::mem::take(&mut self.uncursored);
+        event.clear();
+        event.extend_from_slice(&payload[..field.range.start]);
+        event.extend_from_slice(&payload[field.range.end..]);
+        let verified = self.verify_event(&event);
+        self.uncursored = event;
+        let mut v = verified?;
+        v.wire_seq = Some(field.seq);
+        v.measured_len = payload.len();
+        Ok(v)
+    }
+
+    /// Verifies a v1 event without a `cursor` field against the generator.
+    pub fn verify_event(&mut self, payload: &[u8]) -> Result<Verified, VerifyError> {
         let Some(generator) = &self.generator else {
+            let time_us = Generator::time_us_of(payload);
             return Ok(Verified {
                 seq: Generator::seq_of(payload),
-                time_us: Generator::time_us_of(payload),
+                time_us,
+                wire_seq: None,
+                latency_from_us: time_us,
+                measured_len: payload.len(),
             });
         };
         let head = Generator::head_of(payload)
@@ -242,6 +363,9 @@ impl Verifier {
         Ok(Verified {
             seq: Some(seq),
             time_us: Some(time_us),
+            wire_seq: None,
+            latency_from_us: Some(time_us),
+            measured_len: payload.len(),
         })
     }
 
@@ -258,6 +382,9 @@ impl Verifier {
                 return Ok(Verified {
                     seq: Some(p),
                     time_us: Some(slot.compressed_time),
+                    wire_seq: slot.compressed_cursor,
+                    latency_from_us: Some(slot.compressed_time),
+                    measured_len: frame.len(),
                 });
             }
         }
@@ -278,21 +405,91 @@ impl Verifier {
         self.decompressed += 1;
         let verified = result.and_then(|_| self.verify_plain(&plain));
         self.plain = plain;
-        let v = verified?;
+        let mut v = verified?;
+        // Compressed v1 clients' size limit counts the compressed bytes.
+        v.measured_len = frame.len();
         if let (Some(seq), Some(t)) = (v.seq, v.time_us) {
             let slot = &mut self.cache[(seq % CACHE_SLOTS as u64) as usize];
             if slot.seq == Some(seq) && self.generator.is_some() {
                 slot.compressed.clear();
                 slot.compressed.extend_from_slice(frame);
                 slot.compressed_time = t;
+                slot.compressed_cursor = v.wire_seq;
             }
         }
         Ok(v)
     }
+
+    /// Verifies one data frame of a client reading `checks.wire`; `predicted` is what it most
+    /// likely receives next (a cache hint only): v1 the generator's number, v2 the server's seq.
+    pub fn verify_frame(
+        &mut self,
+        checks: &Checks,
+        binary: bool,
+        payload: &[u8],
+        predicted: Option<u64>,
+    ) -> Result<Delivered, VerifyError> {
+        match (binary, checks.compressed) {
+            (false, true) => {
+                return Err(VerifyError::WrongFrameType(
+                    "text frame on a compressed subscription",
+                ));
+            }
+            (true, false) => {
+                return Err(VerifyError::WrongFrameType(
+                    "binary frame on an uncompressed subscription",
+                ));
+            }
+            _ => {}
+        }
+        match (checks.wire, binary) {
+            (super::Wire::V1, false) => self.verify_plain(payload).map(Delivered::Event),
+            (super::Wire::V1, true) => self
+                .verify_compressed(payload, predicted)
+                .map(Delivered::Event),
+            (super::Wire::V2, false) => {
+                let mut v2 = std::mem::take(&mut self.v2);
+                let r = v2.verify_text(self, checks.target, payload);
+                self.v2 = v2;
+                r
+            }
+            (super::Wire::V2, true) => {
+                let mut v2 = std::mem::take(&mut self.v2);
+                let r = v2.verify_compressed(self, checks.target, payload, predicted);
+                self.v2 = v2;
+                r
+            }
+        }
+    }
+
+    /// The v2 hint: the seq that followed `wire_seq` on another client of `target`.
+    pub fn v2_successor(&self, target: usize, wire_seq: u64) -> Option<u64> {
+        self.v2.successor(target, wire_seq)
+    }
+
+    /// Remembers that `next` followed `prev` on a client of `target` (v2 compressed hints).
+    pub fn v2_link(&mut self, target: usize, prev: u64, next: u64) {
+        self.v2.link(target, prev, next);
+    }
+
+    /// Whether byte verification is on (a seed was given).
+    pub fn seeded(&self) -> bool {
+        self.generator.is_some()
+    }
+
+    /// The uncompressed length of the v2 frame with `wire_seq` of `target`, if cached.
+    pub fn v2_frame_len(&self, target: usize, wire_seq: u64) -> Option<usize> {
+        self.v2.frame_len(target, wire_seq)
+    }
+
+    /// Frames decompressed by the v2 side (compressed-cache misses).
+    pub fn v2_decompressed(&self) -> u64 {
+        self.v2.decompressed
+    }
 }
 
 /// Offset of the first differing byte (or the shorter length).
-fn first_difference(a: &[u8], b: &[u8]) -> usize {
+pub(super) fn first_difference(a: &[u8], b: &[u8]) -> usize {
     a.iter()
         .zip(b)
         .position(|(x, y)| x != y)
@@ -300,7 +497,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> usize {
 }
 
 /// Up to 40 bytes from `offset`, lossily as text, for failure messages.
-fn snippet(b: &[u8], offset: usize) -> String {
+pub(super) fn snippet(b: &[u8], offset: usize) -> String {
     let start = offset.min(b.len());
     let end = (start + 40).min(b.len());
     String::from_utf8_lossy(&b[start..end]).into_owned()
@@ -315,38 +512,75 @@ pub enum Accepted {
     Duplicate,
 }
 
+/// A verified event as the order check sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The generator's number of the event.
+    pub seq: u64,
+    /// Its `time_us`.
+    pub time_us: i64,
+    /// Its size as the size limit measures it ([`Verified::measured_len`]).
+    pub measured_len: usize,
+    /// The server's seq, when the stream carries seqs.
+    pub wire_seq: Option<u64>,
+}
+
+/// What a new server seq says about a client's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WireStep {
+    /// At or before the last one during a replay: a duplicate to skip.
+    Replayed,
+    /// After the last one; events skipped since then had seqs in `skipped` (inclusive).
+    New {
+        /// The seq range of the events in between (`None`: no earlier seq).
+        skipped: Option<(u64, u64)>,
+    },
+}
+
 /// Per-client ordering state.
 #[derive(Debug, Clone, Default)]
 pub struct Order {
-    /// Last accepted seq.
+    /// Last accepted generator number.
     pub last: Option<u64>,
-    /// First accepted seq.
+    /// First accepted generator number.
     pub first: Option<u64>,
-    /// Set on reconnect: replayed seqs ≤ `last` are skipped until a newer one arrives.
+    /// Last server seq received (v1 `cursor`, v2 `seq`): the exact resume position.
+    pub last_wire: Option<u64>,
+    /// Set on reconnect: replayed events (by server seq when the stream has one, else by
+    /// generator number) up to the last one are skipped until a newer one arrives.
     pub replaying: bool,
 }
 
 impl Order {
-    /// Decides about verified event `seq` (arriving with `time_us`, `sent_len` payload bytes).
-    /// `checks.in_order` enables the contiguity check; `checks.first_seq` requires a specific
-    /// first event.
+    /// Decides about verified event `r`. `checks.in_order` enables the contiguity check;
+    /// `checks.first_seq` requires a specific first event.
     pub fn accept(
         &mut self,
         generator: &Generator,
         filter: &Filter,
-        seq: u64,
-        time_us: i64,
-        sent_len: usize,
+        r: &Received,
         checks: &Checks,
     ) -> Result<Accepted, OrderError> {
         let (in_order, first_seq) = (checks.in_order, checks.first_seq);
+        let seq = r.seq;
+        // The server's seq decides replays exactly; any new one is judged in full below.
+        let mut wire_range = None;
+        if let Some(ws) = r.wire_seq {
+            match self.step_wire_seq(ws)? {
+                WireStep::Replayed => return Ok(Accepted::Duplicate),
+                WireStep::New { skipped } => wire_range = skipped,
+            }
+        }
         let Some(last) = self.last else {
             // Recorded even if a check below fails: the client did receive this event first.
             self.first = Some(seq);
+            self.replaying = false;
             if let Some(expected) = first_seq.filter(|&e| e != seq) {
+                self.last = Some(seq);
                 return Err(OrderError::FirstSeq { expected, got: seq });
             }
-            if !filter.admits_received(generator, seq, sent_len) {
+            if !filter.admits_received(generator, seq, r.measured_len) {
+                self.last = Some(seq);
                 return Err(OrderError::Unwanted(seq));
             }
             self.last = Some(seq);
@@ -361,7 +595,7 @@ impl Order {
             }
         }
         self.replaying = false;
-        if !filter.admits_received(generator, seq, sent_len) {
+        if !filter.admits_received(generator, seq, r.measured_len) {
             return Err(OrderError::Unwanted(seq));
         }
         if in_order && seq > last {
@@ -372,27 +606,63 @@ impl Order {
                         got: seq,
                     });
                 }
-            } else if let Some(expected) = first_required(generator, filter, last, seq, time_us)? {
+            } else if let Some(expected) =
+                first_required(generator, filter, last, seq, r.time_us, wire_range)?
+            {
                 return Err(OrderError::Gap { expected, got: seq });
             }
         }
         self.last = Some(self.last.map_or(seq, |l| l.max(seq)));
         Ok(Accepted::New)
     }
+
+    /// Decides about a message known only by its server seq (a `#sync` the swarm cannot place
+    /// in the generator's stream): a replayed duplicate, new, or out of order.
+    pub fn accept_wire_seq(&mut self, wire_seq: u64) -> Result<Accepted, OrderError> {
+        Ok(match self.step_wire_seq(wire_seq)? {
+            WireStep::Replayed => Accepted::Duplicate,
+            WireStep::New { .. } => Accepted::New,
+        })
+    }
+
+    /// Whether `wire_seq` is a replayed duplicate right now (nothing changes).
+    pub fn is_replayed(&self, wire_seq: u64) -> bool {
+        self.replaying && self.last_wire.is_some_and(|last| wire_seq <= last)
+    }
+
+    /// The server-seq part of accepting an event: it must increase, except during a replay.
+    fn step_wire_seq(&mut self, ws: u64) -> Result<WireStep, OrderError> {
+        let skipped = match self.last_wire {
+            Some(last) if ws <= last => {
+                if self.replaying {
+                    return Ok(WireStep::Replayed);
+                }
+                return Err(OrderError::SeqNotIncreasing { last, got: ws });
+            }
+            Some(last) => Some((last + 1, ws.saturating_sub(1).max(last + 1))),
+            None => None,
+        };
+        self.last_wire = Some(ws);
+        self.replaying = false;
+        Ok(WireStep::New { skipped })
+    }
 }
 
-/// The first seq strictly between `from` and `to` that the filter requires, if any.
+/// The first seq strictly between `from` and `to` that the filter requires, if any; the
+/// events in between had server seqs in `wire_seqs` (inclusive) when the stream has them.
 fn first_required(
     generator: &Generator,
     filter: &Filter,
     from: u64,
     to: u64,
     time_us: i64,
+    wire_seqs: Option<(u64, u64)>,
 ) -> Result<Option<u64>, OrderError> {
     if to - from > MAX_GAP_SCAN {
         return Err(OrderError::GapTooLong { from, to });
     }
-    Ok((from + 1..to).find(|&s| filter.verdict(generator, s, time_us) == Verdict::Deliver))
+    Ok((from + 1..to)
+        .find(|&s| filter.verdict_with_seqs(generator, s, time_us, wire_seqs) == Verdict::Deliver))
 }
 
 #[cfg(test)]
@@ -416,7 +686,10 @@ mod tests {
                 got,
                 Verified {
                     seq: Some(seq),
-                    time_us: Some(t)
+                    time_us: Some(t),
+                    wire_seq: None,
+                    latency_from_us: Some(t),
+                    measured_len: event(&g, seq, t).len(),
                 }
             );
         }
@@ -526,7 +799,16 @@ mod tests {
             in_order: true,
             ..Default::default()
         };
-        o.accept(g, f, seq, 1_783_175_888_000_000, 100, &checks)
+        o.accept(g, f, &received(seq, None), &checks)
+    }
+
+    fn received(seq: u64, wire_seq: Option<u64>) -> Received {
+        Received {
+            seq,
+            time_us: 1_783_175_888_000_000,
+            measured_len: 100,
+            wire_seq,
+        }
     }
 
     #[test]
@@ -576,13 +858,11 @@ mod tests {
             o.accept(
                 &g,
                 &f,
-                4,
-                1,
-                100,
+                &received(4, None),
                 &Checks {
                     in_order: true,
                     first_seq: Some(3),
-                    compressed: false
+                    ..Default::default()
                 }
             ),
             Err(OrderError::FirstSeq {
