@@ -216,3 +216,94 @@ fn mock_binary_wires_per_listener() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected ADDR=WIRE"));
 }
+
+/// The swarm binary against the mock binary's seq-bearing wires (`--wire cursor` and a `v2`
+/// listener over the same stream, text and compressed), with the mock dropping every
+/// connection every second and `#sync` messages on v2: every client resumes by its seq and
+/// ends with every one of the `--count` events exactly once, in order.
+#[test]
+fn swarm_binary_on_seq_wires_gets_every_event_once_across_drops() {
+    let v2_port = free_port();
+    let (_mock, port) = start_mock(&[
+        "--wire",
+        "cursor",
+        "--also-listen",
+        &format!("127.0.0.1:{v2_port}=v2"),
+        "--rate",
+        "1000",
+        "--count",
+        "3000",
+        "--seed",
+        "4",
+        "--dids",
+        "500",
+        "--sync-every",
+        "50",
+        "--time-jitter-ms",
+        "20",
+        "--drop-every",
+        "1s",
+    ]);
+    let v2 = format!("ws://127.0.0.1:{v2_port}/xrpc/network.bsky.jetstream.subscribeEvents");
+    // Seq cursor 1 = the mock's first event: the whole stream from the start.
+    let urls = [
+        format!("ws://127.0.0.1:{port}/subscribe?cursor=1"),
+        format!("{v2}?cursor=1"),
+        format!("{v2}?cursor=1&zstdDictionary=20260811"),
+    ];
+    // 3000 events of which every 50th is a #sync: 2940 events on every wire, plus 60 #sync
+    // messages on v2 (a seq gap on /subscribe).
+    let (code, r, stderr) = run_swarm(&[
+        "--url",
+        &urls[0],
+        "--url",
+        &urls[1],
+        "--url",
+        &urls[2],
+        "--clients",
+        "6",
+        "--duration",
+        "6s",
+        "--seed",
+        "4",
+        "--dids",
+        "500",
+        "--sync-every",
+        "50",
+        "--reconnect",
+        "--expect-in-order",
+        "--expect-first-seq",
+        "0",
+        "--expect-min-events",
+        "2940",
+        "--expect-max-events",
+        "2940",
+        "--expect-cursor-field",
+        "present",
+    ]);
+    assert_eq!(code, 0, "{r}\n{stderr}");
+    assert_eq!(r["syncs"], 4 * 60, "{r}");
+    assert_eq!(r["events_with_cursor"], 2 * 2940, "{r}");
+    let upgrades = r["upgrades"].as_u64().unwrap();
+    assert!(upgrades >= 6 * 3, "the mock's drops forced reconnects: {r}");
+    // Exact resume: exactly the one re-delivered event per reconnect was skipped.
+    assert_eq!(
+        r["duplicates_skipped"].as_u64().unwrap(),
+        upgrades - 6,
+        "{r}"
+    );
+    // Against the legacy wire the cursor-field expectation fails, naming the flag.
+    let (_legacy, legacy_port) = start_mock(&["--rate", "500", "--seed", "4"]);
+    let (code, r, stderr) = run_swarm(&[
+        "--url",
+        &format!("ws://127.0.0.1:{legacy_port}/subscribe"),
+        "--duration",
+        "1s",
+        "--seed",
+        "4",
+        "--expect-cursor-field",
+        "present",
+    ]);
+    assert_eq!(code, 1, "{r}");
+    assert!(stderr.contains("--expect-cursor-field present"), "{stderr}");
+}

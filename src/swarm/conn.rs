@@ -628,6 +628,32 @@ mod tests {
             }
         }
 
+        /// A client of a v2 URL with `query`, against a mock with `--sync-every`.
+        fn v2(query: &str, sync_every: Option<u64>) -> Harness {
+            let mut h = Harness::new("");
+            h.filter = Filter::for_target(Wire::V2, query, sync_every);
+            h.checks.wire = Wire::V2;
+            h
+        }
+
+        /// Event `seq` as the v2 frame with server seq `wire_seq`.
+        fn v2_frame(&self, seq: u64, wire_seq: u64, out: &mut Vec<u8>) {
+            let mut ev = Vec::new();
+            self.g.event(seq, T0 + seq as i64, &mut ev);
+            let mut v2 = Vec::new();
+            crate::wire::v1_to_v2(&ev, wire_seq, T0 + seq as i64 + 500, &mut v2).unwrap();
+            frame::encode_server_frame(Opcode::Text, &v2, out);
+        }
+
+        /// Event `seq` as a v1 frame with the server's `cursor` field.
+        fn cursor_frame(&self, seq: u64, cursor: u64, out: &mut Vec<u8>) {
+            let mut ev = Vec::new();
+            self.g.event(seq, T0 + seq as i64, &mut ev);
+            let mut with = Vec::new();
+            crate::wire::with_cursor(&ev, cursor, &mut with).unwrap();
+            frame::encode_server_frame(Opcode::Text, &with, out);
+        }
+
         fn event_frame(&self, seq: u64, out: &mut Vec<u8>) {
             let mut ev = Vec::new();
             self.g.event(seq, T0 + seq as i64, &mut ev);
@@ -860,5 +886,144 @@ mod tests {
         let next = h.feed(&b, 1000);
         assert!(next == Next::Abort || h.totals.failures > 0);
         assert!(h.totals.failures > 0);
+    }
+
+    #[test]
+    fn v1_cursor_field_must_be_on_every_event_and_increase() {
+        let mut h = Harness::new("");
+        let mut b = Vec::new();
+        for (seq, cursor) in [(1u64, 10u64), (2, 11), (3, 15)] {
+            h.cursor_frame(seq, cursor, &mut b);
+        }
+        assert_eq!(h.feed(&b, 33), Next::Continue);
+        assert_eq!(h.totals.failures, 0, "{:?}", h.totals.examples);
+        assert_eq!(
+            (h.client.order.last_wire, h.client.with_cursor),
+            (Some(15), 3)
+        );
+        assert_eq!(h.totals.events_with_cursor, 3);
+        // One event without the field on the same connection, then a cursor going back.
+        let mut b = Vec::new();
+        h.event_frame(4, &mut b);
+        h.cursor_frame(5, 14, &mut b);
+        h.feed(&b, 1000);
+        assert_eq!(h.totals.failures, 2, "{:?}", h.totals.examples);
+        assert!(
+            h.totals.examples[0]
+                .reason
+                .contains("cursor field present on this connection's first event but absent here")
+        );
+        assert!(
+            h.totals.examples[1]
+                .reason
+                .contains("seq 14 from the server after seq 15")
+        );
+        // A new connection may differ (another relay configuration after a restart).
+        h.session = Session::new();
+        let mut b = Vec::new();
+        h.event_frame(6, &mut b);
+        h.feed(&b, 1000);
+        assert_eq!(h.totals.failures, 2, "{:?}", h.totals.examples);
+    }
+
+    #[test]
+    fn v2_events_syncs_infos_and_the_terminal_error_frame() {
+        // Events 0..30 with every 10th (9, 19, 29) a #sync, served as the mock does.
+        let mut h = Harness::v2("", Some(10));
+        let mut b = Vec::new();
+        let mut info = Vec::new();
+        crate::wire::future_cursor_frame(900, 10, &mut info);
+        frame::encode_server_frame(Opcode::Text, &info, &mut b);
+        for seq in 0..30u64 {
+            if seq % 10 == 9 {
+                let did = h.g.did_for(seq);
+                let sync = format!(
+                    r#"{{"$type":"message","payload":{{"$type":"network.bsky.jetstream.subscribeEvents#sync","did":"{did}","seq":{},"sync":{{"did":"{did}"}},"time":"2026-07-04T14:38:08.000000Z","witnessedAt":"2026-07-04T14:38:08.000000Z"}}}}"#,
+                    seq + 1
+                );
+                frame::encode_server_frame(Opcode::Text, sync.as_bytes(), &mut b);
+            } else {
+                h.v2_frame(seq, seq + 1, &mut b);
+            }
+        }
+        assert_eq!(h.feed(&b, 77), Next::Continue);
+        assert_eq!(h.totals.failures, 0, "{:?}", h.totals.examples);
+        assert_eq!((h.client.events, h.client.syncs), (27, 3));
+        assert_eq!(h.client.order.last, Some(29), "the last #sync is event 29");
+        assert_eq!(h.client.infos, vec!["FutureCursor".to_string()]);
+        assert_eq!(h.totals.infos["FutureCursor"].0, 1);
+        // A missing #sync is a gap like a missing event.
+        let mut b = Vec::new();
+        for seq in [30u64, 31, 32, 33, 34, 35, 36, 37, 38, 40] {
+            h.v2_frame(seq, seq + 1, &mut b);
+        }
+        h.feed(&b, 1000);
+        assert_eq!(h.totals.failures, 1, "{:?}", h.totals.examples);
+        assert!(
+            h.totals.examples[0]
+                .reason
+                .contains("expected seq 39, got 40")
+        );
+        // The terminal error frame: counted, and data after it is a violation.
+        let mut b = Vec::new();
+        let mut error = Vec::new();
+        crate::wire::consumer_too_slow_frame(100_001, 41, &mut error);
+        frame::encode_server_frame(Opcode::Text, &error, &mut b);
+        h.v2_frame(41, 42, &mut b);
+        assert_eq!(h.feed(&b, 1000), Next::Abort);
+        assert_eq!(h.client.errors, vec!["ConsumerTooSlow".to_string()]);
+        assert!(
+            h.totals.examples[1]
+                .reason
+                .contains("after a terminal error frame")
+        );
+    }
+
+    #[test]
+    fn v2_filters_and_sizes_judge_the_stream() {
+        // Posts only, within 700 bytes of uncompressed frame.
+        let q = "kinds=commit&collections=app.bsky.feed.post&maxMessageSizeBytes=700";
+        let h0 = Harness::v2(q, None);
+        let wanted: Vec<u64> = (0..2000u64)
+            .filter(|&s| {
+                h0.filter
+                    .verdict_with_seqs(&h0.g, s, T0, Some((s + 1, s + 1)))
+                    == super::super::filter::Verdict::Deliver
+            })
+            .collect();
+        assert!(wanted.len() > 5, "{wanted:?}");
+        let mut h = Harness::v2(q, None);
+        let mut b = Vec::new();
+        for &s in &wanted {
+            h.v2_frame(s, s + 1, &mut b);
+        }
+        h.feed(&b, 1000);
+        assert_eq!(h.totals.failures, 0, "{:?}", h.totals.examples);
+        assert_eq!(h.client.events, wanted.len() as u64);
+        // A post over the limit is a failure; leaving out a wanted one is a gap.
+        let big = (0..2000u64)
+            .find(|&s| {
+                h0.filter
+                    .verdict_with_seqs(&h0.g, s, T0, Some((s + 1, s + 1)))
+                    == super::super::filter::Verdict::Skip
+                    && Generator::template_kind_and_collection(Generator::template_index(s))
+                        == ("commit", Some("app.bsky.feed.post"))
+            })
+            .expect("a post over 700 bytes");
+        let mut h = Harness::v2(q, None);
+        let mut b = Vec::new();
+        h.v2_frame(big, big + 1, &mut b);
+        h.feed(&b, 1000);
+        assert_eq!(h.totals.failures, 1, "{:?}", h.totals.examples);
+        let mut h = Harness::v2(q, None);
+        let mut b = Vec::new();
+        h.v2_frame(wanted[0], wanted[0] + 1, &mut b);
+        h.v2_frame(wanted[2], wanted[2] + 1, &mut b);
+        h.feed(&b, 1000);
+        assert!(
+            h.totals.examples[0]
+                .reason
+                .contains(&format!("expected seq {}", wanted[1]))
+        );
     }
 }

@@ -416,6 +416,47 @@ fn url_parsing_and_cursor_rewrite() {
         "/subscribe?a=b&cursor=42"
     );
     assert_eq!(with_cursor("/subscribe", 7), "/subscribe?cursor=7");
+    assert_eq!((t.wire, t.compressed), (Wire::V1, false));
+    // The path picks the wire; --compress adds each wire's own parameter, and decoding follows
+    // the final query, whoever asked.
+    let v1 = parse_target("ws://127.0.0.1:1/subscribe?compress=true", false).unwrap();
+    assert_eq!((v1.wire, v1.compressed), (Wire::V1, true));
+    let v2 = parse_target(
+        &format!("ws://127.0.0.1:1{SUBSCRIBE_EVENTS_PATH}?kinds=commit"),
+        true,
+    )
+    .unwrap();
+    assert_eq!(v2.wire, Wire::V2);
+    assert_eq!(
+        v2.path_and_query,
+        format!("{SUBSCRIBE_EVENTS_PATH}?kinds=commit&zstdDictionary=20260811")
+    );
+    assert!(v2.compressed);
+    let own = parse_target(
+        &format!("ws://127.0.0.1:1{SUBSCRIBE_EVENTS_PATH}?zstdDictionary=7"),
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        own.query, "zstdDictionary=7",
+        "the URL's own choice is kept"
+    );
+    let v2_plain = parse_target(
+        &format!("ws://127.0.0.1:1{SUBSCRIBE_EVENTS_PATH}?compress=true"),
+        false,
+    )
+    .unwrap();
+    assert!(
+        !v2_plain.compressed,
+        "compress=true means nothing on v2 (the server refuses it)"
+    );
+    assert_eq!(
+        with_cursor(
+            &format!("{SUBSCRIBE_EVENTS_PATH}?cursor=5&kinds=sync"),
+            9u64
+        ),
+        format!("{SUBSCRIBE_EVENTS_PATH}?kinds=sync&cursor=9")
+    );
 }
 
 /// A TLS terminator in front of the mock (tokio-rustls, test-only), returning its port and a
@@ -726,4 +767,169 @@ fn send_on_open_reaches_the_server_masked_and_sets_the_filter() {
     let r = run(&cfg).unwrap();
     assert!(r.passed, "{}", r.human());
     assert_eq!(server.join().unwrap(), hello);
+}
+
+/// A mock whose first listener speaks `wire` (plus a v2 listener), already generating.
+fn start_wire_mock(wire: mock::Wire, config: MockConfig) -> mock::MockHandle {
+    mock::spawn(MockConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        wire,
+        dids: 1000,
+        start_immediately: true,
+        ..config
+    })
+    .expect("mock starts")
+}
+
+fn v2_url(m: &mock::MockHandle, query: &str) -> String {
+    format!("ws://{}{SUBSCRIBE_EVENTS_PATH}?{query}", m.local_addr())
+}
+
+/// Seq-bearing wires with drops: every client resumes by its last seq, skips exactly the one
+/// replayed event per reconnect, and gets every event once, in order.
+#[test]
+fn seq_wires_resume_exactly_across_drops() {
+    let m = start_wire_mock(
+        mock::Wire::V2,
+        MockConfig {
+            rate: 2000,
+            seed: 3,
+            time_jitter_ms: 20,
+            sync_every: Some(25),
+            drop_every: Some(Duration::from_millis(400)),
+            ..Default::default()
+        },
+    );
+    let mut cfg = swarm(
+        format!("ws://{}/subscribe", m.local_addr()),
+        6,
+        2.0,
+        Some(3),
+    );
+    cfg.urls.push(v2_url(&m, ""));
+    cfg.urls.push(v2_url(&m, "zstdDictionary=20260811"));
+    cfg.sync_every = Some(25);
+    cfg.reconnect = true;
+    cfg.expect.in_order = true;
+    cfg.expect.min_events = Some(1000);
+    cfg.expect.cursor_field = Some(true);
+    let r = run(&cfg).unwrap();
+    assert!(r.passed, "{}", r.human());
+    assert!(r.upgrades >= 6 * 3, "{}", r.human());
+    // Exact resume: one replayed duplicate per reconnect, no more.
+    assert_eq!(r.duplicates_skipped, r.upgrades - 6, "{}", r.human());
+    assert!(r.syncs > 0 && r.events_with_cursor > 0, "{}", r.human());
+    // Resuming by time instead (a client that ignores seqs) would replay a jittered window:
+    // the seq rule is what made the duplicates exactly one per reconnect.
+}
+
+/// The v2 control frames a client can get: `#info FutureCursor` before a live stream,
+/// `CursorTooOld` before the upgrade, and `ConsumerTooSlow` for a reader left behind.
+#[test]
+fn v2_info_refusal_and_consumer_too_slow() {
+    let m = start_wire_mock(
+        mock::Wire::V2,
+        MockConfig {
+            rate: 20_000,
+            seed: 3,
+            history: 2_000,
+            count: Some(60_000),
+            ..Default::default()
+        },
+    );
+    wait_for_events(&m, 3_000);
+    let mut cfg = swarm(v2_url(&m, "cursor=999999999"), 2, 1.0, Some(3));
+    cfg.expect.info = Some("FutureCursor".into());
+    cfg.expect.in_order = true;
+    cfg.expect.min_events = Some(100);
+    let r = run(&cfg).unwrap();
+    assert!(r.passed, "{}", r.human());
+    assert_eq!(r.info_frames.get("FutureCursor"), Some(&2));
+    // The same expectation on a plain live start fails, naming it.
+    let mut cfg = swarm(v2_url(&m, ""), 1, 0.5, Some(3));
+    cfg.expect.info = Some("FutureCursor".into());
+    let r = run(&cfg).unwrap();
+    assert!(!r.passed);
+    assert_eq!(
+        r.expectation_failures[0].expectation,
+        "--expect-info FutureCursor"
+    );
+    // A seq below the mock's history: 400 before the upgrade.
+    let mut cfg = swarm(v2_url(&m, "cursor=1"), 1, 0.5, Some(3));
+    cfg.expect.http_status = Some(400);
+    let r = run(&cfg).unwrap();
+    assert!(r.passed, "{}", r.human());
+    // A reader that stalls falls out of the history: the terminal error frame, then the close.
+    let mut cfg = swarm(v2_url(&m, ""), 1, 4.0, Some(3));
+    cfg.pause_after = Some(10);
+    cfg.pause_for = Duration::from_millis(1500);
+    cfg.expect.error_frame = Some("ConsumerTooSlow".into());
+    cfg.expect.in_order = true;
+    let r = run(&cfg).unwrap();
+    assert!(r.passed, "{}", r.human());
+    assert!(
+        r.error_messages["ConsumerTooSlow"].contains("reconnect with cursor="),
+        "{}",
+        r.human()
+    );
+}
+
+/// Scripted v2 servers: seq gaps are legal (the relay's seqs may have them), a seq that does not
+/// increase is not, and a gap in the events is caught whatever the seqs say.
+#[test]
+fn v2_scripted_seq_rules() {
+    let g = mock::Generator::new(21, 1000);
+    let frames = |list: &[(u64, u64)]| -> Vec<tungstenite::Message> {
+        list.iter()
+            .map(|&(n, seq)| {
+                let mut v1 = Vec::new();
+                g.event(n, 1_783_175_888_000_000 + n as i64, &mut v1);
+                let mut v2 = Vec::new();
+                crate::wire::v1_to_v2(&v1, seq, 1_783_175_888_000_100 + n as i64, &mut v2).unwrap();
+                tungstenite::Message::Text(String::from_utf8(v2).unwrap().into())
+            })
+            .collect()
+    };
+    let run_script = |script| {
+        let (addr, server) = scripted_server(1, script, 1000);
+        let mut cfg = swarm(
+            format!("ws://{addr}{SUBSCRIBE_EVENTS_PATH}"),
+            1,
+            1.0,
+            Some(21),
+        );
+        cfg.expect.in_order = true;
+        let r = run(&cfg).unwrap();
+        server.join().unwrap();
+        r
+    };
+    let r = run_script(frames(&[(0, 1), (1, 2), (2, 10), (3, 11), (4, 500)]));
+    assert!(r.passed, "{}", r.human());
+    assert_eq!(r.events, 5);
+    let r = run_script(frames(&[(0, 5), (1, 6), (2, 3)]));
+    assert!(!r.passed);
+    assert!(
+        r.failure_examples[0]
+            .reason
+            .contains("seq 3 from the server after seq 6"),
+        "{:?}",
+        r.failure_examples
+    );
+    // One seq for two events: the same server must always send the same bytes for a seq.
+    let r = run_script(frames(&[(0, 1), (1, 2), (2, 2)]));
+    assert!(!r.passed);
+    assert!(
+        r.failure_examples[0]
+            .reason
+            .contains("seq 2: differs from an earlier copy"),
+        "{:?}",
+        r.failure_examples
+    );
+    let r = run_script(frames(&[(0, 1), (1, 2), (3, 3)]));
+    assert!(!r.passed);
+    assert!(
+        r.failure_examples[0].reason.contains("gap: expected seq 2"),
+        "{:?}",
+        r.failure_examples
+    );
 }

@@ -274,3 +274,217 @@ impl V2Checker {
         Ok(result)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::Generator;
+
+    const T: i64 = 1_783_175_888_000_000;
+    /// A witness time 3 ms after `T`.
+    const W: i64 = T + 3_000;
+
+    fn v2_frame(g: &Generator, n: u64, wire_seq: u64, witnessed: i64) -> Vec<u8> {
+        let mut v1 = Vec::new();
+        g.event(n, T + n as i64, &mut v1);
+        let mut out = Vec::new();
+        crate::wire::v1_to_v2(&v1, wire_seq, witnessed, &mut out).unwrap();
+        out
+    }
+
+    fn checker() -> (Verifier, V2Checker) {
+        (
+            Verifier::new(Some(Generator::new(3, 100))),
+            V2Checker::default(),
+        )
+    }
+
+    fn event_of(d: Delivered) -> super::super::verify::Verified {
+        match d {
+            Delivered::Event(v) => v,
+            other => panic!("not an event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tail_seq_reads_the_canonical_tail_only() {
+        let g = Generator::new(3, 100);
+        for (n, seq) in [
+            (0u64, 1u64),
+            (5, 99),
+            (151, 123_456_789),
+            (152, u64::MAX / 2),
+        ] {
+            assert_eq!(tail_seq(&v2_frame(&g, n, seq, W)), Some(seq));
+        }
+        assert_eq!(tail_seq(b"{}"), None);
+        let info = br#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#info","name":"FutureCursor"}}"#;
+        assert_eq!(tail_seq(info), None);
+    }
+
+    #[test]
+    fn events_are_checked_against_the_generator_and_cached() {
+        let g = Generator::new(3, 100);
+        let (mut v1, mut c) = checker();
+        for n in [0u64, 1, 2, 40, 151, 152] {
+            let frame = v2_frame(&g, n, n + 7, W);
+            let v = event_of(c.verify_text(&mut v1, 0, &frame).unwrap());
+            assert_eq!(
+                (v.seq, v.time_us, v.wire_seq, v.latency_from_us),
+                (Some(n), Some(T + n as i64), Some(n + 7), Some(W))
+            );
+            assert_eq!(
+                v.measured_len,
+                frame.len(),
+                "size counts the uncompressed frame"
+            );
+        }
+        // A second client's copy is a cache hit: nothing regenerated.
+        let generated = v1.generated;
+        let frame = v2_frame(&g, 40, 47, W);
+        event_of(c.verify_text(&mut v1, 0, &frame).unwrap());
+        assert_eq!(v1.generated, generated);
+        // Another target has its own cache (its seqs are another server's).
+        event_of(c.verify_text(&mut v1, 3, &v2_frame(&g, 41, 47, W)).unwrap());
+        // The same server sending other bytes for a seq it already sent is reported.
+        assert!(matches!(
+            c.verify_text(&mut v1, 0, &v2_frame(&g, 40, 47, W + 1)),
+            Err(VerifyError::SeqChanged { seq: 47, .. })
+        ));
+    }
+
+    #[test]
+    fn every_byte_outside_the_free_fields_is_checked() {
+        let g = Generator::new(3, 100);
+        for n in [0u64, 3, 140] {
+            let good = v2_frame(&g, n, 123, W);
+            let text = String::from_utf8(good.clone()).unwrap();
+            // seq, time and witnessedAt are free values: a flip there is another valid frame
+            // (a different seq, time or witness time), which the order checks judge.
+            let free: Vec<std::ops::Range<usize>> =
+                ["\"seq\":", "\"time\":\"", "\"witnessedAt\":\""]
+                    .iter()
+                    .map(|k| {
+                        let at = text.rfind(k).unwrap() + k.len();
+                        at..at + if k.starts_with("\"seq") { 3 } else { 26 }
+                    })
+                    .collect();
+            for i in 0..good.len() {
+                let mut bad = good.clone();
+                bad[i] ^= 0x01;
+                let (mut v1, mut c) = checker();
+                match c.verify_text(&mut v1, 0, &bad) {
+                    Ok(_) if free.iter().any(|r| r.contains(&i)) => {}
+                    Ok(d) => panic!("event {n}: flip at {i} accepted as {d:?}"),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_canonical_frames_and_missing_witness_time_fail() {
+        let g = Generator::new(3, 100);
+        let (mut v1, mut c) = checker();
+        let good = String::from_utf8(v2_frame(&g, 0, 9, W)).unwrap();
+        // Same JSON value, other bytes: a space, keys in another order.
+        let spaced = good.replacen("\"seq\":9", "\"seq\": 9", 1);
+        assert!(matches!(
+            c.verify_text(&mut v1, 0, spaced.as_bytes()),
+            Err(VerifyError::NotCanonical { seq: 9, .. })
+        ));
+        let reordered = good.replacen("{\"$type\":\"message\",\"payload\":", "{\"payload\":", 1);
+        let reordered = format!(
+            "{},\"$type\":\"message\"}}",
+            &reordered[..reordered.len() - 1]
+        );
+        assert!(c.verify_text(&mut v1, 0, reordered.as_bytes()).is_err());
+        let at = good.find(",\"witnessedAt\"").unwrap();
+        let unwitnessed = format!("{}}}}}", &good[..at]);
+        assert_eq!(
+            c.verify_text(&mut v1, 0, unwitnessed.as_bytes()),
+            Err(VerifyError::NoWitnessedAt(9))
+        );
+        assert!(matches!(
+            c.verify_text(&mut v1, 0, b"{\"kind\":\"commit\"}"),
+            Err(VerifyError::V2Frame(_))
+        ));
+        // Another seed's event in a perfect envelope: the content check catches it.
+        let other = v2_frame(&Generator::new(4, 100), 0, 10, W);
+        assert!(matches!(
+            c.verify_text(&mut v1, 0, &other),
+            Err(VerifyError::Mismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn sync_info_and_error_frames() {
+        let (mut v1, mut c) = checker();
+        let sync = br#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#sync","did":"did:plc:a","seq":4,"sync":{"blocks":{"$bytes":"AA"},"did":"did:plc:a","rev":"r","seq":1,"time":"2026-07-04T14:38:07.877Z"},"time":"2026-07-04T14:38:08.000000Z","witnessedAt":"2026-07-04T14:38:08.000000Z"}}"#;
+        assert_eq!(
+            c.verify_text(&mut v1, 0, sync).unwrap(),
+            Delivered::Sync {
+                wire_seq: 4,
+                did: "did:plc:a".into()
+            }
+        );
+        let mut info = Vec::new();
+        crate::wire::future_cursor_frame(900, 10, &mut info);
+        assert!(matches!(
+            c.verify_text(&mut v1, 0, &info).unwrap(),
+            Delivered::Info { name, .. } if name == "FutureCursor"
+        ));
+        let mut error = Vec::new();
+        crate::wire::consumer_too_slow_frame(100_001, 17, &mut error);
+        assert!(matches!(
+            c.verify_text(&mut v1, 0, &error).unwrap(),
+            Delivered::Error { error, message: Some(m) } if error == "ConsumerTooSlow" && m.contains("cursor=17")
+        ));
+    }
+
+    #[test]
+    fn compressed_frames_use_the_v2_dictionary_and_the_successor_hint() {
+        let g = Generator::new(3, 100);
+        let (mut v1, mut c) = checker();
+        let mut z = zstd::bulk::Compressor::with_dictionary(3, DICTIONARY_V2).unwrap();
+        let frames: Vec<Vec<u8>> = (0..4u64)
+            .map(|n| z.compress(&v2_frame(&g, n, 100 + n, W)).unwrap())
+            .collect();
+        // First client: every frame decompressed; it links each seq to the next.
+        for (n, f) in frames.iter().enumerate() {
+            let v = event_of(c.verify_compressed(&mut v1, 0, f, None).unwrap());
+            assert_eq!(v.wire_seq, Some(100 + n as u64));
+            assert_eq!(
+                v.measured_len,
+                v2_frame(&g, n as u64, 100 + n as u64, W).len()
+            );
+            if n > 0 {
+                c.link(0, 99 + n as u64, 100 + n as u64);
+            }
+        }
+        assert_eq!(c.decompressed, 4);
+        // Second client: from the hint on, nothing is decompressed.
+        for (n, f) in frames.iter().enumerate().skip(1) {
+            let hint = c.successor(0, 99 + n as u64);
+            assert_eq!(hint, Some(100 + n as u64));
+            c.verify_compressed(&mut v1, 0, f, hint).unwrap();
+        }
+        assert_eq!(c.decompressed, 4);
+        // A right hint does not excuse a corrupted frame.
+        let mut bad = frames[2].clone();
+        let last = bad.len() - 3;
+        bad[last] ^= 0x20;
+        assert!(c.verify_compressed(&mut v1, 0, &bad, Some(102)).is_err());
+        // A frame compressed with the v1 dictionary is refused.
+        let mut legacy = zstd::bulk::Compressor::with_dictionary(
+            3,
+            include_bytes!("../../assets/zstd_dictionary"),
+        )
+        .unwrap();
+        let wrong = legacy.compress(&v2_frame(&g, 9, 109, W)).unwrap();
+        assert!(matches!(
+            c.verify_compressed(&mut v1, 0, &wrong, None),
+            Err(VerifyError::Decompress(_))
+        ));
+    }
+}

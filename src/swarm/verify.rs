@@ -873,6 +873,90 @@ mod tests {
     }
 
     #[test]
+    fn order_by_the_servers_seq() {
+        let g = Generator::new(1, 10);
+        let f = Filter::from_query("");
+        let checks = Checks {
+            in_order: true,
+            ..Default::default()
+        };
+        let mut o = Order::default();
+        let take =
+            |o: &mut Order, n: u64, ws: u64| o.accept(&g, &f, &received(n, Some(ws)), &checks);
+        assert_eq!(take(&mut o, 0, 1), Ok(Accepted::New));
+        // Gaps in the server's seqs are legal; in the events they are not.
+        assert_eq!(take(&mut o, 1, 5), Ok(Accepted::New));
+        assert_eq!(
+            take(&mut o, 3, 6),
+            Err(OrderError::Gap {
+                expected: 2,
+                got: 3
+            })
+        );
+        assert_eq!(o.last_wire, Some(6));
+        o.last = Some(3); // as the client resynchronises after a failure
+        // A seq that does not increase fails, whatever the event.
+        assert_eq!(
+            take(&mut o, 4, 6),
+            Err(OrderError::SeqNotIncreasing { last: 6, got: 6 })
+        );
+        assert_eq!(
+            take(&mut o, 4, 2),
+            Err(OrderError::SeqNotIncreasing { last: 6, got: 2 })
+        );
+        // A resume by seq replays from the last one inclusive: skipped by seq while replaying.
+        o.replaying = true;
+        assert!(o.is_replayed(6) && !o.is_replayed(7));
+        assert_eq!(take(&mut o, 3, 6), Ok(Accepted::Duplicate));
+        assert_eq!(take(&mut o, 4, 7), Ok(Accepted::New));
+        assert!(!o.replaying, "the first new seq ends the replay");
+        // An event the client already has under a new seq is a real duplicate (appended twice).
+        assert_eq!(
+            take(&mut o, 4, 8),
+            Err(OrderError::Backwards { last: 4, got: 4 })
+        );
+        // A message known only by its seq (an unplaced #sync) follows the same rule.
+        assert_eq!(o.accept_wire_seq(9), Ok(Accepted::New));
+        assert_eq!(
+            o.accept_wire_seq(9),
+            Err(OrderError::SeqNotIncreasing { last: 9, got: 9 })
+        );
+        o.replaying = true;
+        assert_eq!(o.accept_wire_seq(9), Ok(Accepted::Duplicate));
+    }
+
+    #[test]
+    fn v1_frames_with_the_cursor_field() {
+        let g = Generator::new(3, 100);
+        let mut v = Verifier::new(Some(g.clone()));
+        let plain = event(&g, 12, 1_783_175_888_000_012);
+        let mut with = Vec::new();
+        crate::wire::with_cursor(&plain, 4_321, &mut with).unwrap();
+        let r = v.verify_plain(&with).unwrap();
+        assert_eq!((r.seq, r.wire_seq), (Some(12), Some(4_321)));
+        assert_eq!(
+            r.measured_len,
+            with.len(),
+            "the size limit counts the field as sent"
+        );
+        assert_eq!(v.verify_plain(&plain).unwrap().wire_seq, None);
+        // The field anywhere else is not taken out: the bytes then differ from the event.
+        let text = String::from_utf8(plain.clone()).unwrap();
+        let misplaced = format!("{},\"cursor\":4321}}", &text[..text.len() - 1]);
+        assert!(v.verify_plain(misplaced.as_bytes()).is_err());
+        // Compressed with the field: the cache remembers the field with the frame.
+        let mut c = zstd::bulk::Compressor::with_dictionary(3, DICTIONARY).unwrap();
+        let frame = c.compress(&with).unwrap();
+        assert_eq!(
+            v.verify_compressed(&frame, None).unwrap().wire_seq,
+            Some(4_321)
+        );
+        let hit = v.verify_compressed(&frame, Some(12)).unwrap();
+        assert_eq!((hit.wire_seq, hit.measured_len), (Some(4_321), frame.len()));
+        assert_eq!(v.decompressed, 1);
+    }
+
+    #[test]
     fn order_filtered_stream_computes_the_expected_set() {
         let g = Generator::new(1, 10);
         let f = Filter::from_query("wantedCollections=app.bsky.graph.follow");
