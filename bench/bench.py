@@ -10,6 +10,10 @@ doing only the kernel's part of live fan-out) as the latency reference at the sa
 scenario runs the swarm with byte-exact, in-order verification: a figure from a run whose
 clients did not receive every event in order is marked FAILED.
 
+The `v2-…` rows read the same stream from `/xrpc/network.bsky.jetstream.subscribeEvents` (Jetstream
+v2 framing) next to their v1 twins and print CPU per GB against them; they are skipped, saying
+so, while the relay answers 404 there.
+
 Usage:  cargo build --release --bins --examples && python3 bench/bench.py [--only NAME ...] [--json FILE]
 It is a benchmark, not a test: absolute numbers depend on the machine; compare ratios from one
 run (e.g. before/after a data-path change).
@@ -31,6 +35,8 @@ BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "tar
 SEED = "7"
 RELAY_CORE = "0"
 LOAD_CORE = "1"
+V1_PATH = "/subscribe"
+V2_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents"
 
 
 def free_port():
@@ -98,6 +104,20 @@ def quantile_us(bounds, counts, q):
     return None
 
 
+def upgrade_status(port, path):
+    """HTTP status the server answers a WebSocket upgrade to `path` with (101 = served)."""
+    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request.encode())
+        head = s.recv(1024).decode("latin-1")
+    try:
+        return int(head.split()[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def pinned(core, args, **kw):
     return subprocess.Popen(["taskset", "-c", core] + args, **kw)
 
@@ -105,8 +125,10 @@ def pinned(core, args, **kw):
 class Scenario:
     def __init__(self, name, clients, rate, queries=("",), duration=15, processes=1,
                  relay_args=(), warmup=None, prefill=0, swarm_args=(), sidecar=False,
-                 exempt_loopback=True):
+                 exempt_loopback=True, path=V1_PATH):
         self.name, self.clients, self.rate = name, clients, rate
+        # The endpoint the clients read: V1_PATH or V2_PATH (the swarm picks the wire by it).
+        self.path = path
         self.queries, self.duration, self.processes = list(queries), duration, processes
         self.relay_args, self.prefill, self.swarm_args = list(relay_args), prefill, list(swarm_args)
         self.sidecar = sidecar
@@ -140,6 +162,12 @@ def run(sc, log):
           + sc.relay_args, stdout=log, stderr=log)
         procs.append(relay)
         wait_port(rport)
+        if sc.path != V1_PATH:
+            status = upgrade_status(rport, sc.path)
+            if status == 404:
+                return {"scenario": sc.name, "clients": sc.clients, "rate": sc.rate,
+                        "passed": None,
+                        "skipped": f"the relay answers 404 on {sc.path} (no Jetstream v2 yet)"}
         if sc.prefill:
             # Wait until the relay has appended the whole prefill.
             deadline = time.time() + 120
@@ -162,7 +190,7 @@ def run(sc, log):
                     "rss_mib": round(rss_kib(relay.pid) / 1024, 1)}
         urls = []
         for q in sc.queries:
-            urls += ["--url", f"ws://127.0.0.1:{rport}/subscribe" + (f"?{q}" if q else "")]
+            urls += ["--url", f"ws://127.0.0.1:{rport}{sc.path}" + (f"?{q}" if q else "")]
         swarm = pinned(LOAD_CORE, [
             os.path.join(BIN, "jetrelay-swarm"), *urls, "--clients", str(sc.clients),
             "--processes", str(sc.processes), "--duration", f"{sc.duration}s", "--seed", SEED,
@@ -331,6 +359,14 @@ SCENARIOS = {
     "subs-compress": lambda: Scenario("subs-compress", 1000, 500, queries=["compress=true"]),
     "subs-100-dids": lambda: Scenario("subs-100-dids", 1000, 500,
                                       queries=did_queries(200, 100) or ["wantedDids=did:plc:x"]),
+    # The same three loads on Jetstream v2 (subscribeEvents): full stream, compressed with the
+    # v2 dictionary, and the post filter; their CPU per GB is printed against the subs-… row of
+    # the same pass (issue 21: within 1.1×).
+    "v2-full": lambda: Scenario("v2-full", 1000, 500, path=V2_PATH),
+    "v2-compress": lambda: Scenario("v2-compress", 1000, 500, path=V2_PATH,
+                                    queries=["zstdDictionary=20260811"]),
+    "v2-post": lambda: Scenario("v2-post", 1000, 500, path=V2_PATH,
+                                queries=["collections=app.bsky.feed.post"]),
     # Observability and abuse controls off (no metrics listener, loopback exempt from limits)
     # vs on (metrics scraped by the bench, every limit enforced on the swarm's connections).
     "metrics-off": lambda: Scenario("metrics-off", 1000, 500, relay_args=["--metrics-listen", ""]),
@@ -373,6 +409,8 @@ def main():
         passes.append(run_pass(names, args, ref, log, cols, results))
     if "subs-full" in names:
         print_ratios(passes)
+    if any(n.startswith("v2-") for n in names):
+        print_v2_ratios(passes)
     if len(args.relay_bin) > 1:
         print_ab(passes, names, [b.split("=", 1)[0] for b in args.relay_bin])
     if args.json:
@@ -407,6 +445,11 @@ def run_pass(names, args, ref, log, cols, results):
                 extra += (f" (swarm-bound; relay core at {r['relay_cpu_pct']}% → projected "
                           f"{r['projected_gbps_per_core']} Gbps at 100%, "
                           f"{r['projected_gbps_per_core'] / ref:.0%} of iperf3)")
+        if r.get("skipped"):
+            results.append(r)
+            by_name[n] = r
+            print(f"{n} | SKIPPED: {r['skipped']}", flush=True)
+            continue
         if r.get("clients") == 0:
             idle_cpu[r["rate"]] = r["relay_cpu_pct"]
         elif r.get("rate") in idle_cpu and r.get("window_gbps"):
@@ -437,6 +480,32 @@ def print_ab(passes, names, labels):
                     each = " ".join(f"{v:.3f}" for v in vals)
                     print(f"{n} {key} {other} ÷ {labels[0]}: median "
                           f"{statistics.median(vals):.3f} (passes: {each})")
+
+
+V2_TWINS = {"v2-full": "subs-full", "v2-compress": "subs-compress", "v2-post": "subs-post"}
+
+
+def print_v2_ratios(passes):
+    """Issue 21's figures: each v2 row's CPU per GB over its v1 twin of the same pass (target
+    ≤ 1.1), then the median over passes; a missing pair says why."""
+    for v2, v1 in V2_TWINS.items():
+        vals, why = [], None
+        for p in passes:
+            a, b = p.get(v1, {}), p.get(v2, {})
+            if b.get("skipped"):
+                why = b["skipped"]
+            elif not b:
+                why = f"{v2} not run"
+            elif not a:
+                why = f"{v1} not run (add it to --only)"
+            elif a.get("cpu_s_per_gb") and b.get("cpu_s_per_gb"):
+                vals.append(b["cpu_s_per_gb"] / a["cpu_s_per_gb"])
+        what = f"{v2} CPU/GB ÷ {v1} (≤ 1.1)"
+        if vals:
+            each = " ".join(f"{v:.3f}" for v in vals)
+            print(f"{what}: median {statistics.median(vals):.3f} (passes: {each})")
+        else:
+            print(f"{what}: no figure ({why or 'no CPU per GB measured'})")
 
 
 def print_ratios(passes):

@@ -313,7 +313,7 @@ fn time_us(json: &str) -> i64 {
 }
 
 fn seq_of(json: &str) -> u64 {
-    jetrelay::mock::Generator::seq_of(json.as_bytes()).expect("seq")
+    mock_seq(json.as_bytes()).expect("seq")
 }
 
 /// The upstream's clock is 10 minutes ahead of the relay's: a client resuming at one of its

@@ -55,6 +55,53 @@ fn read_all(url: &str, quiet: Duration, max: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// The tests' `strip_cursor` on the mock's `--wire cursor` stream (what official Jetstream and
+/// the relay send): taking the field out gives the generator's bytes, its value is the
+/// instance's seq of the event, and the legacy listener of the same stream has no field.
+#[test]
+fn harness_strips_the_cursor_field_of_a_seq_wire() {
+    let legacy_port = free_port();
+    let mock = Mock::start(
+        2000,
+        &[
+            "--wire",
+            "cursor",
+            "--seq-offset",
+            "1000",
+            "--count",
+            "400",
+            "--start-immediately",
+            "--also-listen",
+            &format!("127.0.0.1:{legacy_port}=legacy"),
+        ],
+    );
+    let g = jetrelay::mock::Generator::new(7, jetrelay::mock::DEFAULT_DIDS);
+    wait_until("the mock's 400 events", Duration::from_secs(20), || {
+        mock.seq() >= 400
+    });
+    let with = read_all(
+        &format!("ws://127.0.0.1:{}/subscribe?cursor=1000", mock.port),
+        Duration::from_secs(2),
+        400,
+    );
+    let without = read_all(
+        &format!("ws://127.0.0.1:{legacy_port}/subscribe?cursor=0"),
+        Duration::from_secs(2),
+        400,
+    );
+    assert_eq!((with.len(), without.len()), (400, 400));
+    for (n, (frame, legacy)) in with.iter().zip(&without).enumerate() {
+        let (event, cursor) = strip_cursor(frame);
+        assert_eq!(cursor, Some(n as u64 + 1000), "event {n}");
+        assert_eq!(&event, legacy, "event {n}: the rest is the upstream event");
+        let mut want = Vec::new();
+        g.event(n as u64, time_us(legacy), &mut want);
+        assert_eq!(event, want, "event {n}: the generator's bytes");
+        assert_eq!(mock_seq(frame), Some(n as u64));
+        assert_eq!(strip_cursor(legacy), (legacy.clone(), None));
+    }
+}
+
 fn time_us(json: &[u8]) -> i64 {
     let v: serde_json::Value = serde_json::from_slice(json).expect("json");
     v["time_us"].as_i64().expect("time_us")

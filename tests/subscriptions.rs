@@ -57,8 +57,10 @@ struct Ev {
     seq: u64,
     /// Its `time_us`.
     time_us: i64,
-    /// Exact JSON bytes.
+    /// Exact JSON bytes as the relay sends them (with its `cursor` field when it adds one).
     json: Vec<u8>,
+    /// The relay's seq of the event (its `cursor` field), when it sends one.
+    cursor: Option<u64>,
     /// Exact zstd payload the relay sends compressed clients.
     zstd: Vec<u8>,
     /// Top-level `did`.
@@ -91,26 +93,31 @@ fn unzstd(frame: &[u8]) -> Vec<u8> {
 
 impl Reference {
     /// Builds the reference from the unfiltered plain and compressed replays of `n` events,
-    /// checking both: every plain event is byte-exact what the generator produces for its seq,
-    /// seqs are exactly 0..n in order, and every compressed frame decodes to the plain JSON.
+    /// checking both: every plain event is byte-exact what the generator produces for its seq
+    /// (once the relay's `cursor` field is taken out; its values must increase), seqs are
+    /// exactly 0..n in order, and every compressed frame decodes to the plain JSON.
     fn build(plain: Vec<Frame>, zstd: Vec<Frame>, n: usize) -> Reference {
         assert_eq!(plain.len(), n, "unfiltered plain replay length");
         assert_eq!(zstd.len(), n, "unfiltered compressed replay length");
         let generator = Generator::new(SEED, DIDS);
-        let mut evs = Vec::with_capacity(n);
+        let mut evs: Vec<Ev> = Vec::with_capacity(n);
         for (i, (p, z)) in plain.into_iter().zip(zstd).enumerate() {
             assert!(!p.binary, "plain event {i} came as a binary frame");
             assert!(z.binary, "compressed event {i} came as a text frame");
-            let seq = Generator::seq_of(&p.data).unwrap_or_else(|| panic!("event {i} has no seq"));
+            let (event, cursor) = strip_cursor(&p.data);
+            let seq = Generator::seq_of(&event).unwrap_or_else(|| panic!("event {i} has no seq"));
             assert_eq!(
                 seq, i as u64,
                 "the relay's full replay is the mock's stream in order"
             );
-            let time_us = Generator::time_us_of(&p.data).expect("time_us");
+            if let (Some(prev), Some(this)) = (evs.last().and_then(|e| e.cursor), cursor) {
+                assert!(this > prev, "event {seq}: relay seq {this} after {prev}");
+            }
+            let time_us = Generator::time_us_of(&event).expect("time_us");
             let mut want = Vec::new();
             generator.event(seq, time_us, &mut want);
             assert!(
-                p.data == want,
+                event == want,
                 "event {seq} differs from the generator's:\n{}\n{}",
                 String::from_utf8_lossy(&p.data),
                 String::from_utf8_lossy(&want)
@@ -129,6 +136,7 @@ impl Reference {
                 did: v["did"].as_str().expect("did").to_string(),
                 kind,
                 collection,
+                cursor,
                 json: p.data,
                 zstd: z.data,
             });
@@ -157,7 +165,7 @@ impl Reference {
                 } else {
                     f.data.clone()
                 };
-                let seq = Generator::seq_of(&json).unwrap_or_else(|| {
+                let seq = mock_seq(&json).unwrap_or_else(|| {
                     panic!(
                         "{what}: frame {i} is not a mock event: {}",
                         String::from_utf8_lossy(&json)
@@ -1626,7 +1634,7 @@ fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
             .iter()
             .map(|f| {
                 assert_eq!(f.binary, compressed);
-                Generator::seq_of(&f.data).expect("seq")
+                mock_seq(&f.data).expect("seq")
             })
             .collect();
         assert!(seqs.len() > 300, "{name} got {} events", seqs.len());
@@ -1738,7 +1746,7 @@ fn sparse_did_replay_is_not_throttled() {
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(15) {
                 if let Got::Frame(f) = read_one(&mut ws) {
-                    return Generator::seq_of(&f.data) == Some(n - 1);
+                    return mock_seq(&f.data) == Some(n - 1);
                 }
             }
             false
@@ -1749,7 +1757,7 @@ fn sparse_did_replay_is_not_throttled() {
     let mut got = Vec::new();
     while got.len() < want.len() && t0.elapsed() < Duration::from_secs(20) {
         if let Got::Frame(f) = read_one(&mut ws) {
-            got.push(Generator::seq_of(&f.data).expect("seq"));
+            got.push(mock_seq(&f.data).expect("seq"));
         }
     }
     let took = t0.elapsed();

@@ -601,11 +601,13 @@ fn next_event(ws: &mut Wss, generator: &Generator) -> (u64, i64) {
     }
 }
 
-/// Checks one event against its regeneration; returns (seq, time_us).
-fn verify_event(json: &[u8], generator: &Generator) -> (u64, i64) {
-    let text = String::from_utf8_lossy(json);
-    let seq = Generator::seq_of(json).unwrap_or_else(|| panic!("not a mock event: {text}"));
-    let time_us = Generator::time_us_of(json).unwrap_or_else(|| panic!("no time_us: {text}"));
+/// Checks one event against its regeneration (the relay's `cursor` field taken out); returns
+/// (seq, time_us).
+fn verify_event(frame: &[u8], generator: &Generator) -> (u64, i64) {
+    let text = String::from_utf8_lossy(frame);
+    let (json, _) = strip_cursor(frame);
+    let seq = Generator::seq_of(&json).unwrap_or_else(|| panic!("not a mock event: {text}"));
+    let time_us = Generator::time_us_of(&json).unwrap_or_else(|| panic!("no time_us: {text}"));
     let mut expected = Vec::new();
     generator.event(seq, time_us, &mut expected);
     assert!(
@@ -744,7 +746,7 @@ fn relay_first_seq(relay: &Relay) -> u64 {
                     .expect("timeout");
             }
             if let Ok(tungstenite::Message::Text(t)) = ws.read() {
-                return Generator::seq_of(t.as_bytes()).expect("a mock event");
+                return mock_seq(t.as_bytes()).expect("a mock event");
             }
         }
         assert!(

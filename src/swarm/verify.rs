@@ -987,30 +987,97 @@ mod tests {
         );
     }
 
-    /// `cargo test --release -- --ignored verify_throughput --nocapture`: the verifier's
-    /// per-event CPU cost with a warm cache (what one swarm core can check).
+    /// `cargo test --release --lib -- --ignored verify_throughput --nocapture`: the verifier's
+    /// per-event CPU cost on every wire with a warm cache (what one swarm core can check when
+    /// many clients receive the same recent events within milliseconds of each other), plus
+    /// the cost of a miss (the first client to see an event).
     #[test]
     #[ignore]
     fn verify_throughput() {
         let g = Generator::new(3, 100_000);
-        // A window small enough to stay in cache, as when many clients receive the same
-        // recent events within milliseconds of each other.
-        let events: Vec<Vec<u8>> = (0..64u64)
-            .map(|s| event(&g, s, 1_783_175_888_000_000 + s as i64))
+        let t0 = 1_783_175_888_000_000;
+        let n_events = 64u64;
+        let v1: Vec<Vec<u8>> = (0..n_events).map(|s| event(&g, s, t0 + s as i64)).collect();
+        let cursor: Vec<Vec<u8>> = v1
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut out = Vec::new();
+                crate::wire::with_cursor(e, 1_000_000 + i as u64, &mut out).unwrap();
+                out
+            })
             .collect();
-        let mut v = Verifier::new(Some(g.clone()));
-        let start = std::time::Instant::now();
-        let rounds = 20_000;
-        for _ in 0..rounds {
-            for e in &events {
-                v.verify_plain(e).unwrap();
+        let v2: Vec<Vec<u8>> = v1
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut out = Vec::new();
+                crate::wire::v1_to_v2(e, 1_000_000 + i as u64, t0 + 900, &mut out).unwrap();
+                out
+            })
+            .collect();
+        let mut z1 = zstd::bulk::Compressor::with_dictionary(3, DICTIONARY).unwrap();
+        let mut z2 = zstd::bulk::Compressor::with_dictionary(
+            3,
+            include_bytes!("../../assets/zstd_dictionary_v2"),
+        )
+        .unwrap();
+        let v1z: Vec<Vec<u8>> = v1.iter().map(|e| z1.compress(e).unwrap()).collect();
+        let v2z: Vec<Vec<u8>> = v2.iter().map(|e| z2.compress(e).unwrap()).collect();
+        let rounds = 10_000;
+        let report = |name: &str, f: &mut dyn FnMut(usize)| {
+            let start = std::time::Instant::now();
+            for _ in 0..rounds {
+                for i in 0..n_events as usize {
+                    f(i);
+                }
             }
-        }
-        let n = (rounds * events.len()) as f64;
-        let ns = start.elapsed().as_nanos() as f64 / n;
-        eprintln!(
-            "verify_plain: {ns:.0} ns/event ({:.1} M events/s)",
-            1e3 / ns
-        );
+            let ns = start.elapsed().as_nanos() as f64 / (rounds * n_events as usize) as f64;
+            eprintln!("{name}: {ns:.0} ns/event ({:.2} M events/s)", 1e3 / ns);
+        };
+        let plain = |wire, compressed| Checks {
+            wire,
+            compressed,
+            ..Default::default()
+        };
+        let mut v = Verifier::new(Some(g.clone()));
+        let c = plain(super::super::Wire::V1, false);
+        report("v1 text", &mut |i| {
+            v.verify_frame(&c, false, &v1[i], None).unwrap();
+        });
+        report("v1 text + cursor field", &mut |i| {
+            v.verify_frame(&c, false, &cursor[i], None).unwrap();
+        });
+        let c = plain(super::super::Wire::V1, true);
+        report("v1 zstd (predicted)", &mut |i| {
+            v.verify_frame(&c, true, &v1z[i], Some(i as u64)).unwrap();
+        });
+        let c = plain(super::super::Wire::V2, false);
+        report("v2 text", &mut |i| {
+            v.verify_frame(&c, false, &v2[i], None).unwrap();
+        });
+        let c = plain(super::super::Wire::V2, true);
+        report("v2 zstd (predicted)", &mut |i| {
+            v.verify_frame(&c, true, &v2z[i], Some(1_000_000 + i as u64))
+                .unwrap();
+        });
+        // Misses: a fresh verifier per round, so every frame is verified in full.
+        let fresh = || Verifier::new(Some(g.clone()));
+        let round = |name: &str, wire, compressed, frames: &[Vec<u8>]| {
+            let c = plain(wire, compressed);
+            let start = std::time::Instant::now();
+            let rounds = 200;
+            for _ in 0..rounds {
+                let mut v = fresh();
+                for f in frames {
+                    v.verify_frame(&c, compressed, f, None).unwrap();
+                }
+            }
+            let us = start.elapsed().as_secs_f64() * 1e6 / (rounds * frames.len()) as f64;
+            eprintln!("{name} (miss): {us:.2} µs/event");
+        };
+        round("v1 text", super::super::Wire::V1, false, &v1);
+        round("v2 text", super::super::Wire::V2, false, &v2);
+        round("v2 zstd", super::super::Wire::V2, true, &v2z);
     }
 }

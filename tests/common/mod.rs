@@ -283,6 +283,22 @@ impl Relay {
     }
 }
 
+/// A `/subscribe` frame from the relay as the mock's generator made the event: the relay's own
+/// `cursor` field (its seq of the event, which it puts right after `time_us`) taken out, and
+/// that seq (`None` when the frame has none: a relay that does not add it, or a legacy
+/// upstream). Every comparison of relay frames with the generator's bytes goes through this;
+/// relay frames compared with relay frames need nothing. A `cursor` anywhere else is left in
+/// place, so the comparison that follows fails.
+pub fn strip_cursor(frame: &[u8]) -> (Vec<u8>, Option<u64>) {
+    let (event, seq) = jetrelay::swarm::v1_cursor::strip(frame);
+    (event.into_owned(), seq)
+}
+
+/// The generator's number of the event in a relay frame (see [`strip_cursor`]).
+pub fn mock_seq(frame: &[u8]) -> Option<u64> {
+    jetrelay::mock::Generator::seq_of(&strip_cursor(frame).0)
+}
+
 /// Runs `jetrelay-swarm` to completion with `--seed 7 --json` and the given flags.
 pub fn swarm(args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_jetrelay-swarm"));
