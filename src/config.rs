@@ -111,6 +111,8 @@ pub struct RawSettings {
     pub thin_linger_load: f64,
     /// `options_update` messages per second per client (token bucket).
     pub options_update_rate: f64,
+    /// `/subscribe` frames carry the relay's seq as a top-level `cursor` field.
+    pub v1_cursor_field: bool,
 }
 
 impl Default for RawSettings {
@@ -141,6 +143,7 @@ impl Default for RawSettings {
             thin_linger: "80ms".into(),
             thin_linger_load: 0.1,
             options_update_rate: 1.0,
+            v1_cursor_field: true,
         }
     }
 }
@@ -200,6 +203,9 @@ pub struct Settings {
     /// `options_update` messages per second per client (token bucket; burst 10 or 2× the
     /// rate).
     pub options_update_rate: f64,
+    /// `/subscribe` frames carry the relay's seq as a top-level `cursor` field (as the
+    /// official server's do; off for v1 clients that refuse unknown fields).
+    pub v1_cursor_field: bool,
 }
 
 /// A setting that failed validation, naming the key.
@@ -462,6 +468,7 @@ impl RawSettings {
             thin_linger,
             thin_linger_load: self.thin_linger_load,
             options_update_rate: self.options_update_rate,
+            v1_cursor_field: self.v1_cursor_field,
         })
     }
 }

@@ -20,7 +20,7 @@ use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAcces
 /// are skipped.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
-/// The three event kinds of Jetstream v1.
+/// The event kinds: the three of Jetstream v1, and `#sync`, which only the v2 wire carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     /// A record create, update or delete; the only kind that has a collection.
@@ -29,6 +29,8 @@ pub enum EventKind {
     Identity,
     /// An account status change (activation, takedown, deletion).
     Account,
+    /// A repository sync (v2 only: it has no v1 form).
+    Sync,
 }
 
 impl EventKind {
@@ -38,6 +40,7 @@ impl EventKind {
             EventKind::Commit => "commit",
             EventKind::Identity => "identity",
             EventKind::Account => "account",
+            EventKind::Sync => "sync",
         }
     }
 
@@ -56,6 +59,7 @@ impl EventKind {
             EventKind::Commit => b'c',
             EventKind::Identity => b'i',
             EventKind::Account => b'a',
+            EventKind::Sync => b's',
         }
     }
 }
@@ -578,6 +582,8 @@ impl<'a> RawEvent<'a> {
         let mut hasher = KeyHasher::new(kind);
         hasher.field(&did);
         let collection = match kind {
+            // No v1 event is a `#sync` (`from_wire` does not know the name).
+            EventKind::Sync => return Err(EventError::UnknownKind("sync".into())),
             EventKind::Commit => {
                 let commit = match self.commit.ok_or(EventError::MissingField("commit"))? {
                     MaybeSection::Object(c) => c,

@@ -1,13 +1,15 @@
 //! The hub: state shared by the writer, the fan-out workers, the listener and retention —
-//! the two base logs, the event index, and the counters everyone bumps.
+//! the base logs, the event index, and the counters everyone bumps.
 //!
-//! Two base streams are written for every event: `plain` (text frames, the JSON as received)
-//! and `zstd` (binary frames, each event compressed once with the official dictionary), so a
-//! compressed client is served from the page cache exactly like a plain one.
+//! Four base streams are written for every event, one per [`Encoding`]: the v1 JSON (with the
+//! relay's `cursor`) in text frames, that JSON compressed once with the v1 dictionary in binary
+//! frames, the v2 message in text frames, and that message compressed once with the v2
+//! dictionary. Every client is served from the page cache exactly like every other.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::encoding::{ENCODINGS, Encoding};
 use crate::index::{EventIndex, EventPos};
 use crate::log::Stream;
 use crate::upstream::SkipReason;
@@ -36,7 +38,8 @@ pub struct Counters {
     pub events_delivered: AtomicU64,
     /// Clients connected right now.
     pub clients: AtomicU64,
-    /// Clients connected right now, per subscription shape (index = [`ShapeClass::index`]).
+    /// Clients connected right now, per subscription shape and encoding (index =
+    /// [`ShapeClass::index`]).
     pub clients_by_shape: [AtomicU64; ShapeClass::COUNT],
     /// Clients accepted (upgraded) in total.
     pub clients_accepted: AtomicU64,
@@ -126,8 +129,8 @@ pub enum ShapeClass {
 }
 
 impl ShapeClass {
-    /// Shapes × {plain, compressed}.
-    pub const COUNT: usize = 8;
+    /// Shape classes × encodings.
+    pub const COUNT: usize = 4 * ENCODINGS;
     /// Every shape, in index order.
     pub const ALL: [ShapeClass; 4] = [
         ShapeClass::All,
@@ -161,8 +164,8 @@ impl ShapeClass {
     }
 
     /// Slot in [`Counters::clients_by_shape`] for this shape and encoding.
-    pub fn index(self, compressed: bool) -> usize {
-        self as usize * 2 + compressed as usize
+    pub fn index(self, encoding: Encoding) -> usize {
+        self as usize * ENCODINGS + encoding.index()
     }
 }
 
@@ -228,12 +231,27 @@ impl LatencySnapshot {
     }
 }
 
+/// Where a seq cursor starts (see [`Hub::resolve_seq`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqStart {
+    /// At this event (inclusive).
+    At(EventPos),
+    /// Below what is retained: the oldest retained event is at `oldest` with seq `oldest_seq`
+    /// (`/subscribe` clamps there silently; `subscribeEvents` answers `CursorTooOld`).
+    TooOld { oldest: EventPos, oldest_seq: u64 },
+    /// At or past the next seq to be assigned: live. `future` when strictly past it
+    /// (`subscribeEvents` says `FutureCursor`), with that next seq.
+    Live {
+        end: EventPos,
+        future: bool,
+        next_seq: u64,
+    },
+}
+
 /// Shared state.
 pub struct Hub {
-    /// Text frames of every event.
-    pub plain: Arc<Stream>,
-    /// zstd binary frames of every event.
-    pub zstd: Arc<Stream>,
+    /// The base logs, by [`Encoding::index`]: every event's frames in every encoding.
+    streams: [Arc<Stream>; ENCODINGS],
     /// The index, behind a lock: the writer holds it for microseconds per append.
     index: RwLock<EventIndex>,
     /// Set on SIGTERM/SIGINT: everyone winds down.
@@ -257,15 +275,13 @@ pub struct Hub {
 impl Hub {
     /// Builds the hub from recovered parts.
     pub fn new(
-        plain: Stream,
-        zstd: Stream,
+        streams: [Stream; ENCODINGS],
         index: EventIndex,
         limits: crate::limits::Limits,
         shapes: crate::shapes::Shapes,
     ) -> Hub {
         Hub {
-            plain: Arc::new(plain),
-            zstd: Arc::new(zstd),
+            streams: streams.map(Arc::new),
             seq_base: index.next_seq(),
             index: RwLock::new(index),
             shutdown: AtomicBool::new(false),
@@ -290,9 +306,20 @@ impl Hub {
         self.index.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The base stream for a client's encoding.
-    pub fn base(&self, compressed: bool) -> &Arc<Stream> {
-        if compressed { &self.zstd } else { &self.plain }
+    /// The base stream of an encoding.
+    pub fn base(&self, enc: Encoding) -> &Arc<Stream> {
+        &self.streams[enc.index()]
+    }
+
+    /// Every base stream, by [`Encoding::index`].
+    pub fn bases(&self) -> &[Arc<Stream>; ENCODINGS] {
+        &self.streams
+    }
+
+    /// The v1 JSON log (the event as received, plus the relay's `cursor`): what filters and
+    /// cursor lookups read an event's fields from.
+    pub fn plain(&self) -> &Arc<Stream> {
+        self.base(Encoding::V1Json)
     }
 
     /// Sequence number after the newest event whose index entry is written. It may trail the
@@ -306,17 +333,56 @@ impl Hub {
         self.shutdown.load(Ordering::Relaxed)
     }
 
-    /// Resolves a cursor to the position of the first retained event with `time_us >= cursor`
-    /// (in log order), or the live end. Scans at most one chunk's frames from the plain log.
+    /// Resolves a µs cursor to the position of the first retained event with
+    /// `time_us >= cursor` (in log order), or the live end. Scans at most one chunk's frames
+    /// from the plain log.
     pub fn resolve_cursor(&self, cursor: Option<i64>) -> EventPos {
         let pos = self.resolve_cursor_unclamped(cursor);
-        // Retention may be about to drop the start of what is retained (it is kicking the
-        // readers there): start new clients past that point rather than refuse them.
-        let (kp, kz) = (self.plain.kick_below(), self.zstd.kick_below());
-        if pos.plain_off >= kp && pos.zstd_off >= kz {
+        self.past_kicks(pos)
+    }
+
+    /// Resolves a seq cursor (inclusive: the event with that seq, or the first after it).
+    /// O(log n) and exact whatever `time_us` does.
+    pub fn resolve_seq(&self, seq: u64) -> SeqStart {
+        let index = self.index();
+        let next = index.next_seq();
+        let next_seq = index.seqs.seq_of(next);
+        if seq >= next_seq {
+            return SeqStart::Live {
+                end: index.end_pos(),
+                future: seq > next_seq,
+                next_seq,
+            };
+        }
+        let first = index.first_seq();
+        let at = index.seqs.pos_of(seq);
+        if at < first {
+            let oldest = index.start_pos();
+            let oldest_seq = index.seqs.seq_of(first);
+            drop(index);
+            return SeqStart::TooOld {
+                oldest: self.past_kicks(oldest),
+                oldest_seq,
+            };
+        }
+        let pos = index.pos_of(at);
+        drop(index);
+        SeqStart::At(self.past_kicks(pos))
+    }
+
+    /// The seq of the event at index position `pos`.
+    pub fn seq_of(&self, pos: u64) -> u64 {
+        self.index().seqs.seq_of(pos)
+    }
+
+    /// Retention may be about to drop the start of what is retained (it is kicking the
+    /// readers there): new clients start past that point rather than be refused.
+    fn past_kicks(&self, pos: EventPos) -> EventPos {
+        let kicks: [u64; ENCODINGS] = std::array::from_fn(|i| self.streams[i].kick_below());
+        if (0..ENCODINGS).all(|i| pos.offs[i] >= kicks[i]) {
             return pos;
         }
-        self.index().first_pos_at_or_after(kp, kz)
+        self.index().first_pos_at_or_after(kicks)
     }
 
     fn resolve_cursor_unclamped(&self, cursor: Option<i64>) -> EventPos {
@@ -335,24 +401,29 @@ impl Hub {
         if pos.seq < start.seq {
             return start;
         }
-        let total: u64 = entries.iter().map(|e| e.plain_len as u64).sum();
+        let plain = Encoding::V1Json;
+        let total: u64 = entries.iter().map(|e| e.frame_len(plain)).sum();
         let mut buf = vec![0u8; total as usize];
-        if std::os::unix::fs::FileExt::read_exact_at(self.plain.file(), &mut buf, pos.plain_off)
-            .is_err()
+        if std::os::unix::fs::FileExt::read_exact_at(
+            self.plain().file(),
+            &mut buf,
+            pos.offset(plain),
+        )
+        .is_err()
         {
             return pos;
         }
         let mut off = 0usize;
         for e in &entries {
-            let frame = &buf[off..off + e.plain_len as usize];
+            // A `#sync` event has no v1 frame (its time is the next event's, for this scan).
+            let len = e.frame_len(plain) as usize;
+            let frame = &buf[off..off + len];
             let payload = &frame[stored_header_len(frame).min(frame.len())..];
-            if crate::event::scan_time_us(payload).is_some_and(|t| t >= cursor) {
+            if len > 0 && crate::event::scan_time_us(payload).is_some_and(|t| t >= cursor) {
                 return pos;
             }
-            off += e.plain_len as usize;
-            pos.seq += 1;
-            pos.plain_off += e.plain_len as u64;
-            pos.zstd_off += e.zstd_len as u64;
+            off += len;
+            pos = pos.after(e);
         }
         pos
     }
@@ -411,10 +482,10 @@ mod tests {
     fn shape_slots_are_distinct() {
         let mut seen = std::collections::HashSet::new();
         for shape in ShapeClass::ALL {
-            for compressed in [false, true] {
-                let i = shape.index(compressed);
+            for enc in Encoding::ALL {
+                let i = shape.index(enc);
                 assert!(i < ShapeClass::COUNT);
-                assert!(seen.insert(i), "{shape} {compressed} collides");
+                assert!(seen.insert(i), "{shape} {enc} collides");
             }
         }
         assert_eq!(seen.len(), ShapeClass::COUNT);

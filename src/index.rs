@@ -1,7 +1,9 @@
-//! The event index: for every retained event, where its frame is in each base log and what a
-//! filter needs to know about it (DID hash, collection id, kind) — 16 bytes per event — grouped
-//! in chunks of [`CHUNK_EVENTS`] whose headers carry the byte offsets, the running maximum of
-//! `time_us` (for cursors) and the append time (for retention).
+//! The event index: for every retained event, where its frame is in each base log (one per
+//! [`Encoding`]), what a filter needs to know about it (DID hash, collection id, kind) and the
+//! upstream's sequence number — 32 bytes per event — grouped in chunks of [`CHUNK_EVENTS`]
+//! whose headers carry the byte offsets, the running maximum of `time_us` (for cursors) and
+//! the append time (for retention). An event's *position* (called `seq` here: its record
+//! number) is dense; the seq clients see is mapped from it by [`Seqs`].
 //!
 //! Why a running maximum: `time_us` is not monotonic in real traffic, but its running maximum
 //! is, and the first event whose `time_us >= C` is exactly the first event where the running
@@ -9,8 +11,10 @@
 //! most one chunk's frames finds the event.
 //!
 //! Persistence (what makes a restart of a 10 GB log take seconds, not minutes):
-//! - `events.idx`: record `seq` at byte `seq * 16` (punched with the log, a chunk per block);
-//! - `chunks.idx`: record `chunk` at byte `chunk * 32`, written when a chunk completes;
+//! - `events.idx`: record `seq` at byte `seq * 32` (punched with the log, a chunk per two
+//!   blocks);
+//! - `chunks.idx`: record `chunk` at byte `chunk * 64`, written when a chunk completes;
+//! - `seqs.idx`, `seqs.reserve`, `seqs.clean`: the client-facing seqs (see [`Seqs`]);
 //! - `collections.txt`: interned collection NSIDs, one per line, id = line number.
 
 use std::collections::{HashMap, VecDeque};
@@ -19,16 +23,19 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::encoding::{ENCODINGS, Encoding};
 use crate::event::EventKind;
+use crate::seqs::Seqs;
 
-/// Events per chunk. Why 256: 256 × 16-byte records = one 4 KiB block of `events.idx`, so a
-/// dropped chunk is exactly one punched block; and a cursor lookup scans at most 256 frames.
+/// Events per chunk. Why 256: 256 × 32-byte records = two 4 KiB blocks of `events.idx`, so a
+/// dropped chunk is exactly punched; and a cursor lookup scans at most 256 frames.
 pub const CHUNK_EVENTS: u64 = 256;
 
 /// Bytes per persisted event record.
-pub const ENTRY_BYTES: u64 = 16;
-/// Bytes per persisted chunk record.
-const CHUNK_RECORD_BYTES: u64 = 32;
+pub const ENTRY_BYTES: u64 = 32;
+/// Bytes per persisted chunk record (four offsets, two times, padding to a power of two so
+/// that 64 records fill a block exactly).
+const CHUNK_RECORD_BYTES: u64 = 64;
 
 /// Collection id for "not interned" (the table is full): filters must look at the JSON.
 pub const COLLECTION_UNKNOWN: u16 = u16::MAX;
@@ -37,44 +44,50 @@ pub const COLLECTION_NONE: u16 = u16::MAX - 1;
 /// Why bounded: an upstream could invent collections without limit; ids are u16.
 const MAX_COLLECTIONS: usize = (u16::MAX - 2) as usize;
 
-/// One event's record. `repr(C)` and little-endian persisted as-is.
+/// One event's record, persisted little-endian as 32 bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventEntry {
-    /// Frame length in the plain (text) log.
-    pub plain_len: u32,
-    /// Frame length in the zstd (binary) log.
-    pub zstd_len: u32,
+    /// Frame length in each base log, by [`Encoding::index`] (0 in the v1 logs for a `#sync`
+    /// event, which has no v1 form).
+    pub lens: [u32; ENCODINGS],
     /// `event::did_hash` of the DID: DID filters compare hashes, then confirm on the JSON.
     pub did_hash: u32,
     /// Interned collection id, [`COLLECTION_NONE`] or [`COLLECTION_UNKNOWN`].
     pub collection: u16,
-    /// 0 commit, 1 identity, 2 account.
+    /// 0 commit, 1 identity, 2 account, 3 sync.
     pub kind: u8,
     /// Reserved (0).
     pub flags: u8,
+    /// The upstream's sequence number for this event (0 when its wire has none): where a
+    /// restarted relay resumes exactly.
+    pub upstream_seq: u64,
 }
 
 impl EventEntry {
-    fn to_bytes(self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..4].copy_from_slice(&self.plain_len.to_le_bytes());
-        b[4..8].copy_from_slice(&self.zstd_len.to_le_bytes());
-        b[8..12].copy_from_slice(&self.did_hash.to_le_bytes());
-        b[12..14].copy_from_slice(&self.collection.to_le_bytes());
-        b[14] = self.kind;
-        b[15] = self.flags;
+    fn to_bytes(self) -> [u8; ENTRY_BYTES as usize] {
+        let mut b = [0u8; ENTRY_BYTES as usize];
+        for (i, len) in self.lens.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&len.to_le_bytes());
+        }
+        b[16..20].copy_from_slice(&self.did_hash.to_le_bytes());
+        b[20..22].copy_from_slice(&self.collection.to_le_bytes());
+        b[22] = self.kind;
+        b[23] = self.flags;
+        b[24..32].copy_from_slice(&self.upstream_seq.to_le_bytes());
         b
     }
 
     fn from_bytes(b: &[u8]) -> EventEntry {
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&b[24..32]);
         EventEntry {
-            plain_len: u32_at(0),
-            zstd_len: u32_at(4),
-            did_hash: u32_at(8),
-            collection: u16::from_le_bytes([b[12], b[13]]),
-            kind: b[14],
-            flags: b[15],
+            lens: std::array::from_fn(|i| u32_at(i * 4)),
+            did_hash: u32_at(16),
+            collection: u16::from_le_bytes([b[20], b[21]]),
+            kind: b[22],
+            flags: b[23],
+            upstream_seq: u64::from_le_bytes(seq),
         }
     }
 
@@ -83,17 +96,14 @@ impl EventEntry {
         match self.kind {
             1 => EventKind::Identity,
             2 => EventKind::Account,
+            3 => EventKind::Sync,
             _ => EventKind::Commit,
         }
     }
 
-    /// Frame length in the chosen base log.
-    pub fn frame_len(&self, compressed: bool) -> u64 {
-        if compressed {
-            self.zstd_len as u64
-        } else {
-            self.plain_len as u64
-        }
+    /// Frame length in the base log of `enc`.
+    pub fn frame_len(&self, enc: Encoding) -> u64 {
+        self.lens[enc.index()] as u64
     }
 }
 
@@ -103,7 +113,16 @@ pub fn kind_code(kind: EventKind) -> u8 {
         EventKind::Commit => 0,
         EventKind::Identity => 1,
         EventKind::Account => 2,
+        EventKind::Sync => 3,
     }
+}
+
+/// Byte offsets in each base log, by [`Encoding::index`].
+pub type Offsets = [u64; ENCODINGS];
+
+/// `offsets` advanced past the frames of `e`.
+pub fn advance(offsets: Offsets, e: &EventEntry) -> Offsets {
+    std::array::from_fn(|i| offsets[i] + e.lens[i] as u64)
 }
 
 /// A run of up to [`CHUNK_EVENTS`] consecutive events.
@@ -111,10 +130,8 @@ pub fn kind_code(kind: EventKind) -> u8 {
 pub struct Chunk {
     /// Sequence number of the first event (a multiple of `CHUNK_EVENTS`).
     pub first_seq: u64,
-    /// Offset of the first event's frame in the plain log.
-    pub plain_off: u64,
-    /// Offset of the first event's frame in the zstd log.
-    pub zstd_off: u64,
+    /// Offsets of the first event's frames in each base log.
+    pub offs: Offsets,
     /// Running maximum of `time_us` up to and including this chunk's last event.
     pub max_time_us: i64,
     /// Wall-clock time (µs) of the last append into this chunk: retention by age uses it.
@@ -125,33 +142,39 @@ pub struct Chunk {
 
 impl Chunk {
     /// Offsets just past this chunk's last frame.
-    pub fn end_offsets(&self) -> (u64, u64) {
-        self.entries
-            .iter()
-            .fold((self.plain_off, self.zstd_off), |(p, z), e| {
-                (p + e.plain_len as u64, z + e.zstd_len as u64)
-            })
+    pub fn end_offsets(&self) -> Offsets {
+        self.entries.iter().fold(self.offs, advance)
+    }
+
+    /// Position of its first event.
+    pub fn start(&self) -> EventPos {
+        EventPos {
+            seq: self.first_seq,
+            offs: self.offs,
+        }
     }
 }
 
-/// A position in the event sequence with its byte offsets in both base logs.
+/// A position in the event sequence with its byte offsets in every base log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventPos {
-    /// Sequence number of the next event.
+    /// Sequence number (index position) of the next event.
     pub seq: u64,
-    /// Its frame offset in the plain log.
-    pub plain_off: u64,
-    /// Its frame offset in the zstd log.
-    pub zstd_off: u64,
+    /// Its frame offsets in each base log.
+    pub offs: Offsets,
 }
 
 impl EventPos {
-    /// Offset in the chosen base log.
-    pub fn offset(&self, compressed: bool) -> u64 {
-        if compressed {
-            self.zstd_off
-        } else {
-            self.plain_off
+    /// Offset in the base log of `enc`.
+    pub fn offset(&self, enc: Encoding) -> u64 {
+        self.offs[enc.index()]
+    }
+
+    /// The position after the event `e` at this one.
+    pub fn after(&self, e: &EventEntry) -> EventPos {
+        EventPos {
+            seq: self.seq + 1,
+            offs: advance(self.offs, e),
         }
     }
 }
@@ -271,6 +294,8 @@ pub struct EventIndex {
     chunks_file: Option<File>,
     /// `durable.idx`: the durable mark (see [`SyncHandles::mark_durable`]).
     durable_file: Option<File>,
+    /// The seqs clients see, mapped from positions; the writer reserves them.
+    pub seqs: Seqs,
 }
 
 /// What recovery's frame check expects of an event's collection.
@@ -284,9 +309,9 @@ pub enum CollectionCheck<'a> {
     Named(&'a str),
 }
 
-/// Recovery's frame check: are both frames of the event at `pos` valid (complete, the lengths
-/// of the record) and do they match the record (kind, DID hash) and `collection`? Returns the
-/// event's `time_us` if so.
+/// Recovery's frame check: are the event's frames at `pos` valid in every base log (complete,
+/// the lengths of the record) and do they match the record (kind, DID hash) and
+/// `collection`? Returns the event's `time_us` if so.
 pub type CheckFn<'a> = dyn FnMut(EventPos, &EventEntry, CollectionCheck<'_>) -> Option<i64> + 'a;
 
 /// A base log as recovery sees it.
@@ -312,6 +337,8 @@ pub struct Recovery {
     pub verified_events: u64,
     /// Chunk headers rebuilt from the chain of records (missing, zeroed or contradicting).
     pub rebuilt_headers: u64,
+    /// How the client-facing seqs continued (a gap after an unclean stop).
+    pub seqs: Option<crate::seqs::Start>,
     /// Events discarded because damage in the synced part of the index made them
     /// unlocatable: the damaged chunk and everything older (logged as an error).
     pub discarded_events: u64,
@@ -338,10 +365,8 @@ impl Recovery {
 /// A chunk header as persisted in `chunks.idx`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ChunkHeader {
-    /// Offset of the chunk's first frame in the plain log.
-    plain_off: u64,
-    /// Offset of the chunk's first frame in the zstd log.
-    zstd_off: u64,
+    /// Offsets of the chunk's first frames in each base log.
+    offs: Offsets,
     /// Running maximum of indexed `time_us` up to the chunk's last event.
     max_time_us: i64,
     /// Wall clock of the chunk's last append.
@@ -351,10 +376,11 @@ struct ChunkHeader {
 impl ChunkHeader {
     fn to_bytes(self) -> [u8; CHUNK_RECORD_BYTES as usize] {
         let mut b = [0u8; CHUNK_RECORD_BYTES as usize];
-        b[0..8].copy_from_slice(&self.plain_off.to_le_bytes());
-        b[8..16].copy_from_slice(&self.zstd_off.to_le_bytes());
-        b[16..24].copy_from_slice(&self.max_time_us.to_le_bytes());
-        b[24..32].copy_from_slice(&self.appended_at_us.to_le_bytes());
+        for (i, o) in self.offs.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&o.to_le_bytes());
+        }
+        b[32..40].copy_from_slice(&self.max_time_us.to_le_bytes());
+        b[40..48].copy_from_slice(&self.appended_at_us.to_le_bytes());
         b
     }
 
@@ -365,10 +391,9 @@ impl ChunkHeader {
             a
         };
         ChunkHeader {
-            plain_off: u64::from_le_bytes(w(0)),
-            zstd_off: u64::from_le_bytes(w(1)),
-            max_time_us: i64::from_le_bytes(w(2)),
-            appended_at_us: i64::from_le_bytes(w(3)),
+            offs: std::array::from_fn(|i| u64::from_le_bytes(w(i))),
+            max_time_us: i64::from_le_bytes(w(4)),
+            appended_at_us: i64::from_le_bytes(w(5)),
         }
     }
 }
@@ -384,12 +409,16 @@ const DURABLE_MARK_SALT: u64 = 0x6a65_7472_656c_6179;
 /// Largest frame a record may describe: the largest event plus the longest frame header.
 const MAX_RECORD_FRAME: u32 = crate::event::MAX_EVENT_BYTES as u32 + 16;
 
-/// Whether a record can describe an event at all (a zero-filled or torn range cannot).
+/// Whether a record can describe an event at all (a zero-filled or torn range cannot): every
+/// frame of a sane length — a `#sync` event has no v1 frames — a known kind, no flags.
 fn record_is_sane(e: &EventEntry) -> bool {
-    (2..=MAX_RECORD_FRAME).contains(&e.plain_len)
-        && (2..=MAX_RECORD_FRAME).contains(&e.zstd_len)
-        && e.kind <= 2
-        && e.flags == 0
+    let frame = |enc: Encoding| (2..=MAX_RECORD_FRAME).contains(&e.lens[enc.index()]);
+    let v1 = if e.kind == 3 {
+        e.lens[0] == 0 && e.lens[1] == 0
+    } else {
+        frame(Encoding::V1Json) && frame(Encoding::V1Zstd)
+    };
+    v1 && frame(Encoding::V2Json) && frame(Encoding::V2Zstd) && e.kind <= 3 && e.flags == 0
 }
 
 /// Reads the durable mark: every event before it was synced to disk (with its index records
@@ -453,7 +482,7 @@ enum Located {
     /// At the end of the previous chunk (the chain of records), its header agreeing.
     Chained(ChunkHeader),
     /// At the end of the previous chunk (or at 0); its header missing, zeroed or contradicting.
-    Rebuilt((u64, u64)),
+    Rebuilt(Offsets),
     /// By its own header (the first chunk of a chain).
     Anchored(ChunkHeader),
 }
@@ -485,8 +514,7 @@ impl EventIndex {
         EventIndex {
             chunks: VecDeque::from([Chunk {
                 first_seq: 0,
-                plain_off: 0,
-                zstd_off: 0,
+                offs: [0; ENCODINGS],
                 max_time_us: i64::MIN,
                 appended_at_us: 0,
                 entries: Vec::with_capacity(CHUNK_EVENTS as usize),
@@ -495,11 +523,13 @@ impl EventIndex {
             events_file: None,
             chunks_file: None,
             durable_file: None,
+            seqs: Seqs::in_memory(),
         }
     }
 
-    /// Opens (or creates) the persisted index in `dir` and reconciles it with the two base
-    /// logs, repairing whatever prefix of the last writes a crash left on disk:
+    /// Opens (or creates) the persisted index in `dir` and reconciles it with the base logs
+    /// (`logs`, by [`Encoding::index`]), repairing whatever prefix of the last writes a crash
+    /// left on disk:
     ///
     /// - records are kept only while they form a chain: each chunk starts where the previous
     ///   one ends. A chunk header that is missing (a crash between the last record and the
@@ -515,8 +545,7 @@ impl EventIndex {
     ///   the JSON), and a torn last line there is cut.
     pub fn open(
         dir: &Path,
-        plain: LogExtent,
-        zstd: LogExtent,
+        logs: [LogExtent; ENCODINGS],
         check: &mut CheckFn<'_>,
     ) -> io::Result<(EventIndex, Recovery)> {
         let open = |name: &str| {
@@ -560,7 +589,7 @@ impl EventIndex {
                 .name(id)
                 .map_or(CollectionCheck::Any, CollectionCheck::Named),
         };
-        let unlogged = |(p, z): (u64, u64)| p < plain.first_data || z < zstd.first_data;
+        let unlogged = |offs: Offsets| (0..ENCODINGS).any(|i| offs[i] < logs[i].first_data);
 
         // 1. The chain of chunks, oldest first.
         let mut chunks: VecDeque<Chunk> = VecDeque::new();
@@ -602,24 +631,23 @@ impl EventIndex {
                 None
             };
             let chained = chunks.back().map(|p| p.end_offsets());
-            let mut first_ok = |offsets: (u64, u64)| -> bool {
+            let mut first_ok = |offs: Offsets| -> bool {
                 let Some(e) = entries.first() else {
                     return true;
                 };
                 let pos = EventPos {
                     seq: first_seq,
-                    plain_off: offsets.0,
-                    zstd_off: offsets.1,
+                    offs,
                 };
-                !unlogged(offsets) && check(pos, e, collection_check(e)).is_some()
+                !unlogged(offs) && check(pos, e, collection_check(e)).is_some()
             };
             let located = match (chained, header) {
-                (Some(o), Some(h)) if (h.plain_off, h.zstd_off) == o && first_ok(o) => {
-                    Some(Located::Chained(h))
-                }
+                (Some(o), Some(h)) if h.offs == o && first_ok(o) => Some(Located::Chained(h)),
                 (Some(o), _) if first_ok(o) => Some(Located::Rebuilt(o)),
-                (_, Some(h)) if first_ok((h.plain_off, h.zstd_off)) => Some(Located::Anchored(h)),
-                (None, None) if c == 0 && first_ok((0, 0)) => Some(Located::Rebuilt((0, 0))),
+                (_, Some(h)) if first_ok(h.offs) => Some(Located::Anchored(h)),
+                (None, None) if c == 0 && first_ok([0; ENCODINGS]) => {
+                    Some(Located::Rebuilt([0; ENCODINGS]))
+                }
                 _ => None,
             };
             let Some(located) = located else {
@@ -642,14 +670,8 @@ impl EventIndex {
                 }
                 continue;
             };
-            let (plain_off, zstd_off, max_time_us, appended_at_us, needs_rescan) = match located {
-                Located::Chained(h) => (
-                    h.plain_off,
-                    h.zstd_off,
-                    h.max_time_us,
-                    h.appended_at_us,
-                    false,
-                ),
+            let (offs, max_time_us, appended_at_us, needs_rescan) = match located {
+                Located::Chained(h) => (h.offs, h.max_time_us, h.appended_at_us, false),
                 Located::Anchored(h) => {
                     if chained.is_some() {
                         // The chain disagrees and only the header's offsets verify: the older
@@ -662,15 +684,9 @@ impl EventIndex {
                             first_seq,
                         );
                     }
-                    (
-                        h.plain_off,
-                        h.zstd_off,
-                        h.max_time_us,
-                        h.appended_at_us,
-                        false,
-                    )
+                    (h.offs, h.max_time_us, h.appended_at_us, false)
                 }
-                Located::Rebuilt((p, z)) => (p, z, i64::MIN, 0, true),
+                Located::Rebuilt(o) => (o, i64::MIN, 0, true),
             };
             // A complete chunk's header is rewritten if it was rebuilt; a partial chunk has no
             // header yet, its maximum is rescanned like a rebuilt one's. So is the maximum of a
@@ -683,8 +699,7 @@ impl EventIndex {
             let rescan = needs_rescan || !complete || unsynced(first_seq + CHUNK_EVENTS - 1);
             chunks.push_back(Chunk {
                 first_seq,
-                plain_off,
-                zstd_off,
+                offs,
                 max_time_us,
                 appended_at_us: if rescan { 0 } else { appended_at_us },
                 entries,
@@ -700,8 +715,7 @@ impl EventIndex {
             let seq = first_chunk.max(n_records.div_ceil(CHUNK_EVENTS)) * CHUNK_EVENTS;
             chunks.push_back(Chunk {
                 first_seq: seq,
-                plain_off: plain.len,
-                zstd_off: zstd.len,
+                offs: std::array::from_fn(|i| logs[i].len),
                 max_time_us: i64::MIN,
                 appended_at_us: now_us(),
                 entries: Vec::new(),
@@ -711,8 +725,8 @@ impl EventIndex {
 
         // 2. Records whose frames the logs do not (fully) hold: a torn tail.
         while let Some(last) = chunks.back_mut() {
-            let (p, z) = last.end_offsets();
-            if p <= plain.len && z <= zstd.len {
+            let end = last.end_offsets();
+            if (0..ENCODINGS).all(|i| end[i] <= logs[i].len) {
                 break;
             }
             if last.entries.pop().is_some() {
@@ -732,6 +746,7 @@ impl EventIndex {
             events_file: Some(events_file),
             chunks_file: Some(chunks_file),
             durable_file: Some(durable_file),
+            seqs: Seqs::in_memory(),
         };
         recovery.dropped_records = n_records.saturating_sub(index.next_seq());
 
@@ -777,13 +792,12 @@ impl EventIndex {
             .chunks
             .back()
             .map(|c| (c.entries.len(), c.end_offsets(), c.first_seq));
-        if let Some((len, (p, z), first_seq)) = last
+        if let Some((len, offs, first_seq)) = last
             && len as u64 == CHUNK_EVENTS
         {
             index.chunks.push_back(Chunk {
                 first_seq: first_seq + CHUNK_EVENTS,
-                plain_off: p,
-                zstd_off: z,
+                offs,
                 max_time_us: i64::MIN,
                 appended_at_us: 0,
                 entries: Vec::with_capacity(CHUNK_EVENTS as usize),
@@ -845,6 +859,11 @@ impl EventIndex {
         }
         index.rewrite_tail_records()?;
         recovery.events = index.next_seq() - index.first_seq();
+        // The seqs continue after the recovered end (past anything published, after an
+        // unclean stop).
+        let (seqs, start) = Seqs::open(dir, index.next_seq())?;
+        index.seqs = seqs;
+        recovery.seqs = Some(start);
         Ok((index, recovery))
     }
 
@@ -888,12 +907,7 @@ impl EventIndex {
         };
         let mut since = std::time::Duration::from_micros(span as u64);
         let mut max = prev.map_or(i64::MIN, |p| p.max_time_us);
-        let start = EventPos {
-            seq: chunk.first_seq,
-            plain_off: chunk.plain_off,
-            zstd_off: chunk.zstd_off,
-        };
-        self.walk(start, chunk.entries.len(), |pos, e| {
+        self.walk(chunk.start(), chunk.entries.len(), |pos, e| {
             if let Some(t) = time_of(pos, e) {
                 max = max.max(clock.observe(t, since));
                 since = std::time::Duration::ZERO;
@@ -905,8 +919,7 @@ impl EventIndex {
 
     fn write_header(&self, c: &Chunk) -> io::Result<()> {
         let header = ChunkHeader {
-            plain_off: c.plain_off,
-            zstd_off: c.zstd_off,
+            offs: c.offs,
             max_time_us: c.max_time_us,
             appended_at_us: c.appended_at_us,
         };
@@ -979,22 +992,16 @@ impl EventIndex {
     /// Position just past the newest event.
     pub fn end_pos(&self) -> EventPos {
         let last = self.chunks.back().expect("index always has a chunk");
-        let (plain_off, zstd_off) = last.end_offsets();
         EventPos {
             seq: self.next_seq(),
-            plain_off,
-            zstd_off,
+            offs: last.end_offsets(),
         }
     }
 
     /// Position of the oldest retained event.
     pub fn start_pos(&self) -> EventPos {
         match self.chunks.iter().find(|c| !c.entries.is_empty()) {
-            Some(c) => EventPos {
-                seq: c.first_seq,
-                plain_off: c.plain_off,
-                zstd_off: c.zstd_off,
-            },
+            Some(c) => c.start(),
             None => self.end_pos(),
         }
     }
@@ -1031,8 +1038,7 @@ impl EventIndex {
             && let Some(f) = &self.chunks_file
         {
             let header = ChunkHeader {
-                plain_off: last.plain_off,
-                zstd_off: last.zstd_off,
+                offs: last.offs,
                 max_time_us: last.max_time_us.max(indexed_time_us),
                 appended_at_us: now_us,
             };
@@ -1056,12 +1062,11 @@ impl EventIndex {
         last.max_time_us = last.max_time_us.max(indexed_time_us);
         last.appended_at_us = now_us;
         if last.entries.len() as u64 == CHUNK_EVENTS {
-            let (plain_off, zstd_off) = last.end_offsets();
+            let offs = last.end_offsets();
             let max_time_us = last.max_time_us;
             self.chunks.push_back(Chunk {
                 first_seq: seq + 1,
-                plain_off,
-                zstd_off,
+                offs,
                 max_time_us,
                 appended_at_us: now_us,
                 entries: Vec::with_capacity(CHUNK_EVENTS as usize),
@@ -1087,14 +1092,7 @@ impl EventIndex {
             .collect();
         let i = retained.partition_point(|c| c.max_time_us < cursor);
         let c = retained.get(i)?;
-        Some((
-            EventPos {
-                seq: c.first_seq,
-                plain_off: c.plain_off,
-                zstd_off: c.zstd_off,
-            },
-            c.entries.clone(),
-        ))
+        Some((c.start(), c.entries.clone()))
     }
 
     /// Position of event `seq` (clamped to the retained range).
@@ -1110,39 +1108,25 @@ impl EventIndex {
             .chunks
             .partition_point(|c| c.first_seq + CHUNK_EVENTS <= seq);
         let c = &self.chunks[i];
-        let mut pos = EventPos {
-            seq: c.first_seq,
-            plain_off: c.plain_off,
-            zstd_off: c.zstd_off,
-        };
-        for e in &c.entries[..(seq - c.first_seq) as usize] {
-            pos.seq += 1;
-            pos.plain_off += e.plain_len as u64;
-            pos.zstd_off += e.zstd_len as u64;
-        }
-        pos
+        c.entries[..(seq - c.first_seq) as usize]
+            .iter()
+            .fold(c.start(), |pos, e| pos.after(e))
     }
 
-    /// The first chunk start whose offsets are at or past both given offsets (or the end).
-    pub fn first_pos_at_or_after(&self, plain_off: u64, zstd_off: u64) -> EventPos {
+    /// The first chunk start whose offsets are at or past all the given offsets (or the end).
+    pub fn first_pos_at_or_after(&self, offs: Offsets) -> EventPos {
         self.chunks
             .iter()
             .filter(|c| !c.entries.is_empty())
-            .find(|c| c.plain_off >= plain_off && c.zstd_off >= zstd_off)
-            .map_or_else(
-                || self.end_pos(),
-                |c| EventPos {
-                    seq: c.first_seq,
-                    plain_off: c.plain_off,
-                    zstd_off: c.zstd_off,
-                },
-            )
+            .find(|c| (0..ENCODINGS).all(|i| c.offs[i] >= offs[i]))
+            .map_or_else(|| self.end_pos(), Chunk::start)
     }
 
-    /// Sequence number of the frame starting at `offset` in a base log, if it is a retained
-    /// frame boundary.
-    pub fn seq_at_offset(&self, offset: u64, compressed: bool) -> Option<u64> {
-        let key = |c: &Chunk| if compressed { c.zstd_off } else { c.plain_off };
+    /// Sequence number of the frame starting at `offset` in the base log of `enc`, if it is a
+    /// retained frame boundary there. (Events without a frame in that log — `#sync` in the
+    /// v1 logs — share the boundary with the next event; the first of them is returned.)
+    pub fn seq_at_offset(&self, offset: u64, enc: Encoding) -> Option<u64> {
+        let key = |c: &Chunk| c.offs[enc.index()];
         let i = self.chunks.partition_point(|c| key(c) <= offset);
         let c = self.chunks.get(i.checked_sub(1)?)?;
         let mut off = key(c);
@@ -1150,7 +1134,7 @@ impl EventIndex {
             if off == offset {
                 return Some(c.first_seq + k as u64);
             }
-            off += e.frame_len(compressed);
+            off += e.frame_len(enc);
         }
         (off == offset).then(|| c.first_seq + c.entries.len() as u64)
     }
@@ -1174,18 +1158,16 @@ impl EventIndex {
                     return;
                 }
                 n += 1;
-                pos.seq += 1;
-                pos.plain_off += e.plain_len as u64;
-                pos.zstd_off += e.zstd_len as u64;
+                pos = pos.after(e);
             }
         }
     }
 
-    /// End offsets (plain, zstd) of the newest chunk retention wants gone: every complete chunk
-    /// last appended to before `cutoff_us`, and enough of the oldest ones to free `excess`
-    /// bytes. Readers below it are all kicked at once, so that one stalled reader does not
-    /// hold the others' kicks back chunk by chunk.
-    pub fn retention_target(&self, cutoff_us: i64, excess: u64) -> Option<(u64, u64)> {
+    /// End offsets of the newest chunk retention wants gone: every complete chunk last
+    /// appended to before `cutoff_us`, and enough of the oldest ones to free `excess` bytes.
+    /// Readers below it are all kicked at once, so that one stalled reader does not hold the
+    /// others' kicks back chunk by chunk.
+    pub fn retention_target(&self, cutoff_us: i64, excess: u64) -> Option<Offsets> {
         let complete = self.chunks.len().saturating_sub(1);
         let mut freed = 0u64;
         let mut target = None;
@@ -1193,9 +1175,9 @@ impl EventIndex {
             if c.appended_at_us >= cutoff_us && freed >= excess {
                 break;
             }
-            let (p, z) = c.end_offsets();
-            freed += (p - c.plain_off) + (z - c.zstd_off);
-            target = Some((p, z));
+            let end = c.end_offsets();
+            freed += (0..ENCODINGS).map(|i| end[i] - c.offs[i]).sum::<u64>();
+            target = Some(end);
         }
         target
     }
@@ -1210,8 +1192,8 @@ impl EventIndex {
 
     /// Seq of the chunk start at or before `offset` in a base log (chunk granularity is enough
     /// for lag estimates).
-    pub fn seq_at_or_before_offset(&self, offset: u64, compressed: bool) -> Option<u64> {
-        let key = |c: &Chunk| if compressed { c.zstd_off } else { c.plain_off };
+    pub fn seq_at_or_before_offset(&self, offset: u64, enc: Encoding) -> Option<u64> {
+        let key = |c: &Chunk| c.offs[enc.index()];
         let i = self.chunks.partition_point(|c| key(c) <= offset);
         self.chunks.get(i.checked_sub(1)?).map(|c| c.first_seq)
     }
@@ -1234,7 +1216,7 @@ impl EventIndex {
             punch(f, c.first_seq * ENTRY_BYTES, CHUNK_EVENTS * ENTRY_BYTES)?;
         }
         let chunk_no = c.first_seq / CHUNK_EVENTS;
-        // chunks.idx: punch whole blocks only, once all 128 records in a block are dropped.
+        // chunks.idx: punch whole blocks only, once all 64 records in a block are dropped.
         let per_block = 4096 / CHUNK_RECORD_BYTES;
         if (chunk_no + 1).is_multiple_of(per_block)
             && let Some(f) = &self.chunks_file
@@ -1278,7 +1260,9 @@ impl EventIndex {
 
     /// Approximate heap bytes used by retained entries (for metrics and the README's claim).
     pub fn memory_bytes(&self) -> usize {
-        self.chunks.len() * (std::mem::size_of::<Chunk>() + CHUNK_EVENTS as usize * 16)
+        self.chunks.len()
+            * (std::mem::size_of::<Chunk>()
+                + CHUNK_EVENTS as usize * std::mem::size_of::<EventEntry>())
     }
 }
 
@@ -1314,14 +1298,16 @@ mod tests {
 
     fn entry(p: u32) -> EventEntry {
         EventEntry {
-            plain_len: p,
-            zstd_len: p / 2,
+            lens: [p, p / 2, p + 30, p / 3],
             did_hash: p,
             collection: 0,
             kind: 0,
             flags: 0,
+            upstream_seq: p as u64 * 7,
         }
     }
+
+    const PLAIN: Encoding = Encoding::V1Json;
 
     #[test]
     fn non_monotonic_cursor_lookup() {
@@ -1356,9 +1342,12 @@ mod tests {
         }
         let pos = idx.pos_of(300);
         let expect: u64 = (0..300u32).map(|i| 10 + (i % 5) as u64).sum();
-        assert_eq!(pos.plain_off, expect);
-        assert_eq!(idx.seq_at_offset(expect, false), Some(300));
-        assert_eq!(idx.seq_at_offset(expect + 1, false), None);
+        assert_eq!(pos.offset(PLAIN), expect);
+        assert_eq!(idx.seq_at_offset(expect, PLAIN), Some(300));
+        assert_eq!(idx.seq_at_offset(expect + 1, PLAIN), None);
+        let v2: u64 = (0..300u32).map(|i| 40 + (i % 5) as u64).sum();
+        assert_eq!(pos.offset(Encoding::V2Json), v2);
+        assert_eq!(idx.seq_at_offset(v2, Encoding::V2Json), Some(300));
         let mut seen = Vec::new();
         idx.walk(pos, 10, |p, _| {
             seen.push(p.seq);
@@ -1374,16 +1363,18 @@ mod tests {
     /// What was appended: per seq, its record, offsets and time.
     struct Model {
         entries: Vec<EventEntry>,
-        offsets: Vec<(u64, u64)>,
+        offsets: Vec<Offsets>,
         times: Vec<i64>,
     }
 
     impl Model {
-        fn end(&self) -> (u64, u64) {
-            let (p, z) = *self.offsets.last().unwrap();
-            let e = self.entries.last().unwrap();
-            (p + e.plain_len as u64, z + e.zstd_len as u64)
+        fn end(&self) -> Offsets {
+            advance(*self.offsets.last().unwrap(), self.entries.last().unwrap())
         }
+    }
+
+    fn extents(offs: Offsets) -> [LogExtent; ENCODINGS] {
+        offs.map(|len| LogExtent { len, first_data: 0 })
     }
 
     fn test_dir(name: &str) -> std::path::PathBuf {
@@ -1401,7 +1392,7 @@ mod tests {
     fn build(dir: &Path, n: u64, durable: bool) -> Model {
         let mut check = |_: EventPos, _: &EventEntry, _: CollectionCheck<'_>| Some(0);
         let (mut idx, rec) =
-            EventIndex::open(dir, LogExtent::default(), LogExtent::default(), &mut check).unwrap();
+            EventIndex::open(dir, [LogExtent::default(); ENCODINGS], &mut check).unwrap();
         assert_eq!(rec.events, 0);
         assert_eq!(idx.collections.intern("app.bsky.feed.post").unwrap(), 0);
         assert_eq!(idx.collections.intern("app.bsky.feed.like").unwrap(), 1);
@@ -1414,8 +1405,7 @@ mod tests {
             let mut e = entry(20 + (i % 3) as u32);
             e.collection = (i % 2) as u16;
             let t = 1_000_000 + i as i64 * 20 - if i % 3 == 0 { 45 } else { 0 };
-            let end = idx.end_pos();
-            m.offsets.push((end.plain_off, end.zstd_off));
+            m.offsets.push(idx.end_pos().offs);
             idx.append(e, t, 1 + i as i64).unwrap();
             m.entries.push(e);
             m.times.push(t);
@@ -1433,22 +1423,18 @@ mod tests {
     /// the logs).
     fn reopen(dir: &Path, m: &Model, logged: u64) -> (EventIndex, Recovery) {
         let logged = logged.min(m.entries.len() as u64);
-        let (p, z) = if logged == 0 {
-            (0, 0)
+        let end = if logged == 0 {
+            [0; ENCODINGS]
         } else {
-            let (p, z) = m.offsets[logged as usize - 1];
-            let e = m.entries[logged as usize - 1];
-            (p + e.plain_len as u64, z + e.zstd_len as u64)
+            let i = logged as usize - 1;
+            advance(m.offsets[i], &m.entries[i])
         };
         let mut check = |pos: EventPos, e: &EventEntry, _: CollectionCheck<'_>| {
             let i = pos.seq as usize;
-            (pos.seq < logged
-                && m.offsets.get(i) == Some(&(pos.plain_off, pos.zstd_off))
-                && m.entries[i] == *e)
+            (pos.seq < logged && m.offsets.get(i) == Some(&pos.offs) && m.entries[i] == *e)
                 .then(|| m.times[i])
         };
-        let extent = |len| LogExtent { len, first_data: 0 };
-        EventIndex::open(dir, extent(p), extent(z), &mut check).unwrap()
+        EventIndex::open(dir, extents(end), &mut check).unwrap()
     }
 
     /// Every retained event is where the model says, and every cursor lookup finds the first
@@ -1458,7 +1444,7 @@ mod tests {
         let mut seen = 0;
         idx.walk(idx.start_pos(), usize::MAX, |pos, e| {
             let i = pos.seq as usize;
-            assert_eq!((pos.plain_off, pos.zstd_off), m.offsets[i], "seq {i}");
+            assert_eq!(pos.offs, m.offsets[i], "seq {i}");
             assert_eq!(*e, m.entries[i], "seq {i}");
             seen += 1;
             true
@@ -1544,8 +1530,7 @@ mod tests {
             .write_all_at(&[0u8; CHUNK_RECORD_BYTES as usize], CHUNK_RECORD_BYTES)
             .unwrap();
         let bogus = ChunkHeader {
-            plain_off: 17,
-            zstd_off: 3,
+            offs: [17, 3, 4, 5],
             max_time_us: i64::MAX,
             appended_at_us: 5,
         };
@@ -1594,7 +1579,7 @@ mod tests {
         let dir = test_dir("badrecord");
         let m = build(&dir, 1300, true);
         let mut e = m.entries[300];
-        e.plain_len += 1;
+        e.lens[0] += 1;
         let events = OpenOptions::new()
             .write(true)
             .open(dir.join("events.idx"))
@@ -1645,13 +1630,39 @@ mod tests {
             let mut check = |pos: EventPos, _: &EventEntry, _: CollectionCheck<'_>| {
                 Some(m.times[pos.seq as usize])
             };
-            let (p, z) = m.end();
-            let extent = |len| LogExtent { len, first_data: 0 };
-            EventIndex::open(&dir, extent(p), extent(z), &mut check).unwrap()
+            EventIndex::open(&dir, extents(m.end()), &mut check).unwrap()
         };
         assert_eq!(rec.unknown_collections, 0);
         assert_eq!(idx.first_seq(), 0);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn records_round_trip_and_sync_events_have_no_v1_frames() {
+        let e = entry(300);
+        assert_eq!(EventEntry::from_bytes(&e.to_bytes()), e);
+        assert!(record_is_sane(&e));
+        let sync = EventEntry {
+            lens: [0, 0, 200, 90],
+            kind: kind_code(EventKind::Sync),
+            ..entry(1)
+        };
+        assert_eq!(sync.kind(), EventKind::Sync);
+        assert!(record_is_sane(&sync));
+        assert!(
+            !record_is_sane(&EventEntry {
+                lens: [0, 0, 200, 90],
+                ..entry(1)
+            }),
+            "a commit without v1 frames"
+        );
+        assert!(!record_is_sane(&EventEntry::default()), "a zeroed record");
+        let h = ChunkHeader {
+            offs: [1, 2, 3, 4],
+            max_time_us: -5,
+            appended_at_us: 9,
+        };
+        assert_eq!(ChunkHeader::from_bytes(&h.to_bytes()), h);
     }
 
     #[test]

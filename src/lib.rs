@@ -2,6 +2,7 @@
 pub mod clock;
 pub mod compress;
 pub mod config;
+pub mod encoding;
 pub mod event;
 pub mod failpoint;
 pub mod fanout;
@@ -18,6 +19,7 @@ pub mod mock;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod routes;
+pub mod seqs;
 pub mod shapes;
 pub mod subscription;
 pub mod swarm;

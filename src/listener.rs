@@ -19,12 +19,15 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 
 use crate::config::{ListenAddr, Settings};
+use crate::encoding::Encoding;
 use crate::fanout::{Fanout, NewClient};
 use crate::handshake::{self, HttpError, ParseStatus};
+use crate::hub::SeqStart;
 use crate::hub::{Counters, Hub, ShapeClass};
 use crate::limits::Admission;
 use crate::proxy_protocol::{self, ProxyParse};
 use crate::subscription;
+use crate::wire::{self, Cursor, KindSet};
 
 /// Why: a cap on handshakes in progress bounds the listener's memory (8 KiB each at most)
 /// and keeps a slowloris flood from starving real clients of the listener's attention.
@@ -328,12 +331,19 @@ impl Listener {
                 Admission::Refused(err) => return self.refuse_ref(p, err),
             }
         }
-        let status = match handshake::parse_request(&p.buf) {
+        // The head is parsed out of a buffer taken from the connection, so that the request
+        // (borrowing it) and the connection can be used together; an incomplete head gets its
+        // buffer back.
+        let buf = std::mem::take(&mut p.buf);
+        let status = match handshake::parse_request(&buf) {
             Ok(s) => s,
             Err(e) => return self.refuse_ref(p, e),
         };
         let request = match status {
-            ParseStatus::Incomplete => return Progress::Again,
+            ParseStatus::Incomplete => {
+                p.buf = buf;
+                return Progress::Again;
+            }
             ParseStatus::Complete { request, .. } => request,
         };
         match (request.method, request.path) {
@@ -361,7 +371,20 @@ impl Listener {
                     Ok(x) => x,
                     Err(e) => return self.refuse_ref(p, HttpError::new(400, e.to_string())),
                 };
-                let start = self.hub.resolve_cursor(params.cursor);
+                // A cursor below 10^15 is a seq (inclusive; below retention clamped silently, as
+                // officially), at or above it unix µs.
+                let start = match params.cursor.map(Cursor::from_value) {
+                    None => self.hub.resolve_cursor(None),
+                    Some(Ok(Cursor::TimeUs(t))) => self.hub.resolve_cursor(Some(t)),
+                    Some(Ok(Cursor::Seq(seq))) => match self.hub.resolve_seq(seq) {
+                        SeqStart::At(pos) => pos,
+                        SeqStart::TooOld { oldest, .. } => oldest,
+                        SeqStart::Live { end, .. } => end,
+                    },
+                    Some(Err(e)) => {
+                        return self.refuse_ref(p, HttpError::new(400, format!("cursor: {e}")));
+                    }
+                };
                 let response = handshake::accept_response(&key, &[]);
                 if write_all_nb(&p.fd, &response).is_err() {
                     return self.drop_silently(p);
@@ -379,12 +402,20 @@ impl Listener {
                 self.fanout.attach(NewClient {
                     fd,
                     peer,
-                    compressed: params.compress,
+                    encoding: Encoding::of(false, params.compress),
+                    kinds: KindSet::V1,
                     options: params.options,
+                    preamble: None,
                     start,
                     require_hello: params.require_hello,
                     counted_ip: p.admitted_ip.take(),
                 });
+                Progress::Done
+            }
+            (_, wire::SUBSCRIBE_EVENTS_PATH) => self.subscribe_events(p, &request),
+            (_, wire::GET_ZSTD_DICTIONARY_PATH) => {
+                let _ = write_all_nb(&p.fd, &wire::get_zstd_dictionary_response(&request));
+                self.release(p);
                 Progress::Done
             }
             ("GET", _) => self.refuse_ref(
@@ -396,6 +427,107 @@ impl Listener {
                 HttpError::new(405, "method not allowed").with_header("Allow", "GET".into()),
             ),
         }
+    }
+
+    /// `subscribeEvents`: the v2 stream. Refusals are XRPC errors (400, with the official
+    /// name and message); a seq cursor below retention is `CursorTooOld`; a clamped µs cursor
+    /// or a future seq gets an `#info` frame before the first event.
+    fn subscribe_events(&self, p: &mut Pending, request: &handshake::Request<'_>) -> Progress {
+        let key = match handshake::validate_upgrade(request) {
+            Ok(k) => k.to_owned(),
+            Err(e) => return self.refuse_ref(p, e),
+        };
+        let encodings: Vec<&str> = request.header_values("Socket-Encoding").collect();
+        let params = match wire::parse_subscribe_events_query(request.query, &encodings) {
+            Ok(x) => x,
+            Err(e) => return self.refuse_xrpc(p, e),
+        };
+        let encoding = Encoding::of(true, params.compress);
+        let mut info = Vec::new();
+        let start = match params.cursor {
+            None => self.hub.resolve_cursor(None),
+            Some(Cursor::Seq(seq)) => match self.hub.resolve_seq(seq) {
+                SeqStart::At(pos) => pos,
+                SeqStart::TooOld { oldest_seq, .. } => {
+                    return self.refuse_xrpc(p, wire::XrpcError::cursor_too_old(seq, oldest_seq));
+                }
+                SeqStart::Live {
+                    end,
+                    future,
+                    next_seq,
+                } => {
+                    if future {
+                        wire::future_cursor_frame(seq, next_seq, &mut info);
+                    }
+                    end
+                }
+            },
+            Some(Cursor::TimeUs(t)) => {
+                let pos = self.hub.resolve_cursor(Some(t));
+                // Clamped: the cursor resolves to the oldest retained event while older ones
+                // were dropped (the window moved past it).
+                let first = self.hub.index().first_seq();
+                if pos.seq == first && first > 0 {
+                    wire::outdated_cursor_frame(self.hub.seq_of(first), &mut info);
+                }
+                pos
+            }
+        };
+        let preamble = if info.is_empty() {
+            None
+        } else {
+            match own_frame(encoding, &info) {
+                Ok(frame) => Some(frame),
+                Err(e) => {
+                    return self.refuse_ref(p, HttpError::new(500, format!("#info frame: {e}")));
+                }
+            }
+        };
+        let protocol = wire::negotiate_subprotocol(request);
+        let headers: Vec<(&str, &str)> = protocol
+            .map(|proto| ("Sec-WebSocket-Protocol", proto))
+            .into_iter()
+            .collect();
+        let response = handshake::accept_response(&key, &headers);
+        if write_all_nb(&p.fd, &response).is_err() {
+            return self.drop_silently(p);
+        }
+        let Some(fd) = p.fd.try_clone().ok() else {
+            return self.drop_silently(p);
+        };
+        let peer = p
+            .peer
+            .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+        tracing::info!(%peer, shape = %ShapeClass::of(&params.options), cursor = ?params.cursor,
+            encoding = %encoding, kinds = %params.kinds.names(),
+            collections = params.options.wanted_collections.len(),
+            dids = params.options.wanted_dids.len(), "client connected");
+        Counters::add(&self.hub.counters.clients_accepted, 1);
+        self.fanout.attach(NewClient {
+            fd,
+            peer,
+            encoding,
+            kinds: params.kinds,
+            options: params.options,
+            preamble,
+            start,
+            require_hello: false,
+            counted_ip: p.admitted_ip.take(),
+        });
+        Progress::Done
+    }
+
+    /// Refuses a `subscribeEvents` request with its XRPC error.
+    fn refuse_xrpc(&self, p: &mut Pending, err: wire::XrpcError) -> Progress {
+        self.hub.counters.refused(err.status);
+        let peer = p
+            .peer
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        tracing::info!(%peer, status = err.status, error = err.error, message = %err.message,
+            "handshake refused");
+        let _ = write_all_nb(&p.fd, &err.to_response());
+        self.release(p);
+        Progress::Done
     }
 
     fn release(&self, p: &mut Pending) {
@@ -430,6 +562,22 @@ enum Progress {
     Again,
     /// Finished (handed over, answered or dropped).
     Done,
+}
+
+/// A frame the relay composes for one v2 client (`#info`): a text frame, or on a compressed
+/// connection a binary frame compressed with the v2 dictionary, like its events.
+fn own_frame(encoding: Encoding, json: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut frame = Vec::with_capacity(json.len() + 16);
+    if encoding.compressed() {
+        let mut c =
+            crate::compress::EventCompressor::with_dictionary(crate::compress::Dictionary::V2)?;
+        let mut packed = Vec::new();
+        c.compress(json, &mut packed)?;
+        crate::frame::encode_server_frame(crate::frame::Opcode::Binary, &packed, &mut frame);
+    } else {
+        crate::frame::encode_server_frame(crate::frame::Opcode::Text, json, &mut frame);
+    }
+    Ok(frame)
 }
 
 /// Best-effort write of a short response on a non-blocking socket (a fresh socket's send

@@ -10,8 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{ListenAddr, Settings};
+use crate::encoding::{ENCODINGS, Encoding};
+use crate::event::EventKind;
 use crate::fanout::Fanout;
-use crate::frame::{Opcode, parse_header};
+use crate::frame::parse_header;
 use crate::hub::{Hub, stored_header_len};
 use crate::index::{
     CollectionCheck, EventEntry, EventIndex, EventPos, LogExtent, Recovery, kind_code, seek_data,
@@ -47,11 +49,83 @@ pub struct Relay {
     metrics: Option<crate::metrics::Metrics>,
 }
 
-/// Opens the two base logs and the index in `dir`, repairing whatever a crash left behind
-/// (see [`EventIndex::open`]): the logs are cut to the last event the index holds and punched
+/// Version of the on-disk format (`format` in the data directory). 2: four base logs (v1 and
+/// v2, plain and compressed), 32-byte event records, 64-byte chunk records, seqs.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Files of the data directory that depend on its format.
+const FORMAT_FILES: [&str; 10] = [
+    "plain.log",
+    "zstd.log",
+    "v2.log",
+    "v2zstd.log",
+    "events.idx",
+    "chunks.idx",
+    "durable.idx",
+    "collections.txt",
+    "seqs.idx",
+    "seqs.reserve",
+];
+
+/// Makes sure `dir` holds the current format: an empty directory gets it; a directory of the
+/// first format (two logs, no `format` file) is reset — the log is a cache of the upstream,
+/// and rewriting gigabytes in another layout at startup would hold the relay down — with a
+/// warning saying how much history went; any other format is refused, naming the file.
+fn ensure_format(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("format");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let version: u32 = text
+                .trim()
+                .parse()
+                .with_context(|| format!("{}: not a format version: {text:?}", path.display()))?;
+            anyhow::ensure!(
+                version == FORMAT_VERSION,
+                "{} says format {version}; this jetrelay reads format {FORMAT_VERSION}: move                  the data directory aside (it is a cache of the upstream) or run the version                  that wrote it",
+                path.display()
+            );
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut old_bytes = 0;
+    for name in FORMAT_FILES {
+        let p = dir.join(name);
+        if let Ok(m) = std::fs::metadata(&p) {
+            old_bytes += m.len();
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    if old_bytes > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            bytes = old_bytes,
+            "the data directory holds an older jetrelay's format: its history was discarded              (the relay resumes from the upstream)"
+        );
+    }
+    std::fs::write(&path, format!("{FORMAT_VERSION}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// The recovered base logs (by [`Encoding::index`]) and index.
+pub struct Recovered {
+    /// The base logs, opened at their recovered ends.
+    pub streams: [Stream; ENCODINGS],
+    /// The index.
+    pub index: EventIndex,
+    /// What recovery found and did.
+    pub recovery: Recovery,
+}
+
+/// Opens the base logs and the index in `dir`, repairing whatever a crash left behind (see
+/// [`EventIndex::open`]): the logs are cut to the last event the index holds and punched
 /// below the first one it keeps.
-pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex, Recovery)> {
+pub fn recover(dir: &Path) -> anyhow::Result<Recovered> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    ensure_format(dir)?;
     let open = |name: &str| -> anyhow::Result<std::fs::File> {
         let p = dir.join(name);
         std::fs::OpenOptions::new()
@@ -62,8 +136,10 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex, Recove
             .open(&p)
             .with_context(|| format!("opening {}", p.display()))
     };
-    let plain = open("plain.log")?;
-    let zstd = open("zstd.log")?;
+    let files: Vec<std::fs::File> = Encoding::ALL
+        .iter()
+        .map(|e| open(e.log_name()))
+        .collect::<anyhow::Result<_>>()?;
     let extent = |f: &std::fs::File| -> anyhow::Result<LogExtent> {
         let len = f.metadata()?.len();
         Ok(LogExtent {
@@ -71,17 +147,21 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex, Recove
             first_data: seek_data(f)?.unwrap_or(len),
         })
     };
-    let (plain_extent, zstd_extent) = (extent(&plain)?, extent(&zstd)?);
-    let mut decompressor = crate::compress::EventDecompressor::new()?;
+    let mut extents = [LogExtent::default(); ENCODINGS];
+    for (x, f) in extents.iter_mut().zip(&files) {
+        *x = extent(f)?;
+    }
+    let mut checker = EventChecker::new(&files)?;
     let mut check = |pos: EventPos, e: &EventEntry, collection: CollectionCheck<'_>| {
-        check_event(&plain, &zstd, &mut decompressor, pos, e, collection)
+        checker.check(pos, e, collection)
     };
-    let (index, recovery) = EventIndex::open(dir, plain_extent, zstd_extent, &mut check)
+    let (index, recovery) = EventIndex::open(dir, extents, &mut check)
         .with_context(|| format!("recovering the index in {}", dir.display()))?;
     let start = index.start_pos();
     let end = index.end_pos();
-    let cut_bytes = plain_extent.len.saturating_sub(end.plain_off)
-        + zstd_extent.len.saturating_sub(end.zstd_off);
+    let cut_bytes: u64 = (0..ENCODINGS)
+        .map(|i| extents[i].len.saturating_sub(end.offs[i]))
+        .sum();
     if recovery.repaired() || cut_bytes > 0 {
         tracing::warn!(
             dropped_records = recovery.dropped_records,
@@ -94,6 +174,12 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex, Recove
             "recovered a torn log tail"
         );
     }
+    if let Some(crate::seqs::Start::Unclean { skipped }) = recovery.seqs {
+        tracing::info!(
+            skipped_seqs = skipped,
+            "unclean stop: seqs continue past every one that may have been published"
+        );
+    }
     tracing::info!(
         events = recovery.events,
         first_seq = start.seq,
@@ -103,24 +189,28 @@ pub fn recover(dir: &Path) -> anyhow::Result<(Stream, Stream, EventIndex, Recove
     );
     // Bytes below the first retained event are not served: punch them (they are already,
     // unless recovery discarded a damaged prefix), so that the disk cap counts real data.
-    punch_unindexed(&plain, start.plain_off, plain_extent.first_data)?;
-    punch_unindexed(&zstd, start.zstd_off, zstd_extent.first_data)?;
-    drop((plain, zstd));
-    let plain = Stream::open(
-        "plain",
-        &dir.join("plain.log"),
-        BASE_RING_BYTES,
-        start.plain_off,
-        end.plain_off,
-    )?;
-    let zstd = Stream::open(
-        "zstd",
-        &dir.join("zstd.log"),
-        BASE_RING_BYTES,
-        start.zstd_off,
-        end.zstd_off,
-    )?;
-    Ok((plain, zstd, index, recovery))
+    for (i, f) in files.iter().enumerate() {
+        punch_unindexed(f, start.offs[i], extents[i].first_data)?;
+    }
+    drop(files);
+    let mut streams = Vec::with_capacity(ENCODINGS);
+    for enc in Encoding::ALL {
+        streams.push(Stream::open(
+            enc.label(),
+            &dir.join(enc.log_name()),
+            BASE_RING_BYTES,
+            start.offset(enc),
+            end.offset(enc),
+        )?);
+    }
+    let streams: [Stream; ENCODINGS] = streams
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("one stream per encoding"))?;
+    Ok(Recovered {
+        streams,
+        index,
+        recovery,
+    })
 }
 
 /// Punches the whole blocks of `f` below `start` that still hold data.
@@ -145,39 +235,89 @@ fn read_plain(plain: &std::fs::File, off: u64, len: u32) -> Option<Vec<u8>> {
     Some(buf.split_off(h.min(buf.len())))
 }
 
-/// Recovery's check of one event: both frames complete and well-formed with the lengths of
-/// the record, the compressed one decompressing to the plain one's JSON, and the JSON matching
-/// the record (DID hash, kind, collection). Returns the event's `time_us`.
-fn check_event(
-    plain: &std::fs::File,
-    zstd: &std::fs::File,
-    decompressor: &mut crate::compress::EventDecompressor,
-    pos: EventPos,
-    e: &EventEntry,
-    collection: CollectionCheck<'_>,
-) -> Option<i64> {
-    let read = |f: &std::fs::File, off: u64, len: u32, opcode: Opcode| -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, off).ok()?;
-        let h = parse_header(&buf).ok()??;
-        (h.opcode == opcode && h.fin && h.mask.is_none() && h.frame_len() == len as u64)
-            .then(|| buf.split_off(h.header_len))
-    };
-    let json = read(plain, pos.plain_off, e.plain_len, Opcode::Text)?;
-    let compressed = read(zstd, pos.zstd_off, e.zstd_len, Opcode::Binary)?;
-    if decompressor.decompress(&compressed, json.len()).ok()? != json {
-        return None;
+/// Recovery's check of one event: every frame complete and well-formed with the lengths of
+/// the record, each compressed one decompressing to its plain one, the v2 message carrying the
+/// same event as the v1 JSON, and the event matching the record (DID hash, kind, collection).
+/// Returns the event's `time_us`.
+struct EventChecker<'a> {
+    /// The base logs, by [`Encoding::index`].
+    files: &'a [std::fs::File],
+    /// v1 dictionary.
+    v1: crate::compress::EventDecompressor,
+    /// v2 dictionary.
+    v2: crate::compress::EventDecompressor,
+}
+
+impl<'a> EventChecker<'a> {
+    fn new(files: &'a [std::fs::File]) -> anyhow::Result<EventChecker<'a>> {
+        Ok(EventChecker {
+            files,
+            v1: crate::compress::EventDecompressor::new()?,
+            v2: crate::compress::EventDecompressor::with_dictionary(
+                crate::compress::Dictionary::V2,
+            )?,
+        })
     }
-    let meta = crate::event::parse_event(&json).ok()?;
-    let collection_ok = match collection {
-        CollectionCheck::Any => true,
-        CollectionCheck::Absent => meta.collection.is_none(),
-        CollectionCheck::Named(name) => meta.collection.as_deref() == Some(name),
-    };
-    (crate::event::did_hash(&meta.did) == e.did_hash
-        && kind_code(meta.kind) == e.kind
-        && collection_ok)
-        .then_some(meta.time_us)
+
+    fn read(&self, enc: Encoding, pos: EventPos, e: &EventEntry) -> Option<Vec<u8>> {
+        let len = e.frame_len(enc);
+        let mut buf = vec![0u8; len as usize];
+        self.files[enc.index()]
+            .read_exact_at(&mut buf, pos.offset(enc))
+            .ok()?;
+        let h = parse_header(&buf).ok()??;
+        (h.opcode == enc.opcode() && h.fin && h.mask.is_none() && h.frame_len() == len)
+            .then(|| buf.split_off(h.header_len))
+    }
+
+    fn check(
+        &mut self,
+        pos: EventPos,
+        e: &EventEntry,
+        collection: CollectionCheck<'_>,
+    ) -> Option<i64> {
+        let v2 = self.read(Encoding::V2Json, pos, e)?;
+        let v2z = self.read(Encoding::V2Zstd, pos, e)?;
+        if self.v2.decompress(&v2z, v2.len()).ok()? != v2 {
+            return None;
+        }
+        let crate::wire::V2Frame::Event { event: parts, .. } =
+            crate::wire::parse_v2_frame(&v2).ok()?
+        else {
+            return None;
+        };
+        let (did_hash, kind, coll, time_us) = if e.kind() == EventKind::Sync {
+            let did: String = serde_json::from_slice(parts.did).ok()?;
+            (
+                crate::event::did_hash(&did),
+                EventKind::Sync,
+                None,
+                parts.time_us,
+            )
+        } else {
+            let json = self.read(Encoding::V1Json, pos, e)?;
+            let compressed = self.read(Encoding::V1Zstd, pos, e)?;
+            if self.v1.decompress(&compressed, json.len()).ok()? != json {
+                return None;
+            }
+            let meta = crate::event::parse_event(&json).ok()?;
+            if parts.kind().event_kind() != meta.kind {
+                return None;
+            }
+            (
+                crate::event::did_hash(&meta.did),
+                meta.kind,
+                meta.collection.map(|c| c.into_owned()),
+                meta.time_us,
+            )
+        };
+        let collection_ok = match collection {
+            CollectionCheck::Any => true,
+            CollectionCheck::Absent => coll.is_none(),
+            CollectionCheck::Named(name) => coll.as_deref() == Some(name),
+        };
+        (did_hash == e.did_hash && kind_code(kind) == e.kind && collection_ok).then_some(time_us)
+    }
 }
 
 /// What the follower needs to resume seamlessly after a restart: the raw `time_us` of the last
@@ -203,7 +343,14 @@ fn recent_events(hub: &Hub, window: Duration) -> (Vec<i64>, Vec<(i64, u64)>) {
     let mut times = Vec::new();
     let mut keys = Vec::new();
     index.walk(clock_from, usize::MAX, |pos, e| {
-        if let Some(json) = read_plain(hub.plain.file(), pos.plain_off, e.plain_len)
+        // (`#sync` events have no v1 JSON: not remembered; their upstream redelivers them
+        // only on the v2 wire, which resumes by seq.)
+        if e.frame_len(Encoding::V1Json) > 0
+            && let Some(json) = read_plain(
+                hub.plain().file(),
+                pos.offset(Encoding::V1Json),
+                e.frame_len(Encoding::V1Json) as u32,
+            )
             && let Ok(meta) = crate::event::parse_event(&json)
         {
             times.push(meta.time_us);
@@ -221,7 +368,7 @@ fn recent_events(hub: &Hub, window: Duration) -> (Vec<i64>, Vec<(i64, u64)>) {
 impl Relay {
     /// Recovers, binds and starts everything; returns once the relay is serving.
     pub fn start(settings: &Settings) -> anyhow::Result<Relay> {
-        let (plain, zstd, index, _) = recover(&settings.data_dir)?;
+        let Recovered { streams, index, .. } = recover(&settings.data_dir)?;
         let limits = Limits::new(LimitsConfig {
             max_clients: settings.max_clients,
             max_conns_per_ip: settings.max_conns_per_ip,
@@ -229,7 +376,7 @@ impl Relay {
             allow: settings.allow_ip.clone(),
         });
         let shapes = crate::shapes::Shapes::new(settings.data_dir.join("shapes"))?;
-        let hub = Arc::new(Hub::new(plain, zstd, index, limits, shapes));
+        let hub = Arc::new(Hub::new(streams, index, limits, shapes));
         let fanout = Arc::new(Fanout::start(
             hub.clone(),
             settings.workers,
@@ -281,7 +428,13 @@ impl Relay {
         let mut follower = Follower::new(config);
         let (times, keys) = recent_events(&hub, follower.dedup_window());
         follower.resume_from(times, keys);
-        let mut writer = LogWriter::new(hub.clone(), fanout.wakers())?;
+        let mut writer = LogWriter::new(
+            hub.clone(),
+            fanout.wakers(),
+            crate::writer::WriterOptions {
+                v1_cursor_field: settings.v1_cursor_field,
+            },
+        )?;
         {
             let stop = stop.clone();
             // The follower and the writer share this thread: the follower calls the writer for
@@ -352,7 +505,12 @@ impl Relay {
             d.stop();
         }
         match crate::writer::sync_logs(&self.hub) {
-            Ok(()) => {}
+            // Everything is on disk: the next start continues the seqs without a gap.
+            Ok(()) => {
+                if let Err(e) = self.hub.index().seqs.mark_clean() {
+                    tracing::warn!(error = %e, "could not mark the shutdown clean: the next start skips seqs");
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "final log sync failed: the newest events may not be on disk")
             }

@@ -1,5 +1,5 @@
 //! Shapes: shared, pre-filtered logs, one per distinct subscription *shape* in use
-//! (`wantedCollections` × `maxMessageSizeBytes` × compression).
+//! (encoding × `kinds` × `wantedCollections` × `maxMessageSizeBytes`).
 //!
 //! A client whose filter passes 10% of the feed must not cost a syscall per event: if it read
 //! the base log, its matching frames would be scattered and each would need its own send. So
@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::encoding::ENCODINGS;
 use crate::event::EventMeta;
 use crate::index::now_us;
 use crate::log::Stream;
@@ -107,11 +108,11 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Whether this shape carries the event whose frame would be `payload_len` bytes of payload.
-    pub fn wants(&self, meta: &EventMeta<'_>, payload_len: usize) -> bool {
+    /// Whether this shape carries the event whose payloads are `payload_lens` bytes (by
+    /// [`crate::encoding::Encoding::index`]).
+    pub fn wants(&self, meta: &EventMeta<'_>, payload_lens: &[usize; ENCODINGS]) -> bool {
         self.key
-            .collection_allowed(meta.kind, meta.collection.as_deref())
-            && self.key.size_allowed(payload_len)
+            .wants(meta.kind, meta.collection.as_deref(), payload_lens)
     }
 
     /// Frames appended so far; never ahead of the published end or the table.

@@ -15,7 +15,9 @@ use std::fmt;
 
 use serde_json::Value;
 
+use crate::encoding::Encoding;
 use crate::event::{EventKind, MAX_EVENT_BYTES};
+use crate::wire::KindSet;
 
 /// Why: bounds per-client filter size and matching work; the official server's limit.
 pub const MAX_WANTED_COLLECTIONS: usize = 100;
@@ -241,20 +243,22 @@ impl SubscriberOptions {
         size_allows(self.max_message_size, sent_len)
     }
 
-    /// The key of the shared log this client can read from (everything but `wantedDids`).
-    pub fn shape_key(&self, compress: bool) -> ShapeKey {
+    /// The key of the shared log a client of `encoding` with these options and `kinds` can
+    /// read from (everything but `wantedDids`). v1 clients pass [`KindSet::V1`].
+    pub fn shape_key(&self, encoding: Encoding, kinds: KindSet) -> ShapeKey {
         // A limit no frame can exceed filters nothing; dropping it merges equivalent shapes.
-        let largest_frame = if compress {
-            crate::compress::compressed_len_bound(MAX_EVENT_BYTES)
-        } else {
-            MAX_EVENT_BYTES
+        let largest_frame = match encoding {
+            Encoding::V1Json => MAX_EVENT_BYTES,
+            Encoding::V1Zstd => crate::compress::compressed_len_bound(MAX_EVENT_BYTES),
+            Encoding::V2Json | Encoding::V2Zstd => crate::wire::MAX_V2_FRAME_BYTES,
         };
         ShapeKey {
+            encoding,
+            kinds,
             collections: self.wanted_collections.clone(),
             max_message_size: self
                 .max_message_size
                 .filter(|&m| usize::try_from(m).is_ok_and(|m| m < largest_frame)),
-            compress,
         }
     }
 }
@@ -310,15 +314,43 @@ fn size_allows(max: Option<u32>, sent_len: usize) -> bool {
 /// same frames (before per-client `wantedDids` filtering).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShapeKey {
+    /// The frames it carries (wire and compression).
+    pub encoding: Encoding,
+    /// The kinds it carries (`kinds` on v2; every v1 kind on v1).
+    pub kinds: KindSet,
     /// The canonical `wantedCollections` (empty = all).
     pub collections: Vec<CollectionPattern>,
-    /// The size limit, `None` when absent or too large to ever apply.
+    /// The size limit, `None` when absent or too large to ever apply: on the frame as sent
+    /// for v1 (compressed for compressed clients), on the uncompressed message for v2.
     pub max_message_size: Option<u32>,
-    /// Frames are zstd binary messages instead of text.
-    pub compress: bool,
 }
 
 impl ShapeKey {
+    /// Whether this key filters nothing: its clients read the base log of its encoding.
+    pub fn is_unfiltered(&self) -> bool {
+        self.collections.is_empty()
+            && self.max_message_size.is_none()
+            && self.kinds == KindSet::all_for(self.encoding)
+    }
+
+    /// Whether the shape's log carries an event of `kind` (`collection` for commits) whose
+    /// payloads are `payload_lens` bytes (by [`Encoding::index`]).
+    pub fn wants(
+        &self,
+        kind: EventKind,
+        collection: Option<&str>,
+        payload_lens: &[usize; crate::encoding::ENCODINGS],
+    ) -> bool {
+        let sized = if self.encoding.v2() {
+            Encoding::V2Json
+        } else {
+            self.encoding
+        };
+        self.kinds.contains_kind(kind)
+            && self.collection_allowed(kind, collection)
+            && self.size_allowed(payload_lens[sized.index()])
+    }
+
     /// Whether the shape's log carries this event (see [`SubscriberOptions::collection_allowed`]).
     pub fn collection_allowed(&self, kind: EventKind, collection: Option<&str>) -> bool {
         collections_allow(&self.collections, kind, collection)
@@ -333,7 +365,10 @@ impl ShapeKey {
     /// `c:app.bsky.*+max:1000+zstd`. Labels longer than [`MAX_SHAPE_LABEL_BYTES`] are cut and
     /// end in `~` and a hash of the full label, so distinct shapes keep distinct labels.
     pub fn label(&self) -> String {
-        let mut parts = Vec::with_capacity(3);
+        let mut parts = Vec::with_capacity(4);
+        if !self.kinds.is_all() && self.kinds != KindSet::V1 {
+            parts.push(format!("k:{}", self.kinds.names()));
+        }
         if !self.collections.is_empty() {
             let list: Vec<String> = self.collections.iter().map(ToString::to_string).collect();
             parts.push(format!("c:{}", list.join(",")));
@@ -341,13 +376,18 @@ impl ShapeKey {
         if let Some(max) = self.max_message_size {
             parts.push(format!("max:{max}"));
         }
-        if self.compress {
+        if self.encoding.compressed() {
             parts.push("zstd".to_owned());
         }
         if parts.is_empty() {
-            return "full".to_owned();
+            parts.push("full".to_owned());
         }
-        let label = parts.join("+");
+        let inner = parts.join("+");
+        let label = if self.encoding.v2() {
+            format!("v2:{inner}")
+        } else {
+            inner
+        };
         if label.len() <= MAX_SHAPE_LABEL_BYTES {
             return label;
         }
@@ -653,7 +693,10 @@ mod tests {
         );
         assert_eq!(passing(&p.options), 152);
         assert!(p.options.size_allowed(usize::MAX));
-        assert_eq!(p.options.shape_key(false).label(), "full");
+        assert_eq!(
+            p.options.shape_key(Encoding::V1Json, KindSet::V1).label(),
+            "full"
+        );
     }
 
     #[test]
@@ -709,7 +752,12 @@ mod tests {
         assert!(parse_subscribe(&[], &["gzip, zstd"]).unwrap().compress);
         assert!(parse_subscribe(&[], &["gzip", "zstd"]).unwrap().compress);
         assert!(!parse_subscribe(&[], &["gzip"]).unwrap().compress);
-        assert_eq!(p.options.shape_key(p.compress).label(), "zstd");
+        assert_eq!(
+            p.options
+                .shape_key(Encoding::of(false, p.compress), KindSet::V1)
+                .label(),
+            "zstd"
+        );
     }
 
     #[test]
@@ -907,7 +955,7 @@ mod tests {
             vec!["did:plc:b", "did:web:example.com"]
         );
         assert_eq!(p.options.max_message_size, Some(1000));
-        let key = p.options.shape_key(true);
+        let key = p.options.shape_key(Encoding::V1Zstd, KindSet::V1);
         assert_eq!(
             key.label(),
             "c:app.bsky.feed.post,app.bsky.graph.*+max:1000+zstd"
@@ -934,22 +982,48 @@ mod tests {
         .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.wanted_collections, vec![prefix("app.bsky.")]);
-        assert_eq!(a.shape_key(false), b.shape_key(false));
-        assert_ne!(a.shape_key(false), a.shape_key(true));
+        assert_eq!(
+            a.shape_key(Encoding::V1Json, KindSet::V1),
+            b.shape_key(Encoding::V1Json, KindSet::V1)
+        );
+        assert_ne!(
+            a.shape_key(Encoding::V1Json, KindSet::V1),
+            a.shape_key(Encoding::V1Zstd, KindSet::V1)
+        );
     }
 
     #[test]
     fn limits_that_cannot_apply_leave_the_shape() {
         let o = |m| SubscriberOptions::new::<&str, &str>(&[], &[], Some(m)).unwrap();
         assert_eq!(
-            o(1_048_575).shape_key(false).max_message_size,
+            o(1_048_575)
+                .shape_key(Encoding::V1Json, KindSet::V1)
+                .max_message_size,
             Some(1_048_575)
         );
-        assert_eq!(o(1 << 20).shape_key(false).max_message_size, None);
-        assert_eq!(o(1 << 20).shape_key(false).label(), "full");
+        assert_eq!(
+            o(1 << 20)
+                .shape_key(Encoding::V1Json, KindSet::V1)
+                .max_message_size,
+            None
+        );
+        assert_eq!(
+            o(1 << 20).shape_key(Encoding::V1Json, KindSet::V1).label(),
+            "full"
+        );
         // A compressed frame may exceed the plain size slightly; the limit still matters there.
-        assert_eq!(o(1 << 20).shape_key(true).max_message_size, Some(1 << 20));
-        assert_eq!(o(u32::MAX).shape_key(true).max_message_size, None);
+        assert_eq!(
+            o(1 << 20)
+                .shape_key(Encoding::V1Zstd, KindSet::V1)
+                .max_message_size,
+            Some(1 << 20)
+        );
+        assert_eq!(
+            o(u32::MAX)
+                .shape_key(Encoding::V1Zstd, KindSet::V1)
+                .max_message_size,
+            None
+        );
         // The client's own options keep the limit: it is harmless and visible.
         assert_eq!(o(u32::MAX).max_message_size, Some(u32::MAX));
     }
@@ -961,10 +1035,10 @@ mod tests {
             .collect();
         let a = SubscriberOptions::new::<_, &str>(&many, &[], None)
             .unwrap()
-            .shape_key(false);
+            .shape_key(Encoding::V1Json, KindSet::V1);
         let b = SubscriberOptions::new::<_, &str>(&many[1..], &[], None)
             .unwrap()
-            .shape_key(false);
+            .shape_key(Encoding::V1Json, KindSet::V1);
         let (la, lb) = (a.label(), b.label());
         assert!(la.len() <= MAX_SHAPE_LABEL_BYTES, "{la}");
         assert!(la.starts_with("c:com.example.collection0,"));

@@ -133,12 +133,40 @@ impl UpstreamConfig {
 }
 
 /// Receives what the follower reads.
+/// One event as the follower hands it to the sink, in upstream order, exactly once.
+pub struct Incoming<'a> {
+    /// What the relay indexes (did, indexed time, kind, collection, dedup key).
+    pub meta: EventMeta<'a>,
+    /// The event in the legacy v1 wire's JSON, without any `cursor` field (empty for a
+    /// `#sync` event, which has no v1 form).
+    pub v1_json: &'a [u8],
+    /// `#sync` only: its parts, which the writer renders as v2 with the relay's own seq.
+    pub sync: Option<&'a crate::wire::EventParts<'a>>,
+    /// The upstream's sequence number for this event, when its wire carries one.
+    pub upstream_seq: Option<u64>,
+    /// When the upstream instance witnessed it (µs), when its wire says.
+    pub witnessed_us: Option<i64>,
+}
+
+impl<'a> Incoming<'a> {
+    /// A legacy v1 event (no seq, no witness time).
+    pub fn v1(json: &'a [u8], meta: EventMeta<'a>) -> Incoming<'a> {
+        Incoming {
+            meta,
+            v1_json: json,
+            sync: None,
+            upstream_seq: None,
+            witnessed_us: None,
+        }
+    }
+}
+
 pub trait EventSink {
     /// Called once per accepted (valid, not duplicate) event, in upstream order. `meta.time_us`
     /// is the event's *indexed* time: its `time_us`, bounded as [`crate::clock`] explains (the
     /// JSON keeps the upstream's value). The sink retries what it can (a full disk); returning
     /// Err stops the follower.
-    fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()>;
+    fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()>;
     /// A message that was not appended. Logged by the follower (rate-limited), counted by the
     /// sink.
     fn skipped(&mut self, reason: SkipReason, detail: &str);
@@ -634,9 +662,10 @@ impl Follower {
             self.log_outlier(&meta, indexed);
         }
         meta.time_us = indexed;
-        sink.append(json, &meta)?;
+        let key = meta.dedup_key;
+        sink.append(&Incoming::v1(json, meta))?;
         // Only what was appended is remembered: a failed append leaves no trace to skip later.
-        self.dedup.insert(meta.dedup_key, indexed);
+        self.dedup.insert(key, indexed);
         self.clock.record(raw, since);
         self.last_append = Some(Instant::now());
         self.session_appended += 1;
@@ -1185,7 +1214,7 @@ mod tests {
     fn duplicates_are_skipped_across_resume() {
         struct Count(usize, usize);
         impl EventSink for Count {
-            fn append(&mut self, _: &[u8], _: &EventMeta<'_>) -> anyhow::Result<()> {
+            fn append(&mut self, _: &Incoming<'_>) -> anyhow::Result<()> {
                 self.0 += 1;
                 Ok(())
             }
@@ -1278,7 +1307,8 @@ mod tests {
     struct SharedSink(Arc<Mutex<Record>>);
 
     impl EventSink for SharedSink {
-        fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
+        fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
+            let (json, meta) = (ev.v1_json, &ev.meta);
             let mut parsed = parse_event(json).unwrap();
             parsed.time_us = meta.time_us;
             assert_eq!(parsed, *meta, "only the time is the indexed one");
@@ -1563,7 +1593,7 @@ mod tests {
     fn sink_errors_stop_the_follower() {
         struct Failing;
         impl EventSink for Failing {
-            fn append(&mut self, _: &[u8], _: &EventMeta<'_>) -> anyhow::Result<()> {
+            fn append(&mut self, _: &Incoming<'_>) -> anyhow::Result<()> {
                 anyhow::bail!("disk full")
             }
             fn skipped(&mut self, _: SkipReason, _: &str) {}
@@ -1756,7 +1786,7 @@ mod tests {
         let mut f = Follower::new(UpstreamConfig::new(Vec::new()));
         struct Nothing;
         impl EventSink for Nothing {
-            fn append(&mut self, _: &[u8], _: &EventMeta<'_>) -> anyhow::Result<()> {
+            fn append(&mut self, _: &Incoming<'_>) -> anyhow::Result<()> {
                 Ok(())
             }
             fn skipped(&mut self, _: SkipReason, _: &str) {}

@@ -1,13 +1,15 @@
 //! The event writer and retention.
 //!
-//! The writer is the upstream follower's sink: for every accepted event it builds the two
-//! frames clients will receive (the JSON as a text frame; the JSON compressed once with the
-//! official dictionary as a binary frame), appends them to the two base logs, publishes them,
-//! records the event in the index and wakes the fan-out workers. Nothing else ever touches a
-//! payload.
+//! The writer is the upstream follower's sink: for every accepted event it reserves the
+//! event's seq and builds the four frames clients will receive, once for everyone (see
+//! [`Encoding`]): the v1 JSON with the relay's `cursor` (a text frame), that JSON compressed
+//! with the v1 dictionary (binary), the v2 message (text), and that message compressed with
+//! the v2 dictionary (binary); it appends them to the four base logs and the matching shapes,
+//! publishes them, records the event in the index and wakes the fan-out workers. Nothing else
+//! ever touches a payload.
 //!
 //! An append is two phases. First every write that can fail, in an order whose every prefix
-//! recovery repairs (`relay::recover`): the two frames, the shapes' frames, a new collection's
+//! recovery repairs (`relay::recover`): the four frames, the shapes' frames, a new collection's
 //! line, the index record and, when the event completes a chunk, the chunk header. Nothing is
 //! visible to readers yet, so a write that fails — a full disk, an I/O error — leaves nothing
 //! half-published: the writer waits and retries the whole event at the same offsets until it
@@ -23,13 +25,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::compress::EventCompressor;
-use crate::event::{EventMeta, did_hash};
+use crate::compress::{Dictionary, EventCompressor};
+use crate::encoding::{ENCODINGS, Encoding};
+use crate::event::{EventKind, did_hash};
 use crate::fanout::Waker;
 use crate::frame::{MAX_HEADER_LEN, Opcode, write_server_header};
 use crate::hub::{Counters, Hub};
 use crate::index::{COLLECTION_NONE, EventEntry, kind_code, now_us};
-use crate::upstream::{ConnectionState, EventSink, SkipReason};
+use crate::upstream::{ConnectionState, EventSink, Incoming, SkipReason};
 
 /// First wait before retrying a failed append. Why 50 ms: a transient error clears fast.
 const APPEND_RETRY_MIN: Duration = Duration::from_millis(50);
@@ -151,18 +154,36 @@ impl StorageHealth {
     }
 }
 
+/// How the writer encodes events.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    /// Whether `/subscribe` frames carry the relay's seq as a top-level `cursor` (as the
+    /// official server's do). Off for fleets with v1 clients that refuse unknown fields.
+    pub v1_cursor_field: bool,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            v1_cursor_field: true,
+        }
+    }
+}
+
 /// Appends upstream events to the logs.
 pub struct LogWriter {
     /// Shared state.
     hub: Arc<Hub>,
-    /// zstd compressor with the dictionary loaded once.
-    compressor: EventCompressor,
-    /// Scratch for the plain frame.
-    plain_frame: Vec<u8>,
-    /// Scratch for the compressed payload.
-    zstd_payload: Vec<u8>,
-    /// Scratch for the compressed frame.
-    zstd_frame: Vec<u8>,
+    /// How events are encoded.
+    options: WriterOptions,
+    /// zstd compressor with the v1 dictionary loaded once.
+    v1_compressor: EventCompressor,
+    /// zstd compressor with the v2 dictionary loaded once.
+    v2_compressor: EventCompressor,
+    /// Scratch: each encoding's payload (by [`Encoding::index`]; empty = no frame).
+    payloads: [Vec<u8>; ENCODINGS],
+    /// Scratch: each encoding's frame.
+    frames: [Vec<u8>; ENCODINGS],
     /// Scratch: the shapes an event was written to (index in the registry, frame).
     shape_frames: Vec<(usize, crate::shapes::UnpublishedFrame)>,
     /// Workers to wake after each publish.
@@ -171,47 +192,87 @@ pub struct LogWriter {
 
 impl LogWriter {
     /// A writer appending at the hub's current end.
-    pub fn new(hub: Arc<Hub>, wakers: Vec<Arc<Waker>>) -> anyhow::Result<LogWriter> {
+    pub fn new(
+        hub: Arc<Hub>,
+        wakers: Vec<Arc<Waker>>,
+        options: WriterOptions,
+    ) -> anyhow::Result<LogWriter> {
         Ok(LogWriter {
             hub,
-            compressor: EventCompressor::new()?,
-            plain_frame: Vec::with_capacity(64 * 1024),
-            zstd_payload: Vec::with_capacity(64 * 1024),
-            zstd_frame: Vec::with_capacity(64 * 1024),
+            options,
+            v1_compressor: EventCompressor::new()?,
+            v2_compressor: EventCompressor::with_dictionary(Dictionary::V2)?,
+            payloads: std::array::from_fn(|_| Vec::with_capacity(64 * 1024)),
+            frames: std::array::from_fn(|_| Vec::with_capacity(64 * 1024)),
             shape_frames: Vec::new(),
             wakers,
         })
     }
 
+    /// Builds the event's four payloads and frames for the relay's `seq`. A `#sync` event has
+    /// no v1 form: its v1 payloads stay empty (no frame in the v1 logs).
+    fn encode(&mut self, ev: &Incoming<'_>, seq: u64) -> anyhow::Result<()> {
+        let [v1, v1z, v2, v2z] = &mut self.payloads;
+        for p in [&mut *v1, &mut *v1z, &mut *v2, &mut *v2z] {
+            p.clear();
+        }
+        // Witnessed by the upstream instance when its wire says; a legacy v1 instance's
+        // `time_us` is the time it received the event.
+        let witnessed_us = ev.witnessed_us.unwrap_or(ev.meta.time_us);
+        if ev.meta.kind == EventKind::Sync {
+            let parts = ev
+                .sync
+                .ok_or_else(|| anyhow::anyhow!("a #sync event without its parts"))?;
+            parts.render_v2(seq, witnessed_us, v2)?;
+        } else {
+            if self.options.v1_cursor_field {
+                crate::wire::with_cursor(ev.v1_json, seq, v1)?;
+            } else {
+                v1.extend_from_slice(ev.v1_json);
+            }
+            self.v1_compressor.compress(v1, v1z)?;
+            crate::wire::v1_to_v2(ev.v1_json, seq, witnessed_us, v2)?;
+        }
+        self.v2_compressor.compress(v2, v2z)?;
+        for enc in Encoding::ALL {
+            let (payload, frame) = (&self.payloads[enc.index()], &mut self.frames[enc.index()]);
+            if payload.is_empty() {
+                frame.clear();
+            } else {
+                frame_into(enc.opcode(), payload, frame);
+            }
+        }
+        Ok(())
+    }
+
     /// Appends one validated event (see the module documentation): on error nothing was
-    /// published and the same event may be appended again. `meta.time_us` is the event's
+    /// published and the same event may be appended again. `ev.meta.time_us` is the event's
     /// indexed time.
-    pub fn append_event(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
-        frame_into(Opcode::Text, json, &mut self.plain_frame);
-        self.zstd_payload.clear();
-        self.compressor.compress(json, &mut self.zstd_payload)?;
-        frame_into(Opcode::Binary, &self.zstd_payload, &mut self.zstd_frame);
+    pub fn append_event(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
+        let meta = &ev.meta;
+        // The writer is the only appender: the next position is stable until it appends. Its
+        // seq is reserved (durably) before anything can publish it.
+        let pos = self.hub.index().next_seq();
+        let seq = self.hub.index_mut().seqs.reserve(pos)?;
+        self.encode(ev, seq)?;
 
         let hub = &self.hub;
         // Phase 1: every write that can fail, nothing visible.
-        let mut plain_end = hub.plain.end();
-        let mut zstd_end = hub.zstd.end();
-        hub.plain.append(&self.plain_frame, &mut plain_end)?;
-        hub.zstd.append(&self.zstd_frame, &mut zstd_end)?;
+        let mut ends: [u64; ENCODINGS] = std::array::from_fn(|i| hub.bases()[i].end());
+        for enc in Encoding::ALL {
+            let frame = &self.frames[enc.index()];
+            if !frame.is_empty() {
+                hub.base(enc).append(frame, &mut ends[enc.index()])?;
+            }
+        }
         // The shapes' registry is read-locked until the index entry exists, so that a shape
         // created concurrently starts exactly at an event boundary.
         let shapes = hub.shapes.lock();
-        let seq = hub.index().next_seq();
         self.shape_frames.clear();
-        let plain_payload = json.len();
-        let zstd_payload = self.zstd_payload.len();
+        let payload_lens: [usize; ENCODINGS] = std::array::from_fn(|i| self.payloads[i].len());
         for (i, shape) in shapes.iter().enumerate() {
-            let (frame, payload_len) = if shape.key.compress {
-                (&self.zstd_frame, zstd_payload)
-            } else {
-                (&self.plain_frame, plain_payload)
-            };
-            if shape.wants(meta, payload_len) {
+            let frame = &self.frames[shape.key.encoding.index()];
+            if !frame.is_empty() && shape.wants(meta, &payload_lens) {
                 let written = crate::shapes::write_frame(shape, frame)?;
                 self.shape_frames.push((i, written));
             }
@@ -227,12 +288,12 @@ impl LogWriter {
             None => COLLECTION_NONE,
         };
         let entry = EventEntry {
-            plain_len: self.plain_frame.len() as u32,
-            zstd_len: self.zstd_frame.len() as u32,
+            lens: std::array::from_fn(|i| self.frames[i].len() as u32),
             did_hash: did_hash(&meta.did),
             collection,
             kind: kind_code(meta.kind),
             flags: 0,
+            upstream_seq: ev.upstream_seq.unwrap_or(0),
         };
         let appended_at = now_us();
         hub.index()
@@ -240,10 +301,11 @@ impl LogWriter {
 
         // Phase 2: publish. The bytes before the index entry: a filtered reader finds events
         // through the index and must never be pointed at bytes that are not visible yet.
-        hub.plain.publish(plain_end);
-        hub.zstd.publish(zstd_end);
+        for (stream, end) in hub.bases().iter().zip(ends) {
+            stream.publish(end);
+        }
         for (i, written) in self.shape_frames.drain(..) {
-            crate::shapes::publish_frame(&shapes[i], seq, written);
+            crate::shapes::publish_frame(&shapes[i], pos, written);
         }
         hub.index_mut().push(entry, meta.time_us, appended_at);
         drop(shapes);
@@ -274,10 +336,10 @@ impl EventSink for LogWriter {
     /// Appends the event, retrying with backoff while appends fail (a full disk): the follower
     /// waits here, and resumes reading (or reconnects from the last appended event) once the
     /// event is in. Gives up only when the relay shuts down.
-    fn append(&mut self, json: &[u8], meta: &EventMeta<'_>) -> anyhow::Result<()> {
+    fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
         let mut delay = APPEND_RETRY_MIN;
         loop {
-            match self.append_event(json, meta) {
+            match self.append_event(ev) {
                 Ok(()) => {
                     self.hub.storage.append_succeeded();
                     return Ok(());
@@ -338,16 +400,14 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
     {
         let cutoff = now_us() - policy.max_age.as_micros() as i64;
         let index = hub.index();
-        let allocated = hub.plain.allocated_bytes()
-            + hub.zstd.allocated_bytes()
-            + index.allocated_bytes()
-            + hub.shapes.allocated_bytes();
-        if let Some((p, z)) =
+        let allocated = base_bytes(hub) + index.allocated_bytes() + hub.shapes.allocated_bytes();
+        if let Some(target) =
             index.retention_target(cutoff, allocated.saturating_sub(policy.max_disk))
         {
             // Readers still below are kicked by their workers (close frame 1008).
-            hub.plain.request_kick(p);
-            hub.zstd.request_kick(z);
+            for (stream, off) in hub.bases().iter().zip(target) {
+                stream.request_kick(off);
+            }
         }
     }
     loop {
@@ -359,23 +419,28 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
             break;
         };
         let too_old = oldest.appended_at_us < now - policy.max_age.as_micros() as i64;
-        let allocated = hub.plain.allocated_bytes()
-            + hub.zstd.allocated_bytes()
-            + index.allocated_bytes()
-            + hub.shapes.allocated_bytes();
+        let allocated = base_bytes(hub) + index.allocated_bytes() + hub.shapes.allocated_bytes();
         let too_big = allocated > policy.max_disk;
         if !(too_old || too_big) {
             break;
         }
-        let (plain_next, zstd_next) = oldest.end_offsets();
+        let next = oldest.end_offsets();
         drop(index);
         // Punch only once no reader is left below.
-        if hub.plain.lowest_reader() < plain_next || hub.zstd.lowest_reader() < zstd_next {
+        if hub
+            .bases()
+            .iter()
+            .zip(next)
+            .any(|(stream, off)| stream.lowest_reader() < off)
+        {
             break;
         }
         hub.index_mut().drop_oldest_chunk()?;
         crate::failpoint::crash_point("retention");
-        let freed = hub.plain.punch_below(plain_next)? + hub.zstd.punch_below(zstd_next)?;
+        let mut freed = 0;
+        for (stream, off) in hub.bases().iter().zip(next) {
+            freed += stream.punch_below(off)?;
+        }
         Counters::add(&hub.counters.punches, 1);
         Counters::add(&hub.counters.punched_bytes, freed);
         dropped += 1;
@@ -391,14 +456,20 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
     Ok(dropped)
 }
 
-/// Syncs both base logs and the index files to disk, then records how far they are durable
+/// Bytes allocated on disk by the base logs.
+fn base_bytes(hub: &Hub) -> u64 {
+    hub.bases().iter().map(|s| s.allocated_bytes()).sum()
+}
+
+/// Syncs the base logs and the index files to disk, then records how far they are durable
 /// (see [`crate::index::SyncHandles::mark_durable`]). The index lock is not held while syncing.
 pub fn sync_logs(hub: &Hub) -> std::io::Result<()> {
     // Read first: every write of the events before it was issued before the syncs start.
     let durable = hub.appended_seq();
     let handles = hub.index().sync_handles()?;
-    hub.plain.sync()?;
-    hub.zstd.sync()?;
+    for stream in hub.bases() {
+        stream.sync()?;
+    }
     handles.sync()?;
     handles.mark_durable(durable)
 }

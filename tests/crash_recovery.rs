@@ -6,8 +6,11 @@
 //! `recover` and checks against a model of what was appended:
 //!
 //! - nothing whose append completed is lost (a process crash keeps the page cache);
-//! - every retained frame, plain and compressed, is byte-identical to the event appended with
-//!   that sequence number, and its index record matches it (DID hash, kind, collection name);
+//! - every retained frame, in all four encodings (v1 JSON with the relay's `cursor`, v1 zstd,
+//!   v2 JSON, v2 zstd), is byte-identical to the event appended at that position with the seq
+//!   it was published with, and its index record matches it (DID hash, kind, collection name);
+//! - seqs are never reused: every seq published for an event that recovery did not keep is
+//!   below the next seq handed out, and retained events keep theirs;
 //! - every cursor lookup finds the first retained event with `time_us >= cursor`, and lookups
 //!   are monotonic in the cursor.
 //!
@@ -39,13 +42,16 @@ const CHILD_EVENTS: u64 = 600;
 const SYNC_EVERY: u64 = 97;
 /// The child runs retention every this many events, dropping the oldest chunk.
 const RETENTION_EVERY: u64 = 233;
-/// The official zstd dictionary, read independently of the relay's compress module.
+/// The official zstd dictionaries, read independently of the relay's compress module.
 const DICTIONARY: &[u8] = include_bytes!("../assets/zstd_dictionary");
+const DICTIONARY_V2: &[u8] = include_bytes!("../assets/zstd_dictionary_v2");
 
 /// The crash points of the append path: (name, how many times one child reaches it at least).
-const POINTS: [(&str, u64); 7] = [
+const POINTS: [(&str, u64); 9] = [
     ("plain", CHILD_EVENTS),
     ("zstd", CHILD_EVENTS),
+    ("v2", CHILD_EVENTS),
+    ("v2zstd", CHILD_EVENTS),
     ("collections", 10),
     ("events.idx", CHILD_EVENTS),
     ("chunks.idx", 2),
@@ -95,6 +101,22 @@ fn event_of(seq: u64) -> String {
     )
 }
 
+/// The v1 JSON clients get for event `pos` published with `seq`: the relay's `cursor` right
+/// after `time_us` (the official wire's place), everything else the upstream's bytes.
+fn v1_json(pos: u64, seq: u64) -> Vec<u8> {
+    let json = event_of(pos);
+    let at = json.find(",\"kind\"").expect("kind after time_us");
+    format!("{},\"cursor\":{seq}{}", &json[..at], &json[at..]).into_bytes()
+}
+
+/// The v2 message of event `pos` published with `seq` (witnessed at its `time_us`).
+fn v2_json(pos: u64, seq: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    jetrelay::wire::v1_to_v2(event_of(pos).as_bytes(), seq, time_of(pos), &mut out)
+        .expect("v2 form");
+    out
+}
+
 /// The plain frame of a JSON payload, built here from RFC 6455 (not by the relay's code).
 fn text_frame(json: &[u8]) -> Vec<u8> {
     let mut f = vec![0x81];
@@ -131,7 +153,11 @@ fn binary_payload(frame: &[u8]) -> Option<&[u8]> {
 }
 
 fn hub_for(dir: &Path) -> (Arc<Hub>, jetrelay::index::Recovery) {
-    let (plain, zstd, index, recovery) = jetrelay::relay::recover(dir).expect("recover");
+    let jetrelay::relay::Recovered {
+        streams,
+        index,
+        recovery,
+    } = jetrelay::relay::recover(dir).expect("recover");
     let limits = Limits::new(LimitsConfig {
         max_clients: 10,
         max_conns_per_ip: 10,
@@ -139,14 +165,12 @@ fn hub_for(dir: &Path) -> (Arc<Hub>, jetrelay::index::Recovery) {
         allow: Vec::new(),
     });
     let shapes = jetrelay::shapes::Shapes::new(dir.join("shapes")).expect("shapes");
-    (
-        Arc::new(Hub::new(plain, zstd, index, limits, shapes)),
-        recovery,
-    )
+    (Arc::new(Hub::new(streams, index, limits, shapes)), recovery)
 }
 
 /// The child: recover, then append the model's events from where the log ends (syncing and
-/// running retention now and then), printing `APPENDED <seq>` after each completed append.
+/// running retention now and then), printing `APPENDED <position> <seq>` after each completed
+/// append.
 #[test]
 #[ignore = "not a test: the child process that crash_at_any_write_… starts"]
 fn crash_child_process_body() {
@@ -159,22 +183,29 @@ fn crash_child_process_body() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(CHILD_EVENTS);
     let (hub, _) = hub_for(&dir);
-    let mut writer = jetrelay::writer::LogWriter::new(hub.clone(), Vec::new()).expect("writer");
+    let mut writer = jetrelay::writer::LogWriter::new(
+        hub.clone(),
+        Vec::new(),
+        jetrelay::writer::WriterOptions::default(),
+    )
+    .expect("writer");
     let first = hub.index().next_seq();
     let mut out = std::io::stdout().lock();
     for seq in first..first + events {
         let json = event_of(seq);
         let meta = jetrelay::event::parse_event(json.as_bytes()).expect("model event");
-        writer.append_event(json.as_bytes(), &meta).expect("append");
-        writeln!(out, "APPENDED {seq}").expect("stdout");
+        writer
+            .append_event(&jetrelay::upstream::Incoming::v1(json.as_bytes(), meta))
+            .expect("append");
+        let wire = hub.seq_of(seq);
+        writeln!(out, "APPENDED {seq} {wire}").expect("stdout");
         out.flush().expect("stdout");
         if seq % SYNC_EVERY == 0 {
             jetrelay::writer::sync_logs(&hub).expect("sync");
         }
         if seq % RETENTION_EVERY == 0 && hub.index().chunk_count() > 3 {
             // Drop the oldest chunk: a cap just below what is allocated now.
-            let allocated = hub.plain.allocated_bytes()
-                + hub.zstd.allocated_bytes()
+            let allocated = hub.bases().iter().map(|s| s.allocated_bytes()).sum::<u64>()
                 + hub.index().allocated_bytes();
             let policy = jetrelay::writer::RetentionPolicy {
                 max_age: std::time::Duration::from_secs(3600),
@@ -187,8 +218,10 @@ fn crash_child_process_body() {
 
 /// What one child run did.
 struct ChildRun {
-    /// The last seq whose append completed, if any.
+    /// The last position whose append completed, if any.
     completed: Option<u64>,
+    /// (position, seq) of every completed append, in order.
+    published: Vec<(u64, u64)>,
     /// Whether the crash point killed it (else it appended everything and exited).
     killed: bool,
 }
@@ -210,42 +243,70 @@ fn run_child(dir: &Path, crash: &str) -> ChildRun {
         .output()
         .expect("child");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let completed = stdout
+    let published: Vec<(u64, u64)> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("APPENDED "))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back();
+        .filter_map(|l| {
+            let (pos, seq) = l.trim().split_once(' ')?;
+            Some((pos.parse().ok()?, seq.parse().ok()?))
+        })
+        .collect();
+    let completed = published.last().map(|&(pos, _)| pos);
     let killed = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9);
     assert!(
         killed || out.status.success(),
         "child failed ({}) at {crash}:\n{stdout}",
         out.status
     );
-    ChildRun { completed, killed }
+    ChildRun {
+        completed,
+        published,
+        killed,
+    }
 }
 
-/// Sizes of the model's files once events `0..seq` are appended: (plain, zstd, collections).
-fn durable_sizes(seq: u64, frames: &mut Vec<(u64, u64)>) -> (u64, u64, u64) {
-    let mut compressor = jetrelay::compress::EventCompressor::new().expect("compressor");
-    while (frames.len() as u64) < seq {
-        let json = event_of(frames.len() as u64);
-        let mut z = Vec::new();
-        compressor.compress(json.as_bytes(), &mut z).expect("zstd");
-        let zlen = z.len()
-            + if z.len() < 126 {
-                2
-            } else if z.len() <= 0xffff {
-                4
-            } else {
-                10
-            };
-        frames.push((text_frame(json.as_bytes()).len() as u64, zlen as u64));
+/// What the model knows of the directory: the seq each position was last published with.
+#[derive(Default)]
+struct Published {
+    /// Position → the seq its event was (last) published with.
+    seqs: std::collections::HashMap<u64, u64>,
+}
+
+/// The frame header length of a payload of `len` bytes.
+fn header_len(len: usize) -> u64 {
+    if len < 126 {
+        2
+    } else if len <= 0xffff {
+        4
+    } else {
+        10
     }
-    let (p, z) = frames[..seq as usize]
-        .iter()
-        .fold((0, 0), |(p, z), (a, b)| (p + a, z + b));
+}
+
+/// Sizes of the model's files once events `0..pos` are appended: the four logs (by encoding)
+/// and `collections.txt`. Every position below a durable mark was published (printed) before
+/// the sync that set the mark, so its seq is known.
+fn durable_sizes(pos: u64, published: &Published) -> ([u64; 4], u64) {
+    let mut v1 = jetrelay::compress::EventCompressor::new().expect("compressor");
+    let mut v2 =
+        jetrelay::compress::EventCompressor::with_dictionary(jetrelay::compress::Dictionary::V2)
+            .expect("compressor");
+    let mut logs = [0u64; 4];
+    for p in 0..pos {
+        let seq = published.seqs[&p];
+        let (j1, j2) = (v1_json(p, seq), v2_json(p, seq));
+        let (mut z1, mut z2) = (Vec::new(), Vec::new());
+        v1.compress(&j1, &mut z1).expect("zstd");
+        v2.compress(&j2, &mut z2).expect("zstd");
+        for (i, len) in [j1.len(), z1.len(), j2.len(), z2.len()]
+            .into_iter()
+            .enumerate()
+        {
+            logs[i] += len as u64 + header_len(len);
+        }
+    }
     let mut names: Vec<String> = Vec::new();
-    for s in 0..seq {
+    for s in 0..pos {
         if s % 11 != 3 {
             let c = collection_of(s);
             if !names.contains(&c) {
@@ -254,23 +315,25 @@ fn durable_sizes(seq: u64, frames: &mut Vec<(u64, u64)>) -> (u64, u64, u64) {
         }
     }
     let c = names.iter().map(|n| n.len() as u64 + 1).sum();
-    (p, z, c)
+    (logs, c)
 }
 
 /// A power loss: everything written after the durable mark may be lost or zeroed.
-fn lose_unsynced_writes(dir: &Path, rng: &mut fastrand::Rng, frames: &mut Vec<(u64, u64)>) -> u64 {
+fn lose_unsynced_writes(dir: &Path, rng: &mut fastrand::Rng, published: &Published) -> u64 {
     let mark = std::fs::read(dir.join("durable.idx"))
         .ok()
         .filter(|b| b.len() >= 8)
         .map_or(0, |b| {
             u64::from_le_bytes(b[..8].try_into().unwrap_or_default())
         });
-    let (plain, zstd, collections) = durable_sizes(mark, frames);
+    let ([plain, zstd, v2, v2zstd], collections) = durable_sizes(mark, published);
     let durable = [
         ("plain.log", plain),
         ("zstd.log", zstd),
-        ("events.idx", mark * 16),
-        ("chunks.idx", mark / 256 * 32),
+        ("v2.log", v2),
+        ("v2zstd.log", v2zstd),
+        ("events.idx", mark * 32),
+        ("chunks.idx", mark / 256 * 64),
         ("collections.txt", collections),
     ];
     for (name, keep) in durable {
@@ -303,34 +366,77 @@ fn lose_unsynced_writes(dir: &Path, rng: &mut fastrand::Rng, frames: &mut Vec<(u
 }
 
 /// Checks the recovered directory against the model; returns the retained range.
-fn check_recovered(hub: &Hub, dir: &Path, rng: &mut fastrand::Rng, what: &str) -> (u64, u64) {
+fn check_recovered(
+    hub: &Hub,
+    dir: &Path,
+    rng: &mut fastrand::Rng,
+    published: &Published,
+    what: &str,
+) -> (u64, u64) {
+    use jetrelay::encoding::Encoding;
     let index = hub.index();
     let (first, next) = (index.first_seq(), index.next_seq());
-    let mut decompressor =
-        zstd::bulk::Decompressor::with_dictionary(DICTIONARY).expect("dictionary");
+    // Seqs are never reused: every seq published for an event recovery did not keep is below
+    // the next one handed out.
+    let next_seq = index.seqs.seq_of(next);
+    for (&pos, &seq) in &published.seqs {
+        if pos >= next {
+            assert!(
+                seq < next_seq,
+                "{what}: seq {seq} (position {pos}) was published and would be reused (next {next_seq})"
+            );
+        }
+    }
+    let mut v1z = zstd::bulk::Decompressor::with_dictionary(DICTIONARY).expect("dictionary");
+    let mut v2z = zstd::bulk::Decompressor::with_dictionary(DICTIONARY_V2).expect("dictionary");
     let mut count = 0;
+    let mut last_seq = 0;
     index.walk(index.start_pos(), usize::MAX, |pos, e| {
+        let read = |enc: Encoding| -> Vec<u8> {
+            let mut got = vec![0u8; e.frame_len(enc) as usize];
+            hub.base(enc)
+                .file()
+                .read_exact_at(&mut got, pos.offset(enc))
+                .unwrap_or_else(|err| {
+                    panic!("{what}: position {} {enc} frame unreadable: {err}", pos.seq)
+                });
+            got
+        };
+        // Retained events keep the seq they were published with (if the model saw it: an
+        // append killed before it was printed is retained with a seq nobody saw yet).
+        let seq = index.seqs.seq_of(pos.seq);
+        assert!(seq > last_seq, "{what}: seqs increase");
+        last_seq = seq;
+        if let Some(&p) = published.seqs.get(&pos.seq) {
+            assert_eq!(seq, p, "{what}: position {} changed its seq", pos.seq);
+        }
         let json = event_of(pos.seq);
-        let want = text_frame(json.as_bytes());
-        let mut got = vec![0u8; e.plain_len as usize];
-        hub.plain
-            .file()
-            .read_exact_at(&mut got, pos.plain_off)
-            .unwrap_or_else(|err| panic!("{what}: seq {} plain frame unreadable: {err}", pos.seq));
-        assert!(got == want, "{what}: seq {} plain frame differs", pos.seq);
-        let mut z = vec![0u8; e.zstd_len as usize];
-        hub.zstd
-            .file()
-            .read_exact_at(&mut z, pos.zstd_off)
-            .unwrap_or_else(|err| panic!("{what}: seq {} zstd frame unreadable: {err}", pos.seq));
-        let payload = binary_payload(&z)
-            .unwrap_or_else(|| panic!("{what}: seq {} zstd frame malformed", pos.seq));
-        let plain = decompressor
-            .decompress(payload, json.len())
-            .unwrap_or_else(|err| panic!("{what}: seq {} zstd frame: {err}", pos.seq));
+        let v1 = v1_json(pos.seq, seq);
         assert!(
-            plain == json.as_bytes(),
-            "{what}: seq {} zstd differs",
+            read(Encoding::V1Json) == text_frame(&v1),
+            "{what}: position {} plain frame differs",
+            pos.seq
+        );
+        let unzstd = |d: &mut zstd::bulk::Decompressor<'_>, frame: &[u8], cap: usize| {
+            let payload = binary_payload(frame)
+                .unwrap_or_else(|| panic!("{what}: position {} zstd frame malformed", pos.seq));
+            d.decompress(payload, cap)
+                .unwrap_or_else(|err| panic!("{what}: position {} zstd frame: {err}", pos.seq))
+        };
+        assert!(
+            unzstd(&mut v1z, &read(Encoding::V1Zstd), v1.len()) == v1,
+            "{what}: position {} zstd differs",
+            pos.seq
+        );
+        let v2 = v2_json(pos.seq, seq);
+        assert!(
+            read(Encoding::V2Json) == text_frame(&v2),
+            "{what}: position {} v2 frame differs",
+            pos.seq
+        );
+        assert!(
+            unzstd(&mut v2z, &read(Encoding::V2Zstd), v2.len()) == v2,
+            "{what}: position {} v2 zstd differs",
             pos.seq
         );
         let meta = jetrelay::event::parse_event(json.as_bytes()).expect("model");
@@ -356,18 +462,20 @@ fn check_recovered(hub: &Hub, dir: &Path, rng: &mut fastrand::Rng, what: &str) -
     );
     let end = index.end_pos();
     drop(index);
-    assert_eq!(
-        hub.plain.end(),
-        end.plain_off,
-        "{what}: plain log cut at the end"
-    );
-    assert_eq!(
-        std::fs::metadata(dir.join("plain.log"))
-            .expect("plain")
-            .len(),
-        end.plain_off,
-        "{what}"
-    );
+    for enc in Encoding::ALL {
+        assert_eq!(
+            hub.base(enc).end(),
+            end.offset(enc),
+            "{what}: {enc} log cut at the end"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.join(enc.log_name()))
+                .expect("log")
+                .len(),
+            end.offset(enc),
+            "{what}"
+        );
+    }
     // Cursor lookups against the model, monotonic in the cursor.
     let lo = time_of(first).min(time_of(first + 1)) - 5_000;
     let hi = time_of(next) + 5_000;
@@ -403,7 +511,7 @@ fn crash_at_any_write_recovers_exact_frames_and_monotonic_cursors() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let root = std::env::temp_dir().join(format!("jetrelay-crash-{}", std::process::id()));
     let mut dir = root.join("0");
-    let mut frames = Vec::new();
+    let mut published = Published::default();
     let (mut killed, mut torn, mut power_losses, mut repaired) = (0u64, 0u64, 0u64, 0u64);
     let mut by_point = std::collections::BTreeMap::new();
     // Events in the directory as the last recovery left it.
@@ -414,12 +522,14 @@ fn crash_at_any_write_recovers_exact_frames_and_monotonic_cursors() {
             dir = root.join(it.to_string());
             std::fs::create_dir_all(&dir).expect("dir");
             before = 0;
+            published = Published::default();
         }
         let (point, reach) = POINTS[rng.usize(..POINTS.len())];
         let nth = rng.u64(1..=reach);
         let is_torn = point != "retention" && rng.bool();
         let crash = format!("{point}:{nth}{}", if is_torn { ":torn" } else { "" });
         let run = run_child(&dir, &crash);
+        published.seqs.extend(run.published.iter().copied());
         let what = format!("iteration {it} (seed {seed}), crash at {crash}");
         if run.killed {
             killed += 1;
@@ -428,13 +538,13 @@ fn crash_at_any_write_recovers_exact_frames_and_monotonic_cursors() {
         }
         let mark = if rng.u8(0..3) == 0 {
             power_losses += 1;
-            Some(lose_unsynced_writes(&dir, &mut rng, &mut frames))
+            Some(lose_unsynced_writes(&dir, &mut rng, &published))
         } else {
             None
         };
         let (hub, recovery) = hub_for(&dir);
         repaired += u64::from(recovery.repaired());
-        let (first, next) = check_recovered(&hub, &dir, &mut rng, &what);
+        let (first, next) = check_recovered(&hub, &dir, &mut rng, &published, &what);
         match mark {
             // A power loss keeps what was durable.
             Some(mark) => assert!(

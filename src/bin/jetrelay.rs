@@ -124,6 +124,12 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     options_update_rate: Option<f64>,
+    /// Whether `/subscribe` frames carry the relay's seq as a top-level `cursor` field, as the
+    /// official server's do (`--v1-cursor-field false` for v1 clients that refuse unknown
+    /// fields, e.g. PyPI atproto-jetstream 0.3.0) [default: true].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v1_cursor_field: Option<bool>,
 }
 
 /// Longest interval between two `STATUS=` lines.

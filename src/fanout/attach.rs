@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use super::client::{Client, Source};
 use super::walker::Walker;
+use crate::encoding::Encoding;
 use crate::hub::Hub;
 use crate::index::EventPos;
 use crate::log::Stream;
 use crate::shapes::Shape;
 use crate::subscription::SubscriberOptions;
+use crate::wire::KindSet;
 
 /// How often attaching retries when the shape it found was retired at that moment. Why 4: a
 /// retirement needs the shape idle for a minute, so two in a row cannot happen; the bound only
@@ -33,24 +35,23 @@ pub struct AttachPoint {
     pub ordinal: u64,
 }
 
-/// The attach point for `options` from event position `start`.
+/// The attach point for a client of `encoding` with `options` and `kinds` from event position
+/// `start`.
 pub fn attach_point(
     hub: &Hub,
-    compressed: bool,
+    encoding: Encoding,
+    kinds: KindSet,
     options: SubscriberOptions,
     start: EventPos,
 ) -> AttachPoint {
-    let base = hub.base(compressed).clone();
-    let key = options.shape_key(compressed);
-    let unfiltered = options.wanted_dids.is_empty()
-        && key.collections.is_empty()
-        && key.max_message_size.is_none();
-    if unfiltered {
+    let base = hub.base(encoding).clone();
+    let key = options.shape_key(encoding, kinds);
+    if options.wanted_dids.is_empty() && key.is_unfiltered() {
         return AttachPoint {
             stream: base,
             shape: None,
             source: Source::Contiguous,
-            pos: start.offset(compressed),
+            pos: start.offset(encoding),
             ordinal: start.seq,
         };
     }
@@ -77,9 +78,9 @@ pub fn attach_point(
     }
     AttachPoint {
         stream: base,
-        source: Source::Filtered(Box::new(Walker::new(start, options))),
+        source: Source::Filtered(Box::new(Walker::new(start, encoding, kinds, options))),
         shape,
-        pos: start.offset(compressed),
+        pos: start.offset(encoding),
         // Unused while walking: a walker counts the events of each run it finds.
         ordinal: start.seq,
     }
@@ -150,10 +151,10 @@ pub fn switch_point(hub: &Hub, c: &Client) -> Switch {
         }
         (Source::Contiguous, None) => {
             let index = hub.index();
-            match index.seq_at_offset(c.pos, c.compressed) {
+            match index.seq_at_offset(c.pos, c.encoding) {
                 Some(seq) => seq,
-                None if c.pos > index.end_pos().offset(c.compressed) => return Switch::Later,
-                None if c.pos < index.start_pos().offset(c.compressed) => {
+                None if c.pos > index.end_pos().offset(c.encoding) => return Switch::Later,
+                None if c.pos < index.start_pos().offset(c.encoding) => {
                     return Switch::BehindRetention;
                 }
                 None => index.next_seq(),
@@ -181,7 +182,7 @@ pub fn apply_options(
     if let Some(old) = c.shape.take() {
         old.remove_client();
     }
-    let point = attach_point(hub, c.compressed, opts, next);
+    let point = attach_point(hub, c.encoding, c.kinds, opts, next);
     c.stream = point.stream;
     c.shape = point.shape;
     c.source = point.source;

@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::walker::Walker;
+use crate::encoding::Encoding;
 use crate::frame::{InboundDecoder, Opcode, encode_server_frame};
 use crate::hub::ShapeClass;
 use crate::log::{NONE, Stream};
 use crate::shapes::Shape;
 use crate::subscription::SubscriberOptions;
+use crate::wire::KindSet;
 
 /// Control bytes a client may be owed before it is closed (1008). Why 4 KiB: a client owes
 /// that much only by sending pings faster than it reads their pongs (a ping flood); every
@@ -125,12 +127,18 @@ impl Life {
     }
 }
 
-/// Control frames a client is owed. They go out only at a frame boundary of its stream, one
-/// at a time; a partly sent one is finished before anything else.
+/// Frames the relay composes for one client, besides its stream: control frames it is owed
+/// (pong, ping, close), and on the v2 wire the `#info` frame that precedes its first event and
+/// the error frame that precedes a close (`ConsumerTooSlow`). They go out only at a frame
+/// boundary of its stream, one at a time; a partly sent one is finished before anything else.
 #[derive(Default)]
 pub struct Control {
     /// The frame being handed over, possibly in several sends.
     partial: Option<InProgress>,
+    /// A v2 error frame, sent right before our close frame.
+    error: Option<Vec<u8>>,
+    /// A v2 `#info` frame, sent before anything of the stream.
+    preamble: Option<Vec<u8>>,
     /// Our close frame, not started yet: once queued, nothing else is (a pong or ping would
     /// only delay it).
     close: Option<Vec<u8>>,
@@ -144,10 +152,12 @@ pub struct Control {
     owed: usize,
 }
 
-/// Which control frame is in progress (what completing it means).
+/// Which frame is in progress (what completing it means).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ControlKind {
+    Error,
     Close,
+    Preamble,
     Pong,
     Ping,
 }
@@ -182,11 +192,26 @@ impl Control {
         }
     }
 
-    /// Queues the close frame (once); pongs and pings still queued are dropped.
+    /// Queues the v2 `#info` frame that must precede the stream (set once, at attach).
+    pub fn preamble(&mut self, frame: Vec<u8>) {
+        self.preamble = Some(frame);
+    }
+
+    /// Queues a v2 error frame and the close frame after it.
+    pub fn error_then_close(&mut self, frame: Vec<u8>, code: u16, reason: &str) {
+        if self.close_queued() {
+            return;
+        }
+        self.error = Some(frame);
+        self.close(code, reason);
+    }
+
+    /// Queues the close frame (once); pongs, pings and a preamble still queued are dropped.
     pub fn close(&mut self, code: u16, reason: &str) {
         if self.close_queued() {
             return;
         }
+        self.preamble = None;
         let mut f = Vec::with_capacity(4 + reason.len());
         crate::frame::encode_close(crate::frame::CloseCode(code), reason, &mut f);
         self.close = Some(f);
@@ -200,20 +225,29 @@ impl Control {
             || self
                 .partial
                 .as_ref()
-                .is_some_and(|p| p.kind == ControlKind::Close)
+                .is_some_and(|p| matches!(p.kind, ControlKind::Close | ControlKind::Error))
     }
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.partial.is_none() && self.close.is_none() && self.pong.is_none() && !self.ping
+        self.partial.is_none()
+            && self.error.is_none()
+            && self.close.is_none()
+            && self.preamble.is_none()
+            && self.pong.is_none()
+            && !self.ping
     }
 
     /// The bytes to send next (the rest of the frame in progress, else the close frame, else
     /// the pong, else the ping), made the frame in progress.
     pub fn next_bytes(&mut self) -> Option<&[u8]> {
         if self.partial.is_none() {
-            let next = if let Some(f) = self.close.take() {
+            let next = if let Some(f) = self.error.take() {
+                Some((ControlKind::Error, f))
+            } else if let Some(f) = self.close.take() {
                 Some((ControlKind::Close, f))
+            } else if let Some(f) = self.preamble.take() {
+                Some((ControlKind::Preamble, f))
             } else if let Some(f) = self.pong.take() {
                 Some((ControlKind::Pong, f))
             } else if std::mem::take(&mut self.ping) {
@@ -251,13 +285,22 @@ impl Control {
                 self.owed = self.pong.as_ref().map_or(0, |f| f.len());
                 false
             }
-            ControlKind::Ping => false,
+            ControlKind::Ping | ControlKind::Error | ControlKind::Preamble => false,
         }
     }
 
     /// Control bytes queued right now (frame in progress, close, pong, ping).
     pub fn queued_bytes(&self) -> usize {
-        self.partial.as_ref().map_or(0, |p| p.frame.len() - p.sent)
+        let control = |k: ControlKind| {
+            matches!(
+                k,
+                ControlKind::Close | ControlKind::Pong | ControlKind::Ping
+            )
+        };
+        self.partial
+            .as_ref()
+            .filter(|p| control(p.kind))
+            .map_or(0, |p| p.frame.len() - p.sent)
             + self.close.as_ref().map_or(0, |f| f.len())
             + self.pong.as_ref().map_or(0, |f| f.len())
             + if self.ping { 2 } else { 0 }
@@ -302,8 +345,10 @@ pub struct Client {
     pub peer: SocketAddr,
     /// The address its per-IP limit slot is counted under (released when it leaves).
     pub counted_ip: Option<IpAddr>,
-    /// zstd binary frames instead of text frames.
-    pub compressed: bool,
+    /// The frames it receives (wire and compression).
+    pub encoding: Encoding,
+    /// The kinds it wants (`kinds` on v2; every v1 kind on v1).
+    pub kinds: KindSet,
     /// Filter kind at connect, for the per-kind client gauge and logs.
     pub class: ShapeClass,
     /// The log it reads: a base log, or its shape's log.
@@ -351,7 +396,7 @@ impl Client {
             _ => {}
         }
         match &self.source {
-            Source::Filtered(w) if self.pos == self.boundary => w.next.offset(self.compressed),
+            Source::Filtered(w) if self.pos == self.boundary => w.next.offset(self.encoding),
             _ => self.pos,
         }
     }

@@ -47,7 +47,7 @@
 //!
 //! File descriptors: one per client (its socket) plus a fixed pipe pool per worker.
 
-/// Prints a line of the simulation's trace when `JETRELAY_SIM_TRACE` is set (test builds only;
+/// Prints a line of the simulation's trace when `TEST_JETRELAY_SIM_TRACE` is set (test builds only;
 /// nothing at all otherwise).
 #[cfg(test)]
 macro_rules! sim_trace {
@@ -124,10 +124,14 @@ pub struct NewClient {
     pub fd: OwnedFd,
     /// Real client address (from PROXY v2 when behind the sidecar).
     pub peer: SocketAddr,
-    /// zstd binary frames instead of text frames.
-    pub compressed: bool,
+    /// The frames it receives (wire and compression).
+    pub encoding: crate::encoding::Encoding,
+    /// The kinds it wants (`kinds` on v2; [`crate::wire::KindSet::V1`] on v1).
+    pub kinds: crate::wire::KindSet,
     /// Filters from the query string.
     pub options: SubscriberOptions,
+    /// A v2 `#info` frame to send before anything else (a clamped or future cursor).
+    pub preamble: Option<Vec<u8>>,
     /// Where its stream starts (from `cursor`, or live).
     pub start: EventPos,
     /// Hold everything until the first `options_update`.
@@ -143,8 +147,10 @@ impl NewClient {
             self.fd,
             Attach {
                 peer: self.peer,
-                compressed: self.compressed,
+                encoding: self.encoding,
+                kinds: self.kinds,
                 options: self.options,
+                preamble: self.preamble,
                 start: self.start,
                 require_hello: self.require_hello,
                 counted_ip: self.counted_ip,

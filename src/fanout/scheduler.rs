@@ -28,12 +28,14 @@ use super::client::{
 };
 use super::groups::{Groups, THIN_SEND_BYTES, linger_gate, linger_holds, next_round_at};
 use super::walker::Step;
+use crate::encoding::Encoding;
 use crate::frame::{InboundDecoder, InboundMessage, MAX_CONTROL_PAYLOAD};
 use crate::hub::{Counters, Hub, ShapeClass};
 use crate::index::{EventEntry, EventPos};
 use crate::log::{NONE, Stream};
 use crate::routes::Routes;
 use crate::subscription::{MAX_OPTIONS_UPDATE_BYTES, SubscriberOptions};
+use crate::wire::KindSet;
 
 /// A client's slot in its worker.
 pub type ClientId = u32;
@@ -52,10 +54,14 @@ pub const MAX_CONTROL_FRAME: usize = 2 + MAX_CONTROL_PAYLOAD;
 pub struct Attach {
     /// Real client address (from PROXY v2 when behind the sidecar).
     pub peer: std::net::SocketAddr,
-    /// zstd binary frames instead of text frames.
-    pub compressed: bool,
+    /// The frames it receives (wire and compression).
+    pub encoding: Encoding,
+    /// The kinds it wants (`kinds` on v2; [`KindSet::V1`] on v1).
+    pub kinds: KindSet,
     /// Filters from the query string.
     pub options: SubscriberOptions,
+    /// A v2 `#info` frame to send before anything else (a clamped or future cursor).
+    pub preamble: Option<Vec<u8>>,
     /// Where its stream starts (from `cursor`, or live).
     pub start: EventPos,
     /// Hold everything until the first `options_update`.
@@ -65,7 +71,8 @@ pub struct Attach {
 }
 
 /// Up to one control frame's bytes, copied into the operation (the driver owns them while
-/// they are in flight).
+/// they are in flight). A longer frame the relay composes (a v2 `#info` or error frame) goes
+/// out in several operations, each the next part.
 #[derive(Clone, Copy)]
 pub struct ControlBytes {
     /// The bytes (only `len` of them are meaningful).
@@ -239,13 +246,18 @@ impl Scheduler {
             }
         };
         let class = ShapeClass::of(&a.options);
-        let point = attach_point(&self.hub, a.compressed, a.options, a.start);
+        let point = attach_point(&self.hub, a.encoding, a.kinds, a.options, a.start);
         let admitted = point.stream.register_reader(self.worker, point.pos);
-        tracing::debug!(worker = self.worker, peer = %a.peer, compressed = a.compressed, "client attached");
+        tracing::debug!(worker = self.worker, peer = %a.peer, encoding = %a.encoding, "client attached");
+        let mut control = Control::default();
+        if let Some(frame) = a.preamble {
+            control.preamble(frame);
+        }
         self.clients[id as usize] = Some(Client {
             peer: a.peer,
             counted_ip: a.counted_ip,
-            compressed: a.compressed,
+            encoding: a.encoding,
+            kinds: a.kinds,
             class,
             stream: point.stream,
             shape: point.shape,
@@ -254,7 +266,7 @@ impl Scheduler {
             boundary: point.pos,
             place: Place::Ready,
             life: Life::Open,
-            control: Control::default(),
+            control,
             inbound: Inbound {
                 decoder: InboundDecoder::new(MAX_OPTIONS_UPDATE_BYTES),
                 last_rx: now,
@@ -279,7 +291,7 @@ impl Scheduler {
         self.live += 1;
         let c = &self.hub.counters;
         Counters::add(&c.clients, 1);
-        Counters::add(&c.clients_by_shape[class.index(a.compressed)], 1);
+        Counters::add(&c.clients_by_shape[class.index(a.encoding)], 1);
         self.ready.push_back(id);
         if !admitted {
             self.begin_close(id, CloseWhy::Retention, now);
@@ -424,10 +436,10 @@ impl Scheduler {
         if let Some(shape) = &c.shape {
             shape.remove_client();
         }
-        tracing::info!(peer = %c.peer, worker = self.worker, shape = %c.class, compress = c.compressed,
+        tracing::info!(peer = %c.peer, worker = self.worker, shape = %c.class, encoding = %c.encoding,
             why = ?c.life.why().unwrap_or(CloseWhy::Peer), log_pos = c.pos, "client disconnected");
         let counters = &self.hub.counters;
-        counters.clients_by_shape[c.class.index(c.compressed)].fetch_sub(1, Ordering::Relaxed);
+        counters.clients_by_shape[c.class.index(c.encoding)].fetch_sub(1, Ordering::Relaxed);
         counters.clients.fetch_sub(1, Ordering::Relaxed);
         self.free.push(id);
         self.live -= 1;
@@ -548,17 +560,14 @@ impl Scheduler {
         let worker = self.worker;
         let round = self.round.number;
         let c = self.clients[id as usize].as_mut()?;
-        #[cfg(test)]
-        if std::env::var_os("JETRELAY_SIM_TRACE").is_some() {
-            eprintln!(
-                "serve {id} {:?} {:?} ctrl {} pos {} b {}",
-                c.place,
-                c.life,
-                c.control.queued_bytes(),
-                c.pos,
-                c.boundary
-            );
-        }
+        sim_trace!(
+            "serve {id} {:?} {:?} control {} range {}..{}",
+            c.place,
+            c.life,
+            c.control.queued_bytes(),
+            c.pos,
+            c.boundary
+        );
         if c.at_boundary() {
             // Options change only between frames.
             if let Some(opts) = c.pending_options.take() {
@@ -651,7 +660,7 @@ impl Scheduler {
                 Source::Filtered(w) => {
                     let stop_at = c.shape.as_ref().map(|s| s.start_seq);
                     let walked_from = w.next.seq;
-                    match w.step(&hub, c.compressed, stop_at, &mut self.walk_scratch) {
+                    match w.step(&hub, stop_at, &mut self.walk_scratch) {
                         Step::BehindRetention => {
                             self.begin_close(id, CloseWhy::Retention, now);
                             return self.serve_again(id);
@@ -722,7 +731,11 @@ impl Scheduler {
     ) -> Option<Instant> {
         let wait = self.linger()?;
         let c = self.clients[id as usize].as_mut()?;
-        if Arc::ptr_eq(&c.stream, &self.hub.plain) || matches!(c.linger, Linger::Released { .. }) {
+        // The full streams (v1 JSON, v2 JSON) are paced by rounds alone; only thin ones linger.
+        let full = [Encoding::V1Json, Encoding::V2Json]
+            .iter()
+            .any(|&e| Arc::ptr_eq(&c.stream, self.hub.base(e)));
+        if full || matches!(c.linger, Linger::Released { .. }) {
             return None;
         }
         let pending = end.saturating_sub(c.pos);
@@ -1011,6 +1024,17 @@ impl Scheduler {
                     self.violation(id, 1008, "ping flood: pongs owed beyond 4 KiB", now);
                 }
             }
+            // The v2 wire is server-push only: any data frame ends the connection.
+            InboundMessage::Text(_) | InboundMessage::Binary(_) if c.encoding.v2() => {
+                if open {
+                    self.violation(
+                        id,
+                        crate::wire::CLIENT_DATA_CLOSE_CODE,
+                        crate::wire::CLIENT_DATA_CLOSE_REASON,
+                        now,
+                    );
+                }
+            }
             InboundMessage::Pong(_) | InboundMessage::Binary(_) => {}
             InboundMessage::Close { .. } => {
                 if open {
@@ -1131,8 +1155,7 @@ impl Scheduler {
         // being seen here (a walker that switched onto its shape, an options_update): the base
         // logs and the live shapes are always checked, not only last tick's streams.
         let mut candidates = std::mem::take(&mut self.known_streams);
-        candidates.push(self.hub.plain.clone());
-        candidates.push(self.hub.zstd.clone());
+        candidates.extend(self.hub.bases().iter().cloned());
         candidates.extend(
             self.hub
                 .shapes
@@ -1233,7 +1256,7 @@ fn lag_of(hub: &Hub, c: &Client, wall_us: u64) -> Option<Duration> {
                 .unwrap_or_else(|p| p.into_inner())
                 .seq_at_offset(c.pos, next_seq)
         }
-        (Source::Contiguous, None) => hub.index().seq_at_or_before_offset(c.pos, c.compressed)?,
+        (Source::Contiguous, None) => hub.index().seq_at_or_before_offset(c.pos, c.encoding)?,
     };
     let appended = hub.index().appended_at_of(seq)?;
     let age = wall_us.saturating_sub(appended.max(0) as u64);

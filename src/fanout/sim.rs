@@ -19,8 +19,8 @@
 //! one switch an `options_update` makes), nothing after a close frame. At the end, with the
 //! feed stopped and every peer reading, every open peer has received everything.
 //!
-//! `cargo test --lib fanout::sim` runs [`SEEDS`] seeds; `JETRELAY_SIM_SEEDS=N` runs N (soak),
-//! `JETRELAY_SIM_SEED=S` runs seed S alone (the reproduction a failure prints).
+//! `cargo test --lib fanout::sim` runs [`SEEDS`] seeds; `TEST_JETRELAY_SIM_SEEDS=N` runs N (soak),
+//! `TEST_JETRELAY_SIM_SEED=S` runs seed S alone (the reproduction a failure prints).
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,6 +32,7 @@ use super::ClientPolicy;
 use super::driver::{Completion, Driver, Entry, Kernel, PIPE_BYTES};
 use super::scheduler::Attach;
 use super::waker::Waker;
+use crate::encoding::{ENCODINGS, Encoding};
 use crate::event::EventKind;
 use crate::frame::{Opcode, parse_header};
 use crate::hub::{Hub, stored_payload_len};
@@ -40,7 +41,8 @@ use crate::limits::{Limits, LimitsConfig};
 use crate::log::Stream;
 use crate::mock::Generator;
 use crate::subscription::{CollectionPattern, SubscriberOptions};
-use crate::writer::{LogWriter, RetentionPolicy, enforce_retention};
+use crate::wire::KindSet;
+use crate::writer::{LogWriter, RetentionPolicy, WriterOptions, enforce_retention};
 
 /// Seeds run by the normal test suite.
 const SEEDS: u64 = 2000;
@@ -424,10 +426,10 @@ impl SimKernel {
     }
 }
 
-/// Whether `JETRELAY_SIM_TRACE` is set (read once).
+/// Whether `TEST_JETRELAY_SIM_TRACE` is set (read once).
 pub fn tracing_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("JETRELAY_SIM_TRACE").is_some())
+    *ON.get_or_init(|| std::env::var_os("TEST_JETRELAY_SIM_TRACE").is_some())
 }
 
 /// A user_data as `slot/op` for traces.
@@ -571,13 +573,13 @@ impl Kernel for SimKernel {
 
 /// One appended event as the model knows it.
 struct SimEvent {
+    /// The upstream JSON (the generator's).
     json: Vec<u8>,
     did: String,
     kind: EventKind,
     collection: Option<String>,
-    /// Payload lengths as sent (plain, compressed).
-    plain_len: usize,
-    zstd_len: usize,
+    /// Payload lengths in each encoding (by [`Encoding::index`]), from the index.
+    lens: [usize; ENCODINGS],
 }
 
 /// What a peer does.
@@ -599,8 +601,10 @@ struct Peer {
     sock: SimSock,
     /// Its slot in the worker (for failure messages).
     slot: u32,
-    /// The relay's slot for it is not tracked: the model is the peer's view only.
-    compressed: bool,
+    /// The frames it receives.
+    encoding: Encoding,
+    /// The kinds it asked for (every kind of its wire on v1).
+    kinds: KindSet,
     /// Its filter before its one `options_update`, and after (if sent).
     before: SubscriberOptions,
     after: Option<SubscriberOptions>,
@@ -635,6 +639,7 @@ struct Sim {
     events: Vec<SimEvent>,
     peers: Vec<Peer>,
     decompressor: crate::compress::EventDecompressor,
+    v2_decompressor: crate::compress::EventDecompressor,
     dids: Vec<String>,
     max_disk: u64,
 }
@@ -658,10 +663,11 @@ impl Sim {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("sim dir");
         let ring = 1usize << rng.u32(12..=15);
-        let plain = Stream::create("plain", &dir.join("plain.log"), ring).expect("plain");
-        let zstd = Stream::create("zstd", &dir.join("zstd.log"), ring).expect("zstd");
-        plain.set_pin_wait(Duration::ZERO);
-        zstd.set_pin_wait(Duration::ZERO);
+        let streams = Encoding::ALL.map(|enc| {
+            let s = Stream::create(enc.label(), &dir.join(enc.log_name()), ring).expect("log");
+            s.set_pin_wait(Duration::ZERO);
+            s
+        });
         let limits = Limits::new(LimitsConfig {
             max_clients: 1000,
             max_conns_per_ip: 1000,
@@ -671,15 +677,10 @@ impl Sim {
         let shapes = crate::shapes::Shapes::new(dir.join("shapes"))
             .expect("shapes")
             .with_ring_bytes(ring);
-        let hub = Arc::new(Hub::new(
-            plain,
-            zstd,
-            EventIndex::in_memory(),
-            limits,
-            shapes,
-        ));
+        let hub = Arc::new(Hub::new(streams, EventIndex::in_memory(), limits, shapes));
         let waker = Arc::new(Waker::new().expect("eventfd"));
-        let writer = LogWriter::new(hub.clone(), vec![waker.clone()]).expect("writer");
+        let writer = LogWriter::new(hub.clone(), vec![waker.clone()], WriterOptions::default())
+            .expect("writer");
         let kernel = SimKernel::new(&mut rng);
         let policy = ClientPolicy {
             ping_interval: Duration::from_secs(1),
@@ -705,6 +706,10 @@ impl Sim {
             events: Vec::new(),
             peers: Vec::new(),
             decompressor: crate::compress::EventDecompressor::new().expect("dictionary"),
+            v2_decompressor: crate::compress::EventDecompressor::with_dictionary(
+                crate::compress::Dictionary::V2,
+            )
+            .expect("dictionary"),
             dids,
             max_disk: 1 << 30,
         }
@@ -722,26 +727,25 @@ impl Sim {
             self.generator
                 .event(seq, 1_000_000_000 + seq as i64, &mut json);
             let meta = crate::event::parse_event(&json).expect("generated event parses");
-            let ev = SimEvent {
+            let mut ev = SimEvent {
                 did: meta.did.to_string(),
                 kind: meta.kind,
                 collection: meta.collection.as_deref().map(str::to_owned),
-                plain_len: json.len(),
-                zstd_len: 0,
+                lens: [0; ENCODINGS],
                 json: json.clone(),
             };
-            self.writer.append_event(&json, &meta).expect("append");
-            self.events.push(ev);
+            self.writer
+                .append_event(&crate::upstream::Incoming::v1(&json, meta))
+                .expect("append");
             let index = self.hub.index();
-            let mut zlen = 0;
             index.walk(index.pos_of(seq), 1, |_, e| {
-                zlen = stored_payload_len(e.zstd_len as u64) as usize;
+                ev.lens = std::array::from_fn(|i| {
+                    stored_payload_len(e.lens[i] as u64) as usize * usize::from(e.lens[i] > 0)
+                });
                 false
             });
             drop(index);
-            if let Some(e) = self.events.last_mut() {
-                e.zstd_len = zlen;
-            }
+            self.events.push(ev);
         }
         self.kernel().signal_wake();
     }
@@ -766,8 +770,20 @@ impl Sim {
 
     /// A new peer, from a random start point.
     fn attach(&mut self) {
-        let compressed = self.rng.u8(0..4) == 0;
-        let hello = self.rng.u8(0..8) == 0;
+        let encoding = Encoding::ALL[self.rng.usize(0..ENCODINGS)];
+        let kinds = if encoding.v2() && self.rng.bool() {
+            let all = crate::wire::MessageKind::ALL;
+            let picked: Vec<_> = all.into_iter().filter(|_| self.rng.bool()).collect();
+            if picked.is_empty() {
+                KindSet::ALL
+            } else {
+                KindSet::of(&picked)
+            }
+        } else {
+            KindSet::all_for(encoding)
+        };
+        // requireHello and options_update are v1 only.
+        let hello = !encoding.v2() && self.rng.u8(0..8) == 0;
         let before = if hello {
             SubscriberOptions::default()
         } else {
@@ -799,8 +815,10 @@ impl Sim {
                 sock,
                 Attach {
                     peer: "127.0.0.1:1".parse().expect("addr"),
-                    compressed,
+                    encoding,
+                    kinds,
                     options: before.clone(),
+                    preamble: None,
                     start,
                     require_hello: hello,
                     counted_ip: None,
@@ -811,7 +829,8 @@ impl Sim {
         self.peers.push(Peer {
             sock,
             slot,
-            compressed,
+            encoding,
+            kinds,
             before,
             after: None,
             hello,
@@ -929,7 +948,11 @@ impl Sim {
                 }
             }
             _ if roll < 5 => self.send_ping(i),
-            _ if roll < 8 && self.peers[i].after.is_none() && !self.peers[i].hello => {
+            _ if roll < 8
+                && self.peers[i].after.is_none()
+                && !self.peers[i].hello
+                && !self.peers[i].encoding.v2() =>
+            {
                 let opts = self.random_options();
                 self.send_update(i, opts);
             }
@@ -985,22 +1008,39 @@ impl Sim {
             );
             match header.opcode {
                 Opcode::Text | Opcode::Binary => {
-                    let json = if header.opcode == Opcode::Binary {
-                        assert!(p.compressed, "peer {i}: binary frame to a plain client");
-                        self.decompressor
-                            .decompress(payload, 1 << 20)
+                    let enc = p.encoding;
+                    assert_eq!(header.opcode, enc.opcode(), "peer {i}: frame type");
+                    let message = if enc.compressed() {
+                        let d = if enc.v2() {
+                            &mut self.v2_decompressor
+                        } else {
+                            &mut self.decompressor
+                        };
+                        d.decompress(payload, 1 << 20)
                             .unwrap_or_else(|e| panic!("peer {i}: bad zstd frame: {e}"))
                     } else {
-                        assert!(!p.compressed, "peer {i}: text frame to a zstd client");
                         payload.to_vec()
                     };
-                    let seq = Generator::seq_of(&json)
-                        .unwrap_or_else(|| panic!("peer {i}: not an event: {json:?}"));
+                    let seq = event_of(enc, &message)
+                        .unwrap_or_else(|| panic!("peer {i}: not an event: {message:?}"));
                     let ev = &self.events[seq as usize];
-                    assert!(
-                        ev.json == json,
-                        "peer {i}: event {seq} is not byte-identical"
-                    );
+                    // The wire seq of the event at position `seq` (a fresh in-memory index
+                    // numbers from 1).
+                    let wire_seq = seq + crate::seqs::FIRST_SEQ;
+                    let mut want = Vec::new();
+                    if enc.v2() {
+                        crate::wire::v1_to_v2(&ev.json, wire_seq, 0, &mut want).expect("converts");
+                        assert!(
+                            same_v2(&message, &want),
+                            "peer {i}: event {seq} is not the v2 form of what was appended"
+                        );
+                    } else {
+                        crate::wire::with_cursor(&ev.json, wire_seq, &mut want).expect("cursor");
+                        assert!(
+                            message == want,
+                            "peer {i}: event {seq} is not byte-identical"
+                        );
+                    }
                     let p = &mut self.peers[i];
                     if let Some(&last) = p.received.last() {
                         assert!(seq > last, "peer {i}: event {seq} after {last}");
@@ -1032,19 +1072,24 @@ impl Sim {
     }
 
     /// Whether event `seq` passes `o` for a client of this encoding.
-    fn passes(&self, o: &SubscriberOptions, compressed: bool, seq: u64) -> bool {
+    fn passes(&self, o: &SubscriberOptions, p: &Peer, seq: u64) -> bool {
         let e = &self.events[seq as usize];
-        let sent = if compressed { e.zstd_len } else { e.plain_len };
-        o.collection_allowed(e.kind, e.collection.as_deref())
+        // v1 limits the frame as sent; v2 the uncompressed message.
+        let sized = if p.encoding.v2() {
+            Encoding::V2Json
+        } else {
+            p.encoding
+        };
+        p.kinds.contains_kind(e.kind)
+            && e.lens[p.encoding.index()] > 0
+            && o.collection_allowed(e.kind, e.collection.as_deref())
             && o.did_allowed(&e.did)
-            && o.size_allowed(sent)
+            && o.size_allowed(e.lens[sized.index()])
     }
 
     /// The events `o` passes in `[from, to)`.
-    fn expected(&self, o: &SubscriberOptions, compressed: bool, from: u64, to: u64) -> Vec<u64> {
-        (from..to)
-            .filter(|&s| self.passes(o, compressed, s))
-            .collect()
+    fn expected(&self, o: &SubscriberOptions, p: &Peer, from: u64, to: u64) -> Vec<u64> {
+        (from..to).filter(|&s| self.passes(o, p, s)).collect()
     }
 
     /// Checks that a peer received exactly what its filter(s) pass from its start point (a
@@ -1071,10 +1116,11 @@ impl Sim {
                 })
                 .unwrap_or_else(|| "released".into());
             panic!(
-                "seed {} peer {i} ({:?}, compressed {}, hello {}, start {}, closed {:?}): {what}\n  got {:?}\n  relay: {state}\n  socket: unread {} capacity {}",
+                "seed {} peer {i} ({:?}, {} {}, hello {}, start {}, closed {:?}): {what}\n  got {:?}\n  relay: {state}\n  socket: unread {} capacity {}",
                 self.seed,
                 p.behaviour,
-                p.compressed,
+                p.encoding,
+                p.kinds.names(),
                 p.hello,
                 p.start,
                 p.closed,
@@ -1084,7 +1130,7 @@ impl Sim {
             )
         };
         let Some(after) = &p.after else {
-            let want = self.expected(&p.before, p.compressed, p.start, total);
+            let want = self.expected(&p.before, p, p.start, total);
             let n = if complete { want.len() } else { got.len() };
             if got.len() > want.len() || got[..] != want[..n.min(want.len())] || got.len() != n {
                 fail(format!("expected {:?}", &want[..n.min(want.len())]));
@@ -1097,7 +1143,7 @@ impl Sim {
         let old_all = if p.hello {
             Vec::new()
         } else {
-            self.expected(&p.before, p.compressed, p.start, total)
+            self.expected(&p.before, p, p.start, total)
         };
         for k in 0..=got.len() {
             let (old, new) = got.split_at(k);
@@ -1108,7 +1154,7 @@ impl Sim {
             let next_old = old_all.get(old.len()).map_or(total, |&x| x);
             // S in [last_old, next_old]; the new events from S on must be exactly `new`.
             let fits = |s: u64| {
-                let want = self.expected(after, p.compressed, s, total);
+                let want = self.expected(after, p, s, total);
                 let n = if complete { want.len() } else { new.len() };
                 new.len() == n && want.len() >= n && new[..] == want[..n]
             };
@@ -1139,9 +1185,7 @@ impl Sim {
                 return true;
             }
             let filter = p.after.as_ref().unwrap_or(&p.before);
-            let last = (0..total)
-                .rev()
-                .find(|&s| self.passes(filter, p.compressed, s));
+            let last = (0..total).rev().find(|&s| self.passes(filter, p, s));
             last.is_none_or(|l| l < p.start || p.received.last() == Some(&l))
         })
     }
@@ -1201,6 +1245,48 @@ impl Drop for Sim {
     }
 }
 
+/// The event (generator seq) a frame's message carries: a v1 JSON with its `cursor` field, or
+/// a v2 message (its v1 form).
+fn event_of(enc: Encoding, message: &[u8]) -> Option<u64> {
+    let mut v1 = Vec::new();
+    if enc.v2() {
+        let crate::wire::V2Frame::Event { event, .. } =
+            crate::wire::parse_v2_frame(message).ok()?
+        else {
+            return None;
+        };
+        event.render_v1(&mut v1).ok()?;
+    } else {
+        // Drop `,"cursor":N` (right after `time_us`) to read the generator's head.
+        let at = message.windows(10).position(|w| w == b",\"cursor\":")?;
+        let digits = message[at + 10..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        v1.extend_from_slice(&message[..at]);
+        v1.extend_from_slice(&message[at + 10 + digits..]);
+    }
+    Generator::seq_of(&v1)
+}
+
+/// Whether two v2 messages are the same event with the same seq: byte-identical but for
+/// `witnessedAt` (the relay's witness time is not the model's).
+fn same_v2(got: &[u8], want: &[u8]) -> bool {
+    let strip = |m: &[u8]| -> Vec<u8> {
+        match m.windows(15).position(|w| w == b"\"witnessedAt\":\"") {
+            Some(at) => {
+                let end = m[at + 15..]
+                    .iter()
+                    .position(|&b| b == b'"')
+                    .map_or(m.len(), |e| at + 15 + e + 1);
+                [&m[..at], &m[end..]].concat()
+            }
+            None => m.to_vec(),
+        }
+    };
+    strip(got) == strip(want)
+}
+
 fn pattern_text(p: &CollectionPattern) -> String {
     match p {
         CollectionPattern::Exact(s) => s.clone(),
@@ -1213,7 +1299,7 @@ fn run_seed(seed: u64) {
     let result = std::panic::catch_unwind(|| Sim::new(seed).run());
     if let Err(e) = result {
         eprintln!(
-            "simulation failed: reproduce with JETRELAY_SIM_SEED={seed} cargo test --lib fanout::sim"
+            "simulation failed: reproduce with TEST_JETRELAY_SIM_SEED={seed} cargo test --lib fanout::sim"
         );
         std::panic::resume_unwind(e);
     }
@@ -1221,18 +1307,18 @@ fn run_seed(seed: u64) {
 
 #[test]
 fn simulated_kernel_seeds() {
-    if let Some(seed) = std::env::var("JETRELAY_SIM_SEED")
+    if let Some(seed) = std::env::var("TEST_JETRELAY_SIM_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
     {
         run_seed(seed);
         return;
     }
-    let seeds = std::env::var("JETRELAY_SIM_SEEDS")
+    let seeds = std::env::var("TEST_JETRELAY_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(SEEDS);
-    let first = std::env::var("JETRELAY_SIM_FIRST")
+    let first = std::env::var("TEST_JETRELAY_SIM_FIRST")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0u64);

@@ -10,9 +10,12 @@
 //! cannot punch the frames meanwhile: the walker's position is below them and it is published
 //! as this worker's low mark, which retention waits for.
 
+use crate::encoding::Encoding;
+use crate::event::EventKind;
 use crate::hub::{Hub, stored_header_len, stored_payload_len};
 use crate::index::{COLLECTION_NONE, COLLECTION_UNKNOWN, EventEntry, EventPos};
 use crate::subscription::SubscriberOptions;
+use crate::wire::KindSet;
 
 /// Events a filtered client may examine per serve before yielding to other clients. Why 8192:
 /// a replay of a sparse filter over a long log must not monopolize the worker, yet each serve
@@ -48,6 +51,10 @@ pub enum Step {
 pub struct Walker {
     /// The next event to examine.
     pub next: EventPos,
+    /// The frames it reads (the size limit is measured on the uncompressed message for v2).
+    pub encoding: Encoding,
+    /// The kinds it wants (every kind of its wire on v1).
+    pub kinds: KindSet,
     /// The filter.
     pub options: SubscriberOptions,
     /// `did_hash` of each wanted DID, sorted and unique (a hash match is confirmed on the JSON).
@@ -57,8 +64,13 @@ pub struct Walker {
 }
 
 impl Walker {
-    /// A walk from `next` with `options`.
-    pub fn new(next: EventPos, options: SubscriberOptions) -> Walker {
+    /// A walk from `next` with `options`, for a client of `encoding` wanting `kinds`.
+    pub fn new(
+        next: EventPos,
+        encoding: Encoding,
+        kinds: KindSet,
+        options: SubscriberOptions,
+    ) -> Walker {
         let mut did_hashes: Vec<u32> = options
             .wanted_dids
             .iter()
@@ -68,6 +80,8 @@ impl Walker {
         did_hashes.dedup();
         Walker {
             next,
+            encoding,
+            kinds,
             options,
             did_hashes,
             collection_verdicts: Vec::new(),
@@ -86,7 +100,6 @@ impl Walker {
     pub fn step(
         &mut self,
         hub: &Hub,
-        compressed: bool,
         stop_at: Option<u64>,
         scratch: &mut Vec<(EventPos, EventEntry, u8)>,
     ) -> Step {
@@ -105,7 +118,7 @@ impl Walker {
                     if stop_at.is_some_and(|s| pos.seq >= s) {
                         return false;
                     }
-                    let v = self.index_verdict(&index, e, compressed);
+                    let v = self.index_verdict(&index, e);
                     scratch.push((pos, *e, v as u8));
                     true
                 });
@@ -120,13 +133,9 @@ impl Walker {
                     x if x == Verdict::ReadJson as u8 => self.json_verdict(hub, pos, &e),
                     _ => false,
                 };
-                let after = EventPos {
-                    seq: pos.seq + 1,
-                    plain_off: pos.plain_off + e.plain_len as u64,
-                    zstd_off: pos.zstd_off + e.zstd_len as u64,
-                };
-                let start = pos.offset(compressed);
-                let end = after.offset(compressed);
+                let after = pos.after(&e);
+                let start = pos.offset(self.encoding);
+                let end = after.offset(self.encoding);
                 match (&mut run, ok) {
                     (None, true) => run = Some((start, end, 1)),
                     (Some(r), true) if end - r.0 <= MAX_RUN_BYTES => {
@@ -165,15 +174,20 @@ impl Walker {
     }
 
     /// The index-only verdict (called under the index lock: no I/O).
-    fn index_verdict(
-        &mut self,
-        index: &crate::index::EventIndex,
-        e: &EventEntry,
-        compressed: bool,
-    ) -> Verdict {
+    fn index_verdict(&mut self, index: &crate::index::EventIndex, e: &EventEntry) -> Verdict {
         let o = &self.options;
+        // The kinds it wants; no frame in its log (a `#sync` event on v1) is no event for it.
+        if !self.kinds.contains_kind(e.kind()) || e.frame_len(self.encoding) == 0 {
+            return Verdict::Reject;
+        }
+        // v1 limits what is sent; v2 the uncompressed message, also for compressed clients.
+        let sized = if self.encoding.v2() {
+            Encoding::V2Json
+        } else {
+            self.encoding
+        };
         if let Some(max) = o.max_message_size
-            && stored_payload_len(e.frame_len(compressed)) > max as u64
+            && stored_payload_len(e.frame_len(sized)) > max as u64
         {
             return Verdict::Reject;
         }
@@ -207,15 +221,32 @@ impl Walker {
         verdict
     }
 
-    /// The verdict on the event's JSON (read from the plain log without any lock held).
+    /// The verdict on the event's JSON (read without any lock held): the v1 JSON, or the v2
+    /// message for a `#sync` event (which has no v1 form, and no collection).
     fn json_verdict(&self, hub: &Hub, pos: EventPos, e: &EventEntry) -> bool {
-        let Some(json) = read_payload(hub.plain.file(), pos.plain_off, e.plain_len) else {
+        let o = &self.options;
+        if e.kind() == EventKind::Sync {
+            let v2 = Encoding::V2Json;
+            let Some(frame) =
+                read_payload(hub.base(v2).file(), pos.offset(v2), e.frame_len(v2) as u32)
+            else {
+                return false;
+            };
+            let Ok(crate::wire::V2Frame::Event { event, .. }) = crate::wire::parse_v2_frame(&frame)
+            else {
+                return false;
+            };
+            let did: Result<String, _> = serde_json::from_slice(event.did);
+            return did.is_ok_and(|d| o.wanted_dids.is_empty() || o.did_allowed(&d));
+        }
+        let v1 = Encoding::V1Json;
+        let Some(json) = read_payload(hub.plain().file(), pos.offset(v1), e.frame_len(v1) as u32)
+        else {
             return false;
         };
         let Ok(meta) = crate::event::parse_event(&json) else {
             return false;
         };
-        let o = &self.options;
         o.collection_allowed(meta.kind, meta.collection.as_deref())
             && (o.wanted_dids.is_empty() || o.did_allowed(&meta.did))
     }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Weak};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
 
+use crate::encoding::Encoding;
 use crate::fanout::Fanout;
 use crate::hub::{Counters, Hub, LatencyHistogram, REFUSAL_STATUSES, ShapeClass};
 use crate::index::now_us;
@@ -70,15 +71,17 @@ fn register_clients(meter: &Meter, hub: &Arc<Hub>, fanout: &Weak<Fanout>) {
         .i64_observable_up_down_counter("jetrelay.clients")
         .with_unit("{client}")
         .with_description(
-            "WebSocket clients connected, by subscription shape (at connect) and encoding.",
+            "WebSocket clients connected, by subscription shape (at connect) and encoding \
+             (wire v1 or v2, compressed or not).",
         )
         .with_callback(move |o| {
             for shape in ShapeClass::ALL {
-                for compressed in [false, true] {
-                    let n = load(&h.counters.clients_by_shape[shape.index(compressed)]);
+                for enc in Encoding::ALL {
+                    let n = load(&h.counters.clients_by_shape[shape.index(enc)]);
                     let labels = [
                         KeyValue::new("shape", shape.as_str()),
-                        KeyValue::new("compress", compressed),
+                        KeyValue::new("compress", enc.compressed()),
+                        KeyValue::new("wire", if enc.v2() { "v2" } else { "v1" }),
                     ];
                     o.observe(n as i64, &labels);
                 }
@@ -296,8 +299,10 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
             "Apparent size of each base log (its end offset; punched holes included).",
         )
         .with_callback(move |o| {
-            o.observe(h.plain.end() as i64, &[KeyValue::new("stream", "plain")]);
-            o.observe(h.zstd.end() as i64, &[KeyValue::new("stream", "zstd")]);
+            for enc in Encoding::ALL {
+                let s = h.base(enc);
+                o.observe(s.end() as i64, &[KeyValue::new("stream", enc.label())]);
+            }
         })
         .build();
     let h = hub.clone();
@@ -306,9 +311,10 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
         .with_unit("By")
         .with_description("Bytes of each base log still served (end minus retention start).")
         .with_callback(move |o| {
-            for (name, s) in [("plain", &h.plain), ("zstd", &h.zstd)] {
+            for enc in Encoding::ALL {
+                let s = h.base(enc);
                 let retained = s.end().saturating_sub(s.start());
-                o.observe(retained as i64, &[KeyValue::new("stream", name)]);
+                o.observe(retained as i64, &[KeyValue::new("stream", enc.label())]);
             }
         })
         .build();
@@ -321,14 +327,12 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
         )
         .with_callback(move |o| {
             // One fstat per file per collection; the index lock is held for a few reads.
-            o.observe(
-                h.plain.allocated_bytes() as i64,
-                &[KeyValue::new("stream", "plain")],
-            );
-            o.observe(
-                h.zstd.allocated_bytes() as i64,
-                &[KeyValue::new("stream", "zstd")],
-            );
+            for enc in Encoding::ALL {
+                o.observe(
+                    h.base(enc).allocated_bytes() as i64,
+                    &[KeyValue::new("stream", enc.label())],
+                );
+            }
             let index = h.index().allocated_bytes();
             o.observe(index as i64, &[KeyValue::new("stream", "index")]);
             let shapes = h.shapes.allocated_bytes();

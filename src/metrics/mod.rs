@@ -311,7 +311,7 @@ pub fn readiness(hub: &Hub) -> Result<(), String> {
         return Err(why);
     }
     let c = &hub.counters;
-    let disk = rustix::fs::fstatvfs(hub.plain.file())
+    let disk = rustix::fs::fstatvfs(hub.plain().file())
         .map(|s| Disk {
             read_only: s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY),
             free_bytes: s.f_bavail.saturating_mul(s.f_frsize),
@@ -378,8 +378,10 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
     let shapes: serde_json::Map<String, serde_json::Value> = ShapeClass::ALL
         .iter()
         .map(|s| {
-            let n = load(&c.clients_by_shape[s.index(false)])
-                + load(&c.clients_by_shape[s.index(true)]);
+            let n: u64 = crate::encoding::Encoding::ALL
+                .iter()
+                .map(|&e| load(&c.clients_by_shape[s.index(e)]))
+                .sum();
             (s.as_str().to_owned(), n.into())
         })
         .collect();

@@ -77,6 +77,16 @@ impl MessageKind {
             MessageKind::Sync => None,
         }
     }
+
+    /// The relay's kind of the same event.
+    pub fn event_kind(self) -> crate::event::EventKind {
+        match self {
+            MessageKind::Commit => crate::event::EventKind::Commit,
+            MessageKind::Identity => crate::event::EventKind::Identity,
+            MessageKind::Account => crate::event::EventKind::Account,
+            MessageKind::Sync => crate::event::EventKind::Sync,
+        }
+    }
 }
 
 impl From<crate::event::EventKind> for MessageKind {
@@ -85,6 +95,7 @@ impl From<crate::event::EventKind> for MessageKind {
             crate::event::EventKind::Commit => MessageKind::Commit,
             crate::event::EventKind::Identity => MessageKind::Identity,
             crate::event::EventKind::Account => MessageKind::Account,
+            crate::event::EventKind::Sync => MessageKind::Sync,
         }
     }
 }

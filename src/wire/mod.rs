@@ -34,7 +34,8 @@ pub use dictionary::{
     get_zstd_dictionary_response,
 };
 pub use event_parts::{
-    Body, CommitParts, EventParts, MessageKind, V2Frame, parse_v2_frame, v1_to_v2,
+    Body, CommitParts, EventParts, MAX_V2_FRAME_BYTES, MessageKind, V2Frame, parse_v2_frame,
+    v1_to_v2,
 };
 pub use v1_cursor::with_cursor;
 pub use v2_control::{
@@ -43,8 +44,7 @@ pub use v2_control::{
     outdated_cursor_frame,
 };
 pub use v2_query::{
-    KindSet, SubscribeEventsParams, V2ShapeKey, parse_subscribe_events,
-    parse_subscribe_events_query,
+    KindSet, SubscribeEventsParams, parse_subscribe_events, parse_subscribe_events_query,
 };
 pub use xrpc::XrpcError;
 

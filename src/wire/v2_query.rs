@@ -5,18 +5,19 @@
 //! The filters map onto the relay's v1 machinery: `collections` and `dids` become a
 //! [`SubscriberOptions`] (validated by the same helpers as `wantedCollections`/`wantedDids`;
 //! the semantics agree — collections constrain commits only, DIDs every kind), and the shape a
-//! v2 client reads is a [`V2ShapeKey`]: the v1 [`ShapeKey`] plus the `kinds` set, with the size
-//! limit measured on the uncompressed v2 frame (the official rule for v2, also for compressed
+//! v2 client reads is a [`ShapeKey`] of a v2 encoding with its `kinds` set, whose size limit
+//! is measured on the uncompressed v2 frame (the official rule for v2, also for compressed
 //! clients; v1 measures what is sent).
 
 use super::cursor::{Cursor, go_quote};
-use super::event_parts::{MAX_V2_FRAME_BYTES, MessageKind};
+use super::event_parts::MessageKind;
 use super::xrpc::XrpcError;
 use crate::compress::Dictionary;
+use crate::encoding::Encoding;
 use crate::handshake;
 use crate::subscription::{
-    CollectionPattern, MAX_SHAPE_LABEL_BYTES, MAX_WANTED_COLLECTIONS, MAX_WANTED_DIDS, ShapeKey,
-    SubscriberOptions, is_valid_did,
+    CollectionPattern, MAX_WANTED_COLLECTIONS, MAX_WANTED_DIDS, ShapeKey, SubscriberOptions,
+    is_valid_did,
 };
 
 /// Why 4: the `kinds` enum has four values (the lexicon's `maxLength`).
@@ -32,6 +33,23 @@ pub struct KindSet(u8);
 impl KindSet {
     /// Every kind (no `kinds` parameter).
     pub const ALL: KindSet = KindSet(0b1111);
+
+    /// The kinds of the v1 wire (`#sync` has no v1 form).
+    pub const V1: KindSet = KindSet(0b0111);
+
+    /// Every kind a client of `encoding` can receive.
+    pub fn all_for(encoding: crate::encoding::Encoding) -> KindSet {
+        if encoding.v2() {
+            KindSet::ALL
+        } else {
+            KindSet::V1
+        }
+    }
+
+    /// Whether an event of this (relay) kind passes.
+    pub fn contains_kind(self, kind: crate::event::EventKind) -> bool {
+        self.contains(MessageKind::from(kind))
+    }
 
     fn bit(kind: MessageKind) -> u8 {
         match kind {
@@ -94,60 +112,11 @@ impl SubscribeEventsParams {
                 .collection_allowed(collection_kind(kind), collection)
     }
 
-    /// The shared log this client reads (everything but `dids`).
-    pub fn shape_key(&self) -> V2ShapeKey {
-        V2ShapeKey {
-            kinds: self.kinds,
-            shape: ShapeKey {
-                collections: self.options.wanted_collections.clone(),
-                // A limit no v2 frame can exceed filters nothing; dropping it merges shapes.
-                max_message_size: self
-                    .options
-                    .max_message_size
-                    .filter(|&m| usize::try_from(m).is_ok_and(|m| m < MAX_V2_FRAME_BYTES)),
-                compress: self.compress,
-            },
-        }
-    }
-}
-
-/// Canonical key of a shared v2 log: two v2 clients with equal keys get the same frames.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct V2ShapeKey {
-    /// `kinds` ([`KindSet::ALL`] when absent).
-    pub kinds: KindSet,
-    /// Collections, size limit (uncompressed v2 frame bytes) and compression, as for v1.
-    pub shape: ShapeKey,
-}
-
-impl V2ShapeKey {
-    /// Whether the shape's log carries an event of `kind` (`collection` for commits) whose
-    /// uncompressed v2 frame is `v2_frame_len` bytes.
-    pub fn admits(&self, kind: MessageKind, collection: Option<&str>, v2_frame_len: usize) -> bool {
-        self.kinds.contains(kind)
-            && self
-                .shape
-                .collection_allowed(collection_kind(kind), collection)
-            && self.shape.size_allowed(v2_frame_len)
-    }
-
-    /// `v2:full`, `v2:k:commit+c:app.bsky.feed.post+zstd`, … cut like [`ShapeKey::label`].
-    pub fn label(&self) -> String {
-        let inner = self.shape.label();
-        let label = match (self.kinds.is_all(), inner.as_str()) {
-            (true, _) => format!("v2:{inner}"),
-            (false, "full") => format!("v2:k:{}", self.kinds.names()),
-            (false, _) => format!("v2:k:{}+{inner}", self.kinds.names()),
-        };
-        if label.len() <= MAX_SHAPE_LABEL_BYTES {
-            return label;
-        }
-        let hash = crate::event::did_hash(&format!("{:?}", self));
-        let mut cut = MAX_SHAPE_LABEL_BYTES - 9;
-        while !label.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        format!("{}~{hash:08x}", &label[..cut])
+    /// The shared log this client reads (everything but `dids`); its size limit is measured
+    /// on the uncompressed v2 frame, as officially (also for compressed clients).
+    pub fn shape_key(&self) -> ShapeKey {
+        self.options
+            .shape_key(Encoding::of(true, self.compress), self.kinds)
     }
 }
 
@@ -330,6 +299,7 @@ fn parse_go_uint(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::subscription::MAX_SHAPE_LABEL_BYTES;
 
     fn parse(query: &str) -> Result<SubscribeEventsParams, XrpcError> {
         parse_subscribe_events_query(query, &[])
@@ -386,11 +356,22 @@ mod tests {
             shape.label(),
             "v2:k:commit,identity+c:app.bsky.feed.post,app.bsky.graph.*+max:4096+zstd"
         );
-        assert!(shape.admits(MessageKind::Commit, Some("app.bsky.graph.follow"), 4096));
-        assert!(!shape.admits(MessageKind::Commit, Some("app.bsky.graph.follow"), 4097));
-        assert!(!shape.admits(MessageKind::Commit, Some("app.bsky.feed.like"), 10));
-        assert!(shape.admits(MessageKind::Identity, None, 10));
-        assert!(!shape.admits(MessageKind::Account, None, 10));
+        let admits = |kind: MessageKind, c: Option<&str>, len: usize| {
+            shape.wants(kind.event_kind(), c, &[0, 0, len, len / 3])
+        };
+        assert!(admits(
+            MessageKind::Commit,
+            Some("app.bsky.graph.follow"),
+            4096
+        ));
+        assert!(!admits(
+            MessageKind::Commit,
+            Some("app.bsky.graph.follow"),
+            4097
+        ));
+        assert!(!admits(MessageKind::Commit, Some("app.bsky.feed.like"), 10));
+        assert!(admits(MessageKind::Identity, None, 10));
+        assert!(!admits(MessageKind::Account, None, 10));
         assert!(p.wants(MessageKind::Identity, "did:plc:aaa", None));
         assert!(!p.wants(MessageKind::Identity, "did:plc:ccc", None));
         assert!(!p.wants(MessageKind::Sync, "did:plc:aaa", None));
