@@ -65,7 +65,10 @@ fn check_shape_table(seqs: &[u64], lens: &[usize], drop_below: u64, queries: &[u
     use jetrelay::subscription::SubscriberOptions;
     let dir = common::temp_dir("prop-shapes");
     let shapes = Shapes::new(dir.clone()).unwrap();
-    let key = SubscriberOptions::default().shape_key(false);
+    let key = SubscriberOptions::default().shape_key(
+        jetrelay::encoding::Encoding::V1Json,
+        jetrelay::wire::KindSet::V1,
+    );
     let shape = shapes.get_or_create(&key, || 0).unwrap();
     let mut model = Vec::new();
     let mut off = 0u64;
@@ -207,16 +210,19 @@ proptest! {
         cursors in prop::collection::vec(any::<i64>(), 0..12),
     ) {
         let mut index = EventIndex::in_memory();
-        // model[seq] = (plain_off, zstd_off, entry, time_us)
+        // model[seq] = (offsets in the four logs, entry, time_us)
         let mut model = Vec::new();
-        let (mut p, mut z) = (0u64, 0u64);
+        let mut p = [0u64; 4];
         for (seq, (pl, zl, jitter)) in events.iter().enumerate() {
-            let entry = EventEntry { plain_len: *pl, zstd_len: *zl, did_hash: seq as u32, ..EventEntry::default() };
+            let entry = EventEntry {
+                lens: [*pl, *zl, *pl + 40, *zl + 1],
+                did_hash: seq as u32,
+                ..EventEntry::default()
+            };
             let time = seq as i64 * 1_000 + jitter;
             prop_assert_eq!(index.append(entry, time, 0).unwrap(), seq as u64);
-            model.push((p, z, entry, time));
-            p += u64::from(*pl);
-            z += u64::from(*zl);
+            model.push((p, entry, time));
+            p = jetrelay::index::advance(p, &entry);
         }
         let mut first = 0usize;
         for _ in 0..drops {
@@ -228,18 +234,19 @@ proptest! {
         let next = model.len();
         prop_assert_eq!(index.next_seq(), next as u64);
         prop_assert_eq!(index.first_seq(), first as u64);
-        prop_assert_eq!(index.end_pos(), EventPos { seq: next as u64, plain_off: p, zstd_off: z });
+        prop_assert_eq!(index.end_pos(), EventPos { seq: next as u64, offs: p });
         let pos = |seq: usize| model.get(seq).map_or(
-            EventPos { seq: next as u64, plain_off: p, zstd_off: z },
-            |m| EventPos { seq: seq as u64, plain_off: m.0, zstd_off: m.1 },
+            EventPos { seq: next as u64, offs: p },
+            |m| EventPos { seq: seq as u64, offs: m.0 },
         );
         prop_assert_eq!(index.start_pos(), pos(first));
         for seq in (0..next + 2).step_by(7) {
             prop_assert_eq!(index.pos_of(seq as u64), pos(seq.clamp(first, next)));
             if seq >= first && seq <= next {
                 let at = pos(seq);
-                prop_assert_eq!(index.seq_at_offset(at.plain_off, false), Some(seq as u64));
-                prop_assert_eq!(index.seq_at_offset(at.zstd_off, true), Some(seq as u64));
+                for enc in jetrelay::encoding::Encoding::ALL {
+                    prop_assert_eq!(index.seq_at_offset(at.offset(enc), enc), Some(seq as u64));
+                }
             }
         }
         let mut walked = Vec::new();
@@ -247,15 +254,15 @@ proptest! {
             walked.push((at, *e));
             true
         });
-        let expected: Vec<_> = (first..next).map(|s| (pos(s), model[s].2)).collect();
+        let expected: Vec<_> = (first..next).map(|s| (pos(s), model[s].1)).collect();
         prop_assert_eq!(walked, expected);
         // Cursors: the chunk returned holds the first retained event at or after the cursor,
         // or that event lies before it only if a dropped event reached the cursor first.
-        let running_max_before_first = model[..first].iter().map(|m| m.3).max();
+        let running_max_before_first = model[..first].iter().map(|m| m.2).max();
         let mut probes = cursors;
-        probes.extend(model.iter().step_by(13).map(|m| m.3));
+        probes.extend(model.iter().step_by(13).map(|m| m.2));
         for c in probes {
-            let exact = (first..next).find(|&s| model[s].3 >= c);
+            let exact = (first..next).find(|&s| model[s].2 >= c);
             match index.cursor_chunk(c) {
                 None => prop_assert!(exact.is_none(), "cursor {} lost seq {:?}", c, exact),
                 Some((start, entries)) => {

@@ -9,17 +9,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 use jetrelay::compress::EventDecompressor;
+use jetrelay::encoding::Encoding;
 use jetrelay::event::parse_event;
 use jetrelay::hub::{Hub, stored_header_len};
 use jetrelay::limits::{Limits, LimitsConfig};
 use jetrelay::relay::recover;
 use jetrelay::shapes::Shapes;
-use jetrelay::writer::LogWriter;
+use jetrelay::upstream::Incoming;
+use jetrelay::writer::{LogWriter, WriterOptions};
 
 const SAMPLE: &str = include_str!("../assets/jetstream-v1-sample.jsonl");
 
 fn open(dir: &Path) -> (Arc<Hub>, LogWriter) {
-    let (plain, zstd, index, _recovery) = recover(dir).expect("recovers");
+    let jetrelay::relay::Recovered { streams, index, .. } = recover(dir).expect("recovers");
     let limits = Limits::new(LimitsConfig {
         max_clients: 1,
         max_conns_per_ip: 1,
@@ -27,8 +29,8 @@ fn open(dir: &Path) -> (Arc<Hub>, LogWriter) {
         allow: Vec::new(),
     });
     let shapes = Shapes::new(dir.join("shapes")).expect("shapes dir");
-    let hub = Arc::new(Hub::new(plain, zstd, index, limits, shapes));
-    let writer = LogWriter::new(hub.clone(), Vec::new()).expect("writer");
+    let hub = Arc::new(Hub::new(streams, index, limits, shapes));
+    let writer = LogWriter::new(hub.clone(), Vec::new(), WriterOptions::default()).expect("writer");
     (hub, writer)
 }
 
@@ -42,7 +44,7 @@ fn append(writer: &mut LogWriter, n: usize, collection: impl Fn(usize) -> Option
         }
         let json = serde_json::to_vec(&v).unwrap();
         let meta = parse_event(&json).unwrap();
-        writer.append_event(&json, &meta).unwrap();
+        writer.append_event(&Incoming::v1(&json, meta)).unwrap();
     }
 }
 
@@ -63,10 +65,14 @@ fn served(hub: &Hub) -> Vec<(Vec<u8>, Vec<u8>)> {
             let h = stored_header_len(&buf);
             buf.split_off(h)
         };
-        out.push((
-            read(hub.plain.file(), pos.plain_off, e.plain_len),
-            read(hub.zstd.file(), pos.zstd_off, e.zstd_len),
-        ));
+        let frame = |enc: Encoding| {
+            read(
+                hub.base(enc).file(),
+                pos.offset(enc),
+                e.frame_len(enc) as u32,
+            )
+        };
+        out.push((frame(Encoding::V1Json), frame(Encoding::V1Zstd)));
         true
     });
     out
@@ -80,7 +86,7 @@ fn crash_zeroed_zstd_tail_is_not_served() {
     let dir = common::temp_dir("recovery-zstd-tail");
     let (hub, mut writer) = open(&dir);
     append(&mut writer, 300, |_| None);
-    let zstd_len = hub.zstd.end();
+    let zstd_len = hub.base(Encoding::V1Zstd).end();
     drop((hub, writer));
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -126,9 +132,9 @@ fn chunks_that_do_not_tile_the_log_are_dropped() {
         .open(dir.join("events.idx"))
         .unwrap();
     let mut len = [0u8; 4];
-    f.read_exact_at(&mut len, 5 * 16 + 4).unwrap();
+    f.read_exact_at(&mut len, 5 * 32 + 4).unwrap();
     let len = u32::from_le_bytes(len) + 1;
-    f.write_all_at(&len.to_le_bytes(), 5 * 16 + 4).unwrap();
+    f.write_all_at(&len.to_le_bytes(), 5 * 32 + 4).unwrap();
     drop(f);
 
     let (hub, _writer) = open(&dir);
@@ -199,7 +205,8 @@ fn torn_tail_at_a_chunk_boundary_keeps_appending() {
         .write(true)
         .open(dir.join("plain.log"))
         .unwrap();
-    f.write_all_at(&[0u8; 8], cut.plain_off).unwrap();
+    f.write_all_at(&[0u8; 8], cut.offset(Encoding::V1Json))
+        .unwrap();
     drop(f);
 
     let (hub, mut writer) = open(&dir);
@@ -227,7 +234,7 @@ fn zero_extended_index_records_are_not_events() {
         .write(true)
         .open(dir.join("events.idx"))
         .unwrap();
-    f.set_len((300 + 600) * 16 + 5).unwrap();
+    f.set_len((300 + 600) * 32 + 5).unwrap();
     drop(f);
 
     let (hub, mut writer) = open(&dir);
@@ -259,8 +266,8 @@ fn zeroed_chunk_records_keep_synced_events() {
             .unwrap();
         f.write_all_at(&vec![0u8; len as usize], from).unwrap();
     };
-    zero("chunks.idx", 0, 2 * 32);
-    zero("events.idx", 302 * 16, (523 - 302) * 16);
+    zero("chunks.idx", 0, 2 * 64);
+    zero("events.idx", 302 * 32, (523 - 302) * 32);
 
     let (hub, _writer) = open(&dir);
     let events = served(&hub);

@@ -26,13 +26,15 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
+use jetrelay::encoding::Encoding;
 use jetrelay::event::{EventKind, did_hash, parse_event};
 use jetrelay::hub::Hub;
 use jetrelay::index::{COLLECTION_NONE, COLLECTION_UNKNOWN, kind_code};
 use jetrelay::limits::{Limits, LimitsConfig};
 use jetrelay::relay::recover;
 use jetrelay::shapes::Shapes;
-use jetrelay::writer::{LogWriter, RetentionPolicy, enforce_retention};
+use jetrelay::upstream::Incoming;
+use jetrelay::writer::{LogWriter, RetentionPolicy, WriterOptions, enforce_retention};
 use jetrelay_fuzz::ScratchDir;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -43,18 +45,23 @@ const CRASH_WINDOW_EVENTS: usize = 256;
 const MAX_APPEND: u16 = 700;
 const MAX_STEPS: usize = 12;
 
-const FILES: [&str; 5] = [
+const FILES: [&str; 7] = [
     "plain.log",
     "zstd.log",
+    "v2.log",
+    "v2zstd.log",
     "events.idx",
     "chunks.idx",
     "collections.txt",
 ];
 
+/// Files of the data directory (the four logs first, in [`Encoding`] order).
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum FileSel {
     Plain,
     Zstd,
+    V2,
+    V2Zstd,
     Events,
     Chunks,
     Collections,
@@ -70,8 +77,9 @@ impl FileSel {
 enum Crash {
     /// Cut the file to `len - cut % (len + 1)` bytes.
     Truncate { file: FileSel, cut: u32 },
-    /// Zero the last `n` bytes of a log inside the crash window, size kept.
-    ZeroLogTail { zstd: bool, n: u32 },
+    /// Zero the last `n` bytes of a log (`log % 4`, by encoding) inside the crash window,
+    /// size kept.
+    ZeroLogTail { log: u8, n: u32 },
     /// Zero the last `n` records of an index file inside the crash window, size kept.
     ZeroRecords { chunks: bool, n: u16 },
     /// A name torn while being appended to `collections.txt` (interned names are synced
@@ -122,8 +130,8 @@ enum Step {
 /// One appended event as the model remembers it.
 #[derive(Clone)]
 struct Appended {
-    plain: Vec<u8>,
-    zstd: Vec<u8>,
+    /// Its frames as written, by encoding.
+    frames: [Vec<u8>; 4],
     time_us: i64,
     did: String,
     kind: EventKind,
@@ -152,8 +160,7 @@ struct Live {
 /// Stands for an event the model no longer knows (never compared: it is not retained).
 fn placeholder() -> Appended {
     Appended {
-        plain: Vec::new(),
-        zstd: Vec::new(),
+        frames: Default::default(),
         time_us: 0,
         did: String::new(),
         kind: EventKind::Commit,
@@ -188,7 +195,7 @@ fn make_event(seed: u16, k: usize, seq: usize) -> Vec<u8> {
 }
 
 fn open(dir: &Path) -> anyhow::Result<Live> {
-    let (plain, zstd, index, _recovery) = recover(dir)?;
+    let jetrelay::relay::Recovered { streams, index, .. } = recover(dir)?;
     let limits = Limits::new(LimitsConfig {
         max_clients: 1,
         max_conns_per_ip: 1,
@@ -196,8 +203,8 @@ fn open(dir: &Path) -> anyhow::Result<Live> {
         allow: Vec::new(),
     });
     let shapes = Shapes::new(dir.join("shapes"))?;
-    let hub = Arc::new(Hub::new(plain, zstd, index, limits, shapes));
-    let writer = LogWriter::new(hub.clone(), Vec::new())?;
+    let hub = Arc::new(Hub::new(streams, index, limits, shapes));
+    let writer = LogWriter::new(hub.clone(), Vec::new(), WriterOptions::default())?;
     Ok(Live { hub, writer })
 }
 
@@ -207,32 +214,27 @@ fn read_at(file: &std::fs::File, off: u64, len: u64) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-/// Every retained event as served: (seq, plain frame, zstd frame).
-fn served(live: &Live) -> Vec<(u64, Vec<u8>, Vec<u8>)> {
+/// Every retained event as served: (seq, its frames by encoding).
+fn served(live: &Live) -> Vec<(u64, [Vec<u8>; 4])> {
     let hub = &live.hub;
     let index = hub.index();
-    let plain_len = hub.plain.file().metadata().expect("stat").len();
-    let zstd_len = hub.zstd.file().metadata().expect("stat").len();
     let end = index.end_pos();
-    assert!(
-        end.plain_off <= plain_len && end.zstd_off <= zstd_len,
-        "index past the logs"
-    );
-    assert_eq!(
-        (hub.plain.end(), hub.zstd.end()),
-        (end.plain_off, end.zstd_off)
-    );
+    for enc in Encoding::ALL {
+        let len = hub.base(enc).file().metadata().expect("stat").len();
+        assert!(end.offset(enc) <= len, "index past the {enc} log");
+        assert_eq!(hub.base(enc).end(), end.offset(enc), "{enc} log end");
+    }
     let mut out = Vec::new();
     let mut expect_seq = index.first_seq();
     index.walk(index.start_pos(), usize::MAX, |pos, e| {
         assert_eq!(pos.seq, expect_seq, "sequence numbers are contiguous");
         expect_seq += 1;
         assert_eq!(pos, index.pos_of(pos.seq));
-        let p = read_at(hub.plain.file(), pos.plain_off, e.plain_len.into())
-            .expect("plain frame inside the log");
-        let z = read_at(hub.zstd.file(), pos.zstd_off, e.zstd_len.into())
-            .expect("zstd frame inside the log");
-        out.push((pos.seq, p, z));
+        let frames = Encoding::ALL.map(|enc| {
+            read_at(hub.base(enc).file(), pos.offset(enc), e.frame_len(enc))
+                .expect("frame inside the log")
+        });
+        out.push((pos.seq, frames));
         true
     });
     assert_eq!(expect_seq, index.next_seq());
@@ -267,16 +269,13 @@ fn check_strict(live: &Live, model: &mut Model) {
     index.walk(index.start_pos(), usize::MAX, |pos, e| {
         let seq = pos.seq as usize;
         let want = &model.events[seq];
-        let p = read_at(hub.plain.file(), pos.plain_off, e.plain_len.into());
-        let z = read_at(hub.zstd.file(), pos.zstd_off, e.zstd_len.into());
-        assert!(
-            p.as_deref() == Some(&want.plain[..]),
-            "seq {seq}: plain frame differs from the one appended"
-        );
-        assert!(
-            z.as_deref() == Some(&want.zstd[..]),
-            "seq {seq}: zstd frame differs from the one appended"
-        );
+        for enc in Encoding::ALL {
+            let got = read_at(hub.base(enc).file(), pos.offset(enc), e.frame_len(enc));
+            assert!(
+                got.as_deref() == Some(&want.frames[enc.index()][..]),
+                "seq {seq}: {enc} frame differs from the one appended"
+            );
+        }
         assert_eq!(e.did_hash, did_hash(&want.did), "seq {seq}: DID hash");
         assert_eq!(e.kind, kind_code(want.kind), "seq {seq}: kind");
         match (&want.collection, e.collection) {
@@ -347,12 +346,12 @@ fn set_len(dir: &Path, f: FileSel, len: u64) {
 }
 
 /// Byte offset in a log where the crash window starts (the newest 256 events' frames).
-fn window_start(model: &Model, zstd: bool, log_len: u64) -> u64 {
+fn window_start(model: &Model, enc: Encoding, log_len: u64) -> u64 {
     let n = model.events.len();
     let from = n.saturating_sub(CRASH_WINDOW_EVENTS);
     let tail: u64 = model.events[from..]
         .iter()
-        .map(|e| if zstd { e.zstd.len() } else { e.plain.len() } as u64)
+        .map(|e| e.frames[enc.index()].len() as u64)
         .sum();
     log_len.saturating_sub(tail)
 }
@@ -370,18 +369,19 @@ fn apply_crash(dir: &Path, model: &Model, c: &Crash) {
             }
             set_len(dir, file, new_len);
         }
-        Crash::ZeroLogTail { zstd, n } => {
-            let file = if zstd { FileSel::Zstd } else { FileSel::Plain };
+        Crash::ZeroLogTail { log, n } => {
+            let enc = Encoding::ALL[usize::from(log) % 4];
+            let file = [FileSel::Plain, FileSel::Zstd, FileSel::V2, FileSel::V2Zstd][enc.index()];
             let len = file_len(dir, file);
-            let start = window_start(model, zstd, len);
+            let start = window_start(model, enc, len);
             let n = u64::from(n) % (len - start + 1);
             write_at(dir, file, len - n, &vec![0u8; n as usize]);
         }
         Crash::ZeroRecords { chunks, n } => {
             let (file, size, window) = if chunks {
-                (FileSel::Chunks, 32u64, 2u64)
+                (FileSel::Chunks, 64u64, 2u64)
             } else {
-                (FileSel::Events, 16, CRASH_WINDOW_EVENTS as u64)
+                (FileSel::Events, 32, CRASH_WINDOW_EVENTS as u64)
             };
             let len = file_len(dir, file) / size * size;
             let n = u64::from(n) % (window.min(len / size) + 1);
@@ -456,40 +456,38 @@ fn run(plan: &[Step]) {
                     let json = make_event(*seed, k, seq);
                     let meta = parse_event(&json).expect("template events are valid");
                     let names_before = l.hub.index().collections.len();
-                    l.writer.append_event(&json, &meta).expect("append");
+                    let (time_us, did, kind) = (meta.time_us, meta.did.to_string(), meta.kind);
+                    let collection = meta.collection.as_ref().map(|c| c.to_string());
+                    l.writer
+                        .append_event(&Incoming::v1(&json, meta))
+                        .expect("append");
                     let index = l.hub.index();
                     if index.collections.len() > names_before
-                        && let Some(c) = &meta.collection
+                        && let Some(c) = &collection
                     {
-                        model.names.push((c.to_string(), seq));
+                        model.names.push((c.clone(), seq));
                     }
                     let pos = index.pos_of(seq as u64);
                     let e_end = index.end_pos();
                     drop(index);
-                    let plain = read_at(
-                        l.hub.plain.file(),
-                        pos.plain_off,
-                        e_end.plain_off - pos.plain_off,
-                    )
-                    .expect("appended");
-                    let zstd = read_at(
-                        l.hub.zstd.file(),
-                        pos.zstd_off,
-                        e_end.zstd_off - pos.zstd_off,
-                    )
-                    .expect("appended");
-                    assert_eq!(
-                        &plain[plain.len() - json.len()..],
-                        &json[..],
-                        "the text frame carries the event"
+                    let frames = Encoding::ALL.map(|enc| {
+                        read_at(
+                            l.hub.base(enc).file(),
+                            pos.offset(enc),
+                            e_end.offset(enc) - pos.offset(enc),
+                        )
+                        .expect("appended")
+                    });
+                    assert!(
+                        frames[0].windows(8).any(|w| w == b"\"cursor\""),
+                        "the text frame carries the relay's seq"
                     );
                     model.events.push(Appended {
-                        plain,
-                        zstd,
-                        time_us: meta.time_us,
-                        did: meta.did.to_string(),
-                        kind: meta.kind,
-                        collection: meta.collection.as_ref().map(|c| c.to_string()),
+                        frames,
+                        time_us,
+                        did,
+                        kind,
+                        collection,
                     });
                 }
             }
@@ -506,12 +504,13 @@ fn run(plan: &[Step]) {
             Step::DropChunks { n } => {
                 let Some(l) = live.as_ref() else { continue };
                 for _ in 0..n % 4 {
-                    let Some((p, z)) = l.hub.index().oldest_chunk().map(|c| c.end_offsets()) else {
+                    let Some(ends) = l.hub.index().oldest_chunk().map(|c| c.end_offsets()) else {
                         break;
                     };
                     l.hub.index_mut().drop_oldest_chunk().expect("drop");
-                    l.hub.plain.punch_below(p).expect("punch");
-                    l.hub.zstd.punch_below(z).expect("punch");
+                    for (stream, end) in l.hub.bases().iter().zip(ends) {
+                        stream.punch_below(end).expect("punch");
+                    }
                     model.dropped = true;
                 }
             }
@@ -564,7 +563,7 @@ fn run(plan: &[Step]) {
             if model.strict && again != first {
                 let at = first.iter().zip(&again).position(|(a, b)| a != b);
                 let seqs =
-                    |v: &[(u64, Vec<u8>, Vec<u8>)]| (v.first().map(|e| e.0), v.last().map(|e| e.0));
+                    |v: &[(u64, [Vec<u8>; 4])]| (v.first().map(|e| e.0), v.last().map(|e| e.0));
                 panic!(
                     "a clean restart changed what is served: {} events {:?} then {} events {:?}, first difference at {at:?}",
                     first.len(),

@@ -121,7 +121,10 @@ fuzz_target!(|data: &[u8]| {
             "collection {probe:?} under {collections:?}"
         );
         assert!(options.collection_allowed(EventKind::Identity, Some(probe)));
-        let key = options.shape_key(params.compress);
+        let key = options.shape_key(
+            jetrelay::encoding::Encoding::of(false, params.compress),
+            jetrelay::wire::KindSet::V1,
+        );
         assert_eq!(
             key.collection_allowed(EventKind::Commit, Some(probe)),
             expected

@@ -150,14 +150,14 @@ fuzz_target!(|data: &[u8]| {
             .expect("decompresses");
         assert_eq!(restored, data);
     });
-    // …and a 16-byte index record.
+    // …and a 32-byte index record.
     let entry = EventEntry {
-        plain_len: plain.len() as u32,
-        zstd_len: 1,
+        lens: [plain.len() as u32, 1, 2, 3],
         did_hash: did_hash(&meta.did),
         collection: 0,
         kind: kind_code(meta.kind),
         flags: 0,
+        upstream_seq: 0,
     };
     let mut index = EventIndex::in_memory();
     index.append(entry, meta.time_us, 0).expect("in memory");
