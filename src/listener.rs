@@ -476,7 +476,7 @@ impl Listener {
         let preamble = if info.is_empty() {
             None
         } else {
-            match own_frame(encoding, &info) {
+            match crate::fanout::scheduler::own_frame(encoding, &info) {
                 Ok(frame) => Some(frame),
                 Err(e) => {
                     return self.refuse_ref(p, HttpError::new(500, format!("#info frame: {e}")));
@@ -562,22 +562,6 @@ enum Progress {
     Again,
     /// Finished (handed over, answered or dropped).
     Done,
-}
-
-/// A frame the relay composes for one v2 client (`#info`): a text frame, or on a compressed
-/// connection a binary frame compressed with the v2 dictionary, like its events.
-fn own_frame(encoding: Encoding, json: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut frame = Vec::with_capacity(json.len() + 16);
-    if encoding.compressed() {
-        let mut c =
-            crate::compress::EventCompressor::with_dictionary(crate::compress::Dictionary::V2)?;
-        let mut packed = Vec::new();
-        c.compress(json, &mut packed)?;
-        crate::frame::encode_server_frame(crate::frame::Opcode::Binary, &packed, &mut frame);
-    } else {
-        crate::frame::encode_server_frame(crate::frame::Opcode::Text, json, &mut frame);
-    }
-    Ok(frame)
 }
 
 /// Best-effort write of a short response on a non-blocking socket (a fresh socket's send

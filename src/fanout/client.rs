@@ -385,6 +385,9 @@ pub struct Client {
     pub route: u32,
     /// Bytes of the filter-state budget it holds (released when it leaves).
     pub filter_bytes: usize,
+    /// A v2 client far behind the tip: since when, and the event position it was at then
+    /// (the slow-consumer rule measures its progress from there).
+    pub far_behind_since: Option<(Instant, u64)>,
 }
 
 impl Client {

@@ -49,6 +49,13 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 pub const FIN_GRACE: Duration = Duration::from_secs(2);
 /// The longest control frame: a header and the largest control payload.
 pub const MAX_CONTROL_FRAME: usize = 2 + MAX_CONTROL_PAYLOAD;
+/// The official slow-consumer rule (v2): a client more than this many events behind the tip…
+pub const SLOW_CONSUMER_LAG: u64 = 100_000;
+/// …that advanced less than [`SLOW_CONSUMER_MIN_RATE`] events per second over this long is
+/// dropped with `ConsumerTooSlow`. A slow but progressing reader never is.
+pub const SLOW_CONSUMER_WINDOW: Duration = Duration::from_secs(60);
+/// Events per second a far-behind v2 client must advance to stay.
+pub const SLOW_CONSUMER_MIN_RATE: u64 = 5;
 
 /// The inputs of a new client (its socket stays with the driver).
 pub struct Attach {
@@ -287,6 +294,7 @@ impl Scheduler {
             linger: Linger::Off,
             route: 0,
             filter_bytes: 0,
+            far_behind_since: None,
         });
         self.live += 1;
         let c = &self.hub.counters;
@@ -1150,6 +1158,15 @@ impl Scheduler {
                 }
             }
         }
+        // The v2 slow-consumer rule, for the open v2 clients.
+        for id in 0..self.clients.len() as ClientId {
+            if self
+                .client(id)
+                .is_some_and(|c| c.encoding.v2() && c.life == Life::Open)
+            {
+                self.too_slow(id, now);
+            }
+        }
         // Streams with no reader here any more get NONE, so retention is not held back. That
         // includes every stream a client registered on and left between two ticks without
         // being seen here (a walker that switched onto its shape, an options_update): the base
@@ -1180,6 +1197,46 @@ impl Scheduler {
             .prune(|slot, id| client(slot).is_some_and(|c| c.place == Place::Waiting(id)));
         self.holds
             .prune(|slot, id| client(slot).is_some_and(|c| c.place == Place::Held(id)));
+    }
+
+    /// The v2 slow-consumer rule: a client more than [`SLOW_CONSUMER_LAG`] events behind the
+    /// tip that advanced less than [`SLOW_CONSUMER_MIN_RATE`] events a second over
+    /// [`SLOW_CONSUMER_WINDOW`] gets the official `ConsumerTooSlow` error frame and is closed.
+    /// Returns whether it was. Checked once a tick, only for clients that are behind at all.
+    fn too_slow(&mut self, id: ClientId, now: Instant) -> bool {
+        let hub = self.hub.clone();
+        let Some(c) = self.clients[id as usize].as_mut() else {
+            return false;
+        };
+        if c.pos >= c.stream.end() {
+            c.far_behind_since = None;
+            return false;
+        }
+        let Some(at) = position_of(&hub, c) else {
+            return false;
+        };
+        let lag = hub.appended_seq().saturating_sub(at);
+        if !slow_consumer(lag, at, now, &mut c.far_behind_since) {
+            return false;
+        }
+        let mut json = Vec::new();
+        crate::wire::consumer_too_slow_frame(lag, hub.seq_of(at), &mut json);
+        let frame = match own_frame(c.encoding, &json) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not build ConsumerTooSlow");
+                Vec::new()
+            }
+        };
+        tracing::info!(peer = %c.peer, lag, "closing a v2 consumer that does not keep up");
+        c.life = Life::Closing {
+            why: CloseWhy::Retention,
+            since: now,
+        };
+        Counters::add(&hub.counters.kicked_retention, 1);
+        c.control.error_then_close(frame, 1008, "consumer too slow");
+        self.make_ready(id);
+        true
     }
 
     // ---- helpers -----------------------------------------------------------------------
@@ -1234,6 +1291,63 @@ fn open_mut(clients: &mut [Option<Client>], id: ClientId) -> Option<&mut Client>
         .filter(|c| !matches!(c.life, Life::Shut { .. }))
 }
 
+/// The slow-consumer rule on one client's figures: `lag` events behind the tip at event
+/// position `at`; `state` remembers since when it has been far behind and where it was then.
+/// True when it must go: far behind for a whole window without advancing at the minimum rate.
+fn slow_consumer(lag: u64, at: u64, now: Instant, state: &mut Option<(Instant, u64)>) -> bool {
+    if lag <= SLOW_CONSUMER_LAG {
+        *state = None;
+        return false;
+    }
+    let Some((since, from)) = *state else {
+        *state = Some((now, at));
+        return false;
+    };
+    let elapsed = now.duration_since(since);
+    if elapsed < SLOW_CONSUMER_WINDOW {
+        return false;
+    }
+    if at.saturating_sub(from) >= SLOW_CONSUMER_MIN_RATE * elapsed.as_secs() {
+        // Progressing: measure the next window from here.
+        *state = Some((now, at));
+        return false;
+    }
+    true
+}
+
+/// The event position a client is at (chunk granularity on a base log), if known. Takes the
+/// index and a shape's table one after the other, never together.
+fn position_of(hub: &Hub, c: &Client) -> Option<u64> {
+    Some(match (&c.source, &c.shape) {
+        (Source::Filtered(w), _) => w.next.seq,
+        (Source::Contiguous, Some(shape)) => {
+            let next_seq = hub.index().next_seq();
+            shape
+                .table
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .seq_at_offset(c.pos, next_seq)
+        }
+        (Source::Contiguous, None) => hub.index().seq_at_or_before_offset(c.pos, c.encoding)?,
+    })
+}
+
+/// A frame the relay composes for one v2 client (`#info`, an error): a text frame, or on a
+/// compressed connection a binary frame compressed with the v2 dictionary, like its events.
+pub fn own_frame(encoding: Encoding, json: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut frame = Vec::with_capacity(json.len() + 16);
+    if encoding.compressed() {
+        let mut c =
+            crate::compress::EventCompressor::with_dictionary(crate::compress::Dictionary::V2)?;
+        let mut packed = Vec::new();
+        c.compress(json, &mut packed)?;
+        crate::frame::encode_server_frame(crate::frame::Opcode::Binary, &packed, &mut frame);
+    } else {
+        crate::frame::encode_server_frame(crate::frame::Opcode::Text, json, &mut frame);
+    }
+    Ok(frame)
+}
+
 /// Wall clock in µs (only for the lag estimate, which compares with append times).
 fn now_wall_us() -> u64 {
     crate::index::now_us().max(0) as u64
@@ -1246,21 +1360,42 @@ fn lag_of(hub: &Hub, c: &Client, wall_us: u64) -> Option<Duration> {
     if c.pos >= c.stream.end() {
         return None;
     }
-    let seq = match (&c.source, &c.shape) {
-        (Source::Filtered(w), _) => w.next.seq,
-        (Source::Contiguous, Some(shape)) => {
-            let next_seq = hub.index().next_seq();
-            shape
-                .table
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .seq_at_offset(c.pos, next_seq)
-        }
-        (Source::Contiguous, None) => hub.index().seq_at_or_before_offset(c.pos, c.encoding)?,
-    };
+    let seq = position_of(hub, c)?;
     let appended = hub.index().appended_at_of(seq)?;
     let age = wall_us.saturating_sub(appended.max(0) as u64);
     Some(Duration::from_micros(age))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_far_behind_reader_that_stops_progressing_is_too_slow() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let far = SLOW_CONSUMER_LAG + 1;
+        // Close to the tip: never, however slow.
+        let mut state = None;
+        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(0), &mut state));
+        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(600), &mut state));
+        assert_eq!(state, None);
+        // Far behind but advancing at the minimum rate: never dropped.
+        let mut state = None;
+        let rate = SLOW_CONSUMER_MIN_RATE;
+        for t in 0..600 {
+            assert!(!slow_consumer(far, t * rate, s(t), &mut state), "at {t}s");
+        }
+        // Far behind and stalled: dropped once a whole window has passed, not before.
+        let mut state = None;
+        assert!(!slow_consumer(far, 1000, s(0), &mut state));
+        assert!(!slow_consumer(far, 1000 + 10, s(59), &mut state));
+        assert!(slow_consumer(far, 1000 + 10, s(60), &mut state));
+        // Catching up below the lag resets it.
+        let mut state = Some((s(0), 0));
+        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(120), &mut state));
+        assert_eq!(state, None);
+    }
 }
 
 #[cfg(test)]
