@@ -1367,38 +1367,6 @@ fn lag_of(hub: &Hub, c: &Client, wall_us: u64) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_far_behind_reader_that_stops_progressing_is_too_slow() {
-        let t0 = Instant::now();
-        let s = |secs: u64| t0 + Duration::from_secs(secs);
-        let far = SLOW_CONSUMER_LAG + 1;
-        // Close to the tip: never, however slow.
-        let mut state = None;
-        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(0), &mut state));
-        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(600), &mut state));
-        assert_eq!(state, None);
-        // Far behind but advancing at the minimum rate: never dropped.
-        let mut state = None;
-        let rate = SLOW_CONSUMER_MIN_RATE;
-        for t in 0..600 {
-            assert!(!slow_consumer(far, t * rate, s(t), &mut state), "at {t}s");
-        }
-        // Far behind and stalled: dropped once a whole window has passed, not before.
-        let mut state = None;
-        assert!(!slow_consumer(far, 1000, s(0), &mut state));
-        assert!(!slow_consumer(far, 1000 + 10, s(59), &mut state));
-        assert!(slow_consumer(far, 1000 + 10, s(60), &mut state));
-        // Catching up below the lag resets it.
-        let mut state = Some((s(0), 0));
-        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(120), &mut state));
-        assert_eq!(state, None);
-    }
-}
-
-#[cfg(test)]
 impl Scheduler {
     /// Checks every invariant of the scheduler's bookkeeping; panics naming the first broken
     /// one. The simulation calls it after every step.
@@ -1486,5 +1454,37 @@ impl Scheduler {
     /// The routing cursor.
     pub fn route_cursor_for_test(&self) -> EventPos {
         self.route_cursor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_far_behind_reader_that_stops_progressing_is_too_slow() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let far = SLOW_CONSUMER_LAG + 1;
+        // Close to the tip: never, however slow.
+        let mut state = None;
+        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(0), &mut state));
+        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(600), &mut state));
+        assert_eq!(state, None);
+        // Far behind but advancing at the minimum rate: never dropped.
+        let mut state = None;
+        let rate = SLOW_CONSUMER_MIN_RATE;
+        for t in 0..600 {
+            assert!(!slow_consumer(far, t * rate, s(t), &mut state), "at {t}s");
+        }
+        // Far behind and stalled: dropped once a whole window has passed, not before.
+        let mut state = None;
+        assert!(!slow_consumer(far, 1000, s(0), &mut state));
+        assert!(!slow_consumer(far, 1000 + 10, s(59), &mut state));
+        assert!(slow_consumer(far, 1000 + 10, s(60), &mut state));
+        // Catching up below the lag resets it.
+        let mut state = Some((s(0), 0));
+        assert!(!slow_consumer(SLOW_CONSUMER_LAG, 0, s(120), &mut state));
+        assert_eq!(state, None);
     }
 }
