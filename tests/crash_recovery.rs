@@ -194,10 +194,16 @@ fn crash_child_process_body() {
     for seq in first..first + events {
         let json = event_of(seq);
         let meta = jetrelay::event::parse_event(json.as_bytes()).expect("model event");
+        // The seq this append will get, told before it starts: a crash after the append's
+        // writes but before APPENDED leaves an event in the logs whose size depends on it.
+        let announced = hub.seq_of(seq);
+        writeln!(out, "APPENDING {seq} {announced}").expect("stdout");
+        out.flush().expect("stdout");
         writer
             .append_event(&jetrelay::upstream::Incoming::v1(json.as_bytes(), meta))
             .expect("append");
         let wire = hub.seq_of(seq);
+        assert_eq!(wire, announced, "the seq announced for position {seq}");
         writeln!(out, "APPENDED {seq} {wire}").expect("stdout");
         out.flush().expect("stdout");
         if seq % SYNC_EVERY == 0 {
@@ -222,6 +228,8 @@ struct ChildRun {
     completed: Option<u64>,
     /// (position, seq) of every completed append, in order.
     published: Vec<(u64, u64)>,
+    /// (position, seq) of every append started (announced before its first write).
+    announced: Vec<(u64, u64)>,
     /// Whether the crash point killed it (else it appended everything and exited).
     killed: bool,
 }
@@ -243,14 +251,20 @@ fn run_child(dir: &Path, crash: &str) -> ChildRun {
         .output()
         .expect("child");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let published: Vec<(u64, u64)> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("APPENDED "))
-        .filter_map(|l| {
-            let (pos, seq) = l.trim().split_once(' ')?;
-            Some((pos.parse().ok()?, seq.parse().ok()?))
-        })
-        .collect();
+    // libtest prints "test crash_child_process_body ... " on the line the first report
+    // continues.
+    let reports = |tag: &str| -> Vec<(u64, u64)> {
+        stdout
+            .lines()
+            .filter_map(|l| l.split_once(tag).map(|(_, rest)| rest))
+            .filter_map(|l| {
+                let (pos, seq) = l.trim().split_once(' ')?;
+                Some((pos.parse().ok()?, seq.parse().ok()?))
+            })
+            .collect()
+    };
+    let published = reports("APPENDED ");
+    let announced = reports("APPENDING ");
     let completed = published.last().map(|&(pos, _)| pos);
     let killed = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9);
     assert!(
@@ -261,6 +275,7 @@ fn run_child(dir: &Path, crash: &str) -> ChildRun {
     ChildRun {
         completed,
         published,
+        announced,
         killed,
     }
 }
@@ -270,6 +285,11 @@ fn run_child(dir: &Path, crash: &str) -> ChildRun {
 struct Published {
     /// Position → the seq its event was (last) published with.
     seqs: std::collections::HashMap<u64, u64>,
+    /// Position → the seq its last started append was to get: the same as `seqs` once it
+    /// completed; for an append cut short, what its bytes (if they reached the logs) carry.
+    announced: std::collections::HashMap<u64, u64>,
+    /// Seqs published for events that recovery dropped and a later append replaced.
+    retired: Vec<u64>,
 }
 
 /// The frame header length of a payload of `len` bytes.
@@ -293,7 +313,9 @@ fn durable_sizes(pos: u64, published: &Published) -> ([u64; 4], u64) {
             .expect("compressor");
     let mut logs = [0u64; 4];
     for p in 0..pos {
-        let seq = published.seqs[&p];
+        let seq = published.seqs.get(&p).or(published.announced.get(&p));
+        let seq = *seq
+            .unwrap_or_else(|| panic!("position {p} below the durable mark was never announced"));
         let (j1, j2) = (v1_json(p, seq), v2_json(p, seq));
         let (mut z1, mut z2) = (Vec::new(), Vec::new());
         v1.compress(&j1, &mut z1).expect("zstd");
@@ -386,6 +408,12 @@ fn check_recovered(
                 "{what}: seq {seq} (position {pos}) was published and would be reused (next {next_seq})"
             );
         }
+    }
+    for &seq in &published.retired {
+        assert!(
+            seq < next_seq,
+            "{what}: seq {seq} was published, its event replaced, and would be reused (next {next_seq})"
+        );
     }
     let mut v1z = zstd::bulk::Decompressor::with_dictionary(DICTIONARY).expect("dictionary");
     let mut v2z = zstd::bulk::Decompressor::with_dictionary(DICTIONARY_V2).expect("dictionary");
@@ -529,6 +557,15 @@ fn crash_at_any_write_recovers_exact_frames_and_monotonic_cursors() {
         let is_torn = point != "retention" && rng.bool();
         let crash = format!("{point}:{nth}{}", if is_torn { ":torn" } else { "" });
         let run = run_child(&dir, &crash);
+        for &(pos, seq) in &run.announced {
+            // A position appended again (recovery had dropped it): its event is replaced, and
+            // the seq it was published with is retired, never to be handed out again.
+            if let Some(old) = published.seqs.get(&pos).copied().filter(|&old| old != seq) {
+                published.seqs.remove(&pos);
+                published.retired.push(old);
+            }
+            published.announced.insert(pos, seq);
+        }
         published.seqs.extend(run.published.iter().copied());
         let what = format!("iteration {it} (seed {seed}), crash at {crash}");
         if run.killed {
