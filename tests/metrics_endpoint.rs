@@ -50,19 +50,27 @@ fn metrics_endpoint_reports_a_known_workload() {
     assert_eq!(
         m.must(
             "jetrelay_clients",
-            &[("shape", "all"), ("compress", "false")]
+            &[("shape", "all"), ("compress", "false"), ("wire", "v1")]
         ),
         3.0
     );
     assert_eq!(
         m.must(
             "jetrelay_clients",
-            &[("shape", "collections"), ("compress", "false")]
+            &[
+                ("shape", "collections"),
+                ("compress", "false"),
+                ("wire", "v1")
+            ]
         ),
         1.0
     );
     assert_eq!(m.sum("jetrelay_clients"), 4.0, "no other shape has clients");
-    assert_eq!(m.all("jetrelay_clients").len(), 8, "4 shapes x 2 encodings");
+    assert_eq!(
+        m.all("jetrelay_clients").len(),
+        16,
+        "4 shapes x 4 encodings (v1/v2, compressed or not)"
+    );
     // The filtered client reads the shared pre-filtered log of its shape.
     assert_eq!(
         m.must(
