@@ -387,9 +387,12 @@ pub fn du_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// Apparent size of the plain log (what `ls` reports).
+/// Apparent size of the four base logs together (what `ls` reports: punched holes count).
 pub fn log_len(dir: &Path) -> u64 {
-    std::fs::metadata(dir.join("plain.log")).map_or(0, |m| m.len())
+    ["plain.log", "zstd.log", "v2.log", "v2zstd.log"]
+        .iter()
+        .map(|name| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len()))
+        .sum()
 }
 
 /// Socket address helper.
