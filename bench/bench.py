@@ -410,7 +410,9 @@ def main():
     if "subs-full" in names:
         print_ratios(passes)
     if any(n.startswith("v2-") for n in names):
-        print_v2_ratios(passes)
+        # In an A/B run the rows are named scenario@LABEL: one set of v2 ratios per binary.
+        for label in [b.split("=", 1)[0] for b in args.relay_bin] or [None]:
+            print_v2_ratios(passes, label)
     if len(args.relay_bin) > 1:
         print_ab(passes, names, [b.split("=", 1)[0] for b in args.relay_bin])
     if args.json:
@@ -485,10 +487,13 @@ def print_ab(passes, names, labels):
 V2_TWINS = {"v2-full": "subs-full", "v2-compress": "subs-compress", "v2-post": "subs-post"}
 
 
-def print_v2_ratios(passes):
+def print_v2_ratios(passes, label=None):
     """Issue 21's figures: each v2 row's CPU per GB over its v1 twin of the same pass (target
-    ≤ 1.1), then the median over passes; a missing pair says why."""
+    ≤ 1.1), then the median over passes; a missing pair says why. `label`: the binary's rows
+    (scenario@label) of an A/B run."""
     for v2, v1 in V2_TWINS.items():
+        if label is not None:
+            v2, v1 = f"{v2}@{label}", f"{v1}@{label}"
         vals, why = [], None
         for p in passes:
             a, b = p.get(v1, {}), p.get(v2, {})
