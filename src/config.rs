@@ -10,8 +10,13 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-/// The four public Jetstream instances, used in turn for failover (as official clients do).
-pub const DEFAULT_UPSTREAMS: [&str; 4] = [
+/// The public Jetstream instances in order of preference: the two 2026 (v2) hosts through
+/// `subscribeEvents` (sequence numbers: exact resume; dictionary compression), then the four
+/// frozen legacy hosts through `/subscribe` (resume by time). The next one is tried when a
+/// connection attempt fails.
+pub const DEFAULT_UPSTREAMS: [&str; 6] = [
+    "wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents",
+    "wss://jetstream.us-west.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents",
     "wss://jetstream1.us-east.bsky.network/subscribe",
     "wss://jetstream2.us-east.bsky.network/subscribe",
     "wss://jetstream1.us-west.bsky.network/subscribe",
@@ -530,7 +535,7 @@ mod tests {
     fn defaults_validate() {
         let s = RawSettings::default().validate().unwrap();
         assert_eq!(s.listen, ListenAddr::Tcp("127.0.0.1:6008".parse().unwrap()));
-        assert_eq!(s.upstreams.len(), 4);
+        assert_eq!(s.upstreams, DEFAULT_UPSTREAMS);
         assert_eq!(s.retention, Duration::from_secs(86_400));
     }
 

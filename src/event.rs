@@ -29,7 +29,9 @@ pub enum EventKind {
     Identity,
     /// An account status change (activation, takedown, deletion).
     Account,
-    /// A repository sync (v2 only: it has no v1 form).
+    /// A broken commit chain (consumers should resync the repo). v2 only: it has no v1 form,
+    /// so [`parse_event`] never returns it; the follower builds its metadata with
+    /// [`sync_event_meta`].
     Sync,
 }
 
@@ -44,6 +46,7 @@ impl EventKind {
         }
     }
 
+    /// A v1 `kind` value; `sync` is not one (the v1 wire never carries it).
     fn from_wire(kind: &str) -> Option<Self> {
         match kind {
             "commit" => Some(EventKind::Commit),
@@ -123,6 +126,13 @@ pub enum EventError {
 /// The whole message is validated as UTF-8 JSON (it will be sent as a WebSocket text frame);
 /// the record body is skipped without being materialised.
 pub fn parse_event(json: &[u8]) -> Result<EventMeta<'_>, EventError> {
+    parse_v1_event(json).map(|(meta, _)| meta)
+}
+
+/// [`parse_event`], also returning the top-level `cursor` an upstream's `/subscribe` wire may
+/// carry (its seq for the event: official Jetstream since 2026, another jetrelay), in the same
+/// pass. A `cursor` that is not a non-negative integer is [`EventError::InvalidField`].
+pub fn parse_v1_event(json: &[u8]) -> Result<(EventMeta<'_>, Option<u64>), EventError> {
     if json.len() > MAX_EVENT_BYTES {
         return Err(EventError::TooLarge(json.len()));
     }
@@ -130,9 +140,39 @@ pub fn parse_event(json: &[u8]) -> Result<EventMeta<'_>, EventError> {
     // checking them, so the whole message is checked here, once.
     let text = std::str::from_utf8(json)
         .map_err(|e| EventError::InvalidJson(format!("invalid UTF-8: {e}")))?;
-    let raw: RawEvent<'_> =
+    let mut raw: RawEvent<'_> =
         serde_json::from_str(text).map_err(|e| EventError::InvalidJson(e.to_string()))?;
-    raw.validate()
+    let cursor = match raw.cursor.take() {
+        None => None,
+        Some(Scalar::Int(seq)) => {
+            Some(u64::try_from(seq).map_err(|_| EventError::InvalidField("cursor"))?)
+        }
+        Some(_) => return Err(EventError::InvalidField("cursor")),
+    };
+    Ok((raw.validate()?, cursor))
+}
+
+/// The metadata of a v2 `#sync` event (it has no v1 JSON to parse): `did` decoded, `time_us`
+/// from its `time`, and a dedup key from the DID and the repo revision `rev` (both global, so
+/// two instances' copies of the event get the same key whatever their seqs and times).
+pub fn sync_event_meta<'a>(
+    did: Cow<'a, str>,
+    time_us: i64,
+    rev: &str,
+) -> Result<EventMeta<'a>, EventError> {
+    if !did.starts_with("did:") {
+        return Err(EventError::InvalidField("did"));
+    }
+    let mut hasher = KeyHasher::new(EventKind::Sync);
+    hasher.field(&did);
+    hasher.field(rev);
+    Ok(EventMeta {
+        did,
+        time_us,
+        kind: EventKind::Sync,
+        collection: None,
+        dedup_key: hasher.finish(),
+    })
 }
 
 /// Stable 32-bit hash of a DID (FNV-1a), fixed forever: it is persisted on disk.
@@ -381,6 +421,7 @@ enum Key {
     Collection,
     Rkey,
     Seq,
+    Cursor,
     Other,
 }
 
@@ -398,6 +439,7 @@ impl Key {
             Key::Collection => "collection",
             Key::Rkey => "rkey",
             Key::Seq => "seq",
+            Key::Cursor => "cursor",
             Key::Other => "other",
         }
     }
@@ -424,6 +466,7 @@ impl<'de> Deserialize<'de> for Key {
                     "collection" => Key::Collection,
                     "rkey" => Key::Rkey,
                     "seq" => Key::Seq,
+                    "cursor" => Key::Cursor,
                     _ => Key::Other,
                 })
             }
@@ -514,6 +557,8 @@ struct RawEvent<'a> {
     commit: Option<MaybeSection<'a>>,
     identity: Option<MaybeSection<'a>>,
     account: Option<MaybeSection<'a>>,
+    /// The upstream's seq on a `/subscribe` wire that carries one.
+    cursor: Option<Scalar<'a>>,
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for RawEvent<'a> {
@@ -541,6 +586,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawEvent<'a> {
                         }
                         Key::Account => {
                             set_once::<_, A::Error>(&mut e.account, map.next_value()?, key)?
+                        }
+                        Key::Cursor => {
+                            set_once::<_, A::Error>(&mut e.cursor, map.next_value()?, key)?
                         }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -926,6 +974,59 @@ mod tests {
         assert_eq!(scan_time_us(b""), None);
         assert_eq!(scan_time_us(br#"{"a":"unterminated"#), None);
         assert_eq!(scan_time_us(br#"{"a":{"b":[}}]}"#), None);
+    }
+
+    #[test]
+    fn the_upstream_cursor_is_reported_in_the_same_pass() {
+        let line = sample_lines()[0];
+        assert_eq!(parse_v1_event(line.as_bytes()).unwrap().1, None);
+        let mut with = Vec::new();
+        crate::wire::with_cursor(line.as_bytes(), 4_242, &mut with).unwrap();
+        let (meta, cursor) = parse_v1_event(&with).unwrap();
+        assert_eq!(cursor, Some(4_242));
+        assert_eq!(meta, parse_event(line.as_bytes()).unwrap(), "same metadata");
+        for (bad, want) in [
+            (
+                r#"{"did":"did:a","time_us":1,"cursor":-1,"kind":"identity","identity":{"seq":1}}"#,
+                "InvalidField(\"cursor\")",
+            ),
+            (
+                r#"{"did":"did:a","time_us":1,"cursor":"1","kind":"identity","identity":{"seq":1}}"#,
+                "InvalidField(\"cursor\")",
+            ),
+            (
+                r#"{"did":"did:a","time_us":1,"cursor":1.5,"kind":"identity","identity":{"seq":1}}"#,
+                "InvalidField(\"cursor\")",
+            ),
+            (
+                r#"{"did":"did:a","time_us":1,"cursor":1,"cursor":2,"kind":"identity","identity":{"seq":1}}"#,
+                "InvalidJson(\"duplicate field `cursor`",
+            ),
+        ] {
+            let got = format!("{:?}", parse_v1_event(bad.as_bytes()).unwrap_err());
+            assert!(got.starts_with(want), "{bad}: {got}");
+        }
+        // A `cursor` inside a record is data, not the wire field.
+        let nested =
+            r#"{"did":"did:a","time_us":1,"kind":"identity","identity":{"seq":1,"cursor":"x"}}"#;
+        assert_eq!(parse_v1_event(nested.as_bytes()).unwrap().1, None);
+    }
+
+    #[test]
+    fn sync_metadata_keys_on_did_and_rev() {
+        let a = sync_event_meta(Cow::Borrowed("did:plc:a"), 5, "3mptbypluud2a").unwrap();
+        assert_eq!(a.kind, EventKind::Sync);
+        assert_eq!((a.time_us, a.collection.clone()), (5, None));
+        let later = sync_event_meta(Cow::Borrowed("did:plc:a"), 9, "3mptbypluud2a").unwrap();
+        assert_eq!(a.dedup_key, later.dedup_key, "time is not part of the key");
+        let other_rev = sync_event_meta(Cow::Borrowed("did:plc:a"), 5, "3mptbypluud2b").unwrap();
+        let other_did = sync_event_meta(Cow::Borrowed("did:plc:b"), 5, "3mptbypluud2a").unwrap();
+        assert_ne!(a.dedup_key, other_rev.dedup_key);
+        assert_ne!(a.dedup_key, other_did.dedup_key);
+        assert!(matches!(
+            sync_event_meta(Cow::Borrowed("plc:a"), 5, "r"),
+            Err(EventError::InvalidField("did"))
+        ));
     }
 
     #[test]

@@ -427,7 +427,9 @@ impl Relay {
         config.max_skew = settings.upstream_skew;
         let mut follower = Follower::new(config);
         let (times, keys) = recent_events(&hub, follower.dedup_window());
-        follower.resume_from(times, keys);
+        // The restart checkpoint comes with the writer's upstream.url file; until then a
+        // restart resumes by time.
+        follower.resume_from(times, keys, None);
         let mut writer = LogWriter::new(
             hub.clone(),
             fanout.wakers(),

@@ -369,7 +369,7 @@ impl EventSink for LogWriter {
     fn connection(&mut self, state: ConnectionState) {
         let c = &self.hub.counters;
         match state {
-            ConnectionState::Connected { url } => {
+            ConnectionState::Connected { url, .. } => {
                 c.upstream_connected.store(1, Ordering::Relaxed);
                 Counters::add(&c.upstream_reconnects, 1);
                 tracing::info!(%url, "upstream connected");

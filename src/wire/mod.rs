@@ -37,7 +37,7 @@ pub use event_parts::{
     Body, CommitParts, EventParts, MAX_V2_FRAME_BYTES, MessageKind, V2Frame, parse_v2_frame,
     v1_to_v2,
 };
-pub use v1_cursor::with_cursor;
+pub use v1_cursor::{with_cursor, without_cursor};
 pub use v2_control::{
     CLIENT_DATA_CLOSE_CODE, CLIENT_DATA_CLOSE_REASON, InfoName, SUBPROTOCOL,
     consumer_too_slow_frame, error_frame, future_cursor_frame, info_frame, negotiate_subprotocol,

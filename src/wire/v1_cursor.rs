@@ -5,7 +5,8 @@
 //! marshals a struct whose fields are in that order). [`with_cursor`] produces exactly that from
 //! the upstream's bytes: it inserts `,"cursor":<seq>` after the `time_us` value, removes any
 //! top-level `cursor` the upstream sent (an upstream's seq is instance-local and must never reach
-//! a client as if it were ours), and leaves every other byte as it was.
+//! a client as if it were ours), and leaves every other byte as it was. [`without_cursor`] is the
+//! follower's side: an upstream event without the upstream's `cursor`.
 
 use super::WireError;
 use super::json_scan::object_members;
@@ -24,18 +25,7 @@ pub fn with_cursor(v1_json: &[u8], seq: u64, out: &mut Vec<u8>) -> Result<(), Wi
     if !is_integer(time_value) {
         return Err(WireError::InvalidField("time_us"));
     }
-    // Byte ranges to leave out: each upstream `cursor` member with the comma that joins it.
-    let mut skip: Vec<std::ops::Range<usize>> = Vec::new();
-    for i in (0..members.len()).filter(|&i| is(i, "cursor")) {
-        let range = if i > 0 {
-            members[i - 1].value.end..members[i].value.end
-        } else if members.len() > 1 {
-            members[0].key.start - 1..members[1].key.start - 1
-        } else {
-            members[0].key.start - 1..members[0].value.end
-        };
-        skip.push(range);
-    }
+    let skip = cursor_members(v1_json, &scan);
     let insert_at = members[time_at].value.end;
     out.reserve(v1_json.len() + 32);
     let mut copied = 0;
@@ -54,6 +44,40 @@ pub fn with_cursor(v1_json: &[u8], seq: u64, out: &mut Vec<u8>) -> Result<(), Wi
         out.extend_from_slice(&v1_json[copied..insert_at]);
         push_cursor(seq, out);
         copied = insert_at;
+    }
+    out.extend_from_slice(&v1_json[copied..]);
+    Ok(())
+}
+
+/// Byte ranges of each top-level `cursor` member with the comma that joins it to its
+/// neighbour: what leaves a well-formed object when cut out.
+fn cursor_members(json: &[u8], scan: &super::json_scan::ObjectScan) -> Vec<std::ops::Range<usize>> {
+    let members = &scan.members;
+    let mut skip = Vec::new();
+    for i in (0..members.len()).filter(|&i| &json[members[i].key.clone()] == b"cursor") {
+        let range = if i > 0 {
+            members[i - 1].value.end..members[i].value.end
+        } else if members.len() > 1 {
+            members[0].key.start - 1..members[1].key.start - 1
+        } else {
+            members[0].key.start - 1..members[0].value.end
+        };
+        skip.push(range);
+    }
+    skip
+}
+
+/// Appends `v1_json` without its top-level `cursor` member(s): an upstream's event as the
+/// legacy wire has it, every other byte unchanged (the inverse of [`with_cursor`] for frames
+/// it produced). The follower stores this, so that the upstream's instance-local seq never
+/// reaches a client. Nothing is appended when `v1_json` is not one JSON object.
+pub fn without_cursor(v1_json: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+    let scan = object_members(v1_json)?;
+    let mut copied = 0;
+    out.reserve(v1_json.len());
+    for range in cursor_members(v1_json, &scan) {
+        out.extend_from_slice(&v1_json[copied..range.start]);
+        copied = range.end;
     }
     out.extend_from_slice(&v1_json[copied..]);
     Ok(())
@@ -149,6 +173,39 @@ mod tests {
             cursor(r#"{"time_us":-1,"cursor":8}"#, u64::MAX).unwrap(),
             format!(r#"{{"time_us":-1,"cursor":{}}}"#, u64::MAX)
         );
+    }
+
+    #[test]
+    fn without_cursor_inverts_with_cursor_on_every_sample_event() {
+        for (i, line) in SAMPLE.lines().enumerate() {
+            let mut with = Vec::new();
+            with_cursor(line.as_bytes(), 77 + i as u64, &mut with).unwrap();
+            let mut out = b"prefix".to_vec();
+            without_cursor(&with, &mut out).unwrap();
+            assert_eq!(&out[6..], line.as_bytes());
+            let mut unchanged = Vec::new();
+            without_cursor(line.as_bytes(), &mut unchanged).unwrap();
+            assert_eq!(unchanged, line.as_bytes(), "nothing to remove");
+        }
+        for (input, want) in [
+            (
+                r#"{"cursor":1,"did":"d","time_us":5}"#,
+                r#"{"did":"d","time_us":5}"#,
+            ),
+            (
+                r#"{"did":"d","cursor":1,"time_us":5,"cursor":2}"#,
+                r#"{"did":"d","time_us":5}"#,
+            ),
+            (r#"{"cursor":1}"#, r#"{}"#),
+            (r#"{"a":{"cursor":1},"cursor":2}"#, r#"{"a":{"cursor":1}}"#),
+        ] {
+            let mut out = Vec::new();
+            without_cursor(input.as_bytes(), &mut out).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{input}");
+        }
+        let mut out = Vec::new();
+        assert!(without_cursor(b"{\"cursor\":1", &mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -2,18 +2,23 @@
 //! hands every new event to the relay's writer, exactly once and in upstream order.
 //!
 //! It runs on its own thread with blocking sockets (no async runtime). Each connection is a
-//! *session*; when one ends (close frame, error, stall, oversized frame) the follower waits an
-//! exponentially growing, jittered delay and connects to the next configured URL in turn,
-//! resuming with `cursor = reference − rewind` (the reference is a robust recent `time_us`, see
-//! [`crate::clock`]), and on a *different* instance another `max_skew` earlier, because each
-//! instance stamps `time_us` with its own clock. The rewound overlap is removed by dedup keys
-//! ([`crate::event::EventMeta::dedup_key`]), which identify an event across upstream instances
-//! whatever its `time_us`. The first event after a resume tells how far the new instance's
-//! clock is from the old one's (it is a duplicate whose first copy we know); a difference
-//! beyond what the cursor allowed, or no overlap at all, is logged as possible loss.
+//! *session*. An upstream URL speaks one of two wires, told by its path ([`UpstreamWire`]):
+//! `/subscribe` (the v1 JSON; with the upstream's seq as a `cursor` field on 2026 hosts and
+//! other jetrelays, detected per event) or `/xrpc/network.bsky.jetstream.subscribeEvents`
+//! (v2 frames, asked for with the v2 zstd dictionary and decompressed once; text if the
+//! upstream refuses the dictionary). [`decode`] turns either into the same events: the v1 JSON
+//! (converted once from v2), the upstream seq, `#sync` as its parts.
 //!
-//! The decisions (resume cursor, dedup window, backoff, message classification) are plain
-//! state, unit-tested without sockets; the I/O around them is thin.
+//! When a session ends (close frame, error frame, error, stall, oversized frame) the follower
+//! waits an exponentially growing, jittered delay and reconnects — to the same URL after a
+//! session that appended events, to the next configured URL after a failed attempt or an empty
+//! session — resuming as [`resume`] decides: exactly by seq on the URL that numbered the last
+//! appended event (`?cursor=<seq>`, the re-delivered event dropped by seq), else by time with
+//! a rewind and content de-duplication (legacy hosts; failover, since seqs are
+//! instance-local), never appending events replayed from before the relay's first one.
+//!
+//! The decisions (resume plan, de-duplication, backoff, message decoding) are plain state,
+//! unit-tested without sockets; the I/O around them is thin.
 //!
 //! Limitations worth knowing:
 //! - DNS resolution is blocking and not bounded by `connect_timeout` (the system resolver's own
@@ -23,24 +28,29 @@
 //!   ([`SkipReason::TooLarge`]) and reconnects; an upstream that replays the same giant frame
 //!   after every reconnect would keep the follower in backoff. Messages between
 //!   [`MAX_EVENT_BYTES`] and that limit are read and skipped without dropping the connection.
+//! - Once on a later URL the follower stays there while it works; it does not move back to an
+//!   earlier (preferred) one by itself.
 
-use std::collections::{HashMap, VecDeque};
+mod connect;
+pub mod decode;
+mod dedup;
+mod resume;
+
 use std::io;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use tracing::{debug, info, warn};
-use tungstenite::client::IntoClientRequest as _;
-use tungstenite::handshake::HandshakeError;
-use tungstenite::protocol::WebSocketConfig;
-use tungstenite::stream::MaybeTlsStream;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
-use crate::clock::UpstreamClock;
-use crate::event::{EventError, EventMeta, MAX_EVENT_BYTES, parse_event};
+pub use connect::{ZSTD_DICTIONARY_PARAM, subscribe_url};
+pub use decode::{TrafficStats, UpstreamWire};
+
+use crate::compress::Dictionary;
+use crate::event::{EventError, EventMeta, MAX_EVENT_BYTES};
+use connect::{ConnectError, ConnectOptions, Socket};
+use decode::{Decoded, Decoder, FrameEncoding};
+use resume::{Plan, SeqPosition, Tracker, Verdict};
 
 /// Why: messages up to this size are read whole and skipped as too large without dropping the
 /// connection; anything larger cannot be a Jetstream event and is refused by the WebSocket
@@ -98,10 +108,12 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How to follow the upstream(s).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamConfig {
-    /// Subscribe URLs (`ws://` or `wss://`, typically `…/subscribe`), tried in turn on failure.
+    /// Upstream URLs (`ws://` or `wss://`; `…/subscribe` or
+    /// `…/xrpc/network.bsky.jetstream.subscribeEvents`), in order of preference: the next one
+    /// is tried when a connection attempt fails.
     pub urls: Vec<String>,
-    /// How far before the last appended `time_us` a reconnect resumes, so that events delivered
-    /// out of `time_us` order around the disconnect are not lost.
+    /// How far before the last appended `time_us` a reconnect by time resumes, so that events
+    /// delivered out of `time_us` order around the disconnect are not lost.
     pub rewind: Duration,
     /// Largest clock difference between two upstream instances that failover tolerates without
     /// loss or duplicates: a reconnect to another instance resumes this much earlier still, and
@@ -115,6 +127,9 @@ pub struct UpstreamConfig {
     pub backoff_min: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Ask `subscribeEvents` upstreams for frames compressed with the v2 dictionary (~3× less
+    /// ingest; decompressed once). Off: text frames.
+    pub compress_v2: bool,
 }
 
 impl UpstreamConfig {
@@ -128,23 +143,26 @@ impl UpstreamConfig {
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             backoff_min: DEFAULT_BACKOFF_MIN,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            compress_v2: true,
         }
     }
 }
 
-/// Receives what the follower reads.
 /// One event as the follower hands it to the sink, in upstream order, exactly once.
+#[derive(Debug)]
 pub struct Incoming<'a> {
-    /// What the relay indexes (did, indexed time, kind, collection, dedup key).
+    /// What the relay indexes (did, indexed time, kind, collection, dedup key). `time_us` is
+    /// the event's *indexed* time: its upstream time, bounded as [`crate::clock`] explains
+    /// (the JSON keeps the upstream's value). A `#sync` event has `kind: EventKind::Sync`.
     pub meta: EventMeta<'a>,
-    /// The event in the legacy v1 wire's JSON, without any `cursor` field (empty for a
-    /// `#sync` event, which has no v1 form).
+    /// The event in the legacy v1 wire's JSON, without any `cursor` field (empty for `#sync`).
     pub v1_json: &'a [u8],
     /// `#sync` only: its parts, which the writer renders as v2 with the relay's own seq.
     pub sync: Option<&'a crate::wire::EventParts<'a>>,
-    /// The upstream's sequence number for this event, when its wire carries one.
+    /// The upstream's sequence number for this event, when its wire carries one (v2, or
+    /// /subscribe with `cursor` fields — including another jetrelay).
     pub upstream_seq: Option<u64>,
-    /// When the upstream instance witnessed it (µs), when its wire says.
+    /// When the upstream instance witnessed it (v2 `witnessedAt`, µs), when its wire says.
     pub witnessed_us: Option<i64>,
 }
 
@@ -161,17 +179,33 @@ impl<'a> Incoming<'a> {
     }
 }
 
+/// Receives what the follower reads.
 pub trait EventSink {
-    /// Called once per accepted (valid, not duplicate) event, in upstream order. `meta.time_us`
-    /// is the event's *indexed* time: its `time_us`, bounded as [`crate::clock`] explains (the
-    /// JSON keeps the upstream's value). The sink retries what it can (a full disk); returning
-    /// Err stops the follower.
+    /// Called once per accepted (valid, not duplicate) event, in upstream order. The sink
+    /// retries what it can (a full disk); returning Err stops the follower.
     fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()>;
     /// A message that was not appended. Logged by the follower (rate-limited), counted by the
     /// sink.
     fn skipped(&mut self, reason: SkipReason, detail: &str);
     /// Connection lifecycle, for metrics and health.
     fn connection(&mut self, state: ConnectionState);
+}
+
+/// Where a restarted relay resumes: the URL it was following and the last upstream seq it
+/// appended from it (the relay restores it from the index and a small state file).
+///
+/// The pair must belong together: `seq` numbered by `url`, i.e. the `upstream_seq` of the last
+/// appended event and the [`ConnectionState::Connected`] `upstream` of the session that
+/// delivered it (a URL recorded at connect time, before that session appended anything, does
+/// not go with the previous session's seq). A mismatch is caught by the first event of the
+/// resumed session (it must be the last appended event, by seq and content) and costs a
+/// reconnect by time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamCheckpoint {
+    /// The upstream URL exactly as configured (`--upstream`).
+    pub url: String,
+    /// The upstream's seq of the last appended event.
+    pub seq: u64,
 }
 
 /// Why an upstream message was not appended.
@@ -183,12 +217,18 @@ pub enum SkipReason {
     MissingField,
     /// Longer than [`MAX_EVENT_BYTES`].
     TooLarge,
-    /// A binary WebSocket message (the follower subscribes uncompressed).
+    /// A binary WebSocket message where the session expects text (a `/subscribe` upstream, or
+    /// `subscribeEvents` without compression).
     Binary,
     /// Already appended (overlap after a reconnect or failover).
     Duplicate,
-    /// `kind` is not commit, identity or account.
+    /// `kind` (v1) or the message `$type` (v2) is not one the relay knows.
     UnknownKind,
+    /// A new event a resume by time replayed from before the relay's first appended event:
+    /// appending it would put it after newer events.
+    BeforeHistory,
+    /// A compressed `subscribeEvents` frame that does not decompress with the v2 dictionary.
+    Undecodable,
 }
 
 impl SkipReason {
@@ -201,17 +241,21 @@ impl SkipReason {
             SkipReason::Binary => "binary",
             SkipReason::Duplicate => "duplicate",
             SkipReason::UnknownKind => "unknown_kind",
+            SkipReason::BeforeHistory => "before_history",
+            SkipReason::Undecodable => "undecodable",
         }
     }
 
     /// All reasons, for pre-registering metrics.
-    pub const ALL: [SkipReason; 6] = [
+    pub const ALL: [SkipReason; 8] = [
         SkipReason::InvalidJson,
         SkipReason::MissingField,
         SkipReason::TooLarge,
         SkipReason::Binary,
         SkipReason::Duplicate,
         SkipReason::UnknownKind,
+        SkipReason::BeforeHistory,
+        SkipReason::Undecodable,
     ];
 
     fn index(self) -> usize {
@@ -237,6 +281,9 @@ pub enum ConnectionState {
     Connected {
         /// The exact URL connected to.
         url: String,
+        /// The configured upstream URL it was made from: what numbers this session's
+        /// `upstream_seq`s ([`UpstreamCheckpoint::url`]).
+        upstream: String,
     },
     /// A session ended, or a connection attempt failed.
     Disconnected {
@@ -252,102 +299,6 @@ pub enum ConnectionState {
         /// The jittered delay about to be waited.
         delay: Duration,
     },
-}
-
-/// Returns `base` with its `cursor` query parameter set to `cursor` (replacing any existing
-/// one), or `base` unchanged when there is no cursor. Any `#fragment` is dropped (RFC 6455
-/// forbids fragments in WebSocket URIs).
-pub fn subscribe_url(base: &str, cursor: Option<i64>) -> String {
-    let Some(cursor) = cursor else {
-        return base.to_owned();
-    };
-    let without_fragment = base.split_once('#').map_or(base, |(url, _)| url);
-    let (path, query) = without_fragment
-        .split_once('?')
-        .unwrap_or((without_fragment, ""));
-    let mut url = String::with_capacity(base.len() + 32);
-    url.push_str(path);
-    let mut separator = '?';
-    for param in query.split('&') {
-        let key = param.split_once('=').map_or(param, |(k, _)| k);
-        if param.is_empty() || key == "cursor" {
-            continue;
-        }
-        url.push(separator);
-        url.push_str(param);
-        separator = '&';
-    }
-    url.push(separator);
-    url.push_str("cursor=");
-    url.push_str(&cursor.to_string());
-    url
-}
-
-/// Keys of recently appended events, to drop the overlap a rewound reconnect replays.
-///
-/// A FIFO in append order plus a map; pruned by `time_us` to the window behind the clock's
-/// reference (see [`crate::clock`]; an outlier cannot wipe it), and capped at a fixed count.
-/// `time_us` is nearly monotonic, so pruning from the front by time is close to exact; an event
-/// with an outlying time simply lives until it reaches the front.
-#[derive(Debug)]
-struct DedupWindow {
-    /// Membership test for the keys in `order`, with the indexed `time_us` of their first copy
-    /// (to measure the clock difference of the next instance that replays them).
-    keys: HashMap<u64, i64>,
-    /// `(time_us, key)` in append order, for pruning.
-    order: VecDeque<(i64, u64)>,
-    /// Keys whose time is older than newest − this are forgotten.
-    window_us: i64,
-    /// Hard cap on remembered keys.
-    capacity: usize,
-}
-
-impl DedupWindow {
-    fn new(window: Duration, capacity: usize) -> Self {
-        Self {
-            keys: HashMap::new(),
-            order: VecDeque::new(),
-            window_us: duration_us(window),
-            capacity,
-        }
-    }
-
-    /// The time of the first copy of `key`, if it is remembered.
-    fn get(&self, key: u64) -> Option<i64> {
-        self.keys.get(&key).copied()
-    }
-
-    /// Records `key` unless it is already known; returns whether it was new.
-    fn insert(&mut self, key: u64, time_us: i64) -> bool {
-        if self.keys.contains_key(&key) {
-            return false;
-        }
-        self.keys.insert(key, time_us);
-        self.order.push_back((time_us, key));
-        while self.order.len() > self.capacity {
-            self.pop_front();
-        }
-        true
-    }
-
-    /// Forgets keys older than the window behind `newest_time_us`.
-    fn prune(&mut self, newest_time_us: i64) {
-        let cutoff = newest_time_us.saturating_sub(self.window_us);
-        while self.order.front().is_some_and(|&(t, _)| t < cutoff) {
-            self.pop_front();
-        }
-    }
-
-    fn pop_front(&mut self) {
-        if let Some((_, key)) = self.order.pop_front() {
-            self.keys.remove(&key);
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.order.len()
-    }
 }
 
 /// How far back appended events must be remembered: what a resume can replay (the rewind plus
@@ -407,9 +358,12 @@ struct SkipLog {
 
 impl SkipLog {
     fn record(&mut self, reason: SkipReason, detail: &str) {
-        if reason == SkipReason::Duplicate {
-            // Expected after every reconnect: not worth a warning.
-            debug!(detail, "skipped duplicate upstream event");
+        if matches!(reason, SkipReason::Duplicate | SkipReason::BeforeHistory) {
+            // Expected after reconnects (and summarised by the resume's own log line).
+            debug!(
+                reason = reason.as_str(),
+                detail, "skipped replayed upstream event"
+            );
             return;
         }
         let now = Instant::now();
@@ -438,61 +392,77 @@ enum SessionEnd {
     Stopped,
     /// The sink failed; the follower stops with this error.
     SinkFailed(anyhow::Error),
-    /// The connection is gone; reconnect.
+    /// The connection is gone (or the upstream ended it with an error frame): reconnect after
+    /// the backoff.
     Lost(String),
+    /// The upstream contradicted the exact resume position (see [`resume`]): reconnect to the
+    /// same URL at once, by time.
+    Resync(String),
 }
 
-type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
+/// What one message did to the session.
+enum Flow {
+    /// Keep reading.
+    Continue,
+    /// An event was appended.
+    Appended,
+    /// End the session (see [`SessionEnd`]).
+    End(SessionEnd),
+}
 
-/// What the first event of a resumed session is expected to show.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ResumeCheck {
-    /// Nothing to check: a first connection without history, or already checked.
-    Done,
-    /// The session resumed at `cursor`, which allowed the new instance's clock to differ by
-    /// up to `allowed` from the one the reference came from: its first event should be one we
-    /// already have.
-    ExpectOverlap {
-        /// The cursor asked for.
-        cursor: i64,
-        /// Clock difference the cursor absorbs (the rewind, plus the skew on failover).
-        allowed: Duration,
-    },
+/// Logs far-future upstream times, at most once per [`OUTLIER_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct OutlierLog {
+    /// When one was last logged.
+    last: Option<Instant>,
+}
+
+impl OutlierLog {
+    fn record(&mut self, meta: &EventMeta<'_>, indexed: i64, reference: Option<i64>) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < OUTLIER_LOG_INTERVAL)
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        warn!(
+            did = %meta.did,
+            time_us = meta.time_us,
+            indexed_time_us = indexed,
+            reference_time_us = reference,
+            "upstream event stamped far ahead of the upstream's recent events: appended, but \
+             indexed (cursors, resume point) at the tolerance"
+        );
+    }
 }
 
 /// Follows the upstream(s) and feeds a sink. See the module documentation.
 pub struct Follower {
     /// Where and how to connect.
     config: UpstreamConfig,
-    /// The upstream's clock as seen through appended events: the resume point and the bound on
-    /// indexed times.
-    clock: UpstreamClock,
-    /// Index into `config.urls` of the instance whose clock `clock` follows (its recent events
-    /// came from there); `None` after a restart, when that is unknown.
-    clock_source: Option<usize>,
+    /// Resume position, clock, de-duplication memory.
+    tracker: Tracker,
+    /// Turns messages into events.
+    decoder: Decoder,
+    /// Per configured URL: how its v2 frames are asked for (text after a refused dictionary).
+    encodings: Vec<FrameEncoding>,
     /// When the last event was appended (for the clock's monotonic timeline).
     last_append: Option<Instant>,
-    /// Recently appended keys, to drop replayed overlap.
-    dedup: DedupWindow,
     /// Reconnect delay state.
     backoff: Backoff,
     /// Jitter source.
     rng: fastrand::Rng,
-    /// Index into `config.urls` of the next URL to try.
-    next_url: usize,
+    /// Index into `config.urls` of the URL the next connection goes to.
+    current_url: usize,
     /// TLS client configuration, built on the first `wss://` connect.
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Largest WebSocket message read whole (overridable in tests).
     max_message_bytes: usize,
     /// Rate limiter for skip warnings.
     skip_log: SkipLog,
-    /// What the current session's first event should show.
-    resume_check: ResumeCheck,
-    /// Events appended by the current session (the clock follows its instance after
-    /// [`crate::clock::RECENT_EVENTS`] of them).
-    session_appended: u64,
-    /// When a far-future `time_us` was last logged (rate limit).
-    outlier_logged: Option<Instant>,
+    /// Rate limiter for far-future warnings.
+    outlier_log: OutlierLog,
 }
 
 impl Follower {
@@ -500,21 +470,27 @@ impl Follower {
     pub fn new(config: UpstreamConfig) -> Self {
         let window = dedup_window(&config);
         let backoff = Backoff::new(config.backoff_min, config.backoff_max);
+        let encodings = config
+            .urls
+            .iter()
+            .map(|url| match UpstreamWire::of_url(url) {
+                UpstreamWire::V2 if config.compress_v2 => FrameEncoding::Zstd,
+                _ => FrameEncoding::Text,
+            })
+            .collect();
         Self {
+            tracker: Tracker::new(config.rewind, config.max_skew, window),
             config,
-            clock: UpstreamClock::new(),
-            clock_source: None,
+            decoder: Decoder::default(),
+            encodings,
             last_append: None,
-            dedup: DedupWindow::new(window, MAX_DEDUP_KEYS),
             backoff,
             rng: fastrand::Rng::new(),
-            next_url: 0,
+            current_url: 0,
             tls: None,
             max_message_bytes: MAX_UPSTREAM_MESSAGE_BYTES,
             skip_log: SkipLog::default(),
-            resume_check: ResumeCheck::Done,
-            session_appended: 0,
-            outlier_logged: None,
+            outlier_log: OutlierLog::default(),
         }
     }
 
@@ -527,44 +503,47 @@ impl Follower {
     /// Seeds the resume point and dedup memory after a relay restart with the events appended
     /// within [`Follower::dedup_window`] of the newest: `(indexed time_us, dedup key)` in log
     /// order. The clock learns the raw `time_us` of the last of them (`recent_raw_times`).
+    ///
+    /// With a `checkpoint` whose URL is one of the configured ones, the first connection goes
+    /// to that URL and resumes exactly from its seq. Otherwise (no checkpoint, or a URL no
+    /// longer configured: seqs are instance-local) it resumes by time with the rewind and the
+    /// skew, de-duplicating by content, and says so in the log.
     pub fn resume_from(
         &mut self,
         recent_raw_times: impl IntoIterator<Item = i64>,
         recent_keys: impl IntoIterator<Item = (i64, u64)>,
+        checkpoint: Option<UpstreamCheckpoint>,
     ) {
-        self.clock = UpstreamClock::seeded(recent_raw_times);
-        // Which instance stamped them is not known: the first connection counts as a failover.
-        self.clock_source = None;
-        for (time, key) in recent_keys {
-            self.dedup.insert(key, time);
-        }
-        if let Some(reference) = self.clock.reference() {
-            self.dedup.prune(reference);
-        }
+        let position = checkpoint.and_then(|c| {
+            match self.config.urls.iter().position(|u| *u == c.url) {
+                Some(url) => {
+                    info!(
+                        url = c.url,
+                        seq = c.seq,
+                        "restart: resuming exactly from the upstream seq appended last"
+                    );
+                    self.current_url = url;
+                    Some(SeqPosition { url, seq: c.seq })
+                }
+                None => {
+                    warn!(
+                        url = c.url,
+                        seq = c.seq,
+                        "restart: the last appended seq was numbered by an upstream that is not \
+                         configured any more (seqs are instance-local): resuming by time with \
+                         rewind, skew and content de-duplication"
+                    );
+                    None
+                }
+            }
+        });
+        self.tracker
+            .resume_from(recent_raw_times, recent_keys, position);
     }
 
     /// The upstream clock's reference (the robust newest `time_us` appended), if any.
     pub fn reference_time_us(&self) -> Option<i64> {
-        self.clock.reference()
-    }
-
-    /// The cursor a connection to `config.urls[url]` will ask for, and the clock difference it
-    /// absorbs.
-    ///
-    /// `time_us` is not monotonic: an event can arrive after one stamped later. Every event
-    /// not yet received when the connection dropped follows the last received ones in upstream
-    /// order, so its `time_us` is at least (reference − reordering skew). Resuming `rewind`
-    /// before the reference therefore replays everything missed as long as reordering stays
-    /// below `rewind`. Another instance stamps the same events with its own clock, so a
-    /// failover resumes `max_skew` earlier still; what is replayed twice is dropped by the
-    /// dedup window.
-    pub fn resume_cursor(&self, url: usize) -> Option<(i64, Duration)> {
-        let reference = self.clock.reference()?;
-        let mut allowed = self.config.rewind;
-        if self.clock_source != Some(url) {
-            allowed = allowed.saturating_add(self.config.max_skew);
-        }
-        Some((reference.saturating_sub(duration_us(allowed)), allowed))
+        self.tracker.reference_time_us()
     }
 
     /// Runs until `stop` becomes true (checked at least every [`POLL_INTERVAL`]) or the sink
@@ -573,35 +552,70 @@ impl Follower {
         anyhow::ensure!(!self.config.urls.is_empty(), "no upstream URL configured");
         while !stop.load(Ordering::Relaxed) {
             crate::liveness::beat();
-            let url_index = self.next_url % self.config.urls.len();
-            let base = &self.config.urls[url_index];
-            self.next_url = (self.next_url + 1) % self.config.urls.len();
-            let resume = self.resume_cursor(url_index);
-            let url = subscribe_url(base, resume.map(|(cursor, _)| cursor));
+            let url_index = self.current_url % self.config.urls.len();
+            let base = self.config.urls[url_index].clone();
+            let wire = UpstreamWire::of_url(&base);
+            let encoding = match wire {
+                UpstreamWire::V2 => self.encodings[url_index],
+                UpstreamWire::V1 => FrameEncoding::Text,
+            };
+            let plan = self.tracker.plan(url_index);
+            if let Plan::Time {
+                cursor,
+                instead_of: Some(p),
+                ..
+            } = plan
+            {
+                info!(
+                    url = base,
+                    cursor,
+                    last_seq = p.seq,
+                    numbered_by = self.config.urls[p.url],
+                    "failing over: the last appended seq is another upstream's (seqs are \
+                     instance-local), so this one resumes by time with rewind, skew and \
+                     content de-duplication"
+                );
+            }
+            let dictionary = (encoding == FrameEncoding::Zstd).then(|| Dictionary::V2.id());
+            let url = connect::session_url(&base, plan.cursor(), dictionary);
             let connected = {
                 // DNS resolution is not bounded by the connect timeout (see the module
                 // documentation): a stated wait, not a wedge.
                 let _idle = crate::liveness::idle("connecting to the upstream");
-                self.connect(&url, stop)
+                let options = ConnectOptions {
+                    timeout: self.config.connect_timeout,
+                    max_message_bytes: self.max_message_bytes,
+                    tls: &mut self.tls,
+                };
+                connect::connect(&url, options, stop)
             };
             let reason = match connected {
                 Ok(mut socket) => {
                     info!(url, "connected to upstream");
-                    sink.connection(ConnectionState::Connected { url: url.clone() });
-                    self.resume_check = match resume {
-                        Some((cursor, allowed)) => ResumeCheck::ExpectOverlap { cursor, allowed },
-                        None => ResumeCheck::Done,
-                    };
-                    self.session_appended = 0;
-                    if self.clock_source != Some(url_index) {
-                        // Until this session has appended enough events, the clock still
-                        // follows the previous instance (or an unknown one).
-                        self.clock_source = None;
-                    }
+                    sink.connection(ConnectionState::Connected {
+                        url: url.clone(),
+                        upstream: base.clone(),
+                    });
+                    self.tracker.start_session(url_index, plan);
+                    self.decoder.take_stats();
                     let started = Instant::now();
-                    let (end, appended) = self.session(&mut socket, sink, stop, url_index);
+                    let (end, appended) = self.session(&mut socket, sink, stop, wire, encoding);
+                    let traffic = self.decoder.take_stats();
+                    info!(
+                        url,
+                        appended,
+                        messages = traffic.messages,
+                        wire_bytes = traffic.wire_bytes,
+                        frame_bytes = traffic.frame_bytes,
+                        seconds = started.elapsed().as_secs(),
+                        "upstream session ended"
+                    );
                     if appended > 0 && started.elapsed() >= HEALTHY_SESSION {
                         self.backoff.reset();
+                    }
+                    if appended == 0 && !matches!(end, SessionEnd::Resync(_)) {
+                        // Nothing came through: try the next upstream.
+                        self.current_url = url_index + 1;
                     }
                     match end {
                         SessionEnd::Stopped => {
@@ -612,14 +626,33 @@ impl Follower {
                             let _ = socket.close(None);
                             return Err(e.context("event sink failed"));
                         }
+                        SessionEnd::Resync(reason) => {
+                            let _ = socket.close(None);
+                            warn!(
+                                url,
+                                reason,
+                                "upstream contradicts the exact resume position (renumbered, \
+                                 or another instance behind this URL): reconnecting by time"
+                            );
+                            sink.connection(ConnectionState::Disconnected { url, reason });
+                            continue;
+                        }
                         SessionEnd::Lost(reason) => reason,
                     }
                 }
+                Err(e) if stop.load(Ordering::Relaxed) => {
+                    debug!(error = %e, "connection attempt abandoned: stopping");
+                    return Ok(());
+                }
                 Err(e) => {
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(());
+                    let reason = e.to_string();
+                    if self.adjust_after_refusal(&e, url_index, &plan) {
+                        // Retry at once with what the refusal asked for.
+                        sink.connection(ConnectionState::Disconnected { url, reason });
+                        continue;
                     }
-                    format!("{e:#}")
+                    self.current_url = url_index + 1;
+                    reason
                 }
             };
             warn!(url, reason, "upstream connection lost");
@@ -634,107 +667,42 @@ impl Follower {
         Ok(())
     }
 
-    /// Classifies one text message and appends it if it is a new valid event.
-    fn ingest(
-        &mut self,
-        json: &[u8],
-        sink: &mut dyn EventSink,
-        url_index: usize,
-    ) -> anyhow::Result<bool> {
-        let mut meta = match parse_event(json) {
-            Ok(meta) => meta,
-            Err(e) => {
-                self.skip(sink, SkipReason::from(&e), &e.to_string());
-                return Ok(false);
-            }
+    /// After a refused upgrade: whether the refusal names something the next attempt can do
+    /// without (the dictionary, a seq cursor below the upstream's retention); if so, that is
+    /// dropped and the same URL is retried at once.
+    fn adjust_after_refusal(&mut self, e: &ConnectError, url_index: usize, plan: &Plan) -> bool {
+        let ConnectError::Refused {
+            xrpc_error: Some(error),
+            message,
+            ..
+        } = e
+        else {
+            return false;
         };
-        let first_copy = self.dedup.get(meta.dedup_key);
-        self.check_resume(meta.time_us, first_copy);
-        if first_copy.is_some() {
-            let detail = format!("{} {} time_us={}", meta.kind, meta.did, meta.time_us);
-            self.skip(sink, SkipReason::Duplicate, &detail);
-            return Ok(false);
-        }
-        let raw = meta.time_us;
-        let since = self.last_append.map_or(Duration::ZERO, |t| t.elapsed());
-        let indexed = self.clock.indexed_time(raw, since);
-        if indexed != raw {
-            self.log_outlier(&meta, indexed);
-        }
-        meta.time_us = indexed;
-        let key = meta.dedup_key;
-        sink.append(&Incoming::v1(json, meta))?;
-        // Only what was appended is remembered: a failed append leaves no trace to skip later.
-        self.dedup.insert(key, indexed);
-        self.clock.record(raw, since);
-        self.last_append = Some(Instant::now());
-        self.session_appended += 1;
-        if self.session_appended == crate::clock::RECENT_EVENTS as u64 {
-            self.clock_source = Some(url_index);
-        }
-        if let Some(reference) = self.clock.reference() {
-            self.dedup.prune(reference);
-        }
-        Ok(true)
-    }
-
-    /// After a resume, the first event shows whether the cursor reached back far enough: it
-    /// should be a duplicate, and its two copies' times give the instances' clock difference.
-    fn check_resume(&mut self, time_us: i64, first_copy: Option<i64>) {
-        let ResumeCheck::ExpectOverlap { cursor, allowed } = self.resume_check else {
-            return;
-        };
-        self.resume_check = ResumeCheck::Done;
-        match first_copy {
-            Some(before) => {
-                let offset_us = time_us.saturating_sub(before);
-                let offset = Duration::from_micros(offset_us.unsigned_abs());
-                if offset > allowed {
-                    warn!(
-                        clock_offset_ms = offset_us / 1000,
-                        allowed_ms = allowed.as_millis() as u64,
-                        "upstream clocks differ by more than the resume cursor allows: events \
-                         may have been missed (this instance is behind) or duplicated (ahead); \
-                         raise --upstream-skew"
-                    );
-                } else {
-                    info!(
-                        clock_offset_ms = offset_us / 1000,
-                        "resumed with overlap; upstream clock offset vs the previous copy"
-                    );
-                }
+        match error.as_str() {
+            "UnknownZstdDictionary" if self.encodings[url_index] == FrameEncoding::Zstd => {
+                warn!(
+                    url = self.config.urls[url_index],
+                    message,
+                    "the upstream does not know the v2 zstd dictionary: following it with \
+                     text frames"
+                );
+                self.encodings[url_index] = FrameEncoding::Text;
+                true
             }
-            None => warn!(
-                cursor,
-                time_us,
-                "resumed upstream without overlap: the first event is not one already \
-                 appended, so events between may be missing (clock skew beyond \
-                 --upstream-skew, or a gap in the upstream's history)"
-            ),
+            "CursorTooOld" if matches!(plan, Plan::Seq(_)) => {
+                warn!(
+                    url = self.config.urls[url_index],
+                    message,
+                    "the upstream no longer has the seq appended last (beyond its retention): \
+                     events after it and before the upstream's oldest are lost; resuming by \
+                     time"
+                );
+                self.tracker.forget_seq();
+                true
+            }
+            _ => false,
         }
-    }
-
-    fn log_outlier(&mut self, meta: &EventMeta<'_>, indexed: i64) {
-        if self
-            .outlier_logged
-            .is_some_and(|t| t.elapsed() < OUTLIER_LOG_INTERVAL)
-        {
-            return;
-        }
-        self.outlier_logged = Some(Instant::now());
-        warn!(
-            did = %meta.did,
-            time_us = meta.time_us,
-            indexed_time_us = indexed,
-            reference_time_us = self.clock.reference(),
-            "upstream event stamped far ahead of the upstream's recent events: appended, but \
-             indexed (cursors, resume point) at the tolerance"
-        );
-    }
-
-    fn skip(&mut self, sink: &mut dyn EventSink, reason: SkipReason, detail: &str) {
-        self.skip_log.record(reason, detail);
-        sink.skipped(reason, detail);
     }
 
     /// Reads one connection until it ends; returns why, and how many events it appended.
@@ -743,7 +711,8 @@ impl Follower {
         socket: &mut Socket,
         sink: &mut dyn EventSink,
         stop: &AtomicBool,
-        url_index: usize,
+        wire: UpstreamWire,
+        encoding: FrameEncoding,
     ) -> (SessionEnd, u64) {
         let mut appended = 0u64;
         let mut last_frame = Instant::now();
@@ -784,7 +753,8 @@ impl Follower {
                 }
                 Err(tungstenite::Error::Capacity(e)) => {
                     let detail = format!("{e}; reconnecting");
-                    self.skip(sink, SkipReason::TooLarge, &detail);
+                    self.skip_log.record(SkipReason::TooLarge, &detail);
+                    sink.skipped(SkipReason::TooLarge, &detail);
                     return (SessionEnd::Lost(format!("oversized frame: {e}")), appended);
                 }
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
@@ -792,118 +762,117 @@ impl Follower {
                 }
                 Err(e) => return (SessionEnd::Lost(e.to_string()), appended),
             };
-            last_frame = Instant::now();
             pinged = false;
-            match message {
-                Message::Text(text) => {
-                    match self.ingest(text.as_bytes(), sink, url_index) {
-                        Ok(true) => appended += 1,
-                        Ok(false) => {}
-                        Err(e) => return (SessionEnd::SinkFailed(e), appended),
-                    }
-                    // The sink may have waited (a full disk): that was not upstream silence.
-                    last_frame = Instant::now();
-                }
-                Message::Binary(bytes) => {
-                    let detail = format!("{} byte binary message", bytes.len());
-                    self.skip(sink, SkipReason::Binary, &detail);
-                }
-                Message::Close(frame) => {
-                    // Let tungstenite send the close reply; the session is over either way.
-                    let _ = socket.flush();
-                    let reason = match frame {
-                        Some(f) => {
-                            format!("closed by upstream: {} {}", u16::from(f.code), f.reason)
-                        }
-                        None => "closed by upstream".to_owned(),
-                    };
-                    return (SessionEnd::Lost(reason), appended);
-                }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            if let Message::Close(frame) = &message {
+                // Let tungstenite send the close reply; the session is over either way.
+                let _ = socket.flush();
+                let reason = match frame {
+                    Some(f) => format!("closed by upstream: {} {}", u16::from(f.code), f.reason),
+                    None => "closed by upstream".to_owned(),
+                };
+                return (SessionEnd::Lost(reason), appended);
             }
+            match self.ingest(&message, sink, wire, encoding) {
+                Flow::Continue => {}
+                Flow::Appended => appended += 1,
+                Flow::End(end) => return (end, appended),
+            }
+            // Counted from after the sink, which may have waited (a full disk): that was not
+            // upstream silence.
+            last_frame = Instant::now();
         }
     }
 
-    /// TCP connect, TLS for `wss://`, WebSocket handshake; all within `connect_timeout` and
-    /// abandoned within [`POLL_INTERVAL`] of `stop`.
-    fn connect(&mut self, url: &str, stop: &AtomicBool) -> anyhow::Result<Socket> {
-        let deadline = Instant::now() + self.config.connect_timeout;
-        let mut request = url.into_client_request().context("invalid upstream URL")?;
-        // Lets upstream operators tell relays apart from end clients.
-        request.headers_mut().insert(
-            tungstenite::http::header::USER_AGENT,
-            tungstenite::http::HeaderValue::from_static(concat!(
-                "jetrelay/",
-                env!("CARGO_PKG_VERSION")
-            )),
-        );
-        let uri = request.uri();
-        let (tls, default_port) = match uri.scheme_str() {
-            Some("ws") => (false, 80),
-            Some("wss") => (true, 443),
-            _ => anyhow::bail!("unsupported URL scheme (expected ws:// or wss://)"),
-        };
-        let host = uri.host().context("URL has no host")?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(default_port);
-        let addrs: Vec<SocketAddr> = (host, port)
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {host}"))?
-            .collect();
-        let stream = connect_any(&addrs, deadline, stop)?;
-        stream.set_nodelay(true)?;
-        // Short reads keep the stop flag and stall timer checked while upstream is silent.
-        stream.set_read_timeout(Some(POLL_INTERVAL))?;
-        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-
-        let connector = if tls {
-            tungstenite::Connector::Rustls(self.tls_config()?)
-        } else {
-            tungstenite::Connector::Plain
-        };
-        let config = WebSocketConfig::default()
-            .read_buffer_size(UPSTREAM_READ_BUFFER_BYTES)
-            .max_message_size(Some(self.max_message_bytes))
-            .max_frame_size(Some(self.max_message_bytes));
-        let mut attempt =
-            tungstenite::client_tls_with_config(request, stream, Some(config), Some(connector));
-        loop {
-            match attempt {
-                Ok((socket, _response)) => return Ok(socket),
-                Err(HandshakeError::Failure(e)) => {
-                    return Err(anyhow::Error::new(e).context("WebSocket handshake failed"));
-                }
-                Err(HandshakeError::Interrupted(mid)) => {
-                    if stop.load(Ordering::Relaxed) {
-                        anyhow::bail!("stopping");
+    /// Decodes one message and appends it if it is a new event.
+    fn ingest(
+        &mut self,
+        message: &Message,
+        sink: &mut dyn EventSink,
+        wire: UpstreamWire,
+        encoding: FrameEncoding,
+    ) -> Flow {
+        let event = match self.decoder.decode(wire, encoding, message) {
+            Decoded::Event(event) => event,
+            Decoded::Control => return Flow::Continue,
+            Decoded::Skip { reason, detail } => {
+                self.skip_log.record(reason, &detail);
+                sink.skipped(reason, &detail);
+                return Flow::Continue;
+            }
+            Decoded::Info { name, message } => {
+                let message = message.unwrap_or_default();
+                match name.as_str() {
+                    "FutureCursor" if self.tracker.resumed_by_seq() => {
+                        self.tracker.forget_seq();
+                        let reason = format!("#info FutureCursor on a resume by seq: {message}");
+                        return Flow::End(SessionEnd::Resync(reason));
                     }
-                    if Instant::now() >= deadline {
-                        anyhow::bail!(
-                            "handshake timed out after {:?}",
-                            self.config.connect_timeout
-                        );
-                    }
-                    attempt = mid.handshake();
+                    "OutdatedCursor" => warn!(
+                        message,
+                        "the upstream clamped the resume cursor to its oldest event: events \
+                         before it are missing"
+                    ),
+                    _ => info!(name, message, "upstream #info"),
                 }
+                return Flow::Continue;
+            }
+            Decoded::Error { error, message } => {
+                let reason = format!(
+                    "upstream error frame {error}: {}",
+                    message.unwrap_or_default()
+                );
+                return Flow::End(SessionEnd::Lost(reason));
+            }
+        };
+        let detail = || {
+            format!(
+                "{} {} time_us={} seq={:?}",
+                event.meta.kind, event.meta.did, event.meta.time_us, event.upstream_seq
+            )
+        };
+        match self.tracker.judge(&event.meta, event.upstream_seq) {
+            Verdict::Append => {}
+            Verdict::Duplicate => {
+                let detail = detail();
+                self.skip_log.record(SkipReason::Duplicate, &detail);
+                sink.skipped(SkipReason::Duplicate, &detail);
+                return Flow::Continue;
+            }
+            Verdict::BeforeHistory => {
+                let detail = detail();
+                self.skip_log.record(SkipReason::BeforeHistory, &detail);
+                sink.skipped(SkipReason::BeforeHistory, &detail);
+                return Flow::Continue;
+            }
+            Verdict::Renumbered(why) => {
+                self.tracker.forget_seq();
+                return Flow::End(SessionEnd::Resync(why));
             }
         }
-    }
-
-    fn tls_config(&mut self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        if let Some(config) = &self.tls {
-            return Ok(config.clone());
+        let raw = event.meta.time_us;
+        let since = self.last_append.map_or(Duration::ZERO, |t| t.elapsed());
+        let indexed = self.tracker.indexed_time(raw, since);
+        if indexed != raw {
+            self.outlier_log
+                .record(&event.meta, indexed, self.tracker.reference_time_us());
         }
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("TLS configuration")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let config = Arc::new(config);
-        self.tls = Some(config.clone());
-        Ok(config)
+        let mut meta = event.meta;
+        meta.time_us = indexed;
+        let incoming = Incoming {
+            meta,
+            v1_json: event.v1_json,
+            sync: event.sync.as_ref(),
+            upstream_seq: event.upstream_seq,
+            witnessed_us: event.witnessed_us,
+        };
+        if let Err(e) = sink.append(&incoming) {
+            return Flow::End(SessionEnd::SinkFailed(e));
+        }
+        // Only what was appended is remembered: a failed append leaves no trace to skip later.
+        self.tracker
+            .appended(&incoming.meta, raw, since, incoming.upstream_seq);
+        self.last_append = Some(Instant::now());
+        Flow::Appended
     }
 }
 
@@ -924,154 +893,28 @@ fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
     }
 }
 
-/// Connects to the first reachable address before `deadline`.
-fn connect_any(
-    addrs: &[SocketAddr],
-    deadline: Instant,
-    stop: &AtomicBool,
-) -> anyhow::Result<TcpStream> {
-    let mut last_error = None;
-    for addr in addrs {
-        match connect_tcp(*addr, deadline, stop) {
-            Ok(stream) => return Ok(stream),
-            Err(e) => {
-                last_error = Some(anyhow::Error::new(e).context(format!("connecting to {addr}")))
-            }
-        }
-    }
-    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("host resolved to no address")))
-}
-
-/// A non-blocking connect polled in [`POLL_INTERVAL`] slices, so that neither a black-holed
-/// address nor a stop request waits out a long timeout.
-fn connect_tcp(addr: SocketAddr, deadline: Instant, stop: &AtomicBool) -> io::Result<TcpStream> {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, connect, socket_with, sockopt};
-
-    let family = if addr.is_ipv4() {
-        AddressFamily::INET
-    } else {
-        AddressFamily::INET6
-    };
-    let fd = socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
-    match connect(&fd, &addr) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::INPROGRESS) => loop {
-            if stop.load(Ordering::Relaxed) {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "stopping"));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
-            }
-            let slice = Timespec::try_from(left.min(POLL_INTERVAL))
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "poll timeout"))?;
-            let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
-            match poll(&mut fds, Some(&slice)) {
-                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
-                Ok(_) => break,
-                Err(e) => return Err(e.into()),
-            }
-        },
-        Err(e) => return Err(e.into()),
-    }
-    if let Err(e) = sockopt::socket_error(&fd)? {
-        return Err(e.into());
-    }
-    let stream = TcpStream::from(fd);
-    stream.set_nonblocking(false)?;
-    Ok(stream)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::parse_event;
     use std::collections::HashSet;
     use std::net::TcpListener;
+    use std::net::TcpStream;
+    use std::sync::Arc;
     use std::sync::Mutex;
     use std::thread;
+    use tungstenite::WebSocket;
     use tungstenite::handshake::server::{Request, Response};
 
-    const SAMPLE: &str = include_str!("../assets/jetstream-v1-sample.jsonl");
-
-    #[test]
-    fn cursor_is_added_or_replaced_in_the_query() {
-        let cases = [
-            ("ws://h/subscribe", Some(5), "ws://h/subscribe?cursor=5"),
-            ("ws://h/subscribe", None, "ws://h/subscribe"),
-            (
-                "ws://h/subscribe?cursor=9",
-                None,
-                "ws://h/subscribe?cursor=9",
-            ),
-            (
-                "wss://h:8443/subscribe?wantedCollections=app.bsky.feed.post",
-                Some(-7),
-                "wss://h:8443/subscribe?wantedCollections=app.bsky.feed.post&cursor=-7",
-            ),
-            (
-                "ws://h/subscribe?cursor=1&a=b&cursor=2",
-                Some(3),
-                "ws://h/subscribe?a=b&cursor=3",
-            ),
-            ("ws://h/subscribe?", Some(3), "ws://h/subscribe?cursor=3"),
-            (
-                "ws://h/subscribe?a=1&&b",
-                Some(3),
-                "ws://h/subscribe?a=1&b&cursor=3",
-            ),
-            (
-                "ws://h/subscribe?cursorx=1",
-                Some(3),
-                "ws://h/subscribe?cursorx=1&cursor=3",
-            ),
-            (
-                "ws://h/subscribe?cursor",
-                Some(3),
-                "ws://h/subscribe?cursor=3",
-            ),
-            ("ws://h/s#frag", Some(3), "ws://h/s?cursor=3"),
-        ];
-        for (base, cursor, want) in cases {
-            assert_eq!(subscribe_url(base, cursor), want, "{base} {cursor:?}");
-        }
-    }
-
-    #[test]
-    fn resume_cursor_is_the_reference_minus_rewind_and_the_skew_on_failover() {
-        let mut config = UpstreamConfig::new(vec!["ws://a/subscribe".into(), "ws://b".into()]);
-        config.rewind = Duration::from_secs(5);
-        config.max_skew = Duration::from_secs(60);
-        let mut f = Follower::new(config);
-        assert_eq!(f.resume_cursor(0), None, "no history: live");
-        // The newest events are at 10 s, then 9.9 s and 9.8 s: the reference is the third.
-        f.resume_from([9_700_000, 9_900_000, 10_000_000, 9_800_000], []);
-        assert_eq!(f.reference_time_us(), Some(9_800_000));
-        // After a restart the instance is unknown: every URL counts as a failover.
-        let failover = Duration::from_secs(65);
-        assert_eq!(f.resume_cursor(0), Some((9_800_000 - 65_000_000, failover)));
-        // Once the clock follows instance 0, reconnecting there rewinds only.
-        f.clock_source = Some(0);
-        assert_eq!(
-            f.resume_cursor(0),
-            Some((4_800_000, Duration::from_secs(5)))
-        );
-        assert_eq!(f.resume_cursor(1), Some((9_800_000 - 65_000_000, failover)));
-        assert_eq!(
-            f.dedup_window(),
-            Duration::from_secs(5 + 120) + DEDUP_MARGIN
-        );
-    }
+    const SAMPLE: &str = include_str!("../../assets/jetstream-v1-sample.jsonl");
 
     /// Feeds `events` (JSON) to the follower as if instance `url` sent them.
     fn feed(f: &mut Follower, sink: &mut dyn EventSink, url: usize, events: &[String]) {
+        f.tracker.start_session(url, Plan::Live);
         for e in events {
-            f.ingest(e.as_bytes(), sink, url).unwrap();
+            let message = Message::text(e.clone());
+            let flow = f.ingest(&message, sink, UpstreamWire::V1, FrameEncoding::Text);
+            assert!(matches!(flow, Flow::Appended | Flow::Continue));
         }
     }
 
@@ -1090,7 +933,9 @@ mod tests {
         feed(&mut f, &mut sink, 0, &[future.clone(), past.clone()]);
         assert!(f.reference_time_us().unwrap() <= t0 + 590_000);
         assert!(f.reference_time_us().unwrap() >= before);
-        let (cursor, _) = f.resume_cursor(0).unwrap();
+        let Plan::Time { cursor, .. } = f.tracker.plan(0) else {
+            panic!("a resume by time")
+        };
         assert!(
             cursor < t0 + 600_000,
             "the resume point did not jump: {cursor}"
@@ -1191,26 +1036,6 @@ mod tests {
     }
 
     #[test]
-    fn dedup_window_forgets_by_time_and_by_count() {
-        let mut w = DedupWindow::new(Duration::from_secs(1), 4);
-        assert!(w.insert(1, 0));
-        assert!(
-            !w.insert(1, 999),
-            "same key, other time_us: still a duplicate"
-        );
-        assert!(w.insert(2, 500_000));
-        assert!(w.insert(3, 1_200_000));
-        w.prune(1_200_000);
-        assert_eq!(w.len(), 2, "key 1 (t=0) is older than 1.2s − 1s");
-        assert!(w.insert(1, 1_300_000), "forgotten key is new again");
-        assert!(w.insert(4, 1_300_000));
-        assert!(w.insert(5, 1_300_000));
-        assert_eq!(w.len(), 4, "capped");
-        assert!(w.insert(2, 1_300_000), "oldest key evicted by the cap");
-        assert!(!w.insert(5, 1_300_000));
-    }
-
-    #[test]
     fn duplicates_are_skipped_across_resume() {
         struct Count(usize, usize);
         impl EventSink for Count {
@@ -1233,13 +1058,13 @@ mod tests {
         f.resume_from(
             metas[..10].iter().map(|m| m.time_us),
             metas[..10].iter().map(|m| (m.time_us, m.dedup_key)),
+            None,
         );
         let mut sink = Count(0, 0);
-        for l in &lines {
-            f.ingest(l.as_bytes(), &mut sink, 0).unwrap();
-        }
+        let events: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        feed(&mut f, &mut sink, 0, &events);
         assert_eq!((sink.0, sink.1), (lines.len() - 10, 10));
-        let all = UpstreamClock::seeded(metas.iter().map(|m| m.time_us));
+        let all = crate::clock::UpstreamClock::seeded(metas.iter().map(|m| m.time_us));
         assert_eq!(f.reference_time_us(), all.reference());
     }
 
@@ -1291,7 +1116,10 @@ mod tests {
             SkipReason::UnknownKind
         );
         let names: HashSet<&str> = SkipReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(names.len(), 6);
+        assert_eq!(names.len(), SkipReason::ALL.len());
+        for (i, r) in SkipReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "ALL is in declaration order");
+        }
     }
 
     /// What the follower reported, shared with the test thread.
@@ -1302,19 +1130,21 @@ mod tests {
         indexed: Vec<i64>,
         skipped: Vec<SkipReason>,
         states: Vec<ConnectionState>,
+        /// The upstream seq of each appended event.
+        seqs: Vec<Option<u64>>,
     }
 
     struct SharedSink(Arc<Mutex<Record>>);
 
     impl EventSink for SharedSink {
         fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
-            let (json, meta) = (ev.v1_json, &ev.meta);
-            let mut parsed = parse_event(json).unwrap();
-            parsed.time_us = meta.time_us;
-            assert_eq!(parsed, *meta, "only the time is the indexed one");
+            let mut parsed = parse_event(ev.v1_json).unwrap();
+            parsed.time_us = ev.meta.time_us;
+            assert_eq!(parsed, ev.meta, "only the time is the indexed one");
             let mut r = self.0.lock().unwrap();
-            r.appended.push(String::from_utf8(json.to_vec())?);
-            r.indexed.push(meta.time_us);
+            r.appended.push(String::from_utf8(ev.v1_json.to_vec())?);
+            r.indexed.push(ev.meta.time_us);
+            r.seqs.push(ev.upstream_seq);
             Ok(())
         }
         fn skipped(&mut self, reason: SkipReason, _: &str) {
@@ -1334,6 +1164,7 @@ mod tests {
             stall_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(50),
+            compress_v2: true,
         }
     }
 
@@ -1558,10 +1389,12 @@ mod tests {
             let (uris, first, last) = (uris.clone(), first.clone(), last.clone());
             thread::spawn(move || {
                 let mut ws = accept(&listener, &uris);
-                ws.send(Message::text(first)).unwrap();
+                ws.send(Message::text(first.clone())).unwrap();
                 ws.send(Message::text("y".repeat(64 * 1024))).unwrap();
                 let _ = ws.read();
+                // Replays from the cursor, as Jetstream does: the first event again, then on.
                 let mut ws = accept(&listener, &uris);
+                ws.send(Message::text(first)).unwrap();
                 ws.send(Message::text(last)).unwrap();
                 ws.get_mut()
                     .set_read_timeout(Some(Duration::from_secs(20)))
@@ -1581,7 +1414,7 @@ mod tests {
         server.join().unwrap();
         let r = record.lock().unwrap();
         assert_eq!(r.appended, vec![first, last]);
-        assert_eq!(r.skipped, vec![SkipReason::TooLarge]);
+        assert_eq!(r.skipped, vec![SkipReason::TooLarge, SkipReason::Duplicate]);
         assert!(
             uris.lock().unwrap()[1].ends_with("cursor=999000000"),
             "{:?}",
