@@ -664,3 +664,54 @@ fn a_seq_below_the_upstreams_retention_falls_back_to_time() {
     );
     assert!(log.contains("no longer has the seq appended last"), "{log}");
 }
+
+/// An upstream URL that no longer numbers events as the checkpoint says (its data was wiped,
+/// another instance answers behind the name): on `subscribeEvents` it says `#info
+/// FutureCursor`, on `/subscribe` the first event is not the one appended last. Either way the
+/// follower reconnects at once by time instead of dropping everything "already seen".
+#[test]
+fn a_renumbered_upstream_is_resumed_by_time() {
+    for wire in [Wire::V2, Wire::Cursor] {
+        let m = mock::spawn(mock_config(wire, 1_500)).unwrap();
+        let url = url_of(m.local_addr(), wire);
+        thread::sleep(Duration::from_millis(300));
+        let first_run = Running::start(Follower::new(follower_config(vec![url.clone()])));
+        first_run.wait_for("some events", |r| r.appended.len() > 200);
+        let before = first_run.stop();
+        let times: Vec<i64> = before.appended.iter().map(|g| g.time_us).collect();
+        let keys: Vec<(i64, u64)> = before
+            .appended
+            .iter()
+            .map(|g| (g.indexed_us, g.key))
+            .collect();
+        // A seq far beyond anything this instance assigned.
+        let checkpoint = UpstreamCheckpoint {
+            url: url.clone(),
+            seq: 1_000_000_000,
+        };
+        let mut follower = Follower::new(follower_config(vec![url.clone()]));
+        follower.resume_from(times, keys, Some(checkpoint));
+        let second_run = Running::start(follower);
+        second_run.wait_for("the last event", |r| {
+            r.appended
+                .last()
+                .is_some_and(|g| g.upstream_seq == Some(1_500))
+        });
+        let log = second_run.log_text();
+        let after = second_run.stop();
+        let mut all = before.appended.clone();
+        all.extend(after.appended.iter().cloned());
+        assert_exact(&all, &history_of(&m), None, true, 1_499, |_| Some(1));
+        let cursors = cursors(&after.connected());
+        assert_eq!(cursors[0], Some(1_000_000_000), "{wire:?}");
+        assert!(
+            cursors[1].is_some_and(|c| c >= SEQ_CURSOR_LIMIT),
+            "{wire:?}: then by time: {cursors:?}"
+        );
+        assert!(
+            log.contains("contradicts the exact resume position"),
+            "{log}"
+        );
+        assert!(log.contains("resumed with overlap"), "{log}");
+    }
+}

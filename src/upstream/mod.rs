@@ -1613,6 +1613,81 @@ mod tests {
         );
     }
 
+    /// An upstream that does not know the v2 dictionary refuses the upgrade
+    /// (`UnknownZstdDictionary`): the follower reconnects at once without it and reads text.
+    #[test]
+    fn a_refused_dictionary_falls_back_to_text_frames() {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "ws://{}{}",
+            listener.local_addr().unwrap(),
+            crate::wire::SUBSCRIBE_EVENTS_PATH
+        );
+        let uris = Arc::new(Mutex::new(Vec::new()));
+        let line = SAMPLE.lines().next().unwrap();
+        let mut frame = Vec::new();
+        crate::wire::v1_to_v2(line.as_bytes(), 9, 1_783_175_889_000_000, &mut frame).unwrap();
+        let server = {
+            let uris = uris.clone();
+            thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    stream.read_exact(&mut byte).unwrap();
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                uris.lock()
+                    .unwrap()
+                    .push(head.lines().next().unwrap().to_owned());
+                let body = r#"{"error":"UnknownZstdDictionary","message":"unknown zstdDictionary 20260811; current dictionary id is 1"}"#;
+                write!(
+                    stream,
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                drop(stream);
+                let mut ws = accept(&listener, &uris);
+                ws.send(Message::text(String::from_utf8(frame).unwrap()))
+                    .unwrap();
+                ws.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                while ws.read().is_ok() {}
+            })
+        };
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (stop, handle) = spawn_follower(Follower::new(test_config(url)), &record);
+        wait_for(&record, "the event as text", |r| r.appended.len() == 1);
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        server.join().unwrap();
+        let r = record.lock().unwrap();
+        assert_eq!(r.appended, [line]);
+        assert_eq!(r.seqs, [Some(9)]);
+        let uris = uris.lock().unwrap();
+        assert!(
+            uris[0].contains("zstdDictionary=20260811"),
+            "asked for the dictionary first: {uris:?}"
+        );
+        assert!(!uris[1].contains("zstdDictionary"), "then text: {uris:?}");
+        assert!(matches!(
+            &r.states[0],
+            ConnectionState::Disconnected { reason, .. } if reason.contains("UnknownZstdDictionary")
+        ));
+        assert!(
+            !r.states
+                .iter()
+                .any(|s| matches!(s, ConnectionState::Reconnecting { .. })),
+            "no backoff: {:?}",
+            r.states
+        );
+    }
+
     #[test]
     fn no_urls_is_an_error() {
         let stop = AtomicBool::new(false);
