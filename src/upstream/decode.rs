@@ -417,6 +417,68 @@ mod tests {
         assert!(ratio > 2.0, "{ratio:.2}");
     }
 
+    /// What each wire costs the follower per event (decode only: parse, strip or convert,
+    /// decompress), on the sample events.
+    #[test]
+    #[ignore = "throughput report: cargo test --release --lib -- --ignored --nocapture decode_throughput"]
+    fn decode_throughput() {
+        let mut compressor = EventCompressor::with_dictionary(Dictionary::V2).unwrap();
+        let mut legacy = Vec::new();
+        let mut cursor = Vec::new();
+        let mut v2_text = Vec::new();
+        let mut v2_zstd = Vec::new();
+        for (i, line) in lines().into_iter().enumerate() {
+            legacy.push(text(line.as_bytes().to_vec()));
+            let mut with = Vec::new();
+            crate::wire::with_cursor(line.as_bytes(), 1_000 + i as u64, &mut with).unwrap();
+            cursor.push(text(with));
+            let frame = v2(line, 1_000 + i as u64);
+            let mut packed = Vec::new();
+            compressor.compress(&frame, &mut packed).unwrap();
+            v2_text.push(text(frame));
+            v2_zstd.push(Message::Binary(packed.into()));
+        }
+        let rounds = 1_000;
+        for (name, wire, encoding, messages) in [
+            (
+                "legacy /subscribe",
+                UpstreamWire::V1,
+                FrameEncoding::Text,
+                &legacy,
+            ),
+            (
+                "/subscribe with cursor",
+                UpstreamWire::V1,
+                FrameEncoding::Text,
+                &cursor,
+            ),
+            (
+                "subscribeEvents text",
+                UpstreamWire::V2,
+                FrameEncoding::Text,
+                &v2_text,
+            ),
+            (
+                "subscribeEvents zstd",
+                UpstreamWire::V2,
+                FrameEncoding::Zstd,
+                &v2_zstd,
+            ),
+        ] {
+            let mut d = Decoder::default();
+            let started = std::time::Instant::now();
+            let mut keys = 0u64;
+            for _ in 0..rounds {
+                for m in messages.iter() {
+                    keys = keys.wrapping_add(event(d.decode(wire, encoding, m)).meta.dedup_key);
+                }
+            }
+            let per_event =
+                started.elapsed().as_secs_f64() * 1e6 / (rounds * messages.len()) as f64;
+            println!("{name}: {per_event:.2} µs/event [{keys:x}]");
+        }
+    }
+
     #[test]
     fn sync_passes_through_as_parts_with_a_did_and_rev_key() {
         let object = br#"{"blocks":{"$bytes":"OqJl"},"did":"did:plc:abc","rev":"3mptbypluud2a","seq":9,"time":"2026-07-04T14:38:07.877Z"}"#;
