@@ -126,12 +126,23 @@ pub enum EventError {
 /// The whole message is validated as UTF-8 JSON (it will be sent as a WebSocket text frame);
 /// the record body is skipped without being materialised.
 pub fn parse_event(json: &[u8]) -> Result<EventMeta<'_>, EventError> {
-    parse_v1_event(json).map(|(meta, _)| meta)
+    if json.len() > MAX_EVENT_BYTES {
+        return Err(EventError::TooLarge(json.len()));
+    }
+    // Text frames must be UTF-8 (RFC 6455 §5.6) and serde_json skips strings it ignores without
+    // checking them, so the whole message is checked here, once.
+    let text = std::str::from_utf8(json)
+        .map_err(|e| EventError::InvalidJson(format!("invalid UTF-8: {e}")))?;
+    let raw: RawEvent<'_> =
+        serde_json::from_str(text).map_err(|e| EventError::InvalidJson(e.to_string()))?;
+    // A `cursor` field is not the relay's business here (see `parse_v1_event`).
+    raw.validate()
 }
 
 /// [`parse_event`], also returning the top-level `cursor` an upstream's `/subscribe` wire may
 /// carry (its seq for the event: official Jetstream since 2026, another jetrelay), in the same
-/// pass. A `cursor` that is not a non-negative integer is [`EventError::InvalidField`].
+/// pass. A `cursor` that is not a non-negative integer is [`EventError::InvalidField`], a
+/// repeated one [`EventError::InvalidJson`] (the follower reads it as the resume position).
 pub fn parse_v1_event(json: &[u8]) -> Result<(EventMeta<'_>, Option<u64>), EventError> {
     if json.len() > MAX_EVENT_BYTES {
         return Err(EventError::TooLarge(json.len()));
@@ -142,12 +153,17 @@ pub fn parse_v1_event(json: &[u8]) -> Result<(EventMeta<'_>, Option<u64>), Event
         .map_err(|e| EventError::InvalidJson(format!("invalid UTF-8: {e}")))?;
     let mut raw: RawEvent<'_> =
         serde_json::from_str(text).map_err(|e| EventError::InvalidJson(e.to_string()))?;
-    let cursor = match raw.cursor.take() {
-        None => None,
-        Some(Scalar::Int(seq)) => {
+    let cursor = match std::mem::replace(&mut raw.cursor, CursorField::Absent) {
+        CursorField::Absent => None,
+        CursorField::One(Scalar::Int(seq)) => {
             Some(u64::try_from(seq).map_err(|_| EventError::InvalidField("cursor"))?)
         }
-        Some(_) => return Err(EventError::InvalidField("cursor")),
+        CursorField::One(_) => return Err(EventError::InvalidField("cursor")),
+        CursorField::Repeated => {
+            return Err(EventError::InvalidJson(
+                "duplicate field `cursor`".to_owned(),
+            ));
+        }
     };
     Ok((raw.validate()?, cursor))
 }
@@ -558,7 +574,21 @@ struct RawEvent<'a> {
     identity: Option<MaybeSection<'a>>,
     account: Option<MaybeSection<'a>>,
     /// The upstream's seq on a `/subscribe` wire that carries one.
-    cursor: Option<Scalar<'a>>,
+    cursor: CursorField<'a>,
+}
+
+/// The top-level `cursor` member(s) of an event. Kept apart from the indexed fields, whose
+/// repetition fails the parse: only [`parse_v1_event`] refuses a repeated `cursor`, so
+/// [`parse_event`] accepts exactly what it accepted before the field existed.
+#[derive(Default)]
+enum CursorField<'a> {
+    /// No `cursor` member.
+    #[default]
+    Absent,
+    /// One, with its value.
+    One(Scalar<'a>),
+    /// More than one.
+    Repeated,
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for RawEvent<'a> {
@@ -588,7 +618,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawEvent<'a> {
                             set_once::<_, A::Error>(&mut e.account, map.next_value()?, key)?
                         }
                         Key::Cursor => {
-                            set_once::<_, A::Error>(&mut e.cursor, map.next_value()?, key)?
+                            let value = map.next_value::<Scalar<'a>>()?;
+                            e.cursor = match e.cursor {
+                                CursorField::Absent => CursorField::One(value),
+                                _ => CursorField::Repeated,
+                            };
                         }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -1005,6 +1039,13 @@ mod tests {
         ] {
             let got = format!("{:?}", parse_v1_event(bad.as_bytes()).unwrap_err());
             assert!(got.starts_with(want), "{bad}: {got}");
+        }
+        // parse_event ignores the field, whatever it holds, as it always did.
+        for ignored in [
+            r#"{"did":"did:a","time_us":1,"cursor":"x","kind":"identity","identity":{"seq":1}}"#,
+            r#"{"did":"did:a","time_us":1,"cursor":1,"cursor":2,"kind":"identity","identity":{"seq":1}}"#,
+        ] {
+            assert!(parse_event(ignored.as_bytes()).is_ok(), "{ignored}");
         }
         // A `cursor` inside a record is data, not the wire field.
         let nested =
