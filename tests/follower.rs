@@ -715,3 +715,44 @@ fn a_renumbered_upstream_is_resumed_by_time() {
         assert!(log.contains("resumed with overlap"), "{log}");
     }
 }
+
+/// An upstream flooding `#info` frames gets one log line for them, not one each, and the
+/// events after them still arrive.
+#[test]
+fn an_info_flood_is_logged_once() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = url_of(listener.local_addr().unwrap(), Wire::V2);
+    let line = include_str!("../assets/jetstream-v1-sample.jsonl")
+        .lines()
+        .next()
+        .unwrap();
+    let mut event = Vec::new();
+    jetrelay::wire::v1_to_v2(line.as_bytes(), 7, 1_783_175_889_000_000, &mut event).unwrap();
+    let server = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(stream).unwrap();
+        let mut info = Vec::new();
+        jetrelay::wire::info_frame(jetrelay::wire::InfoName::FutureCursor, "flood", &mut info);
+        let info = String::from_utf8(info).unwrap();
+        for _ in 0..5_000 {
+            ws.write(tungstenite::Message::text(info.clone())).unwrap();
+        }
+        ws.send(tungstenite::Message::text(
+            String::from_utf8(event).unwrap(),
+        ))
+        .unwrap();
+        ws.get_mut()
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        while ws.read().is_ok() {}
+    });
+    let mut config = follower_config(vec![url]);
+    config.compress_v2 = false;
+    let running = Running::start(Follower::new(config));
+    running.wait_for("the event after the flood", |r| r.appended.len() == 1);
+    let log = running.log_text();
+    let r = running.stop();
+    server.join().unwrap();
+    assert_eq!(r.appended[0].v1_json, line.as_bytes());
+    assert_eq!(log.matches("upstream #info").count(), 1, "{log}");
+}

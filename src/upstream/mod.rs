@@ -437,6 +437,42 @@ impl OutlierLog {
     }
 }
 
+/// Logs the upstream's `#info` frames, at most one line per [`OUTLIER_LOG_INTERVAL`]: an
+/// upstream decides how many it sends, and must not be able to flood the relay's log.
+#[derive(Debug, Default)]
+struct InfoLog {
+    /// When one was last logged, and how many were not logged since.
+    last: Option<(Instant, u64)>,
+}
+
+impl InfoLog {
+    fn record(&mut self, name: &str, message: &str) {
+        if let Some((at, suppressed)) = &mut self.last
+            && at.elapsed() < OUTLIER_LOG_INTERVAL
+        {
+            *suppressed += 1;
+            return;
+        }
+        let suppressed = self.last.map_or(0, |(_, s)| s);
+        self.last = Some((Instant::now(), 0));
+        if name == "OutdatedCursor" {
+            warn!(
+                message,
+                suppressed_since_last = suppressed,
+                "the upstream clamped the resume cursor to its oldest event: events before it \
+                 are missing"
+            );
+        } else {
+            info!(
+                name,
+                message,
+                suppressed_since_last = suppressed,
+                "upstream #info"
+            );
+        }
+    }
+}
+
 /// Follows the upstream(s) and feeds a sink. See the module documentation.
 pub struct Follower {
     /// Where and how to connect.
@@ -463,6 +499,8 @@ pub struct Follower {
     skip_log: SkipLog,
     /// Rate limiter for far-future warnings.
     outlier_log: OutlierLog,
+    /// Rate limiter for `#info` lines.
+    info_log: InfoLog,
 }
 
 impl Follower {
@@ -491,6 +529,7 @@ impl Follower {
             max_message_bytes: MAX_UPSTREAM_MESSAGE_BYTES,
             skip_log: SkipLog::default(),
             outlier_log: OutlierLog::default(),
+            info_log: InfoLog::default(),
         }
     }
 
@@ -801,19 +840,12 @@ impl Follower {
             }
             Decoded::Info { name, message } => {
                 let message = message.unwrap_or_default();
-                match name.as_str() {
-                    "FutureCursor" if self.tracker.resumed_by_seq() => {
-                        self.tracker.forget_seq();
-                        let reason = format!("#info FutureCursor on a resume by seq: {message}");
-                        return Flow::End(SessionEnd::Resync(reason));
-                    }
-                    "OutdatedCursor" => warn!(
-                        message,
-                        "the upstream clamped the resume cursor to its oldest event: events \
-                         before it are missing"
-                    ),
-                    _ => info!(name, message, "upstream #info"),
+                if name == "FutureCursor" && self.tracker.resumed_by_seq() {
+                    self.tracker.forget_seq();
+                    let reason = format!("#info FutureCursor on a resume by seq: {message}");
+                    return Flow::End(SessionEnd::Resync(reason));
                 }
+                self.info_log.record(&name, &message);
                 return Flow::Continue;
             }
             Decoded::Error { error, message } => {
