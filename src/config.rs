@@ -69,7 +69,7 @@ pub struct RawSettings {
     pub listen: String,
     /// Listener that requires a PROXY v2 header (for the TLS sidecar).
     pub trusted_listen: Option<String>,
-    /// Upstream Jetstream URLs, used in turn.
+    /// Upstream Jetstream URLs in order of preference (the next after a failed connection).
     pub upstream: Vec<String>,
     /// Directory holding the logs and their indexes.
     pub data_dir: Option<PathBuf>,

@@ -27,7 +27,9 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     trusted_listen: Option<String>,
-    /// Upstream Jetstream URL (repeatable; used in turn) [default: the four public instances].
+    /// Upstream Jetstream URL, `…/subscribe` or `…/xrpc/network.bsky.jetstream.subscribeEvents`
+    /// (repeatable, in order of preference) [default: the two v2 public instances, then the
+    /// four legacy ones].
     #[arg(long)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     upstream: Vec<String>,
@@ -47,7 +49,8 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     workers: Option<usize>,
-    /// Upstream reconnect rewind window [default: 5s].
+    /// Upstream reconnect rewind window, for resumes by time (legacy hosts, failover)
+    /// [default: 5s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     rewind: Option<String>,
