@@ -320,6 +320,21 @@ impl<'a> EventChecker<'a> {
     }
 }
 
+/// The upstream seq of the newest event in the index (0: none, or its wire had none).
+fn newest_upstream_seq(hub: &Hub) -> u64 {
+    let index = hub.index();
+    let next = index.next_seq();
+    if next <= index.first_seq() {
+        return 0;
+    }
+    let mut seq = 0;
+    index.walk(index.pos_of(next - 1), 1, |_, e| {
+        seq = e.upstream_seq;
+        false
+    });
+    seq
+}
+
 /// What the follower needs to resume seamlessly after a restart: the raw `time_us` of the last
 /// events appended (for its clock) and `(time_us, dedup key)` of every event within `window`
 /// of the newest (for its duplicate memory), in log order.
@@ -427,16 +442,30 @@ impl Relay {
         config.max_skew = settings.upstream_skew;
         let mut follower = Follower::new(config);
         let (times, keys) = recent_events(&hub, follower.dedup_window());
-        // The restart checkpoint comes with the writer's upstream.url file; until then a
-        // restart resumes by time.
-        follower.resume_from(times, keys, None);
+        // The restart checkpoint: the URL whose session appended the newest event, and that
+        // event's upstream seq (exact resume when that URL is still configured).
+        let url_file = crate::upstream::UrlFile::open(&settings.data_dir);
+        let checkpoint = url_file.checkpoint(newest_upstream_seq(&hub));
+        let has_events = {
+            let index = hub.index();
+            index.next_seq() > index.first_seq()
+        };
+        if checkpoint.is_none() && has_events {
+            tracing::info!(
+                url = url_file.recorded(),
+                "restart: no upstream seq to resume from (the newest event's wire had none, or \
+                 no upstream URL recorded): resuming by time"
+            );
+        }
+        follower.resume_from(times, keys, checkpoint);
         let mut writer = LogWriter::new(
             hub.clone(),
             fanout.wakers(),
             crate::writer::WriterOptions {
                 v1_cursor_field: settings.v1_cursor_field,
             },
-        )?;
+        )?
+        .with_url_file(url_file);
         {
             let stop = stop.clone();
             // The follower and the writer share this thread: the follower calls the writer for

@@ -186,6 +186,12 @@ pub struct LogWriter {
     frames: [Vec<u8>; ENCODINGS],
     /// Scratch: the shapes an event was written to (index in the registry, frame).
     shape_frames: Vec<(usize, crate::shapes::UnpublishedFrame)>,
+    /// `upstream.url`, the URL half of the restart checkpoint (`None`: not recorded, e.g. an
+    /// in-memory test writer).
+    url_file: Option<crate::upstream::UrlFile>,
+    /// The configured upstream URL of the current session (from
+    /// [`ConnectionState::Connected`]); recorded before its first event is appended.
+    session_upstream: Option<String>,
     /// Workers to wake after each publish.
     wakers: Vec<Arc<Waker>>,
 }
@@ -205,8 +211,26 @@ impl LogWriter {
             payloads: std::array::from_fn(|_| Vec::with_capacity(64 * 1024)),
             frames: std::array::from_fn(|_| Vec::with_capacity(64 * 1024)),
             shape_frames: Vec::new(),
+            url_file: None,
+            session_upstream: None,
             wakers,
         })
+    }
+
+    /// Records each session's upstream URL in `file` before the session's first event is
+    /// appended (see [`crate::upstream::checkpoint`]).
+    pub fn with_url_file(mut self, file: crate::upstream::UrlFile) -> LogWriter {
+        self.url_file = Some(file);
+        self
+    }
+
+    /// Makes `upstream.url` name the current session's upstream (no write when it does).
+    fn record_session_url(&mut self) -> anyhow::Result<()> {
+        if let (Some(file), Some(url)) = (&mut self.url_file, &self.session_upstream) {
+            file.record(url)
+                .map_err(|e| anyhow::anyhow!("recording the upstream URL: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Builds the event's four payloads and frames for the relay's `seq`. A `#sync` event has
@@ -339,7 +363,12 @@ impl EventSink for LogWriter {
     fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
         let mut delay = APPEND_RETRY_MIN;
         loop {
-            match self.append_event(ev) {
+            // The URL first: the newest event's upstream seq must never be paired with a URL
+            // older than the session that delivered it.
+            match self
+                .record_session_url()
+                .and_then(|()| self.append_event(ev))
+            {
                 Ok(()) => {
                     self.hub.storage.append_succeeded();
                     return Ok(());
@@ -369,7 +398,8 @@ impl EventSink for LogWriter {
     fn connection(&mut self, state: ConnectionState) {
         let c = &self.hub.counters;
         match state {
-            ConnectionState::Connected { url, .. } => {
+            ConnectionState::Connected { url, upstream } => {
+                self.session_upstream = Some(upstream);
                 c.upstream_connected.store(1, Ordering::Relaxed);
                 Counters::add(&c.upstream_reconnects, 1);
                 tracing::info!(%url, "upstream connected");

@@ -31,6 +31,7 @@
 //! - Once on a later URL the follower stays there while it works; it does not move back to an
 //!   earlier (preferred) one by itself.
 
+pub mod checkpoint;
 mod connect;
 pub mod decode;
 mod dedup;
@@ -43,6 +44,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use tungstenite::Message;
 
+pub use checkpoint::UrlFile;
 pub use connect::{ZSTD_DICTIONARY_PARAM, subscribe_url};
 pub use decode::{TrafficStats, UpstreamWire};
 
