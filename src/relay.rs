@@ -358,9 +358,20 @@ fn recent_events(hub: &Hub, window: Duration) -> (Vec<i64>, Vec<(i64, u64)>) {
     let mut times = Vec::new();
     let mut keys = Vec::new();
     index.walk(clock_from, usize::MAX, |pos, e| {
-        // (`#sync` events have no v1 JSON: not remembered; their upstream redelivers them
-        // only on the v2 wire, which resumes by seq.)
-        if e.frame_len(Encoding::V1Json) > 0
+        // A `#sync` has no v1 JSON: its key comes from its v2 message. A resume by time on a
+        // v2 upstream (another URL than the checkpoint's) replays the ones in its overlap.
+        if e.kind() == crate::event::EventKind::Sync {
+            if pos.seq >= from.seq
+                && let Some(v2) = read_plain(
+                    hub.base(Encoding::V2Json).file(),
+                    pos.offset(Encoding::V2Json),
+                    e.frame_len(Encoding::V2Json) as u32,
+                )
+                && let Some(key) = crate::upstream::decode::sync_key(&v2)
+            {
+                keys.push(key);
+            }
+        } else if e.frame_len(Encoding::V1Json) > 0
             && let Some(json) = read_plain(
                 hub.plain().file(),
                 pos.offset(Encoding::V1Json),

@@ -756,3 +756,102 @@ fn an_info_flood_is_logged_once() {
     assert_eq!(r.appended[0].v1_json, line.as_bytes());
     assert_eq!(log.matches("upstream #info").count(), 1, "{log}");
 }
+
+mod common;
+
+/// The relay binary, `SIGKILL`ed twice while it follows a v2 upstream that also sends
+/// `#sync`s, with v1 and v2 clients reconnecting by cursor: every client ends with every
+/// event of its wire exactly once, in order. The first restart finds the checkpoint
+/// (`upstream.url` names the configured URL; the newest index record has its seq) and resumes
+/// exactly by seq; the second is configured with another URL (the same instance without the
+/// query, which the relay cannot know) and resumes by time, saying so.
+#[test]
+fn relay_restart_resumes_by_seq_on_its_url_and_by_time_on_another() {
+    use common::{Relay, swarm_spawn, swarm_wait, temp_dir};
+    let (rate, events, sync_every) = (1_000u64, 12_000u64, 50u64);
+    let mock = common::Mock::start(
+        rate,
+        &[
+            "--wire",
+            "v2",
+            "--count",
+            &events.to_string(),
+            "--sync-every",
+            &sync_every.to_string(),
+        ],
+    );
+    let base = format!("ws://127.0.0.1:{}{SUBSCRIBE_EVENTS_PATH}", mock.port);
+    let configured = format!("{base}?cursor=0");
+    let dir = temp_dir("restart-checkpoint");
+    let flags = ["--rewind", "2s", "--upstream-skew", "2s"];
+    let mut relay = Relay::start(&configured, &dir, &flags);
+    let port = relay.port;
+    let duration = format!("{}s", events / rate + 12);
+    let swarm_args = |url: String, expect: u64| {
+        vec![
+            "--url".to_string(),
+            url,
+            "--clients".into(),
+            "4".into(),
+            "--reconnect".into(),
+            "--sync-every".into(),
+            sync_every.to_string(),
+            "--duration".into(),
+            duration.clone(),
+            "--expect-in-order".into(),
+            "--expect-first-seq".into(),
+            "0".into(),
+            "--expect-min-events".into(),
+            expect.to_string(),
+            "--expect-max-events".into(),
+            expect.to_string(),
+        ]
+    };
+    // #sync has no v1 form: v1 clients get the other events; v2 clients get them too, and the
+    // #syncs (counted apart, each placed in the generator's stream by its DID).
+    let (syncs, others) = (events / sync_every, events - events / sync_every);
+    let v1_args = swarm_args(relay.url("cursor=0"), others);
+    let v2_args = swarm_args(
+        format!("ws://127.0.0.1:{port}{SUBSCRIBE_EVENTS_PATH}?cursor=0"),
+        others,
+    );
+    let v1_swarm = swarm_spawn(&v1_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let v2_swarm = swarm_spawn(&v2_args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let mut logs = Vec::new();
+    for upstream in [&configured, &base] {
+        std::thread::sleep(Duration::from_secs(3));
+        relay.proc.kill9();
+        std::thread::sleep(Duration::from_millis(200));
+        relay = Relay::start_on(port, upstream, &dir, &flags);
+        let restarted = Instant::now();
+        while !relay.log_text().contains("connected to upstream") {
+            assert!(restarted.elapsed() < DEADLINE, "{}", relay.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        logs.push(relay.log_text());
+    }
+    let v1 = swarm_wait(v1_swarm);
+    let v2 = swarm_wait(v2_swarm);
+    assert_eq!(v1["events"].as_u64(), Some(4 * others), "{v1}");
+    assert_eq!(v1["syncs"].as_u64(), Some(0), "{v1}");
+    assert_eq!(v2["events"].as_u64(), Some(4 * others), "{v2}");
+    assert_eq!(v2["syncs"].as_u64(), Some(4 * syncs), "{v2}");
+
+    let [exact, by_time] = &logs[..] else {
+        unreachable!()
+    };
+    assert!(
+        exact.contains("restart: resuming exactly from the upstream seq appended last"),
+        "{exact}"
+    );
+    assert!(
+        exact.contains("resumed exactly at the upstream seq"),
+        "{exact}"
+    );
+    assert!(!exact.contains("resumed with overlap"), "{exact}");
+    assert!(by_time.contains("not configured any more"), "{by_time}");
+    assert!(by_time.contains("resumed with overlap"), "{by_time}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

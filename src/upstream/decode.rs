@@ -263,6 +263,20 @@ fn decode_v2<'a>(frame: &'a [u8], scratch: &'a mut Vec<u8>) -> Decoded<'a> {
     }
 }
 
+/// The `(time_us, dedup key)` of a `#sync` from its v2 message (as the relay stores it): what
+/// a restarted follower must remember to drop the upstream's replayed copy, which has no v1
+/// JSON to key. `None` when the message is not a well-formed `#sync`.
+pub fn sync_key(v2_message: &[u8]) -> Option<(i64, u64)> {
+    let Ok(V2Frame::Event { event, .. }) = parse_v2_frame(v2_message) else {
+        return None;
+    };
+    let Body::Sync(object) = event.body else {
+        return None;
+    };
+    let meta = sync_meta(&event, object).ok()?;
+    Some((meta.time_us, meta.dedup_key))
+}
+
 /// The metadata of a `#sync`: its DID, its time, and the repo revision its dedup key needs.
 fn sync_meta<'a>(
     event: &EventParts<'a>,
