@@ -356,18 +356,22 @@ impl Hub {
         }
         let first = index.first_seq();
         let at = index.seqs.pos_of(seq);
-        if at < first {
-            let oldest = index.start_pos();
-            let oldest_seq = index.seqs.seq_of(first);
-            drop(index);
+        let pos = if at < first {
+            index.start_pos()
+        } else {
+            index.pos_of(at)
+        };
+        drop(index);
+        // Events retention is kicking readers off are as good as gone: a seq among them is
+        // too old (named by the first event a client can really get), never a silent skip.
+        let servable = self.past_kicks(pos);
+        if at < first || servable != pos {
             return SeqStart::TooOld {
-                oldest: self.past_kicks(oldest),
-                oldest_seq,
+                oldest: servable,
+                oldest_seq: self.seq_of(servable.seq),
             };
         }
-        let pos = index.pos_of(at);
-        drop(index);
-        SeqStart::At(self.past_kicks(pos))
+        SeqStart::At(pos)
     }
 
     /// The seq of the event at index position `pos`.

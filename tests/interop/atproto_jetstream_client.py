@@ -7,8 +7,10 @@ Usage: atproto_jetstream_client.py HOST:PORT OUT_DIR SCENARIOS_JSON
 SCENARIOS_JSON is a list of {"name", "params", "compress", "count", "drop_after"}: each runs a
 JetstreamClient(base_uri="ws://HOST:PORT/xrpc", params=..., compress=...) until it has
 delivered `count` messages (events and #info), asking the server to drop every connection
-(GET /drop, the mock's fault endpoint) once `drop_after` were delivered, so the library must
-reconnect and resume by seq on its own. Scenarios run one after another.
+(GET /drop, the mock's fault endpoint; or, with "drop_file", by creating that file, which the
+test driving a relay watches for and then kills and restarts the relay) once `drop_after` were
+delivered, so the library must reconnect and resume by seq on its own. Scenarios run one after
+another.
 
 Written to OUT_DIR/<name>.jsonl, one line per delivered message:
   {"raw": the frame's JSON text (decompressed when it came compressed), "binary": bool,
@@ -86,7 +88,13 @@ def run(base, host, out_dir, scenario):
         )
         if drop_after is not None and not dropped["done"] and len(delivered) >= drop_after:
             dropped["done"] = True
-            urllib.request.urlopen(f"{base}/drop", timeout=5).read()
+            if scenario.get("drop_file"):
+                # The Rust test watches for this file and kills the server (a relay has no
+                # /drop endpoint): the library must reconnect once it is back.
+                with open(scenario["drop_file"], "w", encoding="utf-8") as f:
+                    f.write(str(client.cursor))
+            else:
+                urllib.request.urlopen(f"{base}/drop", timeout=5).read()
         if len(delivered) >= count:
             client.stop()
 
