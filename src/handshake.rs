@@ -3,7 +3,8 @@
 //! The listener accumulates bytes from a non-blocking socket and calls [`parse_request`]
 //! after every read until it returns a complete head; [`validate_upgrade`] then decides
 //! between [`accept_response`] (101) and an [`HttpError`] response. The metrics listener
-//! uses the same parser for plain `GET` routes and answers with [`simple_response`].
+//! uses the same parser for plain `GET` routes ([`parse_plain_request`], which also takes
+//! HTTP/1.0: load-balancer health checks speak it) and answers with [`simple_response`].
 //!
 //! Only HTTP/1.1 is spoken, every non-101 response closes the connection, and request heads
 //! are bounded so a client can neither trickle bytes forever nor make us buffer much.
@@ -79,6 +80,19 @@ impl<'a> Request<'a> {
 /// the version tells a client exactly what to fix. Header values must be UTF-8 (400).
 /// A request target in absolute form (`http://host/path`) is reduced to its path.
 pub fn parse_request(buf: &[u8]) -> Result<ParseStatus<'_>, HttpError> {
+    parse_head(buf, false)
+}
+
+/// [`parse_request`] for plain routes (no upgrade): HTTP/1.0 requests are accepted too.
+/// Why: HAProxy's default `http-check` and other health probers send HTTP/1.0, and a
+/// health check answered 505 takes a healthy relay out of rotation. The response is still
+/// `HTTP/1.1` with `Content-Length` and `Connection: close`, which an HTTP/1.0 client reads
+/// correctly (RFC 9110 §6.2: a server answers with its own version, same major).
+pub fn parse_plain_request(buf: &[u8]) -> Result<ParseStatus<'_>, HttpError> {
+    parse_head(buf, true)
+}
+
+fn parse_head(buf: &[u8], accept_http10: bool) -> Result<ParseStatus<'_>, HttpError> {
     // Never look past the limit: a complete head must fit in it.
     let window = &buf[..buf.len().min(MAX_REQUEST_BYTES)];
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -104,7 +118,12 @@ pub fn parse_request(buf: &[u8]) -> Result<ParseStatus<'_>, HttpError> {
         Err(e) => return Err(HttpError::new(400, format!("malformed request: {e}"))),
     };
     // httparse only knows 1.0 (0) and 1.1 (1); other versions were rejected above.
-    if parsed.version != Some(1) {
+    let version_ok = match parsed.version {
+        Some(1) => true,
+        Some(0) => accept_http10,
+        _ => false,
+    };
+    if !version_ok {
         return Err(version_not_supported());
     }
     // A complete parse always fills these; treat their absence as malformed, not a panic.
@@ -603,6 +622,26 @@ mod tests {
     fn malformed_requests() {
         let http10 = upgrade_request("").replacen("HTTP/1.1", "HTTP/1.0", 1);
         assert_eq!(parse_error(http10.as_bytes()).status, 505);
+        // Plain routes take HTTP/1.0 (HAProxy's default health check), nothing older or newer.
+        let check = b"GET /readyz HTTP/1.0\r\n\r\n";
+        match parse_plain_request(check) {
+            Ok(ParseStatus::Complete { request, consumed }) => {
+                assert_eq!((request.method, request.path), ("GET", "/readyz"));
+                assert_eq!(consumed, check.len());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_plain_request(b"GET /readyz HTTP/1.0\r\n"),
+            Ok(ParseStatus::Incomplete)
+        ));
+        for version in ["HTTP/0.9", "HTTP/2.0", "HTTP/3"] {
+            let request = format!("GET /readyz {version}\r\n\r\n");
+            match parse_plain_request(request.as_bytes()) {
+                Err(e) => assert_eq!(e.status, 505, "{version}"),
+                other => panic!("{version}: {other:?}"),
+            }
+        }
         let http2 = upgrade_request("").replacen("HTTP/1.1", "HTTP/2.0", 1);
         assert_eq!(parse_error(http2.as_bytes()).status, 505);
         assert_eq!(parse_error(b"\r\nGET / HTTP/3\r\n\r\n").status, 505);

@@ -4,6 +4,10 @@
 
 mod metrics_support;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics_support::{RefusedPort, Relay, Scrape, Subscriber, cpu_time, http_request};
@@ -298,4 +302,170 @@ fn metrics_scrape_cpu_cost() {
     );
     // Generous (debug build, shared cores): the point is that a scrape is not expensive.
     assert!(per_scrape_ms < 20.0, "{per_scrape_ms} ms CPU per scrape");
+}
+
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.x), so that tests can
+/// play several client addresses on one machine.
+fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let local = SocketAddr::from((from, 0));
+    socket.bind(&local.into())?;
+    socket.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    Ok(socket.into())
+}
+
+/// One request on a fresh connection from `from`; returns (status, body, time to answer).
+fn request_from(
+    from: [u8; 4],
+    to: SocketAddr,
+    request: &str,
+) -> std::io::Result<(u16, String, Duration)> {
+    let t0 = Instant::now();
+    let mut s = connect_from(from, to)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
+    Ok((status, body, took))
+}
+
+/// HAProxy's default `http-check` (what vm-tests/fleet.nix configures) speaks HTTP/1.0, and
+/// a load balancer must keep getting `/readyz` answered while other peers hold idle or
+/// trickling connections to the metrics port: from one address (127.0.0.1, far more than
+/// its share) and from twenty others (more than the whole table). The bystander probes from
+/// 127.0.0.2 and must be answered 200, promptly, every time; a trickling peer is cut off at
+/// the per-connection deadline.
+///
+/// Before the event-loop listener: 16 silent sockets took every request slot for 5 s and
+/// the probe got 503 "metrics listener busy"; and `HTTP/1.0` got 505.
+#[test]
+fn metrics_readyz_answers_http10_probes_while_slow_peers_flood_the_port() {
+    let relay = Relay::start(&["--demo", "--demo-rate", RATE], &[], true);
+    let probe = "GET /readyz HTTP/1.0\r\n\r\n";
+    let t0 = Instant::now();
+    loop {
+        let (status, body, _) = request_from([127, 0, 0, 2], relay.metrics, probe).unwrap();
+        if status == 200 {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "never ready: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // HAProxy's probe with a header, and HTTP/1.0 on the other routes.
+    let (status, body, _) = request_from(
+        [127, 0, 0, 2],
+        relay.metrics,
+        "GET /readyz HTTP/1.0\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, body, _) = request_from(
+        [127, 0, 0, 2],
+        relay.metrics,
+        "GET /healthz HTTP/1.0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    // A trickler: a byte every 300 ms never completes a head, and the connection is closed
+    // at the deadline (3 s) with a 408, not held open by the activity. (Alone: during the
+    // flood below it would be the longest-waiting connection, the first to be replaced.)
+    let trickler = std::thread::spawn({
+        let to = relay.metrics;
+        move || {
+            let mut s = connect_from([127, 0, 0, 3], to).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let t0 = Instant::now();
+            let mut got = Vec::new();
+            for byte in b"GET /readyz HTTP/1.1\r\nX-Padding: ".iter().cycle() {
+                if t0.elapsed() > Duration::from_secs(10) || s.write_all(&[*byte]).is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 512];
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => {}
+                }
+            }
+            (t0.elapsed(), String::from_utf8_lossy(&got).into_owned())
+        }
+    });
+    let (trickled_for, trickle_answer) = trickler.join().unwrap();
+    assert!(
+        trickle_answer.starts_with("HTTP/1.1 408 "),
+        "trickler got {trickle_answer:?}"
+    );
+    assert!(
+        trickled_for >= Duration::from_millis(2500) && trickled_for < Duration::from_secs(6),
+        "trickler held its connection for {trickled_for:?}"
+    );
+
+    // The flood: connections that never send a byte, opened continuously for 4 s from
+    // 127.0.0.1 and from 127.0.0.10-29 (each address beyond its share; together beyond the
+    // table). The test keeps at most 600 of them open and then lets the oldest go.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = std::thread::spawn({
+        let (to, stop) = (relay.metrics, stop.clone());
+        move || {
+            let mut held = std::collections::VecDeque::new();
+            let mut opened = 0u32;
+            let t0 = Instant::now();
+            while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(8) {
+                for k in 0..21u8 {
+                    let from = if k == 0 {
+                        [127, 0, 0, 1]
+                    } else {
+                        [127, 0, 0, 9 + k]
+                    };
+                    if let Ok(s) = connect_from(from, to) {
+                        held.push_back(s);
+                        opened += 1;
+                    }
+                }
+                while held.len() > 600 {
+                    held.pop_front();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            opened
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let (status, body, took) = request_from([127, 0, 0, 2], relay.metrics, probe).unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ready\n"),
+            "during the flood"
+        );
+        slowest = slowest.max(took);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    println!(
+        "flood: {opened} silent connections; slowest /readyz from the bystander {slowest:?}; \
+         trickler cut off after {trickled_for:?}"
+    );
+    assert!(opened > 1000, "the flood opened only {opened} connections");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/readyz took {slowest:?} during the flood"
+    );
 }

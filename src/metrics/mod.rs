@@ -13,17 +13,18 @@
 //! Routes: `GET /metrics`, `GET /healthz` (alive), `GET /readyz` (no critical thread stuck,
 //! appends and syncs succeeding, upstream connected, an event appended recently, log
 //! writable), `GET /` (the dashboard, one self-contained HTML page) and `GET /api/stats` (the
-//! JSON the dashboard polls every second, read straight from the atomics). The server is a
-//! thread that accepts and a short-lived thread per request, bounded: it serves a scraper and
-//! a few browsers, not the public.
+//! JSON the dashboard polls every second, read straight from the atomics). The server
+//! ([`http`]) is one thread polling every connection, with a bounded table, a per-address
+//! share of it and a deadline per connection, so that idle or slow peers cannot keep
+//! `/readyz` from answering a load balancer. It accepts HTTP/1.0 too.
 
+pub mod http;
 pub mod instruments;
 pub mod otlp;
 pub mod prometheus;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ use opentelemetry_sdk::metrics::{
 };
 
 use crate::fanout::Fanout;
-use crate::handshake::{self, HttpError, ParseStatus};
+use crate::handshake::{self, HttpError};
 use crate::hub::{Hub, LatencyHistogram, ShapeClass};
 use crate::index::now_us;
 
@@ -46,13 +47,6 @@ pub const READY_MAX_APPEND_AGE: Duration = Duration::from_secs(30);
 /// Why 64 MiB: under that the next few seconds of the firehose (and the index) may not fit
 /// before retention frees space; better to be taken out of rotation than to fail appends.
 pub const READY_MIN_FREE_BYTES: u64 = 64 << 20;
-/// Requests in flight on the metrics listener. Why 16: a scraper, a few open dashboards and
-/// health probes need far fewer; more is a misbehaving client, answered 503 without a thread.
-const MAX_CONNECTIONS: usize = 16;
-/// Deadline for reading a request and writing its response: a stuck peer frees its slot.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the accept loop checks the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(250);
 
 /// The dashboard: one HTML file with inline CSS and JS, no external resources.
 const DASHBOARD_HTML: &str = include_str!("../../assets/dashboard.html");
@@ -110,8 +104,6 @@ struct Shared {
     prometheus: Arc<ManualReader>,
     /// For the dashboard's uptime.
     started: Instant,
-    /// Requests being served, against [`MAX_CONNECTIONS`].
-    in_flight: AtomicUsize,
 }
 
 /// The running metrics side of the relay.
@@ -161,11 +153,10 @@ impl Metrics {
             fanout,
             prometheus,
             started: Instant::now(),
-            in_flight: AtomicUsize::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || accept_loop(listener, shared, stop))
+            .spawn(move || http::serve(listener, stop, |method, path| route(method, path, &shared)))
             .map_err(MetricsError::Spawn)?;
         tracing::info!(addr = %local, "metrics, health and dashboard serving");
         metrics.thread = Some(thread);
@@ -187,85 +178,6 @@ impl Metrics {
             tracing::debug!(error = %e, "metrics provider shutdown");
         }
     }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
-        let (stream, _) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let fds = &mut [rustix::event::PollFd::new(
-                    &listener,
-                    rustix::event::PollFlags::IN,
-                )];
-                let timeout = rustix::time::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: STOP_POLL.as_nanos() as i64,
-                };
-                let _ = rustix::event::poll(fds, Some(&timeout));
-                continue;
-            }
-            Err(e) => {
-                // EMFILE and friends: back off rather than spin.
-                tracing::warn!(error = %e, "metrics accept failed");
-                std::thread::sleep(STOP_POLL);
-                continue;
-            }
-        };
-        if shared.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-            let busy =
-                HttpError::new(503, "metrics listener busy").with_header("Retry-After", "1".into());
-            let _ = write_response(&stream, &busy.to_response());
-            continue;
-        }
-        let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("metrics-req".into())
-            .spawn(move || {
-                serve(stream, &s);
-                s.in_flight.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// Reads one request head, answers it, closes.
-fn serve(stream: TcpStream, shared: &Shared) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    let response = loop {
-        match handshake::parse_request(&buf) {
-            Ok(ParseStatus::Complete { request, .. }) => {
-                break route(request.method, request.path, shared);
-            }
-            Ok(ParseStatus::Incomplete) => {}
-            Err(e) => break e.to_response(),
-        }
-        if Instant::now() >= deadline {
-            break HttpError::new(408, "request timed out").to_response();
-        }
-        match (&stream).read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    };
-    let _ = write_response(&stream, &response);
-}
-
-fn write_response(mut stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    stream.write_all(bytes)?;
-    // Closing with unread request bytes would reset the connection and could destroy the
-    // response in flight; a half-close lets the peer read it.
-    stream.shutdown(std::net::Shutdown::Write)
 }
 
 /// The response for one request.
