@@ -1,7 +1,7 @@
 {
   description = "jetrelay: a Jetstream relay that fans the Bluesky firehose out to tens of thousands of WebSocket clients with io_uring";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =
     { self, nixpkgs }:

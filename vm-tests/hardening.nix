@@ -2,6 +2,10 @@
 # really in force, the kernel tuning is applied, and systemd-analyze
 # security rates the unit at most 2.5.
 #
+# Resources: 2 VMs (upstream 512 MiB / 1 core, relay 1 GiB / 2 cores:
+# 1.5 GiB, 3 vCPUs), about 2 minutes with KVM; the swarm runs on the relay
+# node, so the test network carries only the upstream's 10 ev/s.
+#
 # What keeps the score from going lower, each a deliberate choice:
 # - PrivateNetwork=no, AF_INET/AF_INET6 allowed: it is a network server.
 # - no IPAddressDeny=/IPAddressAllow=: clients and upstreams are anywhere.
@@ -31,9 +35,15 @@ pkgs.testers.runNixOSTest {
 
   nodes = {
     upstream = common.upstreamNode;
-    # The swarm runs on the relay node itself, against 127.0.0.1.
-    relay = common.relayNode {
-      upstreams = [ "ws://upstream:${toString common.mockPort}/subscribe" ];
+    # The swarm runs on the relay node itself, against 127.0.0.1. The heavy
+    # kernel tuning is asked for here, to see every key of it applied.
+    relay = {
+      imports = [
+        (common.relayNode {
+          upstreams = [ "ws://upstream:${toString common.mockPort}/subscribe" ];
+        })
+      ];
+      services.jetrelay.kernelTuning = "many-clients";
     };
   };
 
@@ -68,10 +78,11 @@ pkgs.testers.runNixOSTest {
         # PrivateUsers: the process sees a one-UID user namespace.
         uid_map = relay.succeed(f"cat /proc/{pid}/uid_map").split("\n")
         assert len([line for line in uid_map if line.strip()]) == 2, uid_map
-        # DynamicUser: no entry in /etc/passwd, a UID from the dynamic range.
+        # The module's static system user (see nixos/README.md on why not
+        # DynamicUser=), with a system UID.
         uid = int(relay.succeed(f"stat -c %u /proc/{pid}").strip())
-        assert 61184 <= uid <= 65519, uid
-        relay.fail("grep -q '^jetrelay:' /etc/passwd")
+        assert uid == int(relay.succeed("id -u jetrelay").strip()), uid
+        assert 0 < uid < 1000, uid
 
     with subtest("the module's kernel settings are applied"):
         def sysctl(key):
@@ -83,6 +94,7 @@ pkgs.testers.runNixOSTest {
         assert sysctl("net.ipv4.tcp_max_syn_backlog") == "65535"
         assert sysctl("net.ipv4.tcp_notsent_lowat") == "131072"
         assert sysctl("net.ipv4.tcp_wmem").split() == ["4096", "16384", "1048576"]
+        assert sysctl("net.ipv4.tcp_rmem").split() == ["4096", "16384", "6291456"]
         assert int(sysctl("net.netfilter.nf_conntrack_max")) >= 262144
 
     with subtest("systemd-analyze security rates the relay at most ${maxExposure}"):
