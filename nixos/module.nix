@@ -468,9 +468,9 @@ in
           # like any client.
           RuntimeDirectory = "jetrelay";
           RuntimeDirectoryMode = "0750";
-          # The trusted socket must be group-connectable for the sidecar; bind(2) applies
-          # the umask to it. The state directory stays private regardless (0700).
-          UMask = if tlsCfg.enable then "0007" else "0077";
+          # Files stay private to the relay's user; the relay makes the trusted socket
+          # 0660 itself, for the sidecar in its group.
+          UMask = "0077";
           ReadWritePaths = optional (cfg.settings.data_dir != null) cfg.settings.data_dir;
 
           # One descriptor per client, plus log segments; see limitNOFILE.

@@ -442,7 +442,7 @@ in
       (expect "sidecar User" t.User "jetrelay-tls")
       (expect "sidecar joins the relay's group" t.SupplementaryGroups [ "jetrelay" ])
       (expect "sidecar capability" t.CapabilityBoundingSet [ "CAP_NET_BIND_SERVICE" ])
-      (expect "relay UMask with the socket" r.UMask "0007")
+      (expect "relay UMask" r.UMask "0077")
       (expect "sidecar TOML" (tomlOf c "jetrelay-tls") {
         listen = [ "[::]:443" ];
         backend = "unix:/run/jetrelay/trusted.sock";
