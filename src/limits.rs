@@ -114,6 +114,9 @@ impl Limits {
     }
 
     fn exempt(&self, ip: IpAddr) -> bool {
+        // A dual-stack listener (`[::]:PORT`, the NixOS module's default) sees IPv4 clients
+        // as IPv4-mapped IPv6 addresses; an IPv4 allow entry must still match them.
+        let ip = ip.to_canonical();
         self.config.allow.iter().any(|n| in_network(ip, *n))
     }
 
@@ -261,5 +264,17 @@ mod tests {
         assert_eq!(status(l.admit("192.0.2.9".parse().unwrap())), 200);
         assert_eq!(status(l.admit("192.0.2.10".parse().unwrap())), 503);
         assert_eq!(l.total(), 3);
+    }
+
+    #[test]
+    fn allow_list_matches_ipv4_clients_of_a_dual_stack_listener() {
+        let l = limits(100, 1, 1000.0);
+        let mapped: IpAddr = "::ffff:10.9.3.4".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(status(l.admit(mapped)), 200, "allow-listed through [::]");
+        }
+        let other: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+        assert_eq!(status(l.admit(other)), 200);
+        assert_eq!(status(l.admit(other)), 429, "others still capped");
     }
 }
