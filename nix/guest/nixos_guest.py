@@ -356,7 +356,8 @@ class Guest:
         self.boot_timeout = BOOT_TIMEOUT if kvm else 3 * BOOT_TIMEOUT
 
     def connect(self):
-        deadline = time.monotonic() + self.boot_timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.boot_timeout
         while time.monotonic() < deadline:
             if self.qemu.poll() is not None:
                 raise RuntimeError(f"qemu exited: {self.qemu.stderr.read().decode()}\n{self.console_tail()}")
@@ -366,7 +367,7 @@ class Guest:
             if self.sock is not None:
                 try:
                     if self.run("true", timeout=5)[0] == 0:
-                        log("guest shell ready")
+                        log(f"guest shell ready {time.monotonic() - t0:.0f} s after boot")
                         return
                 except TimeoutError:
                     pass
