@@ -3,7 +3,7 @@
 # through HAProxy to relay2 and edge's upstream to relay2; nobody sees a gap.
 #
 # Resources: 6 VMs (upstream and lb 512 MiB / 1 core each; relay1, relay2,
-# edge and clients 768 MiB / 2 cores each: 4 GiB, 10 vCPUs), about 4 minutes
+# edge and clients 768 MiB / 2 cores each: 4 GiB, 10 vCPUs), an estimated 4 minutes
 # with KVM. Across the test network: 250 clients x 10 ev/s x ~560 B, part of it
 # twice (relay -> lb -> clients): under 3 MB/s.
 #

@@ -3,7 +3,7 @@
 # security rates the unit at most 2.5.
 #
 # Resources: 2 VMs (upstream 512 MiB / 1 core, relay 1 GiB / 2 cores:
-# 1.5 GiB, 3 vCPUs), about 2 minutes with KVM; the swarm runs on the relay
+# 1.5 GiB, 3 vCPUs), an estimated 2 minutes with KVM; the swarm runs on the relay
 # node, so the test network carries only the upstream's 10 ev/s.
 #
 # What keeps the score from going lower, each a deliberate choice:

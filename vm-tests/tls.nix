@@ -4,7 +4,7 @@
 # without dropping connections.
 #
 # Resources: 3 VMs (upstream 512 MiB / 1 core, relay 1 GiB / 2 cores,
-# client 768 MiB / 2 cores: 2.3 GiB, 5 vCPUs), about 3 minutes with KVM.
+# client 768 MiB / 2 cores: 2.3 GiB, 5 vCPUs), an estimated 3 minutes with KVM.
 # Across the test network: 200 clients x 10 ev/s x ~560 B = 1.1 MB/s.
 {
   pkgs,

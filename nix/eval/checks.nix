@@ -208,6 +208,12 @@ in
       "util-linux"
     ])
     (ok "every flag is a --skip" (lib.all (f: lib.hasPrefix "--skip=" f) jetrelay.checkFlags))
+    # Every test target named exists (tests/<name>.rs).
+    (ok "test targets exist" (
+      lib.all (t: builtins.pathExists (root + "/tests/${t}.rs")) (
+        lib.filter (f: !(lib.hasPrefix "--" f)) jetrelay.cargoTestFlags
+      )
+    ))
   ];
 
   package-source-set =

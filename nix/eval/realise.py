@@ -91,6 +91,22 @@ def tool_programs(root, name):
     return programs
 
 
+def tool_config_files(root, name):
+    """Regular files under /etc that the Debian packages standing in for `name` own: in
+    nixpkgs a program's configuration ships inside its own store path (openssl's
+    openssl.cnf, which `openssl req` reads), so a sandbox that shows the program must show
+    these too."""
+    files = []
+    for entry in TOOLS.get(name, []):
+        package, _, only = entry.partition(":")
+        if only:
+            continue
+        for path in dpkg_files(root, package):
+            if path.startswith("/etc/") and Path(root, path.lstrip("/")).is_file():
+                files.append(path)
+    return files
+
+
 class Realiser:
     """Realises store paths from `eval_store` (the --store of the evaluation) under
     `target` (which gets a nix/store/ of its own), with the tools of the Debian root

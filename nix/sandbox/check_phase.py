@@ -4,7 +4,7 @@
 `nix build` (and `nix run`, `nix flake check`) builds nix/package.nix, whose check phase is
 nixpkgs' cargo check hook:
 
-    cargo test -j $NIX_BUILD_CORES --release --target <triple> --frozen -- \\
+    cargo test -j $NIX_BUILD_CORES --profile release --target <triple> --frozen -- \\
         --test-threads=<1 with dontUseCargoParallelTests, else $NIX_BUILD_CORES> ${checkFlags}
 
 inside the build sandbox. This script evaluates the package with the real lib
@@ -27,6 +27,7 @@ Usage: check_phase.py [--target-dir DIR] [--cores N] [--list-only]
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -92,7 +93,7 @@ def package(store):
           checkFlags = p.checkFlags or [ ];
           parallel = !(p.dontUseCargoParallelTests or false);
           nativeCheckInputs = map toString (p.nativeCheckInputs or [ ]);
-          buildType = p.buildType or "release";
+          checkType = p.checkType or (p.buildType or "release");
           cargoTestFlags = p.cargoTestFlags or [ ];
           doCheck = p.doCheck or true;
         }}
@@ -107,7 +108,8 @@ def toolchain():
         out = subprocess.run(args, capture_output=True, text=True)
         if out.returncode == 0:
             path = Path(out.stdout.strip()).resolve().parent
-            log(f"Rust toolchain {path.parent.name}" + ("" if name else f" (no {NIXPKGS_RUST} installed)"))
+            version = subprocess.run([str(path / "rustc"), "-V"], capture_output=True, text=True).stdout.strip()
+            log(f"{version} from {path.parent}" + ("" if name else f" (no {NIXPKGS_RUST} installed)"))
             return path
     cargo = shutil.which("cargo")
     if not cargo:
@@ -137,6 +139,28 @@ def program_files(paths):
     return sorted(f for f in files if f.startswith(("/usr/bin/", "/usr/sbin/")) and os.path.exists(f))
 
 
+def freshen(source, target_dir):
+    """Source mtimes for cargo's freshness check. Store paths carry mtime 1, so with a target
+    directory kept between runs cargo would take every source for unchanged. Files whose
+    content differs from the previous run's (a hash manifest in the target directory) get
+    the current time, the others an old one, so only what changed is rebuilt. (Nix builds
+    from scratch; this only saves local reruns the crate's rebuild.)"""
+    manifest = target_dir / ".nix-sandbox-sources.json"
+    try:
+        previous = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    old, now = 946684800, time.time()  # 2000-01-01
+    current = {}
+    for f in sorted(source.rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            rel = str(f.relative_to(source))
+            current[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+            stamp = old if previous.get(rel) == current[rel] else now
+            os.utime(f, (stamp, stamp))
+    manifest.write_text(json.dumps(current))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target-dir", type=Path, default=REPO / "target/nix-sandbox",
@@ -159,20 +183,34 @@ def main():
         sandbox_store = work / "sandbox"
         realiser = realise.Realiser(store, sandbox_store, debian_root="/", log=log)
         path_dirs = []
+        config_files = []
         for drv in p["nativeCheckInputs"]:
             realiser.realise(drv)
             path_dirs.append(drv + "/bin")
+            recipe = json.loads((store / (drv.lstrip("/") + ".recipe")).read_text())
+            if recipe["kind"] == "tool":
+                config_files += realise.tool_config_files("/", recipe["name"])
         stdenv = sandbox_store / "nix/store/stdenv-stand-in/bin"
         stdenv.mkdir(parents=True)
+        missing = []
         for package_name in STDENV:
             realise.TOOLS.setdefault(f"debian:{package_name}", [package_name])
-            for prog, target in realise.tool_programs("/", f"debian:{package_name}").items():
+            try:
+                programs = realise.tool_programs("/", f"debian:{package_name}")
+            except FileNotFoundError:
+                # Not installed here: the tests then cannot use it, which can only make
+                # this stricter than Nix.
+                missing.append(package_name)
+                continue
+            for prog, target in programs.items():
                 if not (stdenv / prog).exists():
                     (stdenv / prog).symlink_to(target)
         for prog in COMPILER:
             host = shutil.which(prog, path="/usr/bin:/bin")
             if host:
                 (stdenv / prog).symlink_to(os.path.realpath(host))
+        if missing:
+            log(f"stdenv tools not installed here, left out: {' '.join(missing)}")
         rust = toolchain()
         path_dirs += ["/nix/store/stdenv-stand-in/bin", str(rust)]
 
@@ -182,6 +220,7 @@ def main():
         shutil.copytree(store / p["src"].lstrip("/"), source, symlinks=True)
         subprocess.run(["chmod", "-R", "u+w", str(source)], check=True)
         args.target_dir.mkdir(parents=True, exist_ok=True)
+        freshen(source, args.target_dir)
         cargo_home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
         (build / ".cargo").mkdir()
 
@@ -235,8 +274,12 @@ def main():
         for f in visible:
             if str(f) != "/usr/bin/sh":
                 bwrap += ["--ro-bind", str(f), str(f)]
+        for f in config_files:
+            bwrap += ["--ro-bind", f, f]
 
-        cargo = ["cargo", "test", "-j", str(args.cores), f"--{p['buildType']}", "--target", TRIPLE, "--frozen",
+        # The hook: `--profile <checkType>` unless it is "debug" (cargo's default).
+        profile = [] if p["checkType"] == "debug" else ["--profile", p["checkType"]]
+        cargo = ["cargo", "test", "-j", str(args.cores), *profile, "--target", TRIPLE, "--frozen",
                  *p["cargoTestFlags"]]
         log("building the tests in the sandbox")
         t0 = time.monotonic()
