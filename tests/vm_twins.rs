@@ -277,6 +277,19 @@ fn haproxy_up(socket: &Path) -> Vec<String> {
 }
 
 /// The command line of a unit's ExecStart, split as systemd splits it (words, '…' quotes).
+/// The value of `name` (a metric without labels) on the metrics listener at `at`.
+fn metric(at: SocketAddr, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn exec_words(exec: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut rest = exec.trim();
@@ -341,9 +354,16 @@ fn twin_fleet_haproxy_failover_and_chain() {
             SocketAddr::from((hosts.ip(node), 6008)),
         )
     };
+    // As fleet.nix orders them: relay2 starts once edge has appended an event, so that
+    // edge's history begins before relay2's (the other order makes edge append, at
+    // failover, events it never had after its newer ones).
     let mut relay1 = start("relay1");
-    let relay2 = start("relay2");
     let edge = start("edge");
+    let edge_metrics = SocketAddr::from((hosts.ip("edge"), 6009));
+    wait_until("edge appends an event", Duration::from_secs(20), || {
+        metric(edge_metrics, "jetrelay_upstream_events_appended_total").unwrap_or(0.0) > 0.0
+    });
+    let relay2 = start("relay2");
 
     let lb_config = nix.eval("e.vmTests.fleet.nodes.lb.config.services.haproxy.config");
     let stats = dir.join("haproxy.sock");

@@ -52,7 +52,15 @@ pkgs.testers.runNixOSTest {
   nodes = {
     upstream = common.upstreamNode;
     relay1 = fleetRelay;
-    relay2 = fleetRelay;
+    # relay2 starts from the script once edge has appended an event: its
+    # history must begin after edge's. A follower whose history begins after
+    # its next upstream's appends, at failover, the older events it never had
+    # (after its newer ones, so out of order for its clients); with boot
+    # order left to chance the chain assertion would be a race.
+    relay2 = {
+      imports = [ fleetRelay ];
+      systemd.services.jetrelay.wantedBy = pkgs.lib.mkForce [ ];
+    };
 
     # A relay is a valid Jetstream upstream; the list fails over in turn.
     edge = common.relayNode {
@@ -120,8 +128,14 @@ pkgs.testers.runNixOSTest {
 
     start_all()
     wait_mock(upstream)
-    for relay in (relay1, relay2, edge):
+    for relay in (relay1, edge):
         wait_relay(relay)
+    edge.wait_until_succeeds(
+        "curl -sf http://127.0.0.1:6009/metrics | grep -qE '^jetrelay_upstream_events_appended_total [1-9]'"
+    )
+    relay2.wait_for_unit("multi-user.target")
+    relay2.succeed("systemctl start jetrelay.service")
+    wait_relay(relay2)
     wait_subscribers(upstream, 2)
     lb.wait_for_unit("haproxy.service")
     lb.wait_for_open_port(8080)
