@@ -175,15 +175,17 @@ class Realiser:
                 subprocess.run(["strip", "--strip-debug", str(dest)], check=True)
         elif kind == "runCommand":
             with tempfile.TemporaryDirectory() as build:
-                env = dict(os.environ, out=str(out), NIX_BUILD_TOP=build, TMPDIR=build)
-                subprocess.run(
+                env = dict(os.environ, out=str(out.resolve()), NIX_BUILD_TOP=build, TMPDIR=build)
+                done = subprocess.run(
                     ["bash", "-eu", "-o", "pipefail", "-c", recipe["buildCommand"]],
                     cwd=build,
                     env=env,
-                    check=True,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
+                    text=True,
                 )
+                if done.returncode != 0:
+                    raise RuntimeError(f"{path}: the build command failed ({done.returncode}):\n{done.stderr}")
         elif kind == "python":
             subprocess.run(["/usr/bin/python3", "-m", "venv", str(out)], check=True)
             if recipe["packages"]:

@@ -648,6 +648,9 @@ def main():
     r.add_argument("--bin-dir", type=Path, default=REPO / "target/debug")
     r.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    # Absolute: store paths under it are handed to build commands run in other directories
+    # (.ci/nixos-guest passes the relative target/nixos-guest).
+    args.cache = args.cache.resolve()
     if args.command == "prepare":
         prepare(args.cache)
         return 0
