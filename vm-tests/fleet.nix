@@ -34,6 +34,11 @@ let
     services.jetrelay.settings = {
       trusted_listen = "[::]:6011";
       metrics_listen = "[::]:6009";
+      # Behind a load balancer a client's next connection may reach the
+      # other relay, where its seq names another event (seqs are
+      # instance-local): without the cursor field clients resume by
+      # time_us, which both relays share.
+      v1_cursor_field = false;
     };
     networking.firewall.allowedTCPPorts = [
       6009
