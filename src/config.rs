@@ -27,6 +27,11 @@ pub const DEFAULT_UPSTREAMS: [&str; 6] = [
 /// nothing on any machine this relay targets and would only multiply fixed costs.
 pub const MAX_WORKERS: usize = 64;
 
+/// Upper bound for `max_handshakes`. Why: each handshake in progress may hold an 8 KiB
+/// request head; beyond a million that is gigabytes for connections that have sent nothing
+/// useful, and the fd limit is reached long before.
+pub const MAX_HANDSHAKES_LIMIT: usize = 1_000_000;
+
 /// Where a listener binds: a TCP address or a Unix socket path (`unix:/run/jetrelay/x.sock`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -99,6 +104,12 @@ pub struct RawSettings {
     pub conn_rate_per_ip: f64,
     /// Addresses exempt from per-IP limits (CIDR or plain address).
     pub allow_ip: Vec<String>,
+    /// Sources a TCP trusted listener accepts connections from (CIDR or plain address).
+    pub trusted_allow_ip: Vec<String>,
+    /// Cap on handshakes in progress, in total.
+    pub max_handshakes: usize,
+    /// Cap on handshakes in progress from one IP (or one IPv6 /64).
+    pub max_handshakes_per_ip: usize,
     /// Deadline for a client to complete its HTTP upgrade.
     pub handshake_timeout: String,
     /// How often idle clients are pinged.
@@ -140,6 +151,9 @@ impl Default for RawSettings {
             max_conns_per_ip: 64,
             conn_rate_per_ip: 10.0,
             allow_ip: Vec::new(),
+            trusted_allow_ip: vec!["127.0.0.0/8".into(), "::1".into()],
+            max_handshakes: 4096,
+            max_handshakes_per_ip: 16,
             handshake_timeout: "10s".into(),
             ping_interval: "30s".into(),
             max_inbound_rate: "2MiB".into(),
@@ -191,6 +205,13 @@ pub struct Settings {
     pub conn_rate_per_ip: f64,
     /// Exempt networks as (address, prefix length).
     pub allow_ip: Vec<(std::net::IpAddr, u8)>,
+    /// Networks a TCP trusted listener accepts connections from; others are closed at
+    /// accept (anyone else could claim any client address in a PROXY header).
+    pub trusted_allow_ip: Vec<(std::net::IpAddr, u8)>,
+    /// Handshakes in progress, in total (each holds up to 8 KiB and a deadline).
+    pub max_handshakes: usize,
+    /// Handshakes in progress per address key (IPv4 address or IPv6 /64).
+    pub max_handshakes_per_ip: usize,
     /// Handshake deadline.
     pub handshake_timeout: Duration,
     /// Idle ping period.
@@ -406,6 +427,24 @@ impl RawSettings {
             .map(|s| parse_cidr(s))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad("allow_ip", e))?;
+        let trusted_allow_ip = self
+            .trusted_allow_ip
+            .iter()
+            .map(|s| parse_cidr(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("trusted_allow_ip", e))?;
+        if !(1..=MAX_HANDSHAKES_LIMIT).contains(&self.max_handshakes) {
+            return Err(bad(
+                "max_handshakes",
+                format!("must be 1..={MAX_HANDSHAKES_LIMIT}"),
+            ));
+        }
+        if !(1..=self.max_handshakes).contains(&self.max_handshakes_per_ip) {
+            return Err(bad(
+                "max_handshakes_per_ip",
+                "must be at least 1 and at most max_handshakes",
+            ));
+        }
         let handshake_timeout =
             parse_duration(&self.handshake_timeout).map_err(|e| bad("handshake_timeout", e))?;
         if handshake_timeout.is_zero() {
@@ -465,6 +504,9 @@ impl RawSettings {
             max_conns_per_ip: self.max_conns_per_ip,
             conn_rate_per_ip: self.conn_rate_per_ip,
             allow_ip,
+            trusted_allow_ip,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
             handshake_timeout,
             ping_interval,
             max_inbound_rate,

@@ -48,6 +48,20 @@ pub struct Counters {
     /// Handshakes refused, per HTTP status (index = position in [`REFUSAL_STATUSES`], the
     /// last slot counts any other status).
     pub refused_by_status: [AtomicU64; REFUSAL_STATUSES.len() + 1],
+    /// Connections refused at accept because their address already held
+    /// `--max-handshakes-per-ip` handshakes in progress.
+    pub refused_handshakes_per_ip: AtomicU64,
+    /// Connections refused because every handshake slot (`--max-handshakes`) was taken and
+    /// no address held more than one slot more than theirs (nothing fair to evict).
+    pub refused_handshakes_full: AtomicU64,
+    /// Handshakes closed (503) to give their slot to an address holding fewer (fair eviction
+    /// when the handshake slots are full).
+    pub handshakes_evicted: AtomicU64,
+    /// Handshakes in progress right now (a gauge the listener stores).
+    pub handshakes_pending: AtomicU64,
+    /// Trusted-listener connections closed at accept: their source is not in
+    /// `--trusted-allow-ip`.
+    pub refused_trusted_source: AtomicU64,
     /// Clients disconnected because they fell behind retention.
     pub kicked_retention: AtomicU64,
     /// Clients disconnected because they stopped answering pings.
@@ -92,6 +106,11 @@ impl Counters {
     /// Adds to a counter.
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
     }
 
     /// Counts one refused handshake under its HTTP status.

@@ -1,4 +1,5 @@
 //! jetrelay: a Jetstream relay that lets the kernel do the fan-out.
+pub mod admission;
 pub mod clock;
 pub mod compress;
 pub mod config;

@@ -12,7 +12,9 @@ use std::time::Instant;
 use crate::handshake::HttpError;
 
 /// Why: an idle address's bucket refills to full within seconds; entries with no connection
-/// and a full bucket are garbage-collected once the table grows past this many entries.
+/// and a full bucket are garbage-collected once the table grows past this many entries (and
+/// after that, past twice what the previous collection left, so that a table full of live
+/// entries is not scanned again on every admission: amortized O(1) per admission).
 const GC_THRESHOLD: usize = 65_536;
 
 /// Limit settings.
@@ -57,12 +59,24 @@ pub struct Refusals {
     pub rate: AtomicU64,
 }
 
+/// The table behind the limiter's lock.
+struct State {
+    /// Address key → state.
+    table: HashMap<IpAddr, Entry>,
+    /// Connections counted, in total.
+    total: usize,
+    /// Collect garbage when the table reaches this many entries.
+    gc_at: usize,
+    /// Garbage collections so far (each an O(table) pass), for tests.
+    gc_runs: u64,
+}
+
 /// The shared limiter.
 pub struct Limits {
     /// Settings.
     config: LimitsConfig,
-    /// Address key → state, plus the total.
-    state: Mutex<(HashMap<IpAddr, Entry>, usize)>,
+    /// Per-address table and the total.
+    state: Mutex<State>,
     /// Refusal counters.
     pub refusals: Refusals,
 }
@@ -81,7 +95,8 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn in_network(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+/// Whether `ip` is in the network `net`/`len`.
+pub fn in_network(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
             let mask = if len == 0 {
@@ -108,12 +123,18 @@ impl Limits {
     pub fn new(config: LimitsConfig) -> Limits {
         Limits {
             config,
-            state: Mutex::new((HashMap::new(), 0)),
+            state: Mutex::new(State {
+                table: HashMap::new(),
+                total: 0,
+                gc_at: GC_THRESHOLD,
+                gc_runs: 0,
+            }),
             refusals: Refusals::default(),
         }
     }
 
-    fn exempt(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is exempt from the per-address limits (`--allow-ip`).
+    pub fn exempt(&self, ip: IpAddr) -> bool {
         // A dual-stack listener (`[::]:PORT`, the NixOS module's default) sees IPv4 clients
         // as IPv4-mapped IPv6 addresses; an IPv4 allow entry must still match them.
         let ip = ip.to_canonical();
@@ -129,8 +150,8 @@ impl Limits {
         let key = address_key(ip);
         let exempt = self.exempt(ip);
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (table, total) = &mut *guard;
-        if *total >= self.config.max_clients {
+        let state = &mut *guard;
+        if state.total >= self.config.max_clients {
             self.refusals.full.fetch_add(1, Ordering::Relaxed);
             return Admission::Refused(
                 HttpError::new(503, "server full: too many clients")
@@ -140,12 +161,15 @@ impl Limits {
         if !exempt {
             let rate = self.config.conn_rate_per_ip;
             let burst = (rate * 2.0).max(1.0);
-            if table.len() > GC_THRESHOLD {
-                table.retain(|_, e| {
-                    e.conns > 0 || now.duration_since(e.refilled).as_secs_f64() * rate < burst
+            if state.table.len() >= state.gc_at {
+                state.table.retain(|_, e| {
+                    e.conns > 0
+                        || e.tokens + now.duration_since(e.refilled).as_secs_f64() * rate < burst
                 });
+                state.gc_at = GC_THRESHOLD.max(2 * state.table.len());
+                state.gc_runs += 1;
             }
-            let e = table.entry(key).or_insert(Entry {
+            let e = state.table.entry(key).or_insert(Entry {
                 conns: 0,
                 tokens: burst,
                 refilled: now,
@@ -170,7 +194,7 @@ impl Limits {
             e.tokens -= 1.0;
             e.conns += 1;
         }
-        *total += 1;
+        state.total += 1;
         Admission::Ok
     }
 
@@ -179,16 +203,57 @@ impl Limits {
         let key = address_key(ip);
         let exempt = self.exempt(ip);
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (table, total) = &mut *guard;
-        *total = total.saturating_sub(1);
-        if !exempt && let Some(e) = table.get_mut(&key) {
+        let state = &mut *guard;
+        state.total = state.total.saturating_sub(1);
+        if !exempt && let Some(e) = state.table.get_mut(&key) {
             e.conns = e.conns.saturating_sub(1);
         }
     }
 
     /// Connections counted right now.
     pub fn total(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+/// Lets a warning through at most once per interval. Why: under a flood, or when the backend
+/// is down or the process is out of file descriptors, every connection hits the same
+/// condition, and one line per connection would flood the journal; counters keep the exact
+/// numbers.
+#[derive(Debug)]
+pub struct Throttle {
+    /// Reference point for `last_ms`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last allowed line, plus one (0 = never).
+    last_ms: AtomicU64,
+    /// Minimum spacing between allowed lines.
+    interval: std::time::Duration,
+}
+
+impl Throttle {
+    /// A throttle allowing one event per `interval`.
+    pub fn new(interval: std::time::Duration) -> Self {
+        Throttle {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            interval,
+        }
+    }
+
+    /// True if the caller may log now.
+    pub fn allow(&self) -> bool {
+        let now = u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now.saturating_sub(last) < interval {
+            return false;
+        }
+        // Only one of several racing callers wins.
+        self.last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }
 
@@ -253,6 +318,49 @@ mod tests {
             Admission::Ok => panic!("bucket should be empty"),
         }
         assert_eq!(status(l.admit_at(ip, t0 + Duration::from_millis(600))), 200);
+    }
+
+    /// The table full of live entries (each with a connection, so none can be collected):
+    /// admissions beyond the threshold must not each rescan it (they did: O(n) per admit
+    /// under the global mutex).
+    #[test]
+    fn garbage_collection_is_amortized() {
+        let l = limits(1_000_000, 4, 1000.0);
+        let n = GC_THRESHOLD + 5_000;
+        for i in 0..n as u32 {
+            let ip = IpAddr::from((0x0a00_0000u32 + i).to_be_bytes());
+            assert_eq!(status(l.admit(ip)), 200);
+        }
+        for i in 0..20_000u32 {
+            let ip = IpAddr::from((0x0b00_0000u32 + i).to_be_bytes());
+            assert_eq!(status(l.admit(ip)), 200);
+        }
+        let runs = l.state.lock().unwrap().gc_runs;
+        assert!(runs <= 2, "{runs} full-table passes for 25,000 admissions");
+        // And garbage still goes: release everything, and once the buckets are full again
+        // the next collection empties the table.
+        let later = Instant::now() + Duration::from_secs(10);
+        {
+            let mut st = l.state.lock().unwrap();
+            for e in st.table.values_mut() {
+                e.conns = 0;
+            }
+            st.gc_at = 0;
+        }
+        assert_eq!(
+            status(l.admit_at("192.0.2.77".parse().unwrap(), later)),
+            200
+        );
+        assert_eq!(l.state.lock().unwrap().table.len(), 1);
+    }
+
+    #[test]
+    fn throttle_allows_one_per_interval() {
+        let t = Throttle::new(Duration::from_millis(200));
+        assert!(t.allow());
+        assert!(!t.allow());
+        std::thread::sleep(Duration::from_millis(220));
+        assert!(t.allow());
     }
 
     #[test]

@@ -7,8 +7,15 @@
 //!
 //! On the trusted listener (for the TLS sidecar) every connection must start with a PROXY v2
 //! header carrying the real client address; on the public listener such a header is refused.
+//!
+//! Admission happens at accept, before the first byte is read: on the public listener the
+//! peer's address (per /64 for IPv6) is checked against the per-address limits
+//! ([`crate::limits`]) and must find a handshake slot ([`crate::admission`]: a cap per address,
+//! fair eviction when all slots are taken), so a flood of silent or slow connections from one
+//! address is answered 429 at once and cannot take the slots other addresses need. A TCP
+//! trusted listener only accepts connections from `--trusted-allow-ip` (default loopback);
+//! its clients' addresses, from their PROXY headers, go through the same checks.
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,20 +25,27 @@ use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
 
+use crate::admission::{HandshakeSlots, Holder, SlotRefusal};
 use crate::config::{ListenAddr, Settings};
 use crate::encoding::Encoding;
 use crate::fanout::{Fanout, NewClient};
 use crate::handshake::{self, HttpError, ParseStatus};
 use crate::hub::SeqStart;
 use crate::hub::{Counters, Hub, ShapeClass};
-use crate::limits::Admission;
+use crate::limits::{Admission, Throttle, address_key, in_network};
 use crate::proxy_protocol::{self, ProxyParse};
 use crate::subscription;
 use crate::wire::{self, Cursor, KindSet};
 
-/// Why: a cap on handshakes in progress bounds the listener's memory (8 KiB each at most)
-/// and keeps a slowloris flood from starving real clients of the listener's attention.
-pub const MAX_HANDSHAKES: usize = 4096;
+/// listen(2) backlog. Why: std's default of 128 overflows under a connection flood (or a
+/// reconnect storm after a restart), and a dropped SYN costs a well-behaved client a 1 s
+/// retransmit; the listener drains the queue quickly, answering refusals at accept. The
+/// kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Spacing of the log line that summarizes connections refused at accept (the flood path
+/// is counted in metrics, not logged per connection).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Unsent bytes the kernel may hold for one client (`TCP_NOTSENT_LOWAT`). Why: without it a
 /// client that stops reading soaks up to `tcp_wmem`'s maximum (4 MiB by default; BBR grows the
@@ -58,7 +72,17 @@ impl Bound {
     /// Binds `addr` non-blocking; a stale Unix socket file is replaced.
     pub fn bind(addr: &ListenAddr) -> std::io::Result<Bound> {
         let b = match addr {
-            ListenAddr::Tcp(a) => Bound::Tcp(TcpListener::bind(a)?),
+            ListenAddr::Tcp(a) => {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(*a),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                s.set_reuse_address(true)?;
+                s.bind(&(*a).into())?;
+                s.listen(LISTEN_BACKLOG)?;
+                Bound::Tcp(s.into())
+            }
             ListenAddr::Unix(p) => {
                 if p.exists() {
                     std::fs::remove_file(p)?;
@@ -111,20 +135,27 @@ impl Bound {
     }
 }
 
+/// Where a pending connection is in its handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// On the public listener: an HTTP request comes first (a PROXY header is refused).
+    Public,
+    /// On the trusted listener, before its PROXY v2 header.
+    TrustedProxyHeader,
+    /// On the trusted listener, after the PROXY header: the HTTP request.
+    TrustedRequest,
+}
+
 /// One connection that has not finished its handshake.
 struct Pending {
     /// The socket.
     fd: OwnedFd,
     /// Real client address once known (TCP peer, or from the PROXY header).
     peer: Option<SocketAddr>,
-    /// Arrived on the trusted listener: a PROXY v2 header must come first.
-    trusted: bool,
-    /// The PROXY header was consumed (trusted listener only).
-    proxy_done: bool,
+    /// Which listener it came from and how far its handshake got.
+    stage: Stage,
     /// Bytes read so far (at most `MAX_REQUEST_BYTES` + the PROXY header).
     buf: Vec<u8>,
-    /// Deadline for the whole handshake.
-    deadline: Instant,
     /// Counted against the per-IP limits (released on failure).
     admitted_ip: Option<IpAddr>,
 }
@@ -139,8 +170,17 @@ pub struct Listener {
     listeners: Vec<(Bound, bool)>,
     /// Handshake deadline.
     handshake_timeout: Duration,
+    /// Handshakes in progress, in total (`--max-handshakes`).
+    max_handshakes: usize,
+    /// Handshakes in progress per address key (`--max-handshakes-per-ip`).
+    max_handshakes_per_ip: usize,
+    /// Sources a TCP trusted listener accepts (`--trusted-allow-ip`).
+    trusted_allow: Vec<(IpAddr, u8)>,
+    /// Keeps the summary of refusals at accept to one line per interval.
+    refusal_log: Throttle,
 }
 
+/// Epoll tokens at and above this are listening sockets; below, handshake slots.
 const LISTENER_TOKEN_BASE: u64 = 1 << 40;
 
 impl Listener {
@@ -156,6 +196,10 @@ impl Listener {
             fanout,
             listeners,
             handshake_timeout: settings.handshake_timeout,
+            max_handshakes: settings.max_handshakes,
+            max_handshakes_per_ip: settings.max_handshakes_per_ip,
+            trusted_allow: settings.trusted_allow_ip.clone(),
+            refusal_log: Throttle::new(REFUSAL_LOG_INTERVAL),
         }
     }
 
@@ -170,15 +214,15 @@ impl Listener {
                 epoll::EventFlags::IN,
             )?;
         }
-        let mut pending: HashMap<u64, Pending> = HashMap::new();
-        let mut next_token: u64 = 1;
+        let mut slots: HandshakeSlots<Pending> =
+            HandshakeSlots::new(self.max_handshakes, self.max_handshakes_per_ip);
         let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
         while !self.hub.shutting_down() {
             crate::liveness::beat();
             let now = Instant::now();
-            let next_deadline = pending.values().map(|p| p.deadline).min();
             // Why 500 ms at most: the shutdown flag is checked at least that often.
-            let timeout = next_deadline
+            let timeout = slots
+                .next_deadline()
                 .map_or(Duration::from_millis(500), |d| {
                     d.saturating_duration_since(now)
                 })
@@ -197,39 +241,23 @@ impl Listener {
                 let token = ev.data.u64();
                 if token >= LISTENER_TOKEN_BASE {
                     let i = (token - LISTENER_TOKEN_BASE) as usize;
-                    self.accept_all(i, &ep, &mut pending, &mut next_token);
-                } else if let Some(mut p) = pending.remove(&token) {
-                    match self.progress(&mut p) {
-                        Progress::Again => {
-                            pending.insert(token, p);
-                        }
-                        Progress::Done => {}
-                    }
+                    self.accept_all(i, &ep, &mut slots);
+                } else {
+                    self.drive(&mut slots, token);
                 }
             }
             // Expire handshakes past their deadline (slowloris).
-            let now = Instant::now();
-            let expired: Vec<u64> = pending
-                .iter()
-                .filter(|(_, p)| p.deadline <= now)
-                .map(|(t, _)| *t)
-                .collect();
-            for t in expired {
-                if let Some(p) = pending.remove(&t) {
-                    self.refuse(p, HttpError::new(408, "handshake timed out"));
-                }
+            for mut p in slots.expire(Instant::now()) {
+                self.refuse_quietly(&mut p, HttpError::new(408, "handshake timed out"));
             }
+            Counters::set(&self.hub.counters.handshakes_pending, slots.len() as u64);
         }
         Ok(())
     }
 
-    fn accept_all(
-        &self,
-        i: usize,
-        ep: &OwnedFd,
-        pending: &mut HashMap<u64, Pending>,
-        next_token: &mut u64,
-    ) {
+    /// Accepts every waiting connection on listener `i`, admitting or refusing each before
+    /// reading a byte from it.
+    fn accept_all(&self, i: usize, ep: &OwnedFd, slots: &mut HandshakeSlots<Pending>) {
         let (listener, trusted) = &self.listeners[i];
         loop {
             let (fd, peer) = match listener.accept() {
@@ -241,35 +269,155 @@ impl Listener {
                     return;
                 }
             };
-            if pending.len() >= MAX_HANDSHAKES {
-                // Not logged: this is the flood path.
-                self.hub.counters.refused(503);
-                let _ = write_all_nb(
-                    &fd,
-                    &HttpError::new(503, "too many handshakes in progress").to_response(),
-                );
-                continue;
-            }
-            let token = *next_token;
-            *next_token += 1;
-            let p = Pending {
+            let mut p = Pending {
                 fd,
                 peer,
-                trusted: *trusted,
-                proxy_done: false,
+                stage: if *trusted {
+                    Stage::TrustedProxyHeader
+                } else {
+                    Stage::Public
+                },
                 buf: Vec::new(),
-                deadline: Instant::now() + self.handshake_timeout,
                 admitted_ip: None,
             };
-            if epoll::add(
-                ep,
-                &p.fd,
-                epoll::EventData::new_u64(token),
-                epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
-            )
-            .is_ok()
-            {
-                pending.insert(token, p);
+            let holder = match (p.stage, peer) {
+                (Stage::TrustedProxyHeader, Some(src)) => {
+                    // Anyone who can reach this listener could claim any client address.
+                    if !self
+                        .trusted_allow
+                        .iter()
+                        .any(|n| in_network(src.ip().to_canonical(), *n))
+                    {
+                        Counters::add(&self.hub.counters.refused_trusted_source, 1);
+                        if self.refusal_log.allow() {
+                            tracing::warn!(source = %src, "trusted listener: connection from a source outside --trusted-allow-ip closed");
+                        }
+                        continue;
+                    }
+                    Holder::Unknown
+                }
+                (_, None) => Holder::Unknown,
+                (_, Some(src)) => match self.admit_address(src.ip(), slots) {
+                    Ok(holder) => {
+                        p.admitted_ip = Some(src.ip());
+                        holder
+                    }
+                    Err(err) => {
+                        self.refuse_quietly(&mut p, err);
+                        continue;
+                    }
+                },
+            };
+            let deadline = Instant::now() + self.handshake_timeout;
+            let token = match slots.insert(p, holder, deadline) {
+                Ok((token, evicted)) => {
+                    if let Some(mut victim) = evicted {
+                        Counters::add(&self.hub.counters.handshakes_evicted, 1);
+                        self.refuse_quietly(
+                            &mut victim,
+                            HttpError::new(503, "server busy: too many handshakes in progress")
+                                .with_header("Retry-After", "1".into()),
+                        );
+                    }
+                    token
+                }
+                Err((why, mut p)) => {
+                    self.refuse_quietly(&mut p, self.slot_refusal(why));
+                    continue;
+                }
+            };
+            let registered = slots.get_mut(token).is_some_and(|p| {
+                epoll::add(
+                    ep,
+                    &p.fd,
+                    epoll::EventData::new_u64(token),
+                    epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+                )
+                .is_ok()
+            });
+            if !registered && let Some(mut p) = slots.remove(token) {
+                self.release(&mut p);
+            }
+        }
+    }
+
+    /// Checks a client address against the per-address handshake cap and the per-address
+    /// limits. On success it is counted in the limits (the caller records that in
+    /// `Pending::admitted_ip`) and the slot holder to count it under is returned.
+    fn admit_address(
+        &self,
+        ip: IpAddr,
+        slots: &HandshakeSlots<Pending>,
+    ) -> Result<Holder, HttpError> {
+        let key = address_key(ip);
+        let holder = if self.hub.limits.exempt(ip) {
+            Holder::Exempt(key)
+        } else {
+            Holder::Limited(key)
+        };
+        // The cheap, listener-local check first: it spends no rate token.
+        if let Holder::Limited(_) = holder
+            && slots.held_by(key) >= self.max_handshakes_per_ip
+        {
+            return Err(self.slot_refusal(SlotRefusal::PerAddress));
+        }
+        match self.hub.limits.admit(ip) {
+            Admission::Ok => Ok(holder),
+            Admission::Refused(err) => Err(err),
+        }
+    }
+
+    /// The HTTP answer to a refused slot, counted.
+    fn slot_refusal(&self, why: SlotRefusal) -> HttpError {
+        match why {
+            SlotRefusal::PerAddress => {
+                Counters::add(&self.hub.counters.refused_handshakes_per_ip, 1);
+                HttpError::new(429, "too many handshakes in progress from your address")
+                    .with_header("Retry-After", "1".into())
+            }
+            SlotRefusal::Full => {
+                Counters::add(&self.hub.counters.refused_handshakes_full, 1);
+                HttpError::new(503, "server busy: too many handshakes in progress")
+                    .with_header("Retry-After", "1".into())
+            }
+        }
+    }
+
+    /// Reads and advances the handshake of slot `token`; frees the slot when it is done.
+    fn drive(&self, slots: &mut HandshakeSlots<Pending>, token: u64) {
+        loop {
+            let Some(p) = slots.get_mut(token) else {
+                return;
+            };
+            match self.progress(p) {
+                Progress::Again => return,
+                Progress::Done => {
+                    slots.remove(token);
+                    return;
+                }
+                Progress::Proxied(ip) => {
+                    // The trusted listener learned the client's address: count it like a
+                    // public connection's, then go on with the request already buffered.
+                    let admitted = self.admit_address(ip, slots);
+                    if admitted.is_ok()
+                        && let Some(p) = slots.get_mut(token)
+                    {
+                        p.admitted_ip = Some(ip);
+                    }
+                    let err = match admitted {
+                        Ok(holder) => slots
+                            .assign(token, holder)
+                            .err()
+                            .map(|why| self.slot_refusal(why)),
+                        Err(err) => Some(err),
+                    };
+                    if let Some(err) = err {
+                        if let Some(mut p) = slots.remove(token) {
+                            self.refuse_ref(&mut p, err);
+                        }
+                        return;
+                    }
+                }
             }
         }
     }
@@ -297,15 +445,19 @@ impl Listener {
             }
         }
         // PROXY header first on the trusted listener; never on the public one.
-        if p.trusted && !p.proxy_done {
-            match proxy_protocol::parse_v2(&p.buf) {
+        match p.stage {
+            Stage::TrustedProxyHeader => match proxy_protocol::parse_v2(&p.buf) {
                 Ok(ProxyParse::Incomplete) => return Progress::Again,
                 Ok(ProxyParse::Complete { source, consumed }) => {
-                    p.proxy_done = true;
-                    // LOCAL (health checks): the sidecar itself.
-                    p.peer =
-                        Some(source.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)));
+                    p.stage = Stage::TrustedRequest;
                     p.buf.drain(..consumed);
+                    // LOCAL (health checks): the sidecar itself, not a client to count.
+                    let Some(source) = source else {
+                        p.peer = Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
+                        return self.progress_request(p);
+                    };
+                    p.peer = Some(source);
+                    return Progress::Proxied(source.ip());
                 }
                 Err(e) => {
                     return self.refuse_ref(
@@ -316,21 +468,20 @@ impl Listener {
                         ),
                     );
                 }
+            },
+            Stage::Public if proxy_protocol::looks_like_proxy(&p.buf) => {
+                return self.refuse_ref(
+                    p,
+                    HttpError::new(400, "PROXY protocol header not accepted on this listener"),
+                );
             }
-        } else if !p.trusted && proxy_protocol::looks_like_proxy(&p.buf) {
-            return self.refuse_ref(
-                p,
-                HttpError::new(400, "PROXY protocol header not accepted on this listener"),
-            );
+            Stage::Public | Stage::TrustedRequest => {}
         }
-        if p.admitted_ip.is_none()
-            && let Some(peer) = p.peer
-        {
-            match self.hub.limits.admit(peer.ip()) {
-                Admission::Ok => p.admitted_ip = Some(peer.ip()),
-                Admission::Refused(err) => return self.refuse_ref(p, err),
-            }
-        }
+        self.progress_request(p)
+    }
+
+    /// Parses the (buffered) HTTP request and answers or upgrades it.
+    fn progress_request(&self, p: &mut Pending) -> Progress {
         // The head is parsed out of a buffer taken from the connection, so that the request
         // (borrowing it) and the connection can be used together; an incomplete head gets its
         // buffer back.
@@ -552,14 +703,29 @@ impl Listener {
         Progress::Done
     }
 
-    fn refuse(&self, mut p: Pending, err: HttpError) {
-        self.refuse_ref(&mut p, err);
+    /// Refuses a connection on the flood path (at accept, evicted, timed out): counted, and
+    /// summarized in a throttled log line instead of one line per connection. The answer is
+    /// written once, without waiting: a peer that does not read loses it.
+    fn refuse_quietly(&self, p: &mut Pending, err: HttpError) {
+        self.hub.counters.refused(err.status);
+        if self.refusal_log.allow() {
+            let peer = p
+                .peer
+                .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+            tracing::info!(%peer, status = err.status, reason = %err.reason,
+                refused = self.hub.counters.handshakes_refused.load(std::sync::atomic::Ordering::Relaxed),
+                "refusing connections (one line per 5 s; see jetrelay_handshakes_refused)");
+        }
+        let _ = rustix::io::write(&p.fd, &err.to_response());
+        self.release(p);
     }
 }
 
 enum Progress {
     /// Keep waiting for bytes.
     Again,
+    /// The trusted listener's PROXY header named this client address: admit it, then go on.
+    Proxied(IpAddr),
     /// Finished (handed over, answered or dropped).
     Done,
 }

@@ -91,6 +91,19 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     allow_ip: Vec<String>,
+    /// Source address or CIDR a TCP --trusted-listen accepts (repeatable)
+    /// [default: 127.0.0.0/8 and ::1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    trusted_allow_ip: Vec<String>,
+    /// Cap on handshakes in progress, in total [default: 4096].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_handshakes: Option<usize>,
+    /// Cap on handshakes in progress per IP (per /64 for IPv6) [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_handshakes_per_ip: Option<usize>,
     /// Deadline for the HTTP upgrade [default: 10s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -174,14 +174,34 @@ fn register_handshakes(meter: &Meter, hub: &Arc<Hub>) {
         )
         .with_callback(move |o| {
             let r = &h.limits.refusals;
+            let c = &h.counters;
             for (limit, n) in [
                 ("max_clients", &r.full),
                 ("max_conns_per_ip", &r.per_ip),
                 ("conn_rate_per_ip", &r.rate),
+                ("max_handshakes_per_ip", &c.refused_handshakes_per_ip),
+                ("max_handshakes", &c.refused_handshakes_full),
+                ("trusted_allow_ip", &c.refused_trusted_source),
             ] {
                 o.observe(load(n), &[KeyValue::new("limit", limit)]);
             }
         })
+        .build();
+    counter(
+        meter,
+        hub,
+        "jetrelay.handshakes.evicted",
+        "{handshake}",
+        "Handshakes in progress closed (503) to give their slot to an address holding fewer, \
+         when every slot (--max-handshakes) was taken.",
+        |c| &c.handshakes_evicted,
+    );
+    let h = hub.clone();
+    meter
+        .u64_observable_gauge("jetrelay.handshakes.pending")
+        .with_unit("{handshake}")
+        .with_description("Connections accepted that have not finished their handshake.")
+        .with_callback(move |o| o.observe(load(&h.counters.handshakes_pending), &[]))
         .build();
 }
 

@@ -6,7 +6,6 @@
 //! each phase, and how many were refused or failed, and why.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 /// Live counts and running totals. Relaxed atomics: these are statistics, never used to
 /// make a decision that needs ordering with other memory.
@@ -83,45 +82,7 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
-/// Lets a warning through at most once per interval. Why: when the backend is down or the
-/// process is out of file descriptors, every connection hits the same error, and one line
-/// per connection would flood the journal; the counters keep the exact numbers.
-#[derive(Debug)]
-pub struct Throttle {
-    /// Reference point for `last_ms`.
-    epoch: Instant,
-    /// Milliseconds after `epoch` of the last allowed line, plus one (0 = never).
-    last_ms: AtomicU64,
-    /// Minimum spacing between allowed lines.
-    interval: Duration,
-}
-
-impl Throttle {
-    /// A throttle allowing one event per `interval`.
-    pub fn new(interval: Duration) -> Self {
-        Throttle {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            interval,
-        }
-    }
-
-    /// True if the caller may log now.
-    pub fn allow(&self) -> bool {
-        let now = u64::try_from(self.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.last_ms.load(Ordering::Relaxed);
-        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
-        if last != 0 && now.saturating_sub(last) < interval {
-            return false;
-        }
-        // Only one of several racing callers wins.
-        self.last_ms
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    }
-}
+pub use crate::limits::Throttle;
 
 #[cfg(test)]
 mod tests {
@@ -142,16 +103,5 @@ mod tests {
                 .summary()
                 .starts_with("0 established, 0 handshaking; totals: 1 accepted")
         );
-    }
-
-    #[test]
-    fn throttle_allows_one_per_interval() {
-        let t = Throttle::new(Duration::from_millis(200));
-        assert!(t.allow());
-        assert!(!t.allow());
-        assert!(!t.allow());
-        std::thread::sleep(Duration::from_millis(220));
-        assert!(t.allow());
-        assert!(!t.allow());
     }
 }

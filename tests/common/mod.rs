@@ -210,7 +210,7 @@ impl Relay {
         data_dir: &Path,
         extra: &[&str],
     ) -> Relay {
-        Self::start_full(wrapper, port, upstream, data_dir, extra, &[])
+        Self::start_full(wrapper, port, upstream, data_dir, "127.0.0.0/8", extra, &[])
     }
 
     /// Same, on a given port, with extra environment variables (test hooks, systemd's).
@@ -221,7 +221,21 @@ impl Relay {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Relay {
-        Self::start_full(&[], port, upstream, data_dir, extra, env)
+        Self::start_full(&[], port, upstream, data_dir, "127.0.0.0/8", extra, env)
+    }
+
+    /// Same, with only `allow` exempt from the per-address limits (the others default to
+    /// all of loopback): admission tests attack from 127.0.0.2 and up and keep their swarm
+    /// bystanders on an exempt 127.0.0.1.
+    pub fn start_exempting(
+        wrapper: &[String],
+        port: u16,
+        upstream: &str,
+        data_dir: &Path,
+        allow: &str,
+        extra: &[&str],
+    ) -> Relay {
+        Self::start_full(wrapper, port, upstream, data_dir, allow, extra, &[])
     }
 
     fn start_full(
@@ -229,6 +243,7 @@ impl Relay {
         port: u16,
         upstream: &str,
         data_dir: &Path,
+        allow: &str,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Relay {
@@ -244,7 +259,7 @@ impl Relay {
             upstream.to_string(),
             // Tests open many connections from 127.0.0.1.
             "--allow-ip".into(),
-            "127.0.0.0/8".into(),
+            allow.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = data_dir.with_extension(format!("relay-{port}.log"));

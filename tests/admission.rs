@@ -1,0 +1,199 @@
+//! Admission before the handshake, end to end against the real relay: floods of silent
+//! sockets and slowloris from other loopback addresses (127.0.0.2 and up) while a
+//! well-behaved client on its own address (127.0.0.3) must still upgrade within a second and
+//! a swarm of bystanders (exempt 127.0.0.1) keeps receiving every event in order.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use socket2::{Domain, Socket, Type};
+
+const UPGRADE: &str = "GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// The well-behaved client's address.
+const GOOD: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+/// The flooding address.
+const FLOODER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// Raises this process's soft fd limit to the hard one; returns the limit.
+fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = lim.maximum;
+    let _ = setrlimit(Resource::Nofile, lim);
+    getrlimit(Resource::Nofile).current.unwrap_or(1024)
+}
+
+/// A non-blocking TCP connection from `src` to the relay, started but not awaited.
+fn connect_from_nb(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((src, 0)).into())?;
+    s.set_nonblocking(true)?;
+    match s.connect(&addr(port).into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into())
+}
+
+/// A blocking TCP connection from `src`.
+fn connect_from(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((src, 0)).into())?;
+    s.connect_timeout(&addr(port).into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
+/// Upgrades from `src`; returns the status and how long connect + upgrade took.
+fn upgrade_from(src: Ipv4Addr, port: u16) -> (u16, Duration, String) {
+    let t0 = Instant::now();
+    let mut s = match connect_from(src, port) {
+        Ok(s) => s,
+        Err(e) => return (0, t0.elapsed(), format!("connect: {e}")),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    if let Err(e) = s.write_all(UPGRADE.as_bytes()) {
+        return (0, t0.elapsed(), format!("write: {e}"));
+    }
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    let elapsed = t0.elapsed();
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, elapsed, head)
+}
+
+/// What became of one flooding socket.
+#[derive(Debug, Default)]
+struct Outcomes {
+    /// Answered 429.
+    refused_429: usize,
+    /// Answered with another status.
+    other_status: usize,
+    /// Closed (EOF or reset) without an answer.
+    closed: usize,
+    /// Still open with nothing received (pending at the relay, or never accepted).
+    open: usize,
+}
+
+fn classify(socks: &[TcpStream]) -> Outcomes {
+    let mut o = Outcomes::default();
+    for s in socks {
+        let mut buf = [0u8; 16];
+        match s.peek(&mut buf) {
+            Ok(0) => o.closed += 1,
+            Ok(n) => {
+                if buf[..n].starts_with(b"HTTP/1.1 429") {
+                    o.refused_429 += 1;
+                } else {
+                    o.other_status += 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => o.open += 1,
+            Err(_) => o.closed += 1,
+        }
+    }
+    o
+}
+
+/// Twenty exempt clients that must get every event in order while the attack runs.
+fn spawn_bystanders(relay: &Relay, duration: &str, min_events: u64) -> std::process::Child {
+    swarm_spawn(&[
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "20",
+        "--duration",
+        duration,
+        "--expect-in-order",
+        "--expect-min-events",
+        &min_events.to_string(),
+    ])
+}
+
+/// Upgrades from [`GOOD`] every 250 ms until `until`; every one must be a 101 within 1 s.
+fn probe_good_client(port: u16, until: Instant) -> Vec<Duration> {
+    let mut took = Vec::new();
+    while Instant::now() < until {
+        let (status, elapsed, head) = upgrade_from(GOOD, port);
+        assert_eq!(
+            status, 101,
+            "a client from another address was refused: {head}"
+        );
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "upgrade took {elapsed:?} under the flood"
+        );
+        took.push(elapsed);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    took
+}
+
+#[test]
+fn silent_socket_flood_from_one_address_does_not_lock_out_others() {
+    let limit = raise_nofile();
+    let flood = 8000usize.min(limit.saturating_sub(1000) as usize);
+    let mock = Mock::start(200, &[]);
+    let dir = temp_dir("admission-flood");
+    let relay = Relay::start_exempting(&[], free_port(), &mock.url(), &dir, "127.0.0.1/32", &[]);
+    let bystanders = spawn_bystanders(&relay, "8s", 800);
+    std::thread::sleep(Duration::from_millis(500));
+    // The flood: `flood` connections from one address in ~2 s that never send a byte.
+    let port = relay.port;
+    let flooder = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut socks = Vec::with_capacity(flood);
+        for i in 0..flood {
+            // Paced to ~4 per ms.
+            let due = t0 + Duration::from_micros(250 * i as u64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            match connect_from_nb(FLOODER, port) {
+                Ok(s) => socks.push(s),
+                Err(e) => panic!("flood connect {i}: {e}"),
+            }
+        }
+        (socks, t0.elapsed())
+    });
+    // Meanwhile, and for a while after, a client from another address upgrades promptly.
+    let took = probe_good_client(port, Instant::now() + Duration::from_secs(4));
+    let (socks, flood_time) = flooder.join().expect("flooder");
+    let outcomes = classify(&socks);
+    eprintln!("flood of {flood} in {flood_time:?}: {outcomes:?}; good client upgrades: {took:?}");
+    // The flooding address holds at most its handshake allowance; everything else was
+    // answered 429 or closed at once.
+    assert!(
+        outcomes.open <= 64,
+        "{} flooding sockets still open: {outcomes:?}",
+        outcomes.open
+    );
+    assert!(outcomes.refused_429 > flood / 2, "{outcomes:?}");
+    let (_, metrics) = http_get(relay.metrics_port, "/metrics");
+    let refusals: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("jetrelay_limit_refusals") && !l.contains("max_clients"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        refusals as usize >= outcomes.refused_429,
+        "limit refusals {refusals} < 429s {}:\n{metrics}",
+        outcomes.refused_429
+    );
+    drop(socks);
+    swarm_wait(bystanders);
+}
