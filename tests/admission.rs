@@ -197,3 +197,207 @@ fn silent_socket_flood_from_one_address_does_not_lock_out_others() {
     drop(socks);
     swarm_wait(bystanders);
 }
+
+/// Slowloris: 64 addresses (127.0.1.1–64) each keep up to 80 connections open, sending one
+/// byte of a request head per second and reopening whatever the relay closes. Each address
+/// may hold only its share of handshake slots; a client from another address still
+/// upgrades within a second, and the swarm bystanders get every event.
+#[test]
+fn slowloris_from_many_addresses_does_not_lock_out_others() {
+    let limit = raise_nofile();
+    let per_address = 80usize.min((limit.saturating_sub(1000) / 64) as usize);
+    let mock = Mock::start(200, &[]);
+    let dir = temp_dir("admission-slowloris");
+    let relay = Relay::start_exempting(&[], free_port(), &mock.url(), &dir, "127.0.0.1/32", &[]);
+    let bystanders = spawn_bystanders(&relay, "9s", 900);
+    let port = relay.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let sources: Vec<Ipv4Addr> = (1..=64).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
+            // (source, socket, bytes of the head sent so far)
+            let mut socks: Vec<(Ipv4Addr, TcpStream, usize)> = Vec::new();
+            let mut opened = 0usize;
+            let mut reopened = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Top every address up to `per_address` open connections.
+                for src in &sources {
+                    let open = socks.iter().filter(|(s, _, _)| s == src).count();
+                    for _ in open..per_address {
+                        if let Ok(s) = connect_from_nb(*src, port) {
+                            if opened >= sources.len() * per_address {
+                                reopened += 1;
+                            }
+                            opened += 1;
+                            socks.push((*src, s, 0));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                // One more byte of the head on each; drop the ones the relay closed.
+                socks.retain_mut(|(_, s, sent)| {
+                    let mut b = [0u8; 64];
+                    match s.peek(&mut b) {
+                        Ok(_) => return false,
+                        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return false,
+                        Err(_) => {}
+                    }
+                    let head = UPGRADE.as_bytes();
+                    // Never the final CRLF: the head never completes.
+                    if *sent + 3 < head.len() && s.write(&head[*sent..*sent + 1]).is_ok() {
+                        *sent += 1;
+                    }
+                    true
+                });
+            }
+            (opened, reopened, socks.len())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let took = probe_good_client(port, Instant::now() + Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (opened, reopened, still_open) = attacker.join().expect("attacker");
+    eprintln!(
+        "slowloris: {opened} connections opened ({reopened} reopened), {still_open} open at \
+         the end; good client upgrades: {took:?}"
+    );
+    let (_, metrics) = http_get(relay.metrics_port, "/metrics");
+    let per_ip_refusals = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("jetrelay_limit_refusals") && l.contains("\"max_handshakes_per_ip\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(per_ip_refusals > 0, "{metrics}");
+    swarm_wait(bystanders);
+}
+
+/// With every handshake slot taken by silent connections from 16 addresses, a newcomer from
+/// another address takes the slot of the heaviest holder (fair eviction) instead of being
+/// refused.
+#[test]
+fn full_handshake_slots_evict_the_heaviest_address_for_a_newcomer() {
+    let mock = Mock::start(100, &[]);
+    let dir = temp_dir("admission-evict");
+    let relay = Relay::start_exempting(
+        &[],
+        free_port(),
+        &mock.url(),
+        &dir,
+        "127.0.0.1/32",
+        &["--max-handshakes", "64", "--handshake-timeout", "30s"],
+    );
+    let mut held = Vec::new();
+    for i in 1..=16u8 {
+        for _ in 0..16 {
+            held.push(connect_from_nb(Ipv4Addr::new(127, 0, 2, i), relay.port).expect("connect"));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, metrics) = http_get(relay.metrics_port, "/metrics");
+    let pending = metrics
+        .lines()
+        .find(|l| l.starts_with("jetrelay_handshakes_pending"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!(pending, Some(64), "all slots taken:\n{metrics}");
+    for _ in 0..3 {
+        let (status, elapsed, head) = upgrade_from(GOOD, relay.port);
+        assert_eq!(status, 101, "{head}");
+        assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    }
+    let (_, metrics) = http_get(relay.metrics_port, "/metrics");
+    let evicted = metrics
+        .lines()
+        .find(|l| l.starts_with("jetrelay_handshakes_evicted"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(evicted >= 3, "{metrics}");
+    let outcomes = classify(&held);
+    eprintln!("held connections: {outcomes:?}");
+    assert!(outcomes.open <= 64, "{outcomes:?}");
+}
+
+/// A local address that is not loopback (the route to a documentation address), if any.
+fn non_loopback_local_ipv4() -> Option<Ipv4Addr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    match s.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(a) if !a.is_loopback() && !a.is_unspecified() => Some(a),
+        _ => None,
+    }
+}
+
+/// Connects to a trusted listener from `src`, claims to be 203.0.113.9 in a PROXY header,
+/// asks for an upgrade; returns the response head ("" if closed without one).
+fn proxied_upgrade(src: Ipv4Addr, dst: SocketAddr) -> String {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from((src, 0)).into()).expect("bind");
+    s.connect_timeout(&dst.into(), Duration::from_secs(5))
+        .expect("connect");
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    let mut req = Vec::new();
+    jetrelay::proxy_protocol::encode_v2("203.0.113.9:4444".parse().unwrap(), dst, &mut req);
+    req.extend_from_slice(UPGRADE.as_bytes());
+    let _ = s.write_all(&req);
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The trusted (PROXY v2) listener accepts only allow-listed sources: anyone else could
+/// claim any client address, including exempt ones. Default: loopback only.
+#[test]
+fn trusted_listener_refuses_sources_outside_the_allow_list() {
+    let mock = Mock::start(100, &[]);
+    // An explicit allow-list: 127.0.0.1 only; 127.0.0.2 is refused.
+    let dir = temp_dir("admission-trusted");
+    let trusted = free_port();
+    let relay = Relay::start(
+        &mock.url(),
+        &dir,
+        &[
+            "--trusted-listen",
+            &format!("127.0.0.1:{trusted}"),
+            "--trusted-allow-ip",
+            "127.0.0.1/32",
+        ],
+    );
+    let dst = addr(trusted);
+    let head = proxied_upgrade(Ipv4Addr::LOCALHOST, dst);
+    assert!(head.starts_with("HTTP/1.1 101"), "allowed source: {head}");
+    let head = proxied_upgrade(Ipv4Addr::new(127, 0, 0, 2), dst);
+    assert_eq!(head, "", "a source outside the allow-list must get nothing");
+    let (_, metrics) = http_get(relay.metrics_port, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("\"trusted_allow_ip\"") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    drop(relay);
+    // The default allow-list (loopback only), from a local address that is not loopback.
+    let Some(local) = non_loopback_local_ipv4() else {
+        eprintln!("no non-loopback local address: default allow-list part skipped");
+        return;
+    };
+    let dir = temp_dir("admission-trusted-default");
+    let trusted = free_port();
+    let _relay = Relay::start(
+        &mock.url(),
+        &dir,
+        &["--trusted-listen", &format!("0.0.0.0:{trusted}")],
+    );
+    let head = proxied_upgrade(Ipv4Addr::LOCALHOST, addr(trusted));
+    assert!(head.starts_with("HTTP/1.1 101"), "loopback: {head}");
+    let head = proxied_upgrade(local, SocketAddr::from((local, trusted)));
+    assert_eq!(
+        head, "",
+        "non-loopback source {local} must be refused by default"
+    );
+}
