@@ -355,6 +355,26 @@ fn proxied_upgrade(src: Ipv4Addr, dst: SocketAddr) -> String {
 #[test]
 fn trusted_listener_refuses_sources_outside_the_allow_list() {
     let mock = Mock::start(100, &[]);
+    // The default allow-list (loopback only), from a local address that is not loopback.
+    match non_loopback_local_ipv4() {
+        None => eprintln!("no non-loopback local address: default allow-list part skipped"),
+        Some(local) => {
+            let dir = temp_dir("admission-trusted-default");
+            let trusted = free_port();
+            let _relay = Relay::start(
+                &mock.url(),
+                &dir,
+                &["--trusted-listen", &format!("0.0.0.0:{trusted}")],
+            );
+            let head = proxied_upgrade(Ipv4Addr::LOCALHOST, addr(trusted));
+            assert!(head.starts_with("HTTP/1.1 101"), "loopback: {head}");
+            let head = proxied_upgrade(local, SocketAddr::from((local, trusted)));
+            assert_eq!(
+                head, "",
+                "non-loopback source {local} must be refused by default"
+            );
+        }
+    }
     // An explicit allow-list: 127.0.0.1 only; 127.0.0.2 is refused.
     let dir = temp_dir("admission-trusted");
     let trusted = free_port();
@@ -379,25 +399,5 @@ fn trusted_listener_refuses_sources_outside_the_allow_list() {
             .lines()
             .any(|l| l.contains("\"trusted_allow_ip\"") && l.ends_with(" 1")),
         "{metrics}"
-    );
-    drop(relay);
-    // The default allow-list (loopback only), from a local address that is not loopback.
-    let Some(local) = non_loopback_local_ipv4() else {
-        eprintln!("no non-loopback local address: default allow-list part skipped");
-        return;
-    };
-    let dir = temp_dir("admission-trusted-default");
-    let trusted = free_port();
-    let _relay = Relay::start(
-        &mock.url(),
-        &dir,
-        &["--trusted-listen", &format!("0.0.0.0:{trusted}")],
-    );
-    let head = proxied_upgrade(Ipv4Addr::LOCALHOST, addr(trusted));
-    assert!(head.starts_with("HTTP/1.1 101"), "loopback: {head}");
-    let head = proxied_upgrade(local, SocketAddr::from((local, trusted)));
-    assert_eq!(
-        head, "",
-        "non-loopback source {local} must be refused by default"
     );
 }
