@@ -40,12 +40,38 @@ struct Entry {
     refilled: Instant,
 }
 
+/// Which limit refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `max_clients`: the process is full.
+    MaxClients,
+    /// `max_conns_per_ip`: the address has too many connections.
+    ConnsPerAddress,
+    /// `conn_rate_per_ip`: the address connects too fast.
+    RatePerAddress,
+}
+
 /// Outcome of [`Limits::admit`].
 pub enum Admission {
     /// Counted; call [`Limits::release`] when the connection ends.
     Ok,
-    /// Refused with this HTTP error.
-    Refused(HttpError),
+    /// Refused by this limit, with this HTTP error.
+    Refused(HttpError, Limit),
+}
+
+/// A connection counted in the limits for as long as this lives (for callers without an
+/// explicit release path, like the TLS sidecar's connection tasks).
+pub struct Counted {
+    /// The limiter it is counted in.
+    limits: std::sync::Arc<Limits>,
+    /// The address it is counted under.
+    ip: IpAddr,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.limits.release(self.ip);
+    }
 }
 
 /// Counters of refusals by reason, for metrics.
@@ -156,6 +182,7 @@ impl Limits {
             return Admission::Refused(
                 HttpError::new(503, "server full: too many clients")
                     .with_header("Retry-After", "10".into()),
+                Limit::MaxClients,
             );
         }
         if !exempt {
@@ -181,6 +208,7 @@ impl Limits {
                 return Admission::Refused(
                     HttpError::new(429, "too many concurrent connections from your address")
                         .with_header("Retry-After", "10".into()),
+                    Limit::ConnsPerAddress,
                 );
             }
             if e.tokens < 1.0 {
@@ -189,6 +217,7 @@ impl Limits {
                 return Admission::Refused(
                     HttpError::new(429, "connecting too fast from your address")
                         .with_header("Retry-After", wait.to_string()),
+                    Limit::RatePerAddress,
                 );
             }
             e.tokens -= 1.0;
@@ -196,6 +225,17 @@ impl Limits {
         }
         state.total += 1;
         Admission::Ok
+    }
+
+    /// Like [`Limits::admit`], but the count is released when the returned guard drops.
+    pub fn admit_counted(self: &std::sync::Arc<Self>, ip: IpAddr) -> Result<Counted, Limit> {
+        match self.admit(ip) {
+            Admission::Ok => Ok(Counted {
+                limits: self.clone(),
+                ip,
+            }),
+            Admission::Refused(_, limit) => Err(limit),
+        }
     }
 
     /// Releases a connection counted by a successful [`Limits::admit`].
@@ -274,7 +314,7 @@ mod tests {
     fn status(a: Admission) -> u16 {
         match a {
             Admission::Ok => 200,
-            Admission::Refused(e) => e.status,
+            Admission::Refused(e, _) => e.status,
         }
     }
 
@@ -311,7 +351,8 @@ mod tests {
             assert_eq!(status(l.admit_at(ip, t0)), 200);
         }
         match l.admit_at(ip, t0) {
-            Admission::Refused(e) => {
+            Admission::Refused(e, limit) => {
+                assert_eq!(limit, Limit::RatePerAddress);
                 assert_eq!(e.status, 429);
                 assert!(e.to_response().windows(11).any(|w| w == b"Retry-After"));
             }

@@ -363,7 +363,7 @@ impl Listener {
         }
         match self.hub.limits.admit(ip) {
             Admission::Ok => Ok(holder),
-            Admission::Refused(err) => Err(err),
+            Admission::Refused(err, _) => Err(err),
         }
     }
 

@@ -339,6 +339,9 @@ impl Sidecar {
             }
         }
         cmd.args(["--listen", "127.0.0.1:0", "--backend", backend]);
+        // Most tests open many connections from 127.0.0.1: exempt it from the per-address
+        // limits (the admission tests attack from 127.0.0.2 and up).
+        cmd.args(["--allow-ip", "127.0.0.1/32"]);
         for (cert, key) in certs {
             cmd.arg("--cert").arg(cert).arg("--key").arg(key);
         }
@@ -1539,6 +1542,171 @@ async fn fd_exhaustion_backs_off_instead_of_spinning_and_recovers() {
             }
         };
         echo_round(&mut tls, b"recovered").await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission: per-address limits at accept, before any TLS work.
+
+/// A TCP connection from loopback address `src` (127.0.0.2 and up are other "hosts").
+fn tcp_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((src, 0)).into())?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
+/// A TLS connection from `src`.
+async fn tls_connect_from(
+    src: std::net::Ipv4Addr,
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let std_tcp = tokio::task::spawn_blocking(move || tcp_from(src, addr))
+        .await
+        .expect("connect task")?;
+    std_tcp.set_nonblocking(true)?;
+    let tcp = TcpStream::from_std(std_tcp)?;
+    let name = ServerName::try_from("localhost".to_string()).unwrap();
+    TlsConnector::from(config.clone()).connect(name, tcp).await
+}
+
+/// Every 250 ms until `until`, a client from 127.0.0.3 completes a TLS handshake and an echo
+/// round through the sidecar, each within a second.
+async fn probe_good_tls_client(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    until: Instant,
+) -> Vec<Duration> {
+    let good = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let mut took = Vec::new();
+    while Instant::now() < until {
+        let t0 = Instant::now();
+        let mut tls =
+            tokio::time::timeout(Duration::from_secs(3), tls_connect_from(good, addr, config))
+                .await
+                .expect("a client from another address could not finish its handshake in 3 s")
+                .expect("a client from another address was refused");
+        echo_round(&mut tls, b"still served").await;
+        let elapsed = t0.elapsed();
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "handshake + echo took {elapsed:?}"
+        );
+        took.push(elapsed);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    took
+}
+
+fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = lim.maximum;
+    let _ = setrlimit(Resource::Nofile, lim);
+    getrlimit(Resource::Nofile).current.unwrap_or(1024)
+}
+
+/// 8,000 silent connections from one address in ~2 s: before, they held the 1,024 handshake
+/// permits until their deadline and nobody else could finish a handshake. Now that address
+/// keeps at most its `max_handshakes_per_ip` and the rest are closed at accept; a client
+/// from another address is served within a second throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_accept_flood_from_one_address_does_not_lock_out_others() {
+    bounded(async {
+        let flood = 8000usize.min(raise_nofile().saturating_sub(1000) as usize);
+        let rig = Rig::new("adm-flood");
+        let backend = Backend::unix("adm-flood", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+        let addr = sidecar.addr;
+        let flooder = std::thread::spawn(move || {
+            let src = std::net::Ipv4Addr::new(127, 0, 0, 2);
+            let t0 = Instant::now();
+            let mut socks = Vec::with_capacity(flood);
+            for i in 0..flood {
+                let due = t0 + Duration::from_micros(250 * i as u64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .expect("socket");
+                s.bind(&SocketAddr::from((src, 0)).into()).expect("bind");
+                s.set_nonblocking(true).expect("nonblocking");
+                let _ = s.connect(&addr.into());
+                socks.push(std::net::TcpStream::from(s));
+            }
+            socks
+        });
+        let took =
+            probe_good_tls_client(addr, &rig.client, Instant::now() + Duration::from_secs(4)).await;
+        let socks = tokio::task::spawn_blocking(move || flooder.join().expect("flooder"))
+            .await
+            .unwrap();
+        let open = socks
+            .iter()
+            .filter(|s| {
+                let mut b = [0u8; 1];
+                matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            })
+            .count();
+        eprintln!("flood of {flood}: {open} still open; good client: {took:?}");
+        assert!(open <= 32, "{open} flooding connections still held");
+        let status = sidecar.log_text();
+        assert!(
+            status.contains("closing connections at accept"),
+            "refusals are summarized in the log:\n{status}"
+        );
+    })
+    .await;
+}
+
+/// One address completing full TLS handshakes as fast as it can: before, each cost the
+/// sidecar the handshake's crypto, unthrottled. Now its handshakes are limited to
+/// `conn_rate_per_ip` (10/s, burst 20) and the rest are closed at accept, before any crypto;
+/// a client from another address is served within a second throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_full_handshakes_from_one_address_are_throttled() {
+    bounded(async {
+        let rig = Rig::new("adm-cpu");
+        let backend = Backend::unix("adm-cpu", Mode::Echo).await;
+        let sidecar = Sidecar::start(&backend.arg, &rig.certs, &[]);
+        let addr = sidecar.addr;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut attackers = Vec::new();
+        for _ in 0..4 {
+            let (stop, done, client) = (stop.clone(), done.clone(), rig.client.clone());
+            attackers.push(tokio::spawn(async move {
+                let src = std::net::Ipv4Addr::new(127, 0, 0, 2);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if tls_connect_from(src, addr, &client).await.is_ok() {
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let cpu0 = sidecar.cpu_seconds();
+        let t0 = Instant::now();
+        let took =
+            probe_good_tls_client(addr, &rig.client, Instant::now() + Duration::from_secs(3)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for a in attackers {
+            a.await.unwrap();
+        }
+        let window = t0.elapsed().as_secs_f64();
+        let cpu = sidecar.cpu_seconds() - cpu0;
+        let handshakes = done.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "attacker: {handshakes} full handshakes in {window:.1} s; sidecar CPU {cpu:.2} s \
+             ({:.0} %); good client: {took:?}",
+            100.0 * cpu / window
+        );
+        // Burst 20 + 10/s.
+        assert!(
+            handshakes as f64 <= 20.0 + 10.0 * window + 5.0,
+            "{handshakes} handshakes in {window:.1} s"
+        );
     })
     .await;
 }

@@ -93,6 +93,29 @@ pub struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_handshakes: Option<u64>,
 
+    /// Cap on concurrent connections from one IP (per /64 for IPv6); more are closed at
+    /// accept [default: 64].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_conns_per_ip: Option<u64>,
+
+    /// New connections (each a full TLS handshake) per second from one IP, token bucket with
+    /// a burst of twice the rate; more are closed at accept [default: 10].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn_rate_per_ip: Option<f64>,
+
+    /// Cap on TLS handshakes in progress from one IP (per /64 for IPv6); more are closed at
+    /// accept [default: 16].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_handshakes_per_ip: Option<u64>,
+
+    /// Address or CIDR exempt from the per-IP limits (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_ip: Vec<String>,
+
     /// Validate the configuration and load the certificates, print a summary, then exit.
     #[arg(long)]
     #[serde(skip)]
@@ -271,6 +294,18 @@ struct Raw {
     /// See [`Config::max_handshakes`].
     #[serde(default = "default_max_handshakes")]
     max_handshakes: u64,
+    /// See [`Config::max_conns_per_ip`].
+    #[serde(default = "default_max_conns_per_ip")]
+    max_conns_per_ip: u64,
+    /// See [`Config::conn_rate_per_ip`].
+    #[serde(default = "default_conn_rate_per_ip")]
+    conn_rate_per_ip: f64,
+    /// See [`Config::max_handshakes_per_ip`].
+    #[serde(default = "default_max_handshakes_per_ip")]
+    max_handshakes_per_ip: u64,
+    /// See [`Config::allow_ip`].
+    #[serde(default = "empty_strings")]
+    allow_ip: List<String>,
 }
 
 fn default_listen() -> List<SocketAddr> {
@@ -299,6 +334,18 @@ fn default_max_connections() -> u64 {
 }
 fn default_max_handshakes() -> u64 {
     1024
+}
+fn default_max_conns_per_ip() -> u64 {
+    64
+}
+fn default_conn_rate_per_ip() -> f64 {
+    10.0
+}
+fn default_max_handshakes_per_ip() -> u64 {
+    16
+}
+fn empty_strings() -> List<String> {
+    List(Vec::new())
 }
 
 /// One certificate chain and its private key.
@@ -334,6 +381,16 @@ pub struct Config {
     pub max_connections: usize,
     /// Cap on handshakes in progress (CPU-bound work).
     pub max_handshakes: usize,
+    /// Concurrent connections per address key (IPv4 address or IPv6 /64).
+    pub max_conns_per_ip: usize,
+    /// New connections (full TLS handshakes) per second per address key: what keeps one
+    /// address from turning the sidecar's CPU into a handshake oracle.
+    pub conn_rate_per_ip: f64,
+    /// Handshakes in progress per address key: what keeps silent or slow peers on one
+    /// address from holding the handshake permits others need.
+    pub max_handshakes_per_ip: usize,
+    /// Networks exempt from the per-address limits: (address, prefix length).
+    pub allow_ip: Vec<(std::net::IpAddr, u8)>,
 }
 
 /// A setting that parsed but makes no sense; names the setting.
@@ -429,6 +486,29 @@ impl Raw {
             MAX_CONNECTIONS_LIMIT,
         )?;
         let max_handshakes = bounded("max_handshakes", self.max_handshakes, MAX_HANDSHAKES_LIMIT)?;
+        let max_conns_per_ip = bounded(
+            "max_conns_per_ip",
+            self.max_conns_per_ip,
+            MAX_CONNECTIONS_LIMIT,
+        )?;
+        let max_handshakes_per_ip = bounded(
+            "max_handshakes_per_ip",
+            self.max_handshakes_per_ip,
+            MAX_HANDSHAKES_LIMIT,
+        )?;
+        if !(self.conn_rate_per_ip > 0.0 && self.conn_rate_per_ip.is_finite()) {
+            return Err(invalid(
+                "conn_rate_per_ip",
+                format!("must be a positive number, got {}", self.conn_rate_per_ip),
+            ));
+        }
+        let allow_ip = self
+            .allow_ip
+            .0
+            .iter()
+            .map(|s| crate::config::parse_cidr(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("allow_ip", e))?;
         Ok(Config {
             listen: self.listen.0,
             backend: self.backend.0,
@@ -443,6 +523,10 @@ impl Raw {
             drain_timeout: self.drain_timeout.0,
             max_connections,
             max_handshakes,
+            max_conns_per_ip,
+            conn_rate_per_ip: self.conn_rate_per_ip,
+            max_handshakes_per_ip,
+            allow_ip,
         })
     }
 }
@@ -527,6 +611,10 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.max_connections, 100_000);
         assert_eq!(c.max_handshakes, 1024);
+        assert_eq!(c.max_conns_per_ip, 64);
+        assert_eq!(c.conn_rate_per_ip, 10.0);
+        assert_eq!(c.max_handshakes_per_ip, 16);
+        assert!(c.allow_ip.is_empty());
         assert_eq!(
             c.certs,
             vec![CertPair {
@@ -598,6 +686,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen"), "{err}");
+
+        for (flag, value, key) in [
+            ("--conn-rate-per-ip", "0", "conn_rate_per_ip"),
+            ("--max-handshakes-per-ip", "0", "max_handshakes_per_ip"),
+            ("--max-conns-per-ip", "0", "max_conns_per_ip"),
+            ("--allow-ip", "10.0.0.0/33", "allow_ip"),
+        ] {
+            let err = from_flags(&["--cert", "a", "--key", "a", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{flag} {value}: {err}");
+        }
 
         let err = from_flags(&["--cert", "a", "--key", "a", "--backend", "unix:"])
             .unwrap_err()

@@ -1,5 +1,10 @@
-//! One client connection, start to finish: TLS handshake (bounded in time and in how many
-//! run at once), backend connection, PROXY v2 header, then the [`pump`](super::pump).
+//! One client connection, start to finish: admission by address (at accept, before any TLS
+//! work), TLS handshake (bounded in time and in how many run at once), backend connection,
+//! PROXY v2 header, then the [`pump`](super::pump).
+//!
+//! The handshake is read in two steps: the ClientHello is collected without a handshake
+//! permit (a silent or slow peer costs its socket and its address's share, nothing else),
+//! and only the crypto that follows holds one of the `max_handshakes` permits.
 //!
 //! Every failure closes this connection only. Failures a client can cause (garbage, plain
 //! HTTP, a truncated ClientHello, a stall) are logged at debug and counted; failures of our
@@ -13,12 +18,13 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tracing::{debug, warn};
 
 use super::config::Backend;
-use super::limits::{GaugeGuard, Stats, Throttle};
+use super::limits::{AddressCounts, AddressSlot, GaugeGuard, Stats, Throttle};
 use super::pump::{self, Outcome, Timeouts};
+use crate::limits::{Counted, Limit, Limits, address_key};
 use crate::proxy_protocol;
 
 /// Cap on rustls' buffer of encrypted bytes not yet written to a slow client. Why 16 KiB:
@@ -58,23 +64,82 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Keeps "backend unreachable" warnings to one per interval.
     pub backend_warnings: Throttle,
+    /// Per-address connection cap and connection (= full handshake) rate.
+    pub limits: Arc<Limits>,
+    /// Handshakes in progress per address key.
+    pub handshakes_per_address: Arc<AddressCounts>,
+    /// The cap on those (`max_handshakes_per_ip`).
+    pub max_handshakes_per_ip: usize,
+    /// Keeps the summary of connections refused at accept to one line per interval.
+    pub refusal_warnings: Throttle,
+}
+
+/// What a connection holds under the per-address limits; released when dropped.
+pub struct Admitted {
+    /// Its count in the per-address connection limits, for the connection's whole life.
+    _counted: Counted,
+    /// Its address's handshake count, until the handshake ends (None when exempt).
+    handshake: Option<AddressSlot>,
+}
+
+/// Checks a new connection's address (at accept, before any TLS work) and counts it. On
+/// refusal the caller closes the connection; the refusal is counted here.
+pub fn admit(shared: &Shared, peer: SocketAddr) -> Option<Admitted> {
+    let ip = peer.ip();
+    let handshake = if shared.limits.exempt(ip) {
+        None
+    } else {
+        match shared
+            .handshakes_per_address
+            .try_enter(address_key(ip), shared.max_handshakes_per_ip)
+        {
+            Some(slot) => Some(slot),
+            None => {
+                refused(shared, peer, &shared.stats.rejected_handshakes_per_ip);
+                return None;
+            }
+        }
+    };
+    match shared.limits.admit_counted(ip) {
+        Ok(counted) => Some(Admitted {
+            _counted: counted,
+            handshake,
+        }),
+        Err(limit) => {
+            let counter = match limit {
+                Limit::RatePerAddress => &shared.stats.rejected_rate_per_ip,
+                Limit::ConnsPerAddress => &shared.stats.rejected_conns_per_ip,
+                Limit::MaxClients => &shared.stats.rejected_over_capacity,
+            };
+            refused(shared, peer, counter);
+            None
+        }
+    }
+}
+
+fn refused(shared: &Shared, peer: SocketAddr, counter: &std::sync::atomic::AtomicU64) {
+    Stats::bump(counter);
+    if shared.refusal_warnings.allow() {
+        warn!(%peer, summary = %shared.stats.summary(), "closing connections at accept: per-address limits (one line per interval)");
+    }
 }
 
 /// Maps IPv4-mapped IPv6 addresses (from a dual-stack `[::]` listener) back to IPv4, so the
-/// relay's per-IP limits see one address per client.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+/// per-IP limits (ours and the relay's) see one address per client.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Serves one accepted client connection. `_permit` is this connection's slot under
-/// `max_connections`, released when the task ends.
+/// Serves one accepted client connection (`peer` already [`canonical`]). `_permit` is this
+/// connection's slot under `max_connections` and `admitted` its per-address counts, both
+/// released when the task ends (the handshake count when the handshake does).
 pub async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    mut admitted: Admitted,
 ) {
-    let peer = canonical(peer);
     // WebSocket frames are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
@@ -87,15 +152,16 @@ pub async fn serve(
 
     let handshaking = GaugeGuard::new(&shared.stats.handshaking);
     let handshake = async {
+        // The ClientHello first, without a permit: waiting for bytes costs no CPU.
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
         // The semaphore is never closed; an error cannot happen, but fail closed if it does.
         let _slot = shared
             .handshakes
             .acquire()
             .await
             .map_err(std::io::Error::other)?;
-        shared
-            .acceptor
-            .accept_with(stream, |conn| {
+        start
+            .into_stream_with(shared.acceptor.config().clone(), |conn| {
                 conn.set_buffer_limit(Some(TLS_SEND_BUFFER_LIMIT));
             })
             .await
@@ -114,6 +180,7 @@ pub async fn serve(
         }
     };
     drop(handshaking);
+    admitted.handshake = None;
     let _established = GaugeGuard::new(&shared.stats.established);
 
     if shared.draining.load(Ordering::Relaxed) {

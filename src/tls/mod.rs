@@ -156,6 +156,16 @@ impl Server {
             stats: Arc::new(Stats::default()),
             draining: AtomicBool::new(false),
             backend_warnings: Throttle::new(WARN_INTERVAL),
+            limits: Arc::new(crate::limits::Limits::new(crate::limits::LimitsConfig {
+                // The total is `max_connections`' semaphore; only the per-address parts apply.
+                max_clients: usize::MAX,
+                max_conns_per_ip: config.max_conns_per_ip,
+                conn_rate_per_ip: config.conn_rate_per_ip,
+                allow: config.allow_ip.clone(),
+            })),
+            handshakes_per_address: Arc::new(limits::AddressCounts::default()),
+            max_handshakes_per_ip: config.max_handshakes_per_ip,
+            refusal_warnings: Throttle::new(WARN_INTERVAL),
         });
         let reloader = CertReloader::new(config.certs.clone(), resolver, provider);
         let reload = ReloadHandle(spawn_cert_watcher(reloader));
@@ -246,6 +256,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         };
         match accepted {
             Ok((stream, peer)) => {
+                let peer = conn::canonical(peer);
                 let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
                     // Over the cap: the accept already happened; closing at once tells the
                     // client to go elsewhere and frees the fd.
@@ -254,8 +265,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                     drop(stream);
                     continue;
                 };
+                // Per address, before any TLS work: a refusal is a close, at once.
+                let Some(admitted) = conn::admit(&shared, peer) else {
+                    drop(stream);
+                    continue;
+                };
                 Stats::bump(&shared.stats.accepted);
-                tokio::spawn(conn::serve(shared.clone(), stream, peer, permit));
+                tokio::spawn(conn::serve(shared.clone(), stream, peer, permit, admitted));
             }
             Err(e) if is_per_connection_error(&e) => {
                 debug!(error = %e, "accept: connection aborted before accept");
