@@ -80,8 +80,12 @@ pub struct RawSettings {
     pub data_dir: Option<PathBuf>,
     /// Age retention.
     pub retention: String,
-    /// Disk cap for all logs together.
+    /// Disk cap for the base logs and the index.
     pub max_disk: String,
+    /// Budget for all shape logs together ("" = a quarter of `max_disk`).
+    pub max_shape_disk: String,
+    /// New shapes one IP (or IPv6 /64) may cause per minute.
+    pub shape_rate_per_ip: f64,
     /// Fan-out worker threads (0 = one per CPU).
     pub workers: usize,
     /// Upstream reconnect rewind window.
@@ -140,6 +144,8 @@ impl Default for RawSettings {
             data_dir: None,
             retention: "24h".into(),
             max_disk: "20GiB".into(),
+            max_shape_disk: String::new(),
+            shape_rate_per_ip: 6.0,
             workers: 0,
             rewind: "5s".into(),
             upstream_skew: "60s".into(),
@@ -180,8 +186,12 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Events older than this are punched out of the logs.
     pub retention: Duration,
-    /// The logs' allocated size is kept under this many bytes.
+    /// The base logs' and index's allocated size is kept under this many bytes.
     pub max_disk: u64,
+    /// The shape logs' retained bytes are kept under this many, separately.
+    pub max_shape_disk: u64,
+    /// New shapes per minute per address key.
+    pub shape_rate_per_ip: f64,
     /// Fan-out worker threads.
     pub workers: usize,
     /// How far before the last appended event a reconnect resumes.
@@ -384,6 +394,16 @@ impl RawSettings {
         if max_disk < 4 << 20 {
             return Err(bad("max_disk", "must be at least 4MiB"));
         }
+        let max_shape_disk = match self.max_shape_disk.trim() {
+            "" => max_disk / 4,
+            s => parse_size(s).map_err(|e| bad("max_shape_disk", e))?,
+        };
+        if !(self.shape_rate_per_ip >= 0.0 && self.shape_rate_per_ip.is_finite()) {
+            return Err(bad(
+                "shape_rate_per_ip",
+                "must be a number of shapes per minute, 0 or more",
+            ));
+        }
         let workers = match self.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -493,6 +513,8 @@ impl RawSettings {
             data_dir,
             retention,
             max_disk,
+            max_shape_disk,
+            shape_rate_per_ip: self.shape_rate_per_ip,
             workers,
             rewind,
             upstream_skew,

@@ -6,11 +6,12 @@
 //! frames, the v2 message in text frames, and that message compressed once with the v2
 //! dictionary. Every client is served from the page cache exactly like every other.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::encoding::{ENCODINGS, Encoding};
 use crate::index::{EventIndex, EventPos};
+use crate::lock_order::{Level, OrderedRwLock, ReadGuard, WriteGuard};
 use crate::log::Stream;
 use crate::upstream::SkipReason;
 
@@ -271,8 +272,10 @@ pub enum SeqStart {
 pub struct Hub {
     /// The base logs, by [`Encoding::index`]: every event's frames in every encoding.
     streams: [Arc<Stream>; ENCODINGS],
-    /// The index, behind a lock: the writer holds it for microseconds per append.
-    index: RwLock<EventIndex>,
+    /// The index, behind a lock: the writer holds it for microseconds per append. Its place
+    /// in the global lock order ([`crate::lock_order`]): after the shapes registry, before any
+    /// shape's table.
+    index: OrderedRwLock<EventIndex>,
     /// Set on SIGTERM/SIGINT: everyone winds down.
     pub shutdown: AtomicBool,
     /// Metrics.
@@ -302,7 +305,7 @@ impl Hub {
         Hub {
             streams: streams.map(Arc::new),
             seq_base: index.next_seq(),
-            index: RwLock::new(index),
+            index: OrderedRwLock::new(Level::Index, index),
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
             limits,
@@ -316,13 +319,15 @@ impl Hub {
 
     /// Read access to the index (a poisoned lock means a writer panicked mid-append; the data
     /// it guards is still consistent at chunk granularity, so keep serving).
-    pub fn index(&self) -> RwLockReadGuard<'_, EventIndex> {
-        self.index.read().unwrap_or_else(|p| p.into_inner())
+    /// Lock order: never while holding the index or a shape table; the shapes registry may
+    /// be held (see [`crate::lock_order`]).
+    pub fn index(&self) -> ReadGuard<'_, EventIndex> {
+        self.index.read()
     }
 
-    /// Write access to the index.
-    pub fn index_mut(&self) -> RwLockWriteGuard<'_, EventIndex> {
-        self.index.write().unwrap_or_else(|p| p.into_inner())
+    /// Write access to the index (same order as [`Hub::index`]).
+    pub fn index_mut(&self) -> WriteGuard<'_, EventIndex> {
+        self.index.write()
     }
 
     /// The base stream of an encoding.

@@ -14,6 +14,7 @@ pub mod index;
 pub mod limits;
 pub mod listener;
 pub mod liveness;
+pub mod lock_order;
 pub mod log;
 pub mod metrics;
 pub mod mock;

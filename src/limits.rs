@@ -256,6 +256,64 @@ impl Limits {
     }
 }
 
+/// Per-address token buckets for one kind of costly request (shape creations): `rate` per
+/// second, bursts of `burst`. Keyed like the connection limits (per /64 for IPv6); entries
+/// whose bucket is full again are collected when the table doubles (amortized O(1)).
+pub struct RateTable {
+    /// Tokens per second.
+    rate: f64,
+    /// Bucket size.
+    burst: f64,
+    /// Networks exempt (`--allow-ip`).
+    allow: Vec<(IpAddr, u8)>,
+    /// Address key → (tokens, last refill), and the size at which to collect garbage.
+    state: Mutex<(HashMap<IpAddr, Bucket>, usize)>,
+}
+
+/// A token bucket: (tokens, last refill).
+type Bucket = (f64, Instant);
+
+impl RateTable {
+    /// A table allowing `rate` per second per address, in bursts of `burst` (at least 1).
+    pub fn new(rate: f64, burst: f64, allow: Vec<(IpAddr, u8)>) -> RateTable {
+        RateTable {
+            rate,
+            burst: burst.max(1.0),
+            allow,
+            state: Mutex::new((HashMap::new(), GC_THRESHOLD)),
+        }
+    }
+
+    /// Takes a token for `ip` if it has one (exempt addresses always do).
+    pub fn try_take(&self, ip: IpAddr) -> bool {
+        self.try_take_at(ip, Instant::now())
+    }
+
+    fn try_take_at(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.allow.iter().any(|n| in_network(ip, *n)) {
+            return true;
+        }
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (table, gc_at) = &mut *guard;
+        let (rate, burst) = (self.rate, self.burst);
+        let refill = |(tokens, at): Bucket| {
+            (tokens + now.duration_since(at).as_secs_f64() * rate).min(burst)
+        };
+        if table.len() >= *gc_at {
+            table.retain(|_, e| refill(*e) < burst);
+            *gc_at = GC_THRESHOLD.max(2 * table.len());
+        }
+        let e = table.entry(address_key(ip)).or_insert((burst, now));
+        let tokens = refill(*e);
+        if tokens < 1.0 {
+            *e = (tokens, now);
+            return false;
+        }
+        *e = (tokens - 1.0, now);
+        true
+    }
+}
+
 /// Lets a warning through at most once per interval. Why: under a flood, or when the backend
 /// is down or the process is out of file descriptors, every connection hits the same
 /// condition, and one line per connection would flood the journal; counters keep the exact
@@ -393,6 +451,32 @@ mod tests {
             200
         );
         assert_eq!(l.state.lock().unwrap().table.len(), 1);
+    }
+
+    #[test]
+    fn rate_table_buckets_per_address() {
+        let t = RateTable::new(0.5, 2.0, vec![("10.0.0.0".parse().unwrap(), 8)]);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(t.try_take_at(a, t0));
+        assert!(t.try_take_at(a, t0));
+        assert!(!t.try_take_at(a, t0), "burst of 2 spent");
+        assert!(
+            t.try_take_at("192.0.2.2".parse().unwrap(), t0),
+            "others unaffected"
+        );
+        assert!(!t.try_take_at(a, t0 + Duration::from_millis(1900)));
+        assert!(
+            t.try_take_at(a, t0 + Duration::from_millis(2100)),
+            "refilled"
+        );
+        // /64 for IPv6.
+        assert!(t.try_take_at("2001:db8::1".parse().unwrap(), t0));
+        assert!(t.try_take_at("2001:db8::2".parse().unwrap(), t0));
+        assert!(!t.try_take_at("2001:db8::3".parse().unwrap(), t0));
+        for _ in 0..10 {
+            assert!(t.try_take_at("10.1.2.3".parse().unwrap(), t0), "exempt");
+        }
     }
 
     #[test]

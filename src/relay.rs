@@ -401,7 +401,14 @@ impl Relay {
             conn_rate_per_ip: settings.conn_rate_per_ip,
             allow: settings.allow_ip.clone(),
         });
-        let shapes = crate::shapes::Shapes::new(settings.data_dir.join("shapes"))?;
+        let shapes = crate::shapes::Shapes::new(
+            settings.data_dir.join("shapes"),
+            crate::shapes::ShapeLimits {
+                creations_per_minute: settings.shape_rate_per_ip,
+                allow: settings.allow_ip.clone(),
+                max_disk: settings.max_shape_disk,
+            },
+        )?;
         let hub = Arc::new(Hub::new(streams, index, limits, shapes));
         let fanout = Arc::new(Fanout::start(
             hub.clone(),

@@ -15,16 +15,27 @@
 //! ([`MAX_SHAPES`]; beyond it clients fall back to the index walk), and dropped after
 //! [`SHAPE_IDLE`] without clients. `wantedDids` is not part of a shape: DID-filtered clients
 //! walk the index (their matches are rare, so their sends are too).
+//!
+//! Shape keys are clients' to choose, so shapes are guarded against exhaustion: only
+//! canonical keys get one ([`crate::subscription::SubscriberOptions::serving`]), each address
+//! may create only so many per minute ([`ShapeLimits::creations_per_minute`]; beyond, its
+//! clients walk), and shapes have their own disk budget ([`ShapeLimits::max_disk`]), trimmed
+//! on their own (oldest events first, the same window for every shape) so that they never
+//! shrink the base logs' retention.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::encoding::ENCODINGS;
 use crate::event::EventMeta;
+use crate::hub::Counters;
 use crate::index::now_us;
+use crate::limits::RateTable;
+use crate::lock_order::{Level, OrderedRwLock, ReadGuard};
 use crate::log::Stream;
 use crate::subscription::ShapeKey;
 
@@ -37,6 +48,34 @@ pub const SHAPE_IDLE: Duration = Duration::from_secs(60);
 pub const SHAPE_RING_BYTES: usize = 8 << 20;
 /// The bit of a shape's client count that marks it retired.
 const RETIRED: u64 = 1 << 63;
+
+/// What limits shape creation and shape disk.
+#[derive(Clone, Debug)]
+pub struct ShapeLimits {
+    /// New shapes an address (per /64 for IPv6) may cause per minute (bucket of the same
+    /// size); beyond that its clients are served by the walk. Why: keys are clients' to
+    /// choose, and each shape costs a log written for every matching event.
+    pub creations_per_minute: f64,
+    /// Networks exempt from the creation rate (`--allow-ip`).
+    pub allow: Vec<(IpAddr, u8)>,
+    /// Retained bytes of all shape logs together; beyond it the oldest events are trimmed
+    /// from every shape (their readers kicked like retention's). Separate from the base logs'
+    /// `--max-disk`, so shapes never shrink the base retention.
+    pub max_disk: u64,
+}
+
+/// Counts for metrics.
+#[derive(Default)]
+pub struct ShapeCounters {
+    /// Shapes created.
+    pub created: AtomicU64,
+    /// Creations refused: the address exceeded `creations_per_minute`.
+    pub refused_rate: AtomicU64,
+    /// Creations refused: [`MAX_SHAPES`] shapes exist.
+    pub refused_full: AtomicU64,
+    /// Shape bytes punched because shapes exceeded their disk budget (not base retention).
+    pub trimmed_bytes: AtomicU64,
+}
 
 /// Where each of a shape's frames is: (event seq, offset in the shape's log).
 #[derive(Default)]
@@ -93,10 +132,14 @@ pub struct Shape {
     pub label: String,
     /// Its log.
     pub stream: Arc<Stream>,
-    /// Events with seq ≥ this that match are in the log; older ones are not.
-    pub start_seq: u64,
-    /// Frame positions.
-    pub table: RwLock<ShapeTable>,
+    /// The first event this shape was fed (see [`Shape::start_seq`]).
+    created_seq: u64,
+    /// Events before this were (or are being) trimmed away by retention or the shapes' disk
+    /// budget; only grows.
+    trimmed_seq: AtomicU64,
+    /// Frame positions. Last in the global lock order ([`crate::lock_order`]): take it after
+    /// the registry and the index, never before them.
+    pub table: OrderedRwLock<ShapeTable>,
     /// Clients attached (reading it or walking towards it), plus [`RETIRED`] once the shape is
     /// retired: one atomic, so that a client is never counted into a retired shape.
     clients: AtomicU64,
@@ -113,6 +156,13 @@ impl Shape {
     pub fn wants(&self, meta: &EventMeta<'_>, payload_lens: &[usize; ENCODINGS]) -> bool {
         self.key
             .wants(meta.kind, meta.collection.as_deref(), payload_lens)
+    }
+
+    /// Events with seq ≥ this that match are in the log; older ones are not (never fed, or
+    /// trimmed): a reader starting before it walks the base log up to it.
+    pub fn start_seq(&self) -> u64 {
+        self.created_seq
+            .max(self.trimmed_seq.load(Ordering::Acquire))
     }
 
     /// Frames appended so far; never ahead of the published end or the table.
@@ -152,29 +202,44 @@ impl Shape {
 
 /// The registry.
 pub struct Shapes {
-    /// Live shapes; the writer takes a read lock per event.
-    active: RwLock<Vec<Arc<Shape>>>,
-    /// Serializes creation and retirement.
-    admin: Mutex<u64>,
+    /// Live shapes; the writer takes a read lock per event. Second in the global lock order
+    /// ([`crate::lock_order`]): before the index and any shape's table.
+    active: OrderedRwLock<Vec<Arc<Shape>>>,
+    /// Serializes creation and retirement (holds the count of logs created, for file names).
+    /// First in the lock order.
+    admin: OrderedRwLock<u64>,
     /// Directory for shape logs.
     dir: PathBuf,
     /// Tail ring bytes of each new shape ([`SHAPE_RING_BYTES`]; tests use less).
     ring_bytes: usize,
+    /// Per-address creation rate.
+    creations: RateTable,
+    /// Settings.
+    limits: ShapeLimits,
+    /// For metrics.
+    pub counters: ShapeCounters,
 }
 
 impl Shapes {
     /// An empty registry storing logs in `dir` (stale logs from a previous run are removed:
     /// shapes are rebuilt on demand).
-    pub fn new(dir: PathBuf) -> std::io::Result<Shapes> {
+    pub fn new(dir: PathBuf, limits: ShapeLimits) -> std::io::Result<Shapes> {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
         Ok(Shapes {
-            active: RwLock::new(Vec::new()),
-            admin: Mutex::new(0),
+            active: OrderedRwLock::new(Level::Shapes, Vec::new()),
+            admin: OrderedRwLock::new(Level::ShapesAdmin, 0),
             dir,
             ring_bytes: SHAPE_RING_BYTES,
+            creations: RateTable::new(
+                limits.creations_per_minute / 60.0,
+                limits.creations_per_minute,
+                limits.allow.clone(),
+            ),
+            limits,
+            counters: ShapeCounters::default(),
         })
     }
 
@@ -187,36 +252,48 @@ impl Shapes {
 
     /// Snapshot of the live shapes.
     pub fn active(&self) -> Vec<Arc<Shape>> {
-        self.active
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.active.read().clone()
     }
 
     /// The live shapes, read-locked: the writer holds this across appending an event to the
     /// shapes *and* to the index, so a shape created concurrently starts exactly at an event
     /// boundary (see [`Shapes::get_or_create`]).
-    pub fn lock(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Shape>>> {
-        self.active.read().unwrap_or_else(|p| p.into_inner())
+    pub fn lock(&self) -> ReadGuard<'_, Vec<Arc<Shape>>> {
+        self.active.read()
     }
 
-    /// The shape for `key`, creating it (fed from `next_seq` on) if there is room.
-    /// `next_seq` must be read under the index lock so no event is missed or doubled: the
-    /// writer appends shapes' frames before the index entry, under the same registry lock.
+    /// The shape for `key`, creating it (fed from `next_seq` on) if there is room and
+    /// `creator` (the client's address) may create one now; None = serve the client by the
+    /// walk. `next_seq` must be read under the index lock so no event is missed or doubled:
+    /// the writer appends shapes' frames before the index entry, under the same registry
+    /// lock. Lock order: call it holding none of the registry, the index or a shape table.
     pub fn get_or_create(
         &self,
         key: &ShapeKey,
+        creator: IpAddr,
         next_seq: impl FnOnce() -> u64,
     ) -> Option<Arc<Shape>> {
-        if let Some(s) = self.active().into_iter().find(|s| &s.key == key) {
-            return Some(s);
+        {
+            let active = self.active.read();
+            if let Some(s) = active.iter().find(|s| &s.key == key) {
+                return Some(s.clone());
+            }
+            if active.len() >= MAX_SHAPES {
+                Counters::add(&self.counters.refused_full, 1);
+                return None;
+            }
         }
-        let mut counter = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+        if !self.creations.try_take(creator) {
+            Counters::add(&self.counters.refused_rate, 1);
+            return None;
+        }
+        let mut counter = self.admin.write();
+        let mut active = self.active.write();
         if let Some(s) = active.iter().find(|s| &s.key == key) {
             return Some(s.clone());
         }
         if active.len() >= MAX_SHAPES {
+            Counters::add(&self.counters.refused_full, 1);
             return None;
         }
         *counter += 1;
@@ -236,13 +313,15 @@ impl Shapes {
             key: key.clone(),
             label: label.clone(),
             stream: Arc::new(stream),
-            start_seq,
-            table: RwLock::new(ShapeTable::default()),
+            created_seq: start_seq,
+            trimmed_seq: AtomicU64::new(0),
+            table: OrderedRwLock::new(Level::ShapeTable, ShapeTable::default()),
             clients: AtomicU64::new(0),
             idle_since: AtomicI64::new(now_us()),
             appended: AtomicU64::new(0),
         });
         active.push(shape.clone());
+        Counters::add(&self.counters.created, 1);
         tracing::info!(shape = %label, start_seq, "shape created");
         Some(shape)
     }
@@ -250,8 +329,8 @@ impl Shapes {
     /// Removes shapes idle for longer than [`SHAPE_IDLE`]; their files are unlinked (open
     /// descriptors keep in-flight reads valid).
     pub fn retire_idle(&self) {
-        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+        let _g = self.admin.write();
+        let mut active = self.active.write();
         let now = now_us();
         active.retain(|s| {
             let idle = s.client_count() == 0
@@ -270,8 +349,8 @@ impl Shapes {
     /// way to retire shapes while clients attach).
     #[cfg(test)]
     pub fn retire_unused_now(&self) {
-        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+        let _g = self.admin.write();
+        let mut active = self.active.write();
         active.retain(|s| {
             let retire = s.retire_if_unused();
             if retire {
@@ -289,25 +368,62 @@ impl Shapes {
             .sum()
     }
 
+    /// Retained bytes of all shape logs.
+    pub fn retained_bytes(&self) -> u64 {
+        self.active()
+            .iter()
+            .map(|s| s.stream.end() - s.stream.start())
+            .sum()
+    }
+
+    /// The first event the shapes may keep so that their retained bytes fit the shapes' disk
+    /// budget: at least `first_seq` (the base logs' first retained event), at most
+    /// `next_seq`. Every shape keeps the same window of events. A binary search over event
+    /// numbers, a table lookup per shape per step.
+    pub fn budget_cutoff(&self, first_seq: u64, next_seq: u64) -> u64 {
+        let shapes = self.active();
+        let retained_from = |seq: u64| -> u64 {
+            shapes
+                .iter()
+                .map(|s| {
+                    let end = s.stream.end();
+                    end - s
+                        .table
+                        .read()
+                        .offset_from_seq(seq, end)
+                        .max(s.stream.start())
+                })
+                .sum()
+        };
+        if retained_from(first_seq) <= self.limits.max_disk {
+            return first_seq;
+        }
+        let (mut lo, mut hi) = (first_seq, next_seq.max(first_seq));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if retained_from(mid) <= self.limits.max_disk {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    }
+
     /// Retention: drops every shape frame of an event with seq < `first_seq`, once no reader
-    /// is below it. Returns bytes punched.
+    /// is below it (readers below are asked to leave, like the base logs'). New readers
+    /// start at or after it from now on ([`Shape::start_seq`]). Returns bytes punched.
     pub fn drop_before(&self, first_seq: u64) -> std::io::Result<u64> {
         let mut freed = 0;
         for s in self.active() {
+            s.trimmed_seq.fetch_max(first_seq, Ordering::AcqRel);
             let end = s.stream.end();
-            let target = s
-                .table
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .offset_from_seq(first_seq, end);
+            let target = s.table.read().offset_from_seq(first_seq, end);
             s.stream.request_kick(target);
             if s.stream.lowest_reader() < target {
                 continue;
             }
-            s.table
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .drop_before(first_seq, end);
+            s.table.write().drop_before(first_seq, end);
             freed += s.stream.punch_below(target)?;
         }
         Ok(freed)
@@ -335,12 +451,7 @@ pub fn write_frame(shape: &Shape, frame: &[u8]) -> std::io::Result<UnpublishedFr
 pub fn publish_frame(shape: &Shape, seq: u64, frame: UnpublishedFrame) {
     // The table entry before the bytes are published: a reader that has sent a frame can
     // always find which event it was (see `fanout::switch_point`).
-    shape
-        .table
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .frames
-        .push_back((seq, frame.at));
+    shape.table.write().frames.push_back((seq, frame.at));
     shape.stream.publish(frame.end);
     shape.appended.fetch_add(1, Ordering::Release);
 }

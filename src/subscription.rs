@@ -8,7 +8,9 @@
 //!
 //! The relay keeps one shared log per distinct *shape* (collections filter, size limit,
 //! compression): [`ShapeKey`] is the canonical key of that log. `wantedDids` is not part of the
-//! shape; it is applied per client.
+//! shape; it is applied per client. Which clients get a shape at all is decided by
+//! [`SubscriberOptions::serving`]: shape keys are clients' to choose, so only canonical ones
+//! get a log of their own (see there).
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -243,6 +245,35 @@ impl SubscriberOptions {
         size_allows(self.max_message_size, sent_len)
     }
 
+    /// How a client of `encoding` with these options and `kinds` is served. Shapes cost the
+    /// relay a log (disk writes, a ring) per distinct key, and keys are clients' to choose, so
+    /// only *canonical* keys get one, and a client never receives anything but exactly what it
+    /// asked for:
+    /// - no filter (after dropping a size limit no frame can exceed): the base log;
+    /// - `wantedDids`: the per-client walk (DIDs are not part of a shape);
+    /// - a size limit without collections: the walk. Nearly every event passes such a
+    ///   filter, so the walk sends long runs straight from the base log, and a shape would be
+    ///   a near-copy of the whole feed (one per distinct limit: the shape-exhaustion attack);
+    /// - collections with a size limit that is not a power of two: the walk. Near-identical
+    ///   limits (1048575, 1048574, …) cannot share a log exactly — a larger one would carry
+    ///   events a smaller one must skip — so they share none;
+    /// - anything else (collections, optionally a power-of-two limit; or only a v2 kind
+    ///   subset, of which there are few): the shape of its key.
+    pub fn serving(&self, encoding: Encoding, kinds: KindSet) -> Serving {
+        if !self.wanted_dids.is_empty() {
+            return Serving::Walk;
+        }
+        let key = self.shape_key(encoding, kinds);
+        if key.is_unfiltered() {
+            return Serving::Base;
+        }
+        match (key.collections.is_empty(), key.max_message_size) {
+            (true, Some(_)) => Serving::Walk,
+            (false, Some(max)) if !max.is_power_of_two() => Serving::Walk,
+            _ => Serving::Shape(key),
+        }
+    }
+
     /// The key of the shared log a client of `encoding` with these options and `kinds` can
     /// read from (everything but `wantedDids`). v1 clients pass [`KindSet::V1`].
     pub fn shape_key(&self, encoding: Encoding, kinds: KindSet) -> ShapeKey {
@@ -308,6 +339,17 @@ fn collections_allow(
 
 fn size_allows(max: Option<u32>, sent_len: usize) -> bool {
     max.is_none_or(|m| u64::try_from(sent_len).is_ok_and(|len| len <= u64::from(m)))
+}
+
+/// How a client is served (see [`SubscriberOptions::serving`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Serving {
+    /// Unfiltered: the base log of its encoding, contiguously.
+    Base,
+    /// Its shape's shared log (created on first use if the relay allows; if not, the walk).
+    Shape(ShapeKey),
+    /// Filtered per client over the base log (the index walk).
+    Walk,
 }
 
 /// Canonical key of a shared per-shape log: two clients with equal keys receive exactly the
@@ -1026,6 +1068,51 @@ mod tests {
         );
         // The client's own options keep the limit: it is harmless and visible.
         assert_eq!(o(u32::MAX).max_message_size, Some(u32::MAX));
+    }
+
+    /// Only canonical keys get a shape: near-identical size limits (the shape-exhaustion
+    /// attack) and size-only filters walk the base log; a client's own limit is never
+    /// replaced by another (it must get exactly what it asked for).
+    #[test]
+    fn only_canonical_keys_are_served_from_a_shape() {
+        let o = |c: &[&str], d: &[&str], m: Option<u32>| SubscriberOptions::new(c, d, m).unwrap();
+        let post = ["app.bsky.feed.post"];
+        assert_eq!(o(&[], &[], None).serving(false), Serving::Base);
+        assert_eq!(o(&[], &[], Some(u32::MAX)).serving(false), Serving::Base);
+        assert_eq!(o(&[], &["did:plc:a"], None).serving(false), Serving::Walk);
+        assert_eq!(o(&post, &["did:plc:a"], None).serving(false), Serving::Walk);
+        for m in [1_048_575, 1_048_574, 1 << 19, 4096, 600] {
+            assert_eq!(o(&[], &[], Some(m)).serving(false), Serving::Walk, "{m}");
+            assert_eq!(o(&[], &[], Some(m)).serving(true), Serving::Walk, "{m}");
+        }
+        for m in [1_048_575, 1_048_574, 1000, 600, 3] {
+            assert_eq!(o(&post, &[], Some(m)).serving(false), Serving::Walk, "{m}");
+        }
+        let Serving::Shape(k) = o(&post, &[], Some(512)).serving(true) else {
+            panic!("a power-of-two limit with collections has a shape");
+        };
+        assert_eq!(k.max_message_size, Some(512));
+        assert_eq!(k.label(), "c:app.bsky.feed.post+max:512+zstd");
+        assert_eq!(
+            o(&post, &[], None).serving(false),
+            Serving::Shape(o(&post, &[], None).shape_key(false))
+        );
+        // A limit no frame can exceed is dropped first: the shape without a limit.
+        assert_eq!(
+            o(&post, &[], Some(u32::MAX)).serving(false),
+            o(&post, &[], None).serving(false)
+        );
+        // Distinct canonical keys from collections × limits are bounded: at most 21 limits
+        // (2^0..2^20) per collection set and encoding.
+        let keys: std::collections::HashSet<_> = (1..=(1u32 << 20))
+            .step_by(997)
+            .chain((0..=20).map(|k| 1u32 << k))
+            .filter_map(|m| match o(&post, &[], Some(m)).serving(false) {
+                Serving::Shape(k) => Some(k),
+                _ => None,
+            })
+            .collect();
+        assert!(keys.len() <= 21, "{}", keys.len());
     }
 
     #[test]

@@ -415,12 +415,12 @@ impl EventSink for LogWriter {
     }
 }
 
-/// Retention policy.
+/// Retention policy (the shapes' own disk budget is in [`crate::shapes::ShapeLimits`]).
 #[derive(Clone, Copy, Debug)]
 pub struct RetentionPolicy {
     /// Events older than this (by append time) are dropped.
     pub max_age: Duration,
-    /// Allocated bytes of logs + index above this are dropped, oldest first.
+    /// Allocated bytes of the base logs + index above this are dropped, oldest first.
     pub max_disk: u64,
 }
 
@@ -429,8 +429,9 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
     let mut dropped = 0;
     {
         let cutoff = now_us() - policy.max_age.as_micros() as i64;
+        // Base logs and index only: shapes have their own budget and never shrink this one.
         let index = hub.index();
-        let allocated = base_bytes(hub) + index.allocated_bytes() + hub.shapes.allocated_bytes();
+        let allocated = base_bytes(hub) + index.allocated_bytes();
         if let Some(target) =
             index.retention_target(cutoff, allocated.saturating_sub(policy.max_disk))
         {
@@ -449,7 +450,7 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
             break;
         };
         let too_old = oldest.appended_at_us < now - policy.max_age.as_micros() as i64;
-        let allocated = base_bytes(hub) + index.allocated_bytes() + hub.shapes.allocated_bytes();
+        let allocated = base_bytes(hub) + index.allocated_bytes();
         let too_big = allocated > policy.max_disk;
         if !(too_old || too_big) {
             break;
@@ -475,13 +476,19 @@ pub fn enforce_retention(hub: &Hub, policy: RetentionPolicy) -> std::io::Result<
         Counters::add(&hub.counters.punched_bytes, freed);
         dropped += 1;
     }
-    // Shapes follow the base logs (a shape whose readers are still being kicked catches up on
-    // a later pass).
-    let first_seq = hub.index().first_seq();
-    Counters::add(
-        &hub.counters.punched_bytes,
-        hub.shapes.drop_before(first_seq)?,
-    );
+    // Shapes follow the base logs and stay within their own disk budget, trimmed on their own
+    // (a shape whose readers are still being kicked catches up on a later pass). Lock order
+    // (crate::lock_order): the index is released before the shapes are touched.
+    let (first_seq, next_seq) = {
+        let index = hub.index();
+        (index.first_seq(), index.next_seq())
+    };
+    let cutoff = hub.shapes.budget_cutoff(first_seq, next_seq);
+    let freed = hub.shapes.drop_before(cutoff)?;
+    Counters::add(&hub.counters.punched_bytes, freed);
+    if cutoff > first_seq {
+        Counters::add(&hub.shapes.counters.trimmed_bytes, freed);
+    }
     hub.shapes.retire_idle();
     Ok(dropped)
 }

@@ -45,6 +45,17 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_disk: Option<String>,
+    /// Budget for all shape logs (shared pre-filtered logs) together, separate from
+    /// --max-disk; the oldest events are trimmed from every shape beyond it
+    /// [default: a quarter of --max-disk].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_shape_disk: Option<String>,
+    /// New shapes one IP (per /64 for IPv6) may cause per minute; beyond, its filtered
+    /// clients are served by walking the base log [default: 6].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shape_rate_per_ip: Option<f64>,
     /// Fan-out worker threads [default: one per CPU].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

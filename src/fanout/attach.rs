@@ -2,7 +2,7 @@
 //! its shape's log, and the switch to new options (`options_update`).
 //!
 //! Locks: these read the index and a shape's table, never one while holding the other (see
-//! the lock order in [`crate::hub`]).
+//! the lock order in [`crate::lock_order`]).
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use crate::hub::Hub;
 use crate::index::EventPos;
 use crate::log::Stream;
 use crate::shapes::Shape;
-use crate::subscription::SubscriberOptions;
+use crate::subscription::{Serving, SubscriberOptions};
 use crate::wire::KindSet;
 
 /// How often attaching retries when the shape it found was retired at that moment. Why 4: a
@@ -36,35 +36,34 @@ pub struct AttachPoint {
 }
 
 /// The attach point for a client of `encoding` with `options` and `kinds` from event position
-/// `start`.
+/// `start`, for a client at `peer` (the address a new shape's creation is charged to).
 pub fn attach_point(
     hub: &Hub,
+    peer: std::net::IpAddr,
     encoding: Encoding,
     kinds: KindSet,
     options: SubscriberOptions,
     start: EventPos,
 ) -> AttachPoint {
     let base = hub.base(encoding).clone();
-    let key = options.shape_key(encoding, kinds);
-    if options.wanted_dids.is_empty() && key.is_unfiltered() {
-        return AttachPoint {
-            stream: base,
-            shape: None,
-            source: Source::Contiguous,
-            pos: start.offset(encoding),
-            ordinal: start.seq,
-        };
-    }
-    let shape = if options.wanted_dids.is_empty() {
-        counted_shape(hub, &key)
-    } else {
-        None
+    let shape = match options.serving(encoding, kinds) {
+        Serving::Base => {
+            return AttachPoint {
+                stream: base,
+                shape: None,
+                source: Source::Contiguous,
+                pos: start.offset(encoding),
+                ordinal: start.seq,
+            };
+        }
+        Serving::Walk => None,
+        Serving::Shape(key) => counted_shape(hub, &key, peer),
     };
     if let Some(shape) = &shape
-        && start.seq >= shape.start_seq
+        && start.seq >= shape.start_seq()
     {
         let end = shape.stream.end();
-        let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+        let table = shape.table.read();
         let pos = table.offset_from_seq(start.seq, end);
         let ordinal = table.ordinal_at_offset(pos);
         drop(table);
@@ -86,12 +85,18 @@ pub fn attach_point(
     }
 }
 
-/// The shape for `key` with this client counted in it, or None (no room: the client walks).
-/// A shape retired between being found and being counted is not used: the writer no longer
-/// feeds it, so its clients would starve silently.
-fn counted_shape(hub: &Hub, key: &crate::subscription::ShapeKey) -> Option<Arc<Shape>> {
+/// The shape for `key` with this client counted in it, or None (no room, or `peer` may not
+/// create one now: the client walks). A shape retired between being found and being counted
+/// is not used: the writer no longer feeds it, so its clients would starve silently.
+fn counted_shape(
+    hub: &Hub,
+    key: &crate::subscription::ShapeKey,
+    peer: std::net::IpAddr,
+) -> Option<Arc<Shape>> {
     for _ in 0..RETIRED_SHAPE_RETRIES {
-        let shape = hub.shapes.get_or_create(key, || hub.index().next_seq())?;
+        let shape = hub
+            .shapes
+            .get_or_create(key, peer, || hub.index().next_seq())?;
         if shape.try_add_client() {
             return Some(shape);
         }
@@ -106,11 +111,11 @@ pub fn switch_to_shape(worker: usize, c: &mut Client) -> bool {
         return true;
     };
     let Some(shape) = &c.shape else { return true };
-    if w.next.seq < shape.start_seq {
+    if w.next.seq < shape.start_seq() {
         return true;
     }
     let end = shape.stream.end();
-    let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+    let table = shape.table.read();
     let pos = table.offset_from_seq(w.next.seq, end);
     c.range.ordinal = table.ordinal_at_offset(pos);
     drop(table);
@@ -143,7 +148,7 @@ pub fn switch_point(hub: &Hub, c: &Client) -> Switch {
     let seq = match (&c.source, &c.shape) {
         (Source::Filtered(w), _) => w.next.seq,
         (Source::Contiguous, Some(shape)) => {
-            let table = shape.table.read().unwrap_or_else(|p| p.into_inner());
+            let table = shape.table.read();
             if table.last_seq_before(c.pos).is_some_and(|s| s >= next_seq) {
                 return Switch::Later;
             }
@@ -182,7 +187,7 @@ pub fn apply_options(
     if let Some(old) = c.shape.take() {
         old.remove_client();
     }
-    let point = attach_point(hub, c.encoding, c.kinds, opts, next);
+    let point = attach_point(hub, c.peer.ip(), c.encoding, c.kinds, opts, next);
     c.stream = point.stream;
     c.shape = point.shape;
     c.source = point.source;

@@ -253,7 +253,7 @@ impl Scheduler {
             }
         };
         let class = ShapeClass::of(&a.options);
-        let point = attach_point(&self.hub, a.encoding, a.kinds, a.options, a.start);
+        let point = attach_point(&self.hub, a.peer.ip(), a.encoding, a.kinds, a.options, a.start);
         let admitted = point.stream.register_reader(self.worker, point.pos);
         tracing::debug!(worker = self.worker, peer = %a.peer, encoding = %a.encoding, "client attached");
         let mut control = Control::default();
@@ -666,7 +666,7 @@ impl Scheduler {
                     c.range.ordinal = c.range.ordinal.max(published);
                 }
                 Source::Filtered(w) => {
-                    let stop_at = c.shape.as_ref().map(|s| s.start_seq);
+                    let stop_at = c.shape.as_ref().map(|s| s.start_seq());
                     let walked_from = w.next.seq;
                     match w.step(&hub, stop_at, &mut self.walk_scratch) {
                         Step::BehindRetention => {
@@ -1322,11 +1322,7 @@ fn position_of(hub: &Hub, c: &Client) -> Option<u64> {
         (Source::Filtered(w), _) => w.next.seq,
         (Source::Contiguous, Some(shape)) => {
             let next_seq = hub.index().next_seq();
-            shape
-                .table
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .seq_at_offset(c.pos, next_seq)
+            shape.table.read().seq_at_offset(c.pos, next_seq)
         }
         (Source::Contiguous, None) => hub.index().seq_at_or_before_offset(c.pos, c.encoding)?,
     })

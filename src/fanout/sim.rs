@@ -674,9 +674,17 @@ impl Sim {
             conn_rate_per_ip: 1000.0,
             allow: Vec::new(),
         });
-        let shapes = crate::shapes::Shapes::new(dir.join("shapes"))
-            .expect("shapes")
-            .with_ring_bytes(ring);
+        let shapes = crate::shapes::Shapes::new(
+            dir.join("shapes"),
+            crate::shapes::ShapeLimits {
+                // The simulation creates shapes at will.
+                creations_per_minute: 1e6,
+                allow: Vec::new(),
+                max_disk: u64::MAX,
+            },
+        )
+        .expect("shapes")
+        .with_ring_bytes(ring);
         let hub = Arc::new(Hub::new(streams, EventIndex::in_memory(), limits, shapes));
         let waker = Arc::new(Waker::new().expect("eventfd"));
         let writer = LogWriter::new(hub.clone(), vec![waker.clone()], WriterOptions::default())

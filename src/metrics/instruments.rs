@@ -182,6 +182,7 @@ fn register_handshakes(meter: &Meter, hub: &Arc<Hub>) {
                 ("max_handshakes_per_ip", &c.refused_handshakes_per_ip),
                 ("max_handshakes", &c.refused_handshakes_full),
                 ("trusted_allow_ip", &c.refused_trusted_source),
+                ("shape_rate_per_ip", &h.shapes.counters.refused_rate),
             ] {
                 o.observe(load(n), &[KeyValue::new("limit", limit)]);
             }
@@ -343,7 +344,8 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
         .i64_observable_up_down_counter("jetrelay.log.allocated")
         .with_unit("By")
         .with_description(
-            "Bytes allocated on disk by each log file and the index (what --max-disk caps).",
+            "Bytes allocated on disk by each log file and the index (--max-disk caps the base \
+             logs and the index; --max-shape-disk the shapes).",
         )
         .with_callback(move |o| {
             // One fstat per file per collection; the index lock is held for a few reads.
@@ -373,6 +375,40 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
                 o.observe(n as i64, &[KeyValue::new("shape", shape.label.clone())]);
             }
         })
+        .build();
+    let h = hub.clone();
+    meter
+        .u64_observable_counter("jetrelay.shapes.created")
+        .with_unit("{shape}")
+        .with_description("Shared pre-filtered logs created.")
+        .with_callback(move |o| o.observe(load(&h.shapes.counters.created), &[]))
+        .build();
+    let h = hub.clone();
+    meter
+        .u64_observable_counter("jetrelay.shapes.refused")
+        .with_unit("{shape}")
+        .with_description(
+            "Shape creations refused, by reason (the client is served by walking the base log).",
+        )
+        .with_callback(move |o| {
+            let c = &h.shapes.counters;
+            for (reason, n) in [
+                ("shape_rate_per_ip", &c.refused_rate),
+                ("max_shapes", &c.refused_full),
+            ] {
+                o.observe(load(n), &[KeyValue::new("reason", reason)]);
+            }
+        })
+        .build();
+    let h = hub.clone();
+    meter
+        .u64_observable_counter("jetrelay.shapes.trimmed")
+        .with_unit("By")
+        .with_description(
+            "Shape log bytes punched because the shapes exceeded --max-shape-disk (not base \
+             retention).",
+        )
+        .with_callback(move |o| o.observe(load(&h.shapes.counters.trimmed_bytes), &[]))
         .build();
     counter(
         meter,
