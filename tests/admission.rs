@@ -1,7 +1,8 @@
-//! Admission before the handshake, end to end against the real relay: floods of silent
-//! sockets and slowloris from other loopback addresses (127.0.0.2 and up) while a
-//! well-behaved client on its own address (127.0.0.3) must still upgrade within a second and
-//! a swarm of bystanders (exempt 127.0.0.1) keeps receiving every event in order.
+//! Hardening for the public internet (issue 18), end to end against the real relay: floods of
+//! silent sockets and slowloris from other loopback addresses (127.0.0.2 and up) while a
+//! well-behaved client on its own address (127.0.0.3) must still upgrade within a second,
+//! shape churn, filter-state floods and the trusted listener's source check — each while a
+//! swarm of bystanders (exempt 127.0.0.1) keeps receiving every event in order.
 
 mod common;
 
@@ -400,4 +401,184 @@ fn trusted_listener_refuses_sources_outside_the_allow_list() {
             .any(|l| l.contains("\"trusted_allow_ip\"") && l.ends_with(" 1")),
         "{metrics}"
     );
+}
+
+/// A WebSocket opened by hand from `src` with `query`; None if refused.
+fn ws_from(src: Ipv4Addr, port: u16, query: &str) -> Option<TcpStream> {
+    let mut s = connect_from(src, port).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = UPGRADE.replacen("GET /subscribe ", &format!("GET /subscribe?{query} "), 1);
+    s.write_all(req.as_bytes()).ok()?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    head.starts_with(b"HTTP/1.1 101").then_some(s)
+}
+
+/// Sends one masked text frame.
+fn send_text(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
+    let mut f = Vec::new();
+    jetrelay::frame::encode_client_frame(
+        jetrelay::frame::Opcode::Text,
+        text.as_bytes(),
+        [7, 7, 7, 7],
+        &mut f,
+    );
+    s.write_all(&f)
+}
+
+/// Reads whatever is there on every socket without blocking (the attacker keeps reading so
+/// that it is not kicked for falling behind).
+fn drain_all(socks: &mut [TcpStream]) {
+    let mut buf = vec![0u8; 1 << 16];
+    for s in socks.iter_mut() {
+        let _ = s.set_nonblocking(true);
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// One labelled value of a metric (`name{...label...} value`), summed over matching lines.
+fn metric(metrics: &str, name: &str, label: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Shape exhaustion: from one address, 30 clients each with a size-only limit one byte
+/// apart (before: 30 shapes, each a near-copy of the feed, counted against --max-disk), a
+/// client churning options_updates with ever-new non-canonical limits, and one churning
+/// ever-new canonical keys (collections it invents). Bystanders keep their filtered
+/// delivery, a new legitimate filter still gets its shape, the attacker's address creates
+/// only its allowance of shapes, and the base logs keep their whole --max-disk window.
+#[test]
+fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retention() {
+    const MAX_DISK: u64 = 8 << 20;
+    let mock = Mock::start(1000, &[]);
+    let dir = temp_dir("admission-shapes");
+    let relay = Relay::start_exempting(
+        &[],
+        free_port(),
+        &mock.url(),
+        &dir,
+        "127.0.0.1/32",
+        &["--max-disk", "8MiB", "--conn-rate-per-ip", "100"],
+    );
+    let posts = swarm_spawn(&[
+        "--url",
+        &relay.url("wantedCollections=app.bsky.feed.post"),
+        "--clients",
+        "10",
+        "--duration",
+        "16s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "500",
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    let attacker = FLOODER;
+    // (a) Size-only limits one byte apart.
+    let mut socks: Vec<TcpStream> = (0..30)
+        .filter_map(|i| {
+            ws_from(
+                attacker,
+                relay.port,
+                &format!("maxMessageSizeBytes={}", 1_048_575 - i),
+            )
+        })
+        .collect();
+    assert_eq!(socks.len(), 30, "the attacker's connections were upgraded");
+    // (b) and (c): options_update churn.
+    let mut odd =
+        ws_from(attacker, relay.port, "wantedCollections=app.bsky.feed.post").expect("churn b");
+    let mut canon =
+        ws_from(attacker, relay.port, "wantedCollections=app.bsky.feed.post").expect("churn c");
+    let t0 = Instant::now();
+    let mut likes = None;
+    let mut k = 0u32;
+    while t0.elapsed() < Duration::from_secs(12) {
+        k += 1;
+        let _ = send_text(
+            &mut odd,
+            &format!(
+                r#"{{"type":"options_update","payload":{{"wantedCollections":["app.bsky.feed.post"],"maxMessageSizeBytes":{}}}}}"#,
+                1_048_000 - k
+            ),
+        );
+        let _ = send_text(
+            &mut canon,
+            &format!(
+                r#"{{"type":"options_update","payload":{{"wantedCollections":["com.example.c{k}"],"maxMessageSizeBytes":1024}}}}"#
+            ),
+        );
+        drain_all(&mut socks);
+        drain_all(std::slice::from_mut(&mut odd));
+        drain_all(std::slice::from_mut(&mut canon));
+        // Midway, a new legitimate filter arrives (from the exempt bystander address).
+        if likes.is_none() && t0.elapsed() > Duration::from_secs(5) {
+            likes = Some(swarm_spawn(&[
+                "--url",
+                &relay.url("wantedCollections=app.bsky.feed.like"),
+                "--clients",
+                "5",
+                "--duration",
+                "6s",
+                "--expect-in-order",
+                "--expect-min-events",
+                "300",
+            ]));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, m) = http_get(relay.metrics_port, "/metrics");
+    let base = metric(&m, "jetrelay_log_allocated", "\"plain\"")
+        + metric(&m, "jetrelay_log_allocated", "\"zstd\"")
+        + metric(&m, "jetrelay_log_allocated", "\"index\"");
+    let shapes_disk = metric(&m, "jetrelay_log_allocated", "\"shapes\"");
+    let written = log_len(&dir) + std::fs::metadata(dir.join("zstd.log")).map_or(0, |m| m.len());
+    let created = metric(&m, "jetrelay_shapes_created", "");
+    let refused = metric(&m, "jetrelay_shapes_refused", "shape_rate_per_ip");
+    eprintln!(
+        "base logs + index {base} bytes of {MAX_DISK} (written {written}); shapes {shapes_disk} \
+         bytes; {created} shapes created, {refused} creations refused by rate; {k} updates each"
+    );
+    let log = relay.log_text();
+    assert!(
+        log.contains("shape created shape=c:app.bsky.feed.like "),
+        "a legitimate filter arriving mid-attack got its shape:\n{log}"
+    );
+    // The posts and likes shapes, plus the attacker's allowance (a burst of 6, then 6/min).
+    assert!(created <= 2 + 8, "{created} shapes created");
+    assert!(
+        refused > 0,
+        "the attacker's canonical churn was rate-limited"
+    );
+    // The base keeps its whole window: what was written, up to --max-disk (retention works
+    // in chunks, so allow some slack below the cap).
+    assert!(
+        base as f64 >= 0.7 * written.min(MAX_DISK) as f64,
+        "base logs hold {base} of {} written (cap {MAX_DISK})",
+        written
+    );
+    // And the shapes stay near their own budget (a quarter of --max-disk): retention runs
+    // once a second and punches a shape once its readers below the cut are gone (a pass
+    // later), so up to ~2 s of shape writes (~0.7 MB/s here) may sit on top. Untrimmed,
+    // they would hold ~8 MB by now.
+    assert!(
+        shapes_disk <= MAX_DISK / 4 + (1 << 20),
+        "shapes hold {shapes_disk}"
+    );
+    drop(socks);
+    swarm_wait(posts);
+    if let Some(l) = likes {
+        swarm_wait(l);
+    }
 }

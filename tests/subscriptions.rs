@@ -770,8 +770,17 @@ fn filters_alone_and_combined_live_and_replay() {
                 .max(600),
             false,
         ),
+        // Collections with a power-of-two size limit: a shape (other limits walk).
         (
             "combined-zstd",
+            Filter::collections(&["app.bsky.feed.like", "app.bsky.graph.*"])
+                .max(256)
+                .zstd(),
+            false,
+        ),
+        // Collections with a limit that is not a power of two: served by the walk.
+        (
+            "combined-odd-limit",
             Filter::collections(&["app.bsky.feed.like", "app.bsky.graph.*"])
                 .max(ZSTD_MEDIAN)
                 .zstd(),
@@ -802,7 +811,7 @@ fn filters_alone_and_combined_live_and_replay() {
     ];
     // First asked for by a replay client mid-stream.
     let replay_only =
-        Filter::collections(&["app.bsky.actor.status", "app.bsky.feed.post"]).max(800);
+        Filter::collections(&["app.bsky.actor.status", "app.bsky.feed.post"]).max(1024);
 
     let stop = Arc::new(AtomicU8::new(RUN));
     let live = Connect::default();
@@ -941,19 +950,24 @@ fn filters_alone_and_combined_live_and_replay() {
             .map(|(_, s)| *s)
             .unwrap_or_else(|| panic!("no shape {label} in {created:?}"))
     };
-    for label in ["c:app.bsky.feed.post", "c:app.bsky.graph.*", "max:222+zstd"] {
+    for label in [
+        "c:app.bsky.feed.post",
+        "c:app.bsky.graph.*",
+        "c:app.bsky.feed.like,app.bsky.graph.*+max:256+zstd",
+    ] {
         assert!(
             start_of(label) > 100,
             "{label} created at {}",
             start_of(label)
         );
     }
-    assert!(start_of("c:app.bsky.actor.status,app.bsky.feed.post+max:800") >= 1200);
-    // Eight of the specs have a shape (DID filters walk), plus the replay-only one.
+    assert!(start_of("c:app.bsky.actor.status,app.bsky.feed.post+max:1024") >= 1200);
+    // Six of the specs have a shape (DID filters, size-only filters and limits that are not
+    // a power of two walk the base log), plus the replay-only one.
     assert_eq!(
         created.len(),
-        9,
-        "one shape per distinct shape key: {created:?}"
+        7,
+        "one shape per distinct canonical shape key: {created:?}"
     );
     start_of("c:app.bsky.feed.*");
 
@@ -1823,10 +1837,17 @@ fn options_update_storm_loses_and_duplicates_nothing() {
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(200, Duration::from_secs(30));
     let stop = Arc::new(AtomicU8::new(RUN));
-    // Many shapes make the writer's per-event work (and any window in it) longer.
+    // Many shapes make the writer's per-event work (and any window in it) longer: 28
+    // distinct canonical keys (4 collections × power-of-two limits).
     let idle: Vec<_> = (0..28)
         .map(|i| {
-            let f = Filter::collections(&["app.bsky.feed.like"]).max(1000 + i);
+            let c = [
+                "app.bsky.feed.like",
+                "app.bsky.feed.post",
+                "app.bsky.graph.*",
+                "app.bsky.feed.repost",
+            ][i % 4];
+            let f = Filter::collections(&[c]).max(1 << (8 + i / 4));
             spawn_client(&relay, &f, &Connect::default(), vec![], &stop)
         })
         .collect();
@@ -1887,6 +1908,7 @@ fn more_shapes_than_the_limit_fall_back_to_walking() {
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
     let stop = Arc::new(AtomicU8::new(RUN));
+    // 40 distinct canonical keys (collections × power-of-two limits × encoding).
     let filters: Vec<Filter> = (0..40)
         .map(|i| {
             let f = Filter::collections(&[[
@@ -1894,7 +1916,7 @@ fn more_shapes_than_the_limit_fall_back_to_walking() {
                 "app.bsky.graph.*",
                 "app.bsky.feed.repost",
             ][i % 3]])
-            .max(300 + 25 * i);
+            .max(1 << (8 + i % 11));
             if i % 4 == 3 { f.zstd() } else { f }
         })
         .collect();
@@ -2170,7 +2192,7 @@ fn retention_is_not_held_back_by_clients_that_moved_to_a_shape() {
     let clients: Vec<_> = (0..6)
         .map(|i| {
             let f = Filter::collections(&["app.bsky.feed.like"])
-                .max(300 + 10 * i)
+                .max(1 << (8 + i))
                 .zstd();
             spawn_client(&relay, &f, &Connect::default(), vec![], &stop)
         })
