@@ -122,6 +122,10 @@ pub struct RawSettings {
     pub max_inbound_rate: String,
     /// Drop clients further behind live than this ("" = never; retention still applies).
     pub max_lag: String,
+    /// Memory budget for all clients' filter state (wantedDids, wantedCollections).
+    pub max_filter_memory: String,
+    /// The share of it one IP (or IPv6 /64) may hold ("" = an eighth of the budget).
+    pub max_filter_memory_per_ip: String,
     /// Share of a fan-out worker's time that live sends may take before it batches (0–1].
     pub fanout_duty: f64,
     /// Longest a send to a thin stream (filtered or compressed) waits, under load, to carry
@@ -164,6 +168,8 @@ impl Default for RawSettings {
             ping_interval: "30s".into(),
             max_inbound_rate: "2MiB".into(),
             max_lag: String::new(),
+            max_filter_memory: "512MiB".into(),
+            max_filter_memory_per_ip: String::new(),
             fanout_duty: 0.5,
             thin_linger: "80ms".into(),
             thin_linger_load: 0.1,
@@ -230,6 +236,10 @@ pub struct Settings {
     pub max_inbound_rate: u64,
     /// Optional cap on how far behind live a client may fall.
     pub max_lag: Option<Duration>,
+    /// Bytes of filter state all clients together may hold.
+    pub max_filter_memory: u64,
+    /// Bytes of filter state the clients of one address key may hold.
+    pub max_filter_memory_per_ip: u64,
     /// Pacing of live sends under load (1 = never hold a round back).
     pub fanout_duty: f64,
     /// Longest a thin stream's send waits under load to carry more bytes (zero = never).
@@ -480,6 +490,24 @@ impl RawSettings {
             "" => None,
             s => Some(parse_duration(s).map_err(|e| bad("max_lag", e))?),
         };
+        let max_filter_memory =
+            parse_size(&self.max_filter_memory).map_err(|e| bad("max_filter_memory", e))?;
+        // Why 4 MiB at least: the largest single client's filters (a 1 MiB options_update of
+        // DIDs, plus what the relay keeps per DID) must fit.
+        if max_filter_memory < 4 << 20 {
+            return Err(bad("max_filter_memory", "must be at least 4MiB"));
+        }
+        let max_filter_memory_per_ip = match self.max_filter_memory_per_ip.trim() {
+            "" => max_filter_memory / 8,
+            s => parse_size(s).map_err(|e| bad("max_filter_memory_per_ip", e))?,
+        };
+        // Same reason: one client's largest filters must fit an address's share.
+        if !((2 << 20)..=max_filter_memory).contains(&max_filter_memory_per_ip) {
+            return Err(bad(
+                "max_filter_memory_per_ip",
+                "must be at least 2MiB and at most max_filter_memory",
+            ));
+        }
         let ping_interval =
             parse_duration(&self.ping_interval).map_err(|e| bad("ping_interval", e))?;
         if ping_interval < Duration::from_secs(1) {
@@ -533,6 +561,8 @@ impl RawSettings {
             ping_interval,
             max_inbound_rate,
             max_lag,
+            max_filter_memory,
+            max_filter_memory_per_ip,
             fanout_duty: self.fanout_duty,
             thin_linger,
             thin_linger_load: self.thin_linger_load,

@@ -292,6 +292,9 @@ pub struct Hub {
     pub liveness: Arc<crate::liveness::Liveness>,
     /// Appends and syncs failing (a full disk), for readiness.
     pub storage: crate::writer::StorageHealth,
+    /// Memory budget for clients' filter state: the listener charges a client's filters at
+    /// its handshake, workers its `options_update`s (see [`crate::filter_budget`]).
+    pub filter_budget: Arc<crate::filter_budget::FilterBudget>,
 }
 
 impl Hub {
@@ -301,6 +304,7 @@ impl Hub {
         index: EventIndex,
         limits: crate::limits::Limits,
         shapes: crate::shapes::Shapes,
+        filter_budget: Arc<crate::filter_budget::FilterBudget>,
     ) -> Hub {
         Hub {
             streams: streams.map(Arc::new),
@@ -314,6 +318,7 @@ impl Hub {
                 crate::liveness::DEFAULT_STUCK_AFTER,
             )),
             storage: crate::writer::StorageHealth::default(),
+            filter_budget,
         }
     }
 

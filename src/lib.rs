@@ -7,6 +7,7 @@ pub mod encoding;
 pub mod event;
 pub mod failpoint;
 pub mod fanout;
+pub mod filter_budget;
 pub mod frame;
 pub mod handshake;
 pub mod hub;

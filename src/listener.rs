@@ -522,6 +522,18 @@ impl Listener {
                     Ok(x) => x,
                     Err(e) => return self.refuse_ref(p, HttpError::new(400, e.to_string())),
                 };
+                let peer_ip = p.peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+                let filter_reservation =
+                    match self.hub.filter_budget.reserve(&params.options, peer_ip) {
+                        Ok(r) => r,
+                        Err(full) => {
+                            return self.refuse_ref(
+                                p,
+                                HttpError::new(503, full.to_string())
+                                    .with_header("Retry-After", "10".into()),
+                            );
+                        }
+                    };
                 // A cursor below 10^15 is a seq (inclusive; below retention clamped silently, as
                 // officially), at or above it unix µs.
                 let start = match params.cursor.map(Cursor::from_value) {
@@ -560,6 +572,7 @@ impl Listener {
                     start,
                     require_hello: params.require_hello,
                     counted_ip: p.admitted_ip.take(),
+                    filter_reservation,
                 });
                 Progress::Done
             }
@@ -592,6 +605,16 @@ impl Listener {
         let params = match wire::parse_subscribe_events_query(request.query, &encodings) {
             Ok(x) => x,
             Err(e) => return self.refuse_xrpc(p, e),
+        };
+        let peer_ip = p.peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let filter_reservation = match self.hub.filter_budget.reserve(&params.options, peer_ip) {
+            Ok(r) => r,
+            Err(full) => {
+                return self.refuse_ref(
+                    p,
+                    HttpError::new(503, full.to_string()).with_header("Retry-After", "10".into()),
+                );
+            }
         };
         let encoding = Encoding::of(true, params.compress);
         let mut info = Vec::new();
@@ -664,6 +687,7 @@ impl Listener {
             start,
             require_hello: false,
             counted_ip: p.admitted_ip.take(),
+            filter_reservation,
         });
         Progress::Done
     }

@@ -276,6 +276,7 @@ mod tests {
             EventIndex::in_memory(),
             limits,
             shapes,
+            crate::filter_budget::FilterBudget::new(1 << 20, 1 << 20, Vec::new()),
         ));
         let stop = Arc::new(AtomicBool::new(false));
         let progress: Arc<[AtomicU64; 3]> = Arc::new(Default::default());

@@ -409,7 +409,17 @@ impl Relay {
                 max_disk: settings.max_shape_disk,
             },
         )?;
-        let hub = Arc::new(Hub::new(streams, index, limits, shapes));
+        let hub = Arc::new(Hub::new(
+            streams,
+            index,
+            limits,
+            shapes,
+            crate::filter_budget::FilterBudget::new(
+                settings.max_filter_memory,
+                settings.max_filter_memory_per_ip,
+                settings.allow_ip.clone(),
+            ),
+        ));
         let fanout = Arc::new(Fanout::start(
             hub.clone(),
             settings.workers,

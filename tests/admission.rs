@@ -582,3 +582,228 @@ fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retenti
         swarm_wait(l);
     }
 }
+
+/// Reads for up to `within` until a close frame; returns its code and reason.
+fn read_close(s: &mut TcpStream, within: Duration) -> Option<(u16, String)> {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = Instant::now() + within;
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 1 << 16];
+    while Instant::now() < deadline {
+        while let Ok(Some((h, payload))) = jetrelay::frame::split_frame(&buf) {
+            let len = h.frame_len() as usize;
+            if h.opcode == jetrelay::frame::Opcode::Close && payload.len() >= 2 {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return Some((code, String::from_utf8_lossy(&payload[2..]).into_owned()));
+            }
+            buf.drain(..len);
+        }
+        match s.read(&mut tmp) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+fn dids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("did:plc:{prefix}{i:0w$}", w = 24 - prefix.len()))
+        .collect()
+}
+
+fn cost(dids: &[String]) -> u64 {
+    jetrelay::filter_budget::filter_state_bytes(
+        &jetrelay::subscription::SubscriberOptions::new::<&str, _>(&[], dids, None).unwrap(),
+    )
+}
+
+/// A 10,000-DID client (requireHello, then one options_update) from `src`; Ok(socket) if it
+/// was kept, Err(close frame) if refused.
+fn big_did_client(src: Ipv4Addr, port: u16, big: &[String]) -> Result<TcpStream, (u16, String)> {
+    let mut s = ws_from(src, port, "requireHello=true").expect("upgrade");
+    let update = serde_json::json!({"type": "options_update", "payload": {"wantedDids": big}});
+    send_text(&mut s, &update.to_string()).expect("send");
+    match read_close(&mut s, Duration::from_millis(700)) {
+        Some(close) => Err(close),
+        None => Ok(s),
+    }
+}
+
+/// Unbounded filter state: 10,000-DID clients repeated from one address get its share of the
+/// filter memory budget, then close frames saying why; other addresses still get theirs
+/// while the budget has room; once four addresses have filled it, everyone's filtered
+/// handshakes get 503 with the reason. Unfiltered bystanders and an already connected
+/// DID-filtered one are unaffected.
+#[test]
+fn ten_thousand_did_clients_repeated_hit_the_filter_budget_with_reasons() {
+    let big = dids("", 10_000);
+    let small = dids("s", 100);
+    let (big_cost, small_cost) = (cost(&big), cost(&small));
+    let g = jetrelay::mock::Generator::new(7, 40);
+    let watched: Vec<String> = (0..5).map(|i| g.did_by_index(i)).collect();
+    let watched_cost = cost(&watched);
+    // Three big clients fit an address's share, then not even a small one; four addresses'
+    // shares plus the two DID-filtered bystanders fill the whole budget, then not even a
+    // small one.
+    let per_ip = 3 * big_cost + small_cost / 2;
+    let total = 12 * big_cost + 2 * watched_cost + small_cost / 2;
+    let mock = Mock::start(200, &["--dids", "40"]);
+    let dir = temp_dir("admission-filters");
+    let relay = Relay::start_exempting(
+        &[],
+        free_port(),
+        &mock.url(),
+        &dir,
+        "127.0.0.1/32",
+        &[
+            "--max-filter-memory",
+            &total.to_string(),
+            "--max-filter-memory-per-ip",
+            &per_ip.to_string(),
+        ],
+    );
+    let bystanders = swarm_spawn(&[
+        "--url",
+        &relay.url(""),
+        "--dids",
+        "40",
+        "--clients",
+        "20",
+        "--duration",
+        "12s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "1200",
+    ]);
+    let watched_query: Vec<String> = watched.iter().map(|d| format!("wantedDids={d}")).collect();
+    let watcher = swarm_spawn(&[
+        "--url",
+        &relay.url(&watched_query.join("&")),
+        "--dids",
+        "40",
+        "--clients",
+        "2",
+        "--duration",
+        "12s",
+        "--expect-in-order",
+        "--expect-min-events",
+        "100",
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let pid = relay.proc.child.id();
+    let rss_before = rss(pid);
+    let small_query: Vec<String> = small.iter().map(|d| format!("wantedDids={d}")).collect();
+    let small_query = small_query.join("&");
+    // One address: three kept, then refused with its reason; its small handshakes too.
+    let attacker = FLOODER;
+    let mut kept = Vec::new();
+    let mut refusals = Vec::new();
+    for _ in 0..5 {
+        match big_did_client(attacker, relay.port, &big) {
+            Ok(s) => kept.push(s),
+            Err(close) => refusals.push(close),
+        }
+    }
+    assert_eq!(kept.len(), 3, "refusals: {refusals:?}");
+    for (code, reason) in &refusals {
+        assert_eq!(*code, 1013, "{reason}");
+        assert!(
+            reason.contains("filter state from your address"),
+            "{reason}"
+        );
+    }
+    let Some(mut s) = connect_from(attacker, relay.port).ok() else {
+        panic!("connect")
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    let req = UPGRADE.replacen(
+        "GET /subscribe ",
+        &format!("GET /subscribe?{small_query} "),
+        1,
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 503") && resp.contains("from your address"),
+        "{resp}"
+    );
+    // Another address is not refused because of that one while the budget has room.
+    let (status, _, head) = upgrade_query_from(GOOD, relay.port, &small_query);
+    assert_eq!(status, 101, "{head}");
+    // Three more addresses take their shares: the budget is full.
+    for i in 1..=3 {
+        for _ in 0..3 {
+            kept.push(
+                big_did_client(Ipv4Addr::new(127, 0, 1, i), relay.port, &big).expect("share"),
+            );
+        }
+    }
+    let (_, m) = http_get(relay.metrics_port, "/metrics");
+    let used = metric(&m, "jetrelay_filter_memory", "");
+    let grown = rss(pid).saturating_sub(rss_before);
+    eprintln!(
+        "filter memory {used} of {total} (share {per_ip}, big client {big_cost}); relay RSS \
+         grew {grown} bytes with 12 big clients ({} per DID; charged {})",
+        grown / 120_000,
+        big_cost / 10_000
+    );
+    let fifth = big_did_client(Ipv4Addr::new(127, 0, 1, 9), relay.port, &big)
+        .expect_err("the budget is full");
+    assert_eq!(fifth.0, 1013);
+    assert!(fifth.1.contains("filter memory budget full"), "{fifth:?}");
+    let (status, _, head) = upgrade_query_from(GOOD, relay.port, &small_query);
+    assert_eq!(status, 503, "{head}");
+    let refusals = metric(&m, "jetrelay_limit_refusals", "max_filter_memory");
+    assert!(refusals >= 3, "{m}");
+    // Unfiltered clients cost nothing and are never refused by it.
+    let (status, _, head) = upgrade_from(GOOD, relay.port);
+    assert_eq!(status, 101, "{head}");
+    // The kept ones are still served (pings answered, nothing closed).
+    drain_all(&mut kept);
+    for s in &mut kept {
+        assert!(read_close(s, Duration::from_millis(10)).is_none());
+    }
+    swarm_wait(bystanders);
+    swarm_wait(watcher);
+}
+
+/// Like [`upgrade_from`] with a query string.
+fn upgrade_query_from(src: Ipv4Addr, port: u16, query: &str) -> (u16, Duration, String) {
+    let t0 = Instant::now();
+    let Ok(mut s) = connect_from(src, port) else {
+        return (0, t0.elapsed(), "connect failed".into());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    let req = UPGRADE.replacen("GET /subscribe ", &format!("GET /subscribe?{query} "), 1);
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, t0.elapsed(), "write failed".into());
+    }
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        let _ = s.read_to_end(&mut head);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, t0.elapsed(), head)
+}

@@ -127,6 +127,17 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_lag: Option<String>,
+    /// Memory budget for all clients' filter state (wantedDids, wantedCollections); beyond
+    /// it handshakes get 503 and options_updates a close frame, with the reason
+    /// [default: 512MiB].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_filter_memory: Option<String>,
+    /// The share of --max-filter-memory the clients of one IP (per /64 for IPv6) may hold
+    /// [default: an eighth of it].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_filter_memory_per_ip: Option<String>,
     /// Idle client ping period [default: 30s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -345,6 +345,8 @@ pub struct Client {
     pub peer: SocketAddr,
     /// The address its per-IP limit slot is counted under (released when it leaves).
     pub counted_ip: Option<IpAddr>,
+    /// Its newest filters' charge against the filter memory budget (released on drop).
+    pub filter_reservation: crate::filter_budget::Reservation,
     /// The frames it receives (wire and compression).
     pub encoding: Encoding,
     /// The kinds it wants (`kinds` on v2; every v1 kind on v1).

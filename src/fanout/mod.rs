@@ -138,6 +138,8 @@ pub struct NewClient {
     pub require_hello: bool,
     /// The address this client is counted under in the per-IP limits (released on leave).
     pub counted_ip: Option<std::net::IpAddr>,
+    /// Its filters' charge against the filter memory budget (released on leave).
+    pub filter_reservation: crate::filter_budget::Reservation,
 }
 
 impl NewClient {
@@ -154,6 +156,7 @@ impl NewClient {
                 start: self.start,
                 require_hello: self.require_hello,
                 counted_ip: self.counted_ip,
+                filter_reservation: self.filter_reservation,
             },
         )
     }

@@ -75,6 +75,8 @@ pub struct Attach {
     pub require_hello: bool,
     /// The address this client is counted under in the per-IP limits (released on leave).
     pub counted_ip: Option<std::net::IpAddr>,
+    /// Its filters' charge against the filter memory budget (released on leave).
+    pub filter_reservation: crate::filter_budget::Reservation,
 }
 
 /// Up to one control frame's bytes, copied into the operation (the driver owns them while
@@ -263,6 +265,7 @@ impl Scheduler {
         self.clients[id as usize] = Some(Client {
             peer: a.peer,
             counted_ip: a.counted_ip,
+            filter_reservation: a.filter_reservation,
             encoding: a.encoding,
             kinds: a.kinds,
             class,
@@ -1019,6 +1022,7 @@ impl Scheduler {
 
     /// One complete message from the client.
     fn on_message(&mut self, id: ClientId, m: InboundMessage, now: Instant) {
+        let budget = self.hub.filter_budget.clone();
         let Some(c) = self.open_client(id) else {
             return;
         };
@@ -1064,10 +1068,25 @@ impl Scheduler {
                 }
                 c.inbound.update_tokens -= 1.0;
                 match crate::subscription::parse_options_update(&text) {
-                    Ok(opts) => {
-                        c.pending_options = Some(opts);
-                        self.make_ready(id);
-                    }
+                    // The new filters are charged before they are kept (the old charge goes).
+                    Ok(opts) => match budget.reserve(&opts, c.peer.ip()) {
+                        Ok(reservation) => {
+                            c.filter_reservation = reservation;
+                            c.pending_options = Some(opts);
+                            self.make_ready(id);
+                        }
+                        Err(full) => {
+                            let reason = match full {
+                                crate::filter_budget::BudgetFull::Total { .. } => {
+                                    "server busy: filter memory budget full"
+                                }
+                                crate::filter_budget::BudgetFull::Address { .. } => {
+                                    "too much filter state from your address"
+                                }
+                            };
+                            self.close_with(id, 1013, reason, CloseWhy::Protocol, now);
+                        }
+                    },
                     Err(e) => {
                         let reason = e.to_string();
                         self.close_with(id, 1000, &reason, CloseWhy::Protocol, now);

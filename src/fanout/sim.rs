@@ -685,7 +685,13 @@ impl Sim {
         )
         .expect("shapes")
         .with_ring_bytes(ring);
-        let hub = Arc::new(Hub::new(streams, EventIndex::in_memory(), limits, shapes));
+        let hub = Arc::new(Hub::new(
+            streams,
+            EventIndex::in_memory(),
+            limits,
+            shapes,
+            crate::filter_budget::FilterBudget::new(u64::MAX, u64::MAX, Vec::new()),
+        ));
         let waker = Arc::new(Waker::new().expect("eventfd"));
         let writer = LogWriter::new(hub.clone(), vec![waker.clone()], WriterOptions::default())
             .expect("writer");
@@ -830,6 +836,7 @@ impl Sim {
                     start,
                     require_hello: hello,
                     counted_ip: None,
+                    filter_reservation: crate::filter_budget::Reservation::none(),
                 },
             )
             .expect("attach");

@@ -186,6 +186,10 @@ fn register_handshakes(meter: &Meter, hub: &Arc<Hub>) {
             ] {
                 o.observe(load(n), &[KeyValue::new("limit", limit)]);
             }
+            o.observe(
+                h.filter_budget.refused(),
+                &[KeyValue::new("limit", "max_filter_memory")],
+            );
         })
         .build();
     counter(
@@ -197,6 +201,16 @@ fn register_handshakes(meter: &Meter, hub: &Arc<Hub>) {
          when every slot (--max-handshakes) was taken.",
         |c| &c.handshakes_evicted,
     );
+    let h = hub.clone();
+    meter
+        .u64_observable_gauge("jetrelay.filter.memory")
+        .with_unit("By")
+        .with_description(
+            "Bytes of clients' filter state charged to --max-filter-memory (wantedDids, \
+             wantedCollections).",
+        )
+        .with_callback(move |o| o.observe(h.filter_budget.used(), &[]))
+        .build();
     let h = hub.clone();
     meter
         .u64_observable_gauge("jetrelay.handshakes.pending")
