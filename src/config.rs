@@ -32,6 +32,24 @@ pub const MAX_WORKERS: usize = 64;
 /// useful, and the fd limit is reached long before.
 pub const MAX_HANDSHAKES_LIMIT: usize = 1_000_000;
 
+/// Upper bound for durations compared with or subtracted from wall-clock microseconds
+/// (`retention`, `max_lag`). Why 3650 days: the relay does `now − d` in i64 microseconds and
+/// `Instant + d`; a typo such as `99999999999d` would overflow (a panic, or a wrapped cutoff
+/// that drops everything). Nobody keeps ten years of the firehose.
+pub const MAX_LONG_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Upper bound for timers of the connection machinery (`handshake_timeout`,
+/// `ping_interval`, `rewind`). Why an hour: each is added to `Instant::now()` (which panics
+/// on overflow), and beyond an hour a handshake deadline is a gift to slowloris, a ping
+/// interval no longer detects dead peers, and a rewind replays more than a reconnect needs.
+pub const MAX_TIMER: Duration = Duration::from_secs(3600);
+
+/// Fan-out workers when `workers` is 0: one per CPU, at most [`MAX_WORKERS`] (a host with
+/// more CPUs gets the maximum rather than a configuration error).
+pub fn default_workers(cpus: usize) -> usize {
+    cpus.clamp(1, MAX_WORKERS)
+}
+
 /// Where a listener binds: a TCP address or a Unix socket path (`unix:/run/jetrelay/x.sock`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -395,8 +413,8 @@ impl RawSettings {
             .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("jetrelay-data"));
         let retention = parse_duration(&self.retention).map_err(|e| bad("retention", e))?;
-        if retention < Duration::from_secs(1) {
-            return Err(bad("retention", "must be at least 1s"));
+        if retention < Duration::from_secs(1) || retention > MAX_LONG_DURATION {
+            return Err(bad("retention", "must be between 1s and 3650d"));
         }
         let max_disk = parse_size(&self.max_disk).map_err(|e| bad("max_disk", e))?;
         // Why: below a few MiB the retention loop would punch continuously and clients could
@@ -408,20 +426,23 @@ impl RawSettings {
             "" => max_disk / 4,
             s => parse_size(s).map_err(|e| bad("max_shape_disk", e))?,
         };
-        if !(self.shape_rate_per_ip >= 0.0 && self.shape_rate_per_ip.is_finite()) {
+        if !(self.shape_rate_per_ip > 0.0 && self.shape_rate_per_ip <= 1e6) {
             return Err(bad(
                 "shape_rate_per_ip",
-                "must be a number of shapes per minute, 0 or more",
+                "must be a positive number of shapes per minute, up to 1000000",
             ));
         }
         let workers = match self.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => default_workers(std::thread::available_parallelism().map_or(1, |n| n.get())),
             n => n,
         };
         if workers > MAX_WORKERS {
             return Err(bad("workers", format!("at most {MAX_WORKERS}")));
         }
         let rewind = parse_duration(&self.rewind).map_err(|e| bad("rewind", e))?;
+        if rewind > MAX_TIMER {
+            return Err(bad("rewind", "must be at most 1h"));
+        }
         let upstream_skew =
             parse_duration(&self.upstream_skew).map_err(|e| bad("upstream_skew", e))?;
         // Why an hour: the dedup memory spans twice the skew (at most a million events).
@@ -448,8 +469,13 @@ impl RawSettings {
         if self.max_conns_per_ip == 0 {
             return Err(bad("max_conns_per_ip", "must be at least 1"));
         }
-        if !(self.conn_rate_per_ip > 0.0 && self.conn_rate_per_ip.is_finite()) {
-            return Err(bad("conn_rate_per_ip", "must be a positive number"));
+        // Why at most a million per second: the token bucket's arithmetic stays finite, and
+        // no address needs more.
+        if !(self.conn_rate_per_ip > 0.0 && self.conn_rate_per_ip <= 1e6) {
+            return Err(bad(
+                "conn_rate_per_ip",
+                "must be a positive number up to 1000000",
+            ));
         }
         let allow_ip = self
             .allow_ip
@@ -477,8 +503,8 @@ impl RawSettings {
         }
         let handshake_timeout =
             parse_duration(&self.handshake_timeout).map_err(|e| bad("handshake_timeout", e))?;
-        if handshake_timeout.is_zero() {
-            return Err(bad("handshake_timeout", "must be positive"));
+        if handshake_timeout.is_zero() || handshake_timeout > MAX_TIMER {
+            return Err(bad("handshake_timeout", "must be positive and at most 1h"));
         }
         let max_inbound_rate =
             parse_size(&self.max_inbound_rate).map_err(|e| bad("max_inbound_rate", e))?;
@@ -490,6 +516,9 @@ impl RawSettings {
             "" => None,
             s => Some(parse_duration(s).map_err(|e| bad("max_lag", e))?),
         };
+        if max_lag.is_some_and(|d| d > MAX_LONG_DURATION) {
+            return Err(bad("max_lag", "must be at most 3650d"));
+        }
         let max_filter_memory =
             parse_size(&self.max_filter_memory).map_err(|e| bad("max_filter_memory", e))?;
         // Why 4 MiB at least: the largest single client's filters (a 1 MiB options_update of
@@ -510,8 +539,8 @@ impl RawSettings {
         }
         let ping_interval =
             parse_duration(&self.ping_interval).map_err(|e| bad("ping_interval", e))?;
-        if ping_interval < Duration::from_secs(1) {
-            return Err(bad("ping_interval", "must be at least 1s"));
+        if ping_interval < Duration::from_secs(1) || ping_interval > MAX_TIMER {
+            return Err(bad("ping_interval", "must be between 1s and 1h"));
         }
         // Why at least 0.05: below that a busy worker would hold every round for the full
         // MAX_PACE_DELAY while using almost nothing of its core.
@@ -680,6 +709,114 @@ mod tests {
             ..RawSettings::default()
         };
         assert!(raw.validate().unwrap_err().to_string().contains("`listen`"));
+    }
+
+    /// Every duration the relay adds to an `Instant` or subtracts from wall-clock
+    /// microseconds is bounded at validation, naming the key (before: `99999999999d` passed
+    /// and panicked at runtime, or wrapped into a cutoff that dropped everything).
+    #[test]
+    fn huge_durations_are_refused_naming_the_key() {
+        let huge = "99999999999d";
+        let cases: Vec<(&str, RawSettings)> = vec![
+            (
+                "retention",
+                RawSettings {
+                    retention: huge.into(),
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "rewind",
+                RawSettings {
+                    rewind: huge.into(),
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "handshake_timeout",
+                RawSettings {
+                    handshake_timeout: huge.into(),
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "ping_interval",
+                RawSettings {
+                    ping_interval: huge.into(),
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "max_lag",
+                RawSettings {
+                    max_lag: huge.into(),
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "thin_linger",
+                RawSettings {
+                    thin_linger: huge.into(),
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "conn_rate_per_ip",
+                RawSettings {
+                    conn_rate_per_ip: f64::INFINITY,
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "shape_rate_per_ip",
+                RawSettings {
+                    shape_rate_per_ip: 0.0,
+                    ..RawSettings::default()
+                },
+            ),
+        ];
+        for (key, raw) in cases {
+            let err = raw.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
+        // The largest allowed values still validate.
+        let s = RawSettings {
+            retention: "3650d".into(),
+            rewind: "1h".into(),
+            handshake_timeout: "1h".into(),
+            ping_interval: "1h".into(),
+            max_lag: "3650d".into(),
+            ..RawSettings::default()
+        }
+        .validate()
+        .unwrap();
+        // And the arithmetic they feed stays in range.
+        let _ = std::time::Instant::now() + s.handshake_timeout + s.ping_interval * 2;
+        assert!(
+            crate::index::now_us()
+                .checked_sub(s.retention.as_micros() as i64)
+                .is_some()
+        );
+    }
+
+    /// The default worker count is one per CPU, clamped to the maximum instead of failing
+    /// validation on hosts with more CPUs than that (before: `workers: at most 64`).
+    #[test]
+    fn default_workers_clamp_to_the_maximum() {
+        assert_eq!(default_workers(1), 1);
+        assert_eq!(default_workers(8), 8);
+        assert_eq!(default_workers(64), 64);
+        assert_eq!(default_workers(128), MAX_WORKERS);
+        assert_eq!(default_workers(0), 1);
+        // An explicit value above the maximum is still an error.
+        let err = RawSettings {
+            workers: 65,
+            ..RawSettings::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`workers`"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,16 @@ pub const MAX_CONNECTIONS_LIMIT: u64 = 10_000_000;
 /// only adds latency to all of them.
 pub const MAX_HANDSHAKES_LIMIT: u64 = 1_000_000;
 
+/// Upper bound for `handshake_timeout`, `half_close_timeout` and `drain_timeout`. Why an
+/// hour: each is added to an `Instant` (which panics on overflow), and longer makes a
+/// half-open or half-closed connection a resource held for free.
+pub const MAX_TIMER: Duration = Duration::from_secs(3600);
+
+/// Upper bound for `idle_timeout`. Why 30 days: added to an `Instant` like the others; a
+/// WebSocket behind the relay is pinged every 30 s anyway, so idleness this long means the
+/// peer is gone.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
+
 /// Command-line flags. All are optional so that an absent flag never masks a value from the
 /// file or the environment; only the flags actually given are layered on top.
 #[derive(Debug, Default, Clone, clap::Parser, Serialize)]
@@ -471,14 +481,30 @@ impl Raw {
                 ),
             ));
         }
-        for (setting, d) in [
-            ("handshake_timeout", self.handshake_timeout),
-            ("idle_timeout", self.idle_timeout),
-            ("half_close_timeout", self.half_close_timeout),
+        for (setting, d, max, max_text) in [
+            ("handshake_timeout", self.handshake_timeout, MAX_TIMER, "1h"),
+            (
+                "idle_timeout",
+                self.idle_timeout,
+                MAX_IDLE_TIMEOUT,
+                "30 days",
+            ),
+            (
+                "half_close_timeout",
+                self.half_close_timeout,
+                MAX_TIMER,
+                "1h",
+            ),
         ] {
-            if d.0.is_zero() {
-                return Err(invalid(setting, "must be greater than zero".into()));
+            if d.0.is_zero() || d.0 > max {
+                return Err(invalid(
+                    setting,
+                    format!("must be greater than zero and at most {max_text}"),
+                ));
             }
+        }
+        if self.drain_timeout.0 > MAX_TIMER {
+            return Err(invalid("drain_timeout", "must be at most 1h".into()));
         }
         let max_connections = bounded(
             "max_connections",
@@ -688,6 +714,10 @@ mod tests {
         assert!(err.contains("listen"), "{err}");
 
         for (flag, value, key) in [
+            ("--handshake-timeout", "99999999999h", "handshake_timeout"),
+            ("--idle-timeout", "99999999999h", "idle_timeout"),
+            ("--half-close-timeout", "99999999999h", "half_close_timeout"),
+            ("--drain-timeout", "99999999999h", "drain_timeout"),
             ("--conn-rate-per-ip", "0", "conn_rate_per_ip"),
             ("--max-handshakes-per-ip", "0", "max_handshakes_per_ip"),
             ("--max-conns-per-ip", "0", "max_conns_per_ip"),
