@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::encoding::{ENCODINGS, Encoding};
-use crate::index::{EventIndex, EventPos};
+use crate::index::{CursorStart, EventEntry, EventIndex, EventPos};
 use crate::lock_order::{Level, OrderedRwLock, ReadGuard, WriteGuard};
 use crate::log::Stream;
 use crate::upstream::SkipReason;
@@ -363,11 +363,13 @@ impl Hub {
     }
 
     /// Resolves a µs cursor to the position of the first retained event with
-    /// `time_us >= cursor` (in log order), or the live end. Scans at most one chunk's frames
-    /// from the plain log.
+    /// `time_us >= cursor` (in log order), or the live end. May read one chunk's frames from
+    /// the plain log (see [`Hub::cursor_in_memory`]): not for the listener thread.
     pub fn resolve_cursor(&self, cursor: Option<i64>) -> EventPos {
-        let pos = self.resolve_cursor_unclamped(cursor);
-        self.past_kicks(pos)
+        match self.cursor_in_memory(cursor) {
+            CursorLookup::Ready(pos) => pos,
+            CursorLookup::NeedsScan(scan) => self.finish_cursor_scan(scan),
+        }
     }
 
     /// Resolves a seq cursor (inclusive: the event with that seq, or the first after it).
@@ -390,14 +392,13 @@ impl Hub {
         } else {
             index.pos_of(at)
         };
-        drop(index);
         // Events retention is kicking readers off are as good as gone: a seq among them is
         // too old (named by the first event a client can really get), never a silent skip.
-        let servable = self.past_kicks(pos);
+        let servable = self.clamp_to_kicks(pos, &index);
         if at < first || servable != pos {
             return SeqStart::TooOld {
                 oldest: servable,
-                oldest_seq: self.seq_of(servable.seq),
+                oldest_seq: index.seqs.seq_of(servable.seq),
             };
         }
         SeqStart::At(pos)
@@ -408,32 +409,58 @@ impl Hub {
         self.index().seqs.seq_of(pos)
     }
 
+    /// Resolves a µs cursor from memory alone, in O(log n) (the listener's path): ready,
+    /// unless it lands in a chunk recovered from disk whose per-event times are not in memory;
+    /// then [`Hub::finish_cursor_scan`] reads that chunk's frames (off the listener thread).
+    pub fn cursor_in_memory(&self, cursor: Option<i64>) -> CursorLookup {
+        let index = self.index();
+        let Some(cursor) = cursor else {
+            return CursorLookup::Ready(self.clamp_to_kicks(index.end_pos(), &index));
+        };
+        // A cursor in the future is live (official semantics) — in the future of the upstream
+        // clock that stamped the events, never the relay's own: that is exactly a cursor past
+        // the running maximum of the indexed times, where no chunk is found (Live below).
+        let start = index.start_pos();
+        let pos = match index.cursor_start(cursor) {
+            CursorStart::Live => index.end_pos(),
+            CursorStart::At(pos) => pos.max_seq(start),
+            CursorStart::Scan(chunk, _) if chunk.seq < start.seq => start,
+            CursorStart::Scan(chunk, entries) => {
+                return CursorLookup::NeedsScan(CursorScan {
+                    cursor,
+                    chunk,
+                    entries,
+                });
+            }
+        };
+        CursorLookup::Ready(self.clamp_to_kicks(pos, &index))
+    }
+
     /// Retention may be about to drop the start of what is retained (it is kicking the
-    /// readers there): new clients start past that point rather than be refused.
-    fn past_kicks(&self, pos: EventPos) -> EventPos {
+    /// readers there): new clients start past that point rather than be refused. Takes the
+    /// caller's index guard (lock order: the index is never taken twice by one thread).
+    fn clamp_to_kicks(&self, pos: EventPos, index: &EventIndex) -> EventPos {
         let kicks: [u64; ENCODINGS] = std::array::from_fn(|i| self.streams[i].kick_below());
         if (0..ENCODINGS).all(|i| pos.offs[i] >= kicks[i]) {
             return pos;
         }
-        self.index().first_pos_at_or_after(kicks)
+        index.first_pos_at_or_after(kicks)
     }
 
-    fn resolve_cursor_unclamped(&self, cursor: Option<i64>) -> EventPos {
+    /// Finishes a cursor lookup that needs a scan: reads the chunk's frames from the plain
+    /// log (blocking disk I/O) and returns the first event with `time_us >= cursor`.
+    pub fn finish_cursor_scan(&self, scan: CursorScan) -> EventPos {
+        let pos = self.scan_chunk(scan);
         let index = self.index();
-        let Some(cursor) = cursor else {
-            return index.end_pos();
-        };
-        // A cursor in the future is live (official semantics) — in the future of the upstream
-        // clock that stamped the events, never the relay's own: that is exactly a cursor past
-        // the running maximum of the indexed times, where no chunk is found.
-        let Some((mut pos, entries)) = index.cursor_chunk(cursor) else {
-            return index.end_pos();
-        };
-        let start = index.start_pos();
-        drop(index);
-        if pos.seq < start.seq {
-            return start;
-        }
+        self.clamp_to_kicks(pos.max_seq(index.start_pos()), &index)
+    }
+
+    fn scan_chunk(&self, scan: CursorScan) -> EventPos {
+        let CursorScan {
+            cursor,
+            chunk: mut pos,
+            entries,
+        } = scan;
         let plain = Encoding::V1Json;
         let total: u64 = entries.iter().map(|e| e.frame_len(plain)).sum();
         let mut buf = vec![0u8; total as usize];
@@ -460,6 +487,36 @@ impl Hub {
         }
         pos
     }
+}
+
+/// Outcome of [`Hub::cursor_in_memory`].
+#[derive(Debug)]
+pub enum CursorLookup {
+    /// The start position.
+    Ready(EventPos),
+    /// A chunk's frames must be read to finish it ([`Hub::finish_cursor_scan`]).
+    NeedsScan(CursorScan),
+}
+
+impl CursorLookup {
+    /// A position to hold until the lookup completes (the start when ready).
+    pub fn placeholder(&self) -> EventPos {
+        match self {
+            CursorLookup::Ready(pos) => *pos,
+            CursorLookup::NeedsScan(scan) => scan.chunk,
+        }
+    }
+}
+
+/// A cursor lookup waiting for a scan of one chunk recovered from disk.
+#[derive(Debug)]
+pub struct CursorScan {
+    /// The cursor.
+    cursor: i64,
+    /// The chunk's first event.
+    chunk: EventPos,
+    /// The chunk's events (at most [`crate::index::CHUNK_EVENTS`]).
+    entries: Vec<EventEntry>,
 }
 
 /// Header length of a frame the writer stored (unmasked, so 2, 4 or 10 bytes).

@@ -7,8 +7,13 @@
 //!
 //! Why a running maximum: `time_us` is not monotonic in real traffic, but its running maximum
 //! is, and the first event whose `time_us >= C` is exactly the first event where the running
-//! maximum reaches `C`. So a binary search over chunk maxima finds the chunk, and a scan of at
-//! most one chunk's frames finds the event.
+//! maximum reaches `C`. So a binary search over chunk maxima finds the chunk, and a binary
+//! search over the chunk's per-event running maxima ([`ChunkTimes`], 4 bytes an event, kept in
+//! memory for chunks appended by this process) finds the event: a cursor costs O(log n) in
+//! memory, no disk read. Chunks recovered from disk have no per-event times (they are not
+//! persisted); a cursor landing in one needs a scan of that chunk's frames, which the listener
+//! hands to another thread ([`CursorStart::Scan`]). The times are indexed times (see
+//! [`crate::clock`]), like the chunk maxima.
 //!
 //! Persistence (what makes a restart of a 10 GB log take seconds, not minutes):
 //! - `events.idx`: record `seq` at byte `seq * 32` (punched with the log, a chunk per two
@@ -138,6 +143,97 @@ pub struct Chunk {
     pub appended_at_us: i64,
     /// The events.
     pub entries: Vec<EventEntry>,
+    /// The running maximum of `time_us` after each event, when known.
+    pub times: ChunkTimes,
+}
+
+/// A chunk's running maximum of `time_us` after each of its events, for cursor lookups
+/// without reading frames. Mutually exclusive representations of the same thing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkTimes {
+    /// Not known: the chunk was recovered from disk (only chunk maxima are persisted). A
+    /// cursor landing in it scans its frames.
+    Unknown,
+    /// Microseconds above the first event's running maximum, per event: 4 bytes an event,
+    /// for chunks whose running maximum grows by less than `u32::MAX` µs (71 minutes).
+    Compact {
+        /// The first event's running maximum.
+        first: i64,
+        /// Each event's running maximum minus `first`.
+        above: Vec<u32>,
+    },
+    /// Each event's running maximum, for a chunk whose maximum jumped further.
+    Wide(Vec<i64>),
+}
+
+impl ChunkTimes {
+    /// Empty, for a chunk this process starts.
+    fn new() -> ChunkTimes {
+        ChunkTimes::Compact {
+            first: 0,
+            above: Vec::with_capacity(CHUNK_EVENTS as usize),
+        }
+    }
+
+    /// Records the running maximum after the next event.
+    fn push(&mut self, running_max: i64) {
+        match self {
+            ChunkTimes::Unknown => {}
+            ChunkTimes::Compact { first, above } => {
+                if above.is_empty() {
+                    *first = running_max;
+                    above.push(0);
+                    return;
+                }
+                match running_max
+                    .checked_sub(*first)
+                    .and_then(|d| u32::try_from(d).ok())
+                {
+                    Some(d) => above.push(d),
+                    None => {
+                        let mut wide: Vec<i64> =
+                            above.iter().map(|d| *first + i64::from(*d)).collect();
+                        wide.push(running_max);
+                        *self = ChunkTimes::Wide(wide);
+                    }
+                }
+            }
+            ChunkTimes::Wide(v) => v.push(running_max),
+        }
+    }
+
+    /// Index of the first event whose running maximum is at least `cursor` (the number of
+    /// events if none), or None when unknown.
+    fn first_reaching(&self, cursor: i64) -> Option<usize> {
+        match self {
+            ChunkTimes::Unknown => None,
+            ChunkTimes::Compact { first, above } => {
+                Some(above.partition_point(|d| first.saturating_add(i64::from(*d)) < cursor))
+            }
+            ChunkTimes::Wide(v) => Some(v.partition_point(|t| *t < cursor)),
+        }
+    }
+
+    /// Heap bytes held.
+    fn memory_bytes(&self) -> usize {
+        match self {
+            ChunkTimes::Unknown => 0,
+            ChunkTimes::Compact { above, .. } => above.capacity() * 4,
+            ChunkTimes::Wide(v) => v.capacity() * 8,
+        }
+    }
+}
+
+/// Where a cursor starts, as far as memory knows (see [`EventIndex::cursor_start`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CursorStart {
+    /// At this event: the first retained one whose `time_us >= cursor`.
+    At(EventPos),
+    /// No retained event reaches the cursor: live.
+    Live,
+    /// In the chunk starting at this position, whose per-event times are not in memory: the
+    /// caller scans these entries' frames (see `Hub::finish_cursor_scan`).
+    Scan(EventPos, Vec<EventEntry>),
 }
 
 impl Chunk {
@@ -165,6 +261,11 @@ pub struct EventPos {
 }
 
 impl EventPos {
+    /// The later of two positions (by sequence number).
+    pub fn max_seq(self, other: EventPos) -> EventPos {
+        if other.seq > self.seq { other } else { self }
+    }
+
     /// Offset in the base log of `enc`.
     pub fn offset(&self, enc: Encoding) -> u64 {
         self.offs[enc.index()]
@@ -518,6 +619,7 @@ impl EventIndex {
                 max_time_us: i64::MIN,
                 appended_at_us: 0,
                 entries: Vec::with_capacity(CHUNK_EVENTS as usize),
+                times: ChunkTimes::new(),
             }]),
             collections: Collections::default(),
             events_file: None,
@@ -703,6 +805,8 @@ impl EventIndex {
                 max_time_us,
                 appended_at_us: if rescan { 0 } else { appended_at_us },
                 entries,
+                // Per-event times are not persisted: a cursor here scans the frames.
+                times: ChunkTimes::Unknown,
             });
             rebuilt.push_back(rescan);
             if torn || !complete {
@@ -719,6 +823,7 @@ impl EventIndex {
                 max_time_us: i64::MIN,
                 appended_at_us: now_us(),
                 entries: Vec::new(),
+                times: ChunkTimes::new(),
             });
             rebuilt.push_back(false);
         }
@@ -801,6 +906,7 @@ impl EventIndex {
                 max_time_us: i64::MIN,
                 appended_at_us: 0,
                 entries: Vec::with_capacity(CHUNK_EVENTS as usize),
+                times: ChunkTimes::new(),
             });
             rebuilt.push_back(true);
         }
@@ -1060,6 +1166,7 @@ impl EventIndex {
         let last = self.chunks.back_mut().expect("index always has a chunk");
         last.entries.push(entry);
         last.max_time_us = last.max_time_us.max(indexed_time_us);
+        last.times.push(last.max_time_us);
         last.appended_at_us = now_us;
         if last.entries.len() as u64 == CHUNK_EVENTS {
             let offs = last.end_offsets();
@@ -1070,6 +1177,7 @@ impl EventIndex {
                 max_time_us,
                 appended_at_us: now_us,
                 entries: Vec::with_capacity(CHUNK_EVENTS as usize),
+                times: ChunkTimes::new(),
             });
         }
         seq
@@ -1081,18 +1189,36 @@ impl EventIndex {
         Ok(self.push(entry, time_us, now_us))
     }
 
+    /// The first retained chunk whose running max reaches `cursor`: a binary search (chunk
+    /// maxima never decrease; only the newest chunk can be empty, and it carries its
+    /// predecessor's maximum, so it is never the answer unless nothing reaches the cursor).
+    fn chunk_reaching(&self, cursor: i64) -> Option<&Chunk> {
+        let i = self.chunks.partition_point(|c| c.max_time_us < cursor);
+        self.chunks.get(i).filter(|c| !c.entries.is_empty())
+    }
+
     /// Finds the first chunk a cursor can start in: the first whose running max reaches
-    /// `cursor`. Returns (chunk start, running max before the chunk), or None if no retained
-    /// event has `time_us >= cursor` (the cursor is live).
+    /// `cursor`. Returns (chunk start, its entries), or None if no retained event has
+    /// `time_us >= cursor` (the cursor is live). O(log chunks) plus the entries' copy.
     pub fn cursor_chunk(&self, cursor: i64) -> Option<(EventPos, Vec<EventEntry>)> {
-        let retained: Vec<&Chunk> = self
-            .chunks
-            .iter()
-            .filter(|c| !c.entries.is_empty())
-            .collect();
-        let i = retained.partition_point(|c| c.max_time_us < cursor);
-        let c = retained.get(i)?;
+        let c = self.chunk_reaching(cursor)?;
         Some((c.start(), c.entries.clone()))
+    }
+
+    /// Where a cursor starts: the first retained event whose `time_us >= cursor`, found in
+    /// memory in O(log n) when its chunk's per-event times are known, else the chunk to scan.
+    pub fn cursor_start(&self, cursor: i64) -> CursorStart {
+        let Some(c) = self.chunk_reaching(cursor) else {
+            return CursorStart::Live;
+        };
+        let mut pos = c.start();
+        let Some(k) = c.times.first_reaching(cursor) else {
+            return CursorStart::Scan(pos, c.entries.clone());
+        };
+        for e in &c.entries[..k.min(c.entries.len())] {
+            pos = pos.after(e);
+        }
+        CursorStart::At(pos)
     }
 
     /// Position of event `seq` (clamped to the retained range).
@@ -1260,9 +1386,14 @@ impl EventIndex {
 
     /// Approximate heap bytes used by retained entries (for metrics and the README's claim).
     pub fn memory_bytes(&self) -> usize {
-        self.chunks.len()
-            * (std::mem::size_of::<Chunk>()
-                + CHUNK_EVENTS as usize * std::mem::size_of::<EventEntry>())
+        self.chunks
+            .iter()
+            .map(|c| {
+                std::mem::size_of::<Chunk>()
+                    + c.entries.capacity() * std::mem::size_of::<EventEntry>()
+                    + c.times.memory_bytes()
+            })
+            .sum()
     }
 }
 
@@ -1332,6 +1463,60 @@ mod tests {
             assert_eq!(got, expected, "cursor {cursor}");
         }
         assert!(idx.cursor_chunk(20_000).is_none(), "future cursor is live");
+    }
+
+    /// Seeded property test: for random non-monotonic times (including clock jumps of more
+    /// than 71 minutes inside a chunk, which switch it to wide times), the in-memory lookup
+    /// lands exactly on the first event with `time_us >= cursor`, with its offsets.
+    #[test]
+    fn in_memory_cursor_start_is_exact() {
+        for seed in 0..30 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut idx = EventIndex::in_memory();
+            let n = rng.usize(1..1500);
+            let mut t = 1_700_000_000_000_000i64;
+            let mut times = Vec::with_capacity(n);
+            for i in 0..n {
+                t += match rng.u8(0..100) {
+                    0 => 5_000_000_000,           // a jump of 83 minutes
+                    1..=30 => -rng.i64(0..3_000), // backwards
+                    _ => rng.i64(0..2_000),
+                };
+                times.push(t);
+                idx.append(entry(50 + (i as u32 * 7) % 300), t, 0).unwrap();
+            }
+            let probes: Vec<i64> = times
+                .iter()
+                .flat_map(|t| [*t - 1, *t, *t + 1])
+                .chain([i64::MIN, 0, i64::MAX])
+                .collect();
+            for cursor in probes {
+                let expected = times.iter().position(|t| *t >= cursor);
+                match idx.cursor_start(cursor) {
+                    CursorStart::At(pos) => {
+                        let k = expected.expect("found an event none reaches");
+                        assert_eq!(pos, idx.pos_of(k as u64), "seed {seed} cursor {cursor}");
+                    }
+                    CursorStart::Live => assert_eq!(expected, None, "seed {seed} {cursor}"),
+                    CursorStart::Scan(..) => panic!("times are known for appended chunks"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_times_switch_to_wide_on_big_jumps() {
+        let mut times = ChunkTimes::new();
+        times.push(10);
+        times.push(10 + u32::MAX as i64);
+        assert!(matches!(times, ChunkTimes::Compact { .. }));
+        times.push(11 + u32::MAX as i64);
+        assert_eq!(
+            times,
+            ChunkTimes::Wide(vec![10, 10 + u32::MAX as i64, 11 + u32::MAX as i64])
+        );
+        assert_eq!(times.first_reaching(11), Some(1));
+        assert_eq!(ChunkTimes::Unknown.first_reaching(0), None);
     }
 
     #[test]
@@ -1486,6 +1671,14 @@ mod tests {
         assert_eq!(idx.next_seq(), 650);
         assert_eq!(rec.dropped_records + rec.invalid_tail_events, 48);
         assert_eq!(idx.cursor_chunk(1_006_000).unwrap().0.seq, 256);
+        // Recovered chunks have no per-event times: a cursor there needs a scan.
+        match idx.cursor_start(1_006_000) {
+            CursorStart::Scan(pos, entries) => {
+                assert_eq!(pos.seq, 256);
+                assert_eq!(entries.len(), 256);
+            }
+            other => panic!("{other:?}"),
+        }
         assert_consistent(&idx, &m);
         std::fs::remove_dir_all(&dir).ok();
     }

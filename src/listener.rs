@@ -15,12 +15,18 @@
 //! address is answered 429 at once and cannot take the slots other addresses need. A TCP
 //! trusted listener only accepts connections from `--trusted-allow-ip` (default loopback);
 //! its clients' addresses, from their PROXY headers, go through the same checks.
+//!
+//! The listener never reads the logs: a cursor is resolved from the index in memory, and the
+//! rare cursor that lands in a chunk recovered from disk (whose per-event times are not in
+//! memory) is finished by a helper thread that scans that chunk's frames and completes the
+//! upgrade, so a slow disk cannot stall everyone's handshakes.
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
@@ -30,8 +36,8 @@ use crate::config::{ListenAddr, Settings};
 use crate::encoding::Encoding;
 use crate::fanout::{Fanout, NewClient};
 use crate::handshake::{self, HttpError, ParseStatus};
-use crate::hub::SeqStart;
-use crate::hub::{Counters, Hub, ShapeClass};
+use crate::hub::{Counters, CursorLookup, CursorScan, Hub, SeqStart, ShapeClass};
+use crate::index::EventPos;
 use crate::limits::{Admission, Throttle, address_key, in_network};
 use crate::proxy_protocol::{self, ProxyParse};
 use crate::subscription;
@@ -42,6 +48,12 @@ use crate::wire::{self, Cursor, KindSet};
 /// retransmit; the listener drains the queue quickly, answering refusals at accept. The
 /// kernel caps it at `net.core.somaxconn`.
 pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Cursor lookups that need a disk scan, queued for the helper thread. Why 64: each holds a
+/// socket and a chunk's entries (4 KiB); a scan reads at most one chunk (typically a few
+/// hundred KiB, from the page cache), so 64 queued is well under a second of work; beyond,
+/// such handshakes get 503 at once rather than waiting unboundedly.
+const MAX_QUEUED_CURSOR_SCANS: usize = 64;
 
 /// Spacing of the log line that summarizes connections refused at accept (the flood path
 /// is counted in metrics, not logged per connection).
@@ -178,6 +190,67 @@ pub struct Listener {
     trusted_allow: Vec<(IpAddr, u8)>,
     /// Keeps the summary of refusals at accept to one line per interval.
     refusal_log: Throttle,
+    /// Upgrades whose cursor needs a disk scan, for the helper thread (None if it could not
+    /// be started: then the listener scans itself).
+    scans: Option<SyncSender<(Upgrade, CursorScan)>>,
+}
+
+/// A WebSocket upgrade that passed every check and waits only for its start position.
+struct Upgrade {
+    /// The 101 response to write.
+    response: Vec<u8>,
+    /// A v2 µs cursor: a start clamped to the oldest retained event gets an `#info` frame
+    /// (`OutdatedCursor`), known only once the cursor resolves.
+    outdated_info: bool,
+    /// The client; its `start` is a placeholder until the cursor resolves.
+    client: NewClient,
+}
+
+/// Writes the 101 and hands the client to a worker (the listener, or the cursor-scan helper).
+fn finish_upgrade(hub: &Hub, fanout: &Fanout, up: Upgrade, start: EventPos) {
+    let Upgrade {
+        response,
+        outdated_info,
+        mut client,
+    } = up;
+    if outdated_info {
+        let first = hub.index().first_seq();
+        if start.seq == first && first > 0 {
+            let mut info = Vec::new();
+            wire::outdated_cursor_frame(hub.seq_of(first), &mut info);
+            match crate::fanout::scheduler::own_frame(client.encoding, &info) {
+                Ok(frame) => client.preamble = Some(frame),
+                Err(e) => tracing::warn!(error = %e, "cannot compose the #info frame"),
+            }
+        }
+    }
+    if write_all_nb(&client.fd, &response).is_err() {
+        if let Some(ip) = client.counted_ip {
+            hub.limits.release(ip);
+        }
+        return;
+    }
+    Counters::add(&hub.counters.clients_accepted, 1);
+    client.start = start;
+    fanout.attach(client);
+}
+
+/// Starts the thread that finishes cursor lookups needing a disk scan; it ends when the
+/// listener (the sender) is gone.
+fn spawn_cursor_scanner(
+    hub: Arc<Hub>,
+    fanout: Arc<Fanout>,
+) -> std::io::Result<SyncSender<(Upgrade, CursorScan)>> {
+    let (tx, rx) = sync_channel::<(Upgrade, CursorScan)>(MAX_QUEUED_CURSOR_SCANS);
+    std::thread::Builder::new()
+        .name("cursor-scan".into())
+        .spawn(move || {
+            while let Ok((up, scan)) = rx.recv() {
+                let start = hub.finish_cursor_scan(scan);
+                finish_upgrade(&hub, &fanout, up, start);
+            }
+        })?;
+    Ok(tx)
 }
 
 /// Epoll tokens at and above this are listening sockets; below, handshake slots.
@@ -191,7 +264,15 @@ impl Listener {
         listeners: Vec<(Bound, bool)>,
         settings: &Settings,
     ) -> Listener {
+        let scans = match spawn_cursor_scanner(hub.clone(), fanout.clone()) {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the cursor-scan thread; the listener scans itself");
+                None
+            }
+        };
         Listener {
+            scans,
             hub,
             fanout,
             listeners,
@@ -243,7 +324,7 @@ impl Listener {
                     let i = (token - LISTENER_TOKEN_BASE) as usize;
                     self.accept_all(i, &ep, &mut slots);
                 } else {
-                    self.drive(&mut slots, token);
+                    self.drive(&ep, &mut slots, token);
                 }
             }
             // Expire handshakes past their deadline (slowloris).
@@ -384,7 +465,7 @@ impl Listener {
     }
 
     /// Reads and advances the handshake of slot `token`; frees the slot when it is done.
-    fn drive(&self, slots: &mut HandshakeSlots<Pending>, token: u64) {
+    fn drive(&self, ep: &OwnedFd, slots: &mut HandshakeSlots<Pending>, token: u64) {
         loop {
             let Some(p) = slots.get_mut(token) else {
                 return;
@@ -392,7 +473,13 @@ impl Listener {
             match self.progress(p) {
                 Progress::Again => return,
                 Progress::Done => {
-                    slots.remove(token);
+                    if let Some(p) = slots.remove(token) {
+                        // An upgraded socket lives on in a worker through a duplicate of
+                        // this fd, and epoll watches the open file, not the fd: closing ours
+                        // alone would keep waking this thread (level-triggered) for every
+                        // byte the client sends and at its disconnect.
+                        let _ = epoll::delete(ep, &p.fd);
+                    }
                     return;
                 }
                 Progress::Proxied(ip) => {
@@ -536,22 +623,18 @@ impl Listener {
                     };
                 // A cursor below 10^15 is a seq (inclusive; below retention clamped silently, as
                 // officially), at or above it unix µs.
-                let start = match params.cursor.map(Cursor::from_value) {
-                    None => self.hub.resolve_cursor(None),
-                    Some(Ok(Cursor::TimeUs(t))) => self.hub.resolve_cursor(Some(t)),
-                    Some(Ok(Cursor::Seq(seq))) => match self.hub.resolve_seq(seq) {
+                let lookup = match params.cursor.map(Cursor::from_value) {
+                    None => self.hub.cursor_in_memory(None),
+                    Some(Ok(Cursor::TimeUs(t))) => self.hub.cursor_in_memory(Some(t)),
+                    Some(Ok(Cursor::Seq(seq))) => CursorLookup::Ready(match self.hub.resolve_seq(seq) {
                         SeqStart::At(pos) => pos,
                         SeqStart::TooOld { oldest, .. } => oldest,
                         SeqStart::Live { end, .. } => end,
-                    },
+                    }),
                     Some(Err(e)) => {
                         return self.refuse_ref(p, HttpError::new(400, format!("cursor: {e}")));
                     }
                 };
-                let response = handshake::accept_response(&key, &[]);
-                if write_all_nb(&p.fd, &response).is_err() {
-                    return self.drop_silently(p);
-                }
                 let Some(fd) = p.fd.try_clone().ok() else {
                     return self.drop_silently(p);
                 };
@@ -561,20 +644,23 @@ impl Listener {
                 tracing::info!(%peer, shape = %ShapeClass::of(&params.options), cursor = ?params.cursor, compress = params.compress,
                     collections = params.options.wanted_collections.len(),
                     dids = params.options.wanted_dids.len(), "client connected");
-                Counters::add(&self.hub.counters.clients_accepted, 1);
-                self.fanout.attach(NewClient {
-                    fd,
-                    peer,
-                    encoding: Encoding::of(false, params.compress),
-                    kinds: KindSet::V1,
-                    options: params.options,
-                    preamble: None,
-                    start,
-                    require_hello: params.require_hello,
-                    counted_ip: p.admitted_ip.take(),
-                    filter_reservation,
-                });
-                Progress::Done
+                let up = Upgrade {
+                    response: handshake::accept_response(&key, &[]),
+                    outdated_info: false,
+                    client: NewClient {
+                        fd,
+                        peer,
+                        encoding: Encoding::of(false, params.compress),
+                        kinds: KindSet::V1,
+                        options: params.options,
+                        preamble: None,
+                        start: lookup.placeholder(),
+                        require_hello: params.require_hello,
+                        counted_ip: p.admitted_ip.take(),
+                        filter_reservation,
+                    },
+                };
+                self.upgrade(p, up, lookup)
             }
             (_, wire::SUBSCRIBE_EVENTS_PATH) => self.subscribe_events(p, &request),
             (_, wire::GET_ZSTD_DICTIONARY_PATH) => {
@@ -618,9 +704,10 @@ impl Listener {
         };
         let encoding = Encoding::of(true, params.compress);
         let mut info = Vec::new();
-        let start = match params.cursor {
-            None => self.hub.resolve_cursor(None),
-            Some(Cursor::Seq(seq)) => match self.hub.resolve_seq(seq) {
+        let mut outdated_info = false;
+        let lookup = match params.cursor {
+            None => self.hub.cursor_in_memory(None),
+            Some(Cursor::Seq(seq)) => CursorLookup::Ready(match self.hub.resolve_seq(seq) {
                 SeqStart::At(pos) => pos,
                 SeqStart::TooOld { oldest_seq, .. } => {
                     return self.refuse_xrpc(p, wire::XrpcError::cursor_too_old(seq, oldest_seq));
@@ -635,16 +722,11 @@ impl Listener {
                     }
                     end
                 }
-            },
+            }),
+            // Whether it was clamped is known once it resolves (see `finish_upgrade`).
             Some(Cursor::TimeUs(t)) => {
-                let pos = self.hub.resolve_cursor(Some(t));
-                // Clamped: the cursor resolves to the oldest retained event while older ones
-                // were dropped (the window moved past it).
-                let first = self.hub.index().first_seq();
-                if pos.seq == first && first > 0 {
-                    wire::outdated_cursor_frame(self.hub.seq_of(first), &mut info);
-                }
-                pos
+                outdated_info = true;
+                self.hub.cursor_in_memory(Some(t))
             }
         };
         let preamble = if info.is_empty() {
@@ -662,10 +744,6 @@ impl Listener {
             .map(|proto| ("Sec-WebSocket-Protocol", proto))
             .into_iter()
             .collect();
-        let response = handshake::accept_response(&key, &headers);
-        if write_all_nb(&p.fd, &response).is_err() {
-            return self.drop_silently(p);
-        }
         let Some(fd) = p.fd.try_clone().ok() else {
             return self.drop_silently(p);
         };
@@ -676,19 +754,47 @@ impl Listener {
             encoding = %encoding, kinds = %params.kinds.names(),
             collections = params.options.wanted_collections.len(),
             dids = params.options.wanted_dids.len(), "client connected");
-        Counters::add(&self.hub.counters.clients_accepted, 1);
-        self.fanout.attach(NewClient {
-            fd,
-            peer,
-            encoding,
-            kinds: params.kinds,
-            options: params.options,
-            preamble,
-            start,
-            require_hello: false,
-            counted_ip: p.admitted_ip.take(),
-            filter_reservation,
-        });
+        let up = Upgrade {
+            response: handshake::accept_response(&key, &headers),
+            outdated_info,
+            client: NewClient {
+                fd,
+                peer,
+                encoding,
+                kinds: params.kinds,
+                options: params.options,
+                preamble,
+                start: lookup.placeholder(),
+                require_hello: false,
+                counted_ip: p.admitted_ip.take(),
+                filter_reservation,
+            },
+        };
+        self.upgrade(p, up, lookup)
+    }
+
+    /// Completes an upgrade whose start is `lookup`: now, or on the cursor-scan thread when
+    /// it needs a disk read (beyond its queue: 503).
+    fn upgrade(&self, p: &mut Pending, up: Upgrade, lookup: CursorLookup) -> Progress {
+        match (lookup, &self.scans) {
+            (CursorLookup::Ready(start), _) => finish_upgrade(&self.hub, &self.fanout, up, start),
+            (CursorLookup::NeedsScan(scan), Some(scans)) => {
+                if let Err(TrySendError::Full((mut up, _)) | TrySendError::Disconnected((mut up, _))) =
+                    scans.try_send((up, scan))
+                {
+                    p.admitted_ip = up.client.counted_ip.take();
+                    return self.refuse_ref(
+                        p,
+                        HttpError::new(503, "server busy: too many cursor lookups in progress")
+                            .with_header("Retry-After", "1".into()),
+                    );
+                }
+            }
+            (CursorLookup::NeedsScan(scan), None) => {
+                let start = self.hub.finish_cursor_scan(scan);
+                finish_upgrade(&self.hub, &self.fanout, up, start);
+            }
+        }
         Progress::Done
     }
 

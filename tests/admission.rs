@@ -807,3 +807,111 @@ fn upgrade_query_from(src: Ipv4Addr, port: u16, query: &str) -> (u16, Duration, 
         .unwrap_or(0);
     (status, t0.elapsed(), head)
 }
+
+/// Every frame of a replay, until `max` or `quiet` passes without one.
+fn read_all(url: &str, quiet: Duration, max: usize) -> Vec<Vec<u8>> {
+    let (mut ws, _) = tungstenite::connect(url).expect("connect");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(quiet)).ok();
+    }
+    let mut out = Vec::new();
+    while out.len() < max {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => out.push(t.as_bytes().to_vec()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+fn time_us_of(json: &[u8]) -> i64 {
+    let v: serde_json::Value = serde_json::from_slice(json).expect("json");
+    v["time_us"].as_i64().expect("time_us")
+}
+
+/// Bytes a thread of `pid` named `name` has read through read(2)-family calls (`rchar`:
+/// sockets and files alike, page cache included).
+fn thread_rchar(pid: u32, name: &str) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let io = std::fs::read_to_string(t.path().join("io")).unwrap_or_default();
+            return io
+                .lines()
+                .find_map(|l| l.strip_prefix("rchar:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    panic!("no thread {name} in {pid}")
+}
+
+/// Cursor handshakes cost the listener no disk read: before, each one read up to a chunk's
+/// frames (256 events) from the log on the listener's only thread. Now a cursor is found in
+/// memory (per-event times), and one landing in a chunk recovered from disk after a restart
+/// is scanned by the helper thread. Every client still starts exactly at the first event
+/// with `time_us >= cursor`.
+#[test]
+fn cursor_handshakes_do_no_disk_reads_on_the_listener_thread() {
+    const N: usize = 3000;
+    let mock = Mock::start(
+        2000,
+        &["--time-jitter-ms", "300", "--count", &N.to_string()],
+    );
+    let dir = temp_dir("admission-cursor");
+    let mut relay = Relay::start(&mock.url(), &dir, &[]);
+    wait_until("all events appended", Duration::from_secs(30), || {
+        read_all(&relay.url("cursor=0"), Duration::from_millis(300), N + 10).len() >= N
+    });
+    let all = read_all(&relay.url("cursor=0"), Duration::from_millis(500), N + 10);
+    assert_eq!(all.len(), N);
+    let times: Vec<i64> = all.iter().map(|e| time_us_of(e)).collect();
+    // Cursors spread over the whole log, each checked against the full replay.
+    let cursors: Vec<(i64, usize)> = (0..60)
+        .map(|i| {
+            let c = times[(i * 97 + 13) % N] - 1;
+            let expect = times.iter().position(|t| *t >= c).unwrap();
+            (c, expect)
+        })
+        .collect();
+    let check = |relay: &Relay, what: &str| {
+        let pid = relay.proc.child.id();
+        let before = thread_rchar(pid, "listener");
+        for (c, expect) in &cursors {
+            let got = read_all(
+                &relay.url(&format!("cursor={c}")),
+                Duration::from_millis(300),
+                1,
+            );
+            assert_eq!(got.first(), Some(&all[*expect]), "{what}: cursor {c}");
+        }
+        let read = thread_rchar(pid, "listener") - before;
+        // The request heads (~150 bytes each) and nothing else; a chunk of frames is
+        // ~150 KB, so one disk read would show.
+        eprintln!(
+            "{what}: the listener read {read} bytes for {} cursor handshakes",
+            cursors.len()
+        );
+        assert!(read < 64 * 1024, "{what}: the listener read {read} bytes");
+    };
+    check(&relay, "live index");
+    // Restart: the chunks are recovered from disk without per-event times.
+    assert!(
+        relay.proc.terminate(Duration::from_secs(10)),
+        "graceful stop"
+    );
+    let relay2 = Relay::start(&mock.url(), &dir, &[]);
+    wait_until("recovered", Duration::from_secs(10), || {
+        read_all(&relay2.url("cursor=0"), Duration::from_millis(300), 1).len() == 1
+    });
+    let scanner_before = thread_rchar(relay2.proc.child.id(), "cursor-scan");
+    check(&relay2, "recovered index");
+    let scanned = thread_rchar(relay2.proc.child.id(), "cursor-scan") - scanner_before;
+    eprintln!("the cursor-scan thread read {scanned} bytes");
+    assert!(
+        scanned > 0,
+        "recovered chunks are scanned by the helper thread"
+    );
+}
