@@ -164,8 +164,20 @@ fn hub_for(dir: &Path) -> (Arc<Hub>, jetrelay::index::Recovery) {
         conn_rate_per_ip: 10.0,
         allow: Vec::new(),
     });
-    let shapes = jetrelay::shapes::Shapes::new(dir.join("shapes")).expect("shapes");
-    (Arc::new(Hub::new(streams, index, limits, shapes)), recovery)
+    let shapes = jetrelay::shapes::Shapes::new(
+        dir.join("shapes"),
+        jetrelay::shapes::ShapeLimits {
+            creations_per_minute: 6.0,
+            allow: Vec::new(),
+            max_disk: 1 << 30,
+        },
+    )
+    .expect("shapes");
+    let filter_budget = jetrelay::filter_budget::FilterBudget::new(64 << 20, 8 << 20, Vec::new());
+    (
+        Arc::new(Hub::new(streams, index, limits, shapes, filter_budget)),
+        recovery,
+    )
 }
 
 /// The child: recover, then append the model's events from where the log ends (syncing and
