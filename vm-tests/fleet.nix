@@ -33,6 +33,8 @@ let
     ];
     services.jetrelay.settings = {
       trusted_listen = "[::]:6011";
+      # The load balancer's network may claim client addresses (default: loopback only).
+      trusted_allow_ip = common.exemptNets;
       metrics_listen = "[::]:6009";
       # Behind a load balancer a client's next connection may reach the
       # other relay, where its seq names another event (seqs are
