@@ -361,15 +361,17 @@ fn trusted_listener_refuses_sources_outside_the_allow_list() {
         None => eprintln!("no non-loopback local address: default allow-list part skipped"),
         Some(local) => {
             let dir = temp_dir("admission-trusted-default");
-            let trusted = free_port();
-            let _relay = Relay::start(
-                &mock.url(),
-                &dir,
-                &["--trusted-listen", &format!("0.0.0.0:{trusted}")],
-            );
-            let head = proxied_upgrade(Ipv4Addr::LOCALHOST, addr(trusted));
+            // Bound to that address only (a port free there; 0.0.0.0 could collide with
+            // another test's loopback port).
+            let trusted = std::net::TcpListener::bind((local, 0))
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let dst = SocketAddr::from((local, trusted));
+            let _relay = Relay::start(&mock.url(), &dir, &["--trusted-listen", &dst.to_string()]);
+            let head = proxied_upgrade(Ipv4Addr::LOCALHOST, dst);
             assert!(head.starts_with("HTTP/1.1 101"), "loopback: {head}");
-            let head = proxied_upgrade(local, SocketAddr::from((local, trusted)));
+            let head = proxied_upgrade(local, dst);
             assert_eq!(
                 head, "",
                 "non-loopback source {local} must be refused by default"
