@@ -626,11 +626,13 @@ impl Listener {
                 let lookup = match params.cursor.map(Cursor::from_value) {
                     None => self.hub.cursor_in_memory(None),
                     Some(Ok(Cursor::TimeUs(t))) => self.hub.cursor_in_memory(Some(t)),
-                    Some(Ok(Cursor::Seq(seq))) => CursorLookup::Ready(match self.hub.resolve_seq(seq) {
-                        SeqStart::At(pos) => pos,
-                        SeqStart::TooOld { oldest, .. } => oldest,
-                        SeqStart::Live { end, .. } => end,
-                    }),
+                    Some(Ok(Cursor::Seq(seq))) => {
+                        CursorLookup::Ready(match self.hub.resolve_seq(seq) {
+                            SeqStart::At(pos) => pos,
+                            SeqStart::TooOld { oldest, .. } => oldest,
+                            SeqStart::Live { end, .. } => end,
+                        })
+                    }
                     Some(Err(e)) => {
                         return self.refuse_ref(p, HttpError::new(400, format!("cursor: {e}")));
                     }
@@ -779,8 +781,9 @@ impl Listener {
         match (lookup, &self.scans) {
             (CursorLookup::Ready(start), _) => finish_upgrade(&self.hub, &self.fanout, up, start),
             (CursorLookup::NeedsScan(scan), Some(scans)) => {
-                if let Err(TrySendError::Full((mut up, _)) | TrySendError::Disconnected((mut up, _))) =
-                    scans.try_send((up, scan))
+                if let Err(
+                    TrySendError::Full((mut up, _)) | TrySendError::Disconnected((mut up, _)),
+                ) = scans.try_send((up, scan))
                 {
                     p.admitted_ip = up.client.counted_ip.take();
                     return self.refuse_ref(

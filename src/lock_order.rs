@@ -253,8 +253,8 @@ mod tests {
             fastrand::u32(..)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let plain = Stream::create("plain", &dir.join("plain.log"), 1 << 20).unwrap();
-        let zstd = Stream::create("zstd", &dir.join("zstd.log"), 1 << 20).unwrap();
+        let streams = crate::encoding::Encoding::ALL
+            .map(|enc| Stream::create(enc.label(), &dir.join(enc.log_name()), 1 << 20).unwrap());
         let limits = Limits::new(LimitsConfig {
             max_clients: 10,
             max_conns_per_ip: 10,
@@ -271,8 +271,7 @@ mod tests {
         )
         .unwrap();
         let hub = Arc::new(Hub::new(
-            plain,
-            zstd,
+            streams,
             EventIndex::in_memory(),
             limits,
             shapes,
@@ -286,12 +285,16 @@ mod tests {
         {
             let (hub, stop, progress) = (hub.clone(), stop.clone(), progress.clone());
             threads.push(std::thread::spawn(move || {
-                let mut writer = LogWriter::new(hub, Vec::new()).unwrap();
+                let mut writer =
+                    LogWriter::new(hub, Vec::new(), crate::writer::WriterOptions::default())
+                        .unwrap();
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let json = events[i % events.len()].as_bytes();
                     let meta = crate::event::parse_event(json).unwrap();
-                    writer.append_event(json, &meta).unwrap();
+                    writer
+                        .append_event(&crate::upstream::Incoming::v1(json, meta))
+                        .unwrap();
                     progress[0].fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -317,9 +320,10 @@ mod tests {
                 while !stop.load(Ordering::Relaxed) {
                     size = if size > 1 { size - 1 } else { 1 << 20 };
                     let key = ShapeKey {
+                        encoding: crate::encoding::Encoding::V1Json,
+                        kinds: crate::wire::KindSet::V1,
                         collections: Vec::new(),
                         max_message_size: Some(size),
-                        compress: false,
                     };
                     let creator = std::net::IpAddr::from([192, 0, 2, 1]);
                     let _ = hub

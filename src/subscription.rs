@@ -1077,40 +1077,67 @@ mod tests {
     fn only_canonical_keys_are_served_from_a_shape() {
         let o = |c: &[&str], d: &[&str], m: Option<u32>| SubscriberOptions::new(c, d, m).unwrap();
         let post = ["app.bsky.feed.post"];
-        assert_eq!(o(&[], &[], None).serving(false), Serving::Base);
-        assert_eq!(o(&[], &[], Some(u32::MAX)).serving(false), Serving::Base);
-        assert_eq!(o(&[], &["did:plc:a"], None).serving(false), Serving::Walk);
-        assert_eq!(o(&post, &["did:plc:a"], None).serving(false), Serving::Walk);
+        assert_eq!(
+            o(&[], &[], None).serving(Encoding::V1Json, KindSet::V1),
+            Serving::Base
+        );
+        assert_eq!(
+            o(&[], &[], Some(u32::MAX)).serving(Encoding::V1Json, KindSet::V1),
+            Serving::Base
+        );
+        assert_eq!(
+            o(&[], &["did:plc:a"], None).serving(Encoding::V1Json, KindSet::V1),
+            Serving::Walk
+        );
+        assert_eq!(
+            o(&post, &["did:plc:a"], None).serving(Encoding::V1Json, KindSet::V1),
+            Serving::Walk
+        );
         for m in [1_048_575, 1_048_574, 1 << 19, 4096, 600] {
-            assert_eq!(o(&[], &[], Some(m)).serving(false), Serving::Walk, "{m}");
-            assert_eq!(o(&[], &[], Some(m)).serving(true), Serving::Walk, "{m}");
+            assert_eq!(
+                o(&[], &[], Some(m)).serving(Encoding::V1Json, KindSet::V1),
+                Serving::Walk,
+                "{m}"
+            );
+            assert_eq!(
+                o(&[], &[], Some(m)).serving(Encoding::V1Zstd, KindSet::V1),
+                Serving::Walk,
+                "{m}"
+            );
         }
         for m in [1_048_575, 1_048_574, 1000, 600, 3] {
-            assert_eq!(o(&post, &[], Some(m)).serving(false), Serving::Walk, "{m}");
+            assert_eq!(
+                o(&post, &[], Some(m)).serving(Encoding::V1Json, KindSet::V1),
+                Serving::Walk,
+                "{m}"
+            );
         }
-        let Serving::Shape(k) = o(&post, &[], Some(512)).serving(true) else {
+        let Serving::Shape(k) = o(&post, &[], Some(512)).serving(Encoding::V1Zstd, KindSet::V1)
+        else {
             panic!("a power-of-two limit with collections has a shape");
         };
         assert_eq!(k.max_message_size, Some(512));
         assert_eq!(k.label(), "c:app.bsky.feed.post+max:512+zstd");
         assert_eq!(
-            o(&post, &[], None).serving(false),
-            Serving::Shape(o(&post, &[], None).shape_key(false))
+            o(&post, &[], None).serving(Encoding::V1Json, KindSet::V1),
+            Serving::Shape(o(&post, &[], None).shape_key(Encoding::V1Json, KindSet::V1))
         );
         // A limit no frame can exceed is dropped first: the shape without a limit.
         assert_eq!(
-            o(&post, &[], Some(u32::MAX)).serving(false),
-            o(&post, &[], None).serving(false)
+            o(&post, &[], Some(u32::MAX)).serving(Encoding::V1Json, KindSet::V1),
+            o(&post, &[], None).serving(Encoding::V1Json, KindSet::V1)
         );
         // Distinct canonical keys from collections × limits are bounded: at most 21 limits
         // (2^0..2^20) per collection set and encoding.
         let keys: std::collections::HashSet<_> = (1..=(1u32 << 20))
             .step_by(997)
             .chain((0..=20).map(|k| 1u32 << k))
-            .filter_map(|m| match o(&post, &[], Some(m)).serving(false) {
-                Serving::Shape(k) => Some(k),
-                _ => None,
-            })
+            .filter_map(
+                |m| match o(&post, &[], Some(m)).serving(Encoding::V1Json, KindSet::V1) {
+                    Serving::Shape(k) => Some(k),
+                    _ => None,
+                },
+            )
             .collect();
         assert!(keys.len() <= 21, "{}", keys.len());
     }

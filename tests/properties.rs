@@ -64,12 +64,22 @@ fn check_shape_table(seqs: &[u64], lens: &[usize], drop_below: u64, queries: &[u
     use jetrelay::shapes::{Shapes, append_to_shape};
     use jetrelay::subscription::SubscriberOptions;
     let dir = common::temp_dir("prop-shapes");
-    let shapes = Shapes::new(dir.clone()).unwrap();
+    let shapes = Shapes::new(
+        dir.clone(),
+        jetrelay::shapes::ShapeLimits {
+            creations_per_minute: 1e9,
+            allow: Vec::new(),
+            max_disk: u64::MAX,
+        },
+    )
+    .unwrap();
     let key = SubscriberOptions::default().shape_key(
         jetrelay::encoding::Encoding::V1Json,
         jetrelay::wire::KindSet::V1,
     );
-    let shape = shapes.get_or_create(&key, || 0).unwrap();
+    let shape = shapes
+        .get_or_create(&key, std::net::IpAddr::from([127, 0, 0, 1]), || 0)
+        .unwrap();
     let mut model = Vec::new();
     let mut off = 0u64;
     for (seq, len) in seqs.iter().zip(lens) {
@@ -82,7 +92,7 @@ fn check_shape_table(seqs: &[u64], lens: &[usize], drop_below: u64, queries: &[u
     let popped = model.iter().filter(|(s, _)| *s < drop_below).count() as u64;
     model.retain(|(s, _)| *s >= drop_below);
     let next_seq = seqs.last().map_or(0, |s| s + 1);
-    let table = shape.table.read().unwrap();
+    let table = shape.table.read();
     for &q in queries {
         let seq = q % (next_seq + 2);
         let offset = q % (end + 2);
@@ -339,9 +349,9 @@ proptest! {
                             *tokens.entry(key).or_insert(burst) -= 1.0;
                         }
                     }
-                    (Admission::Refused(e), Some(status)) => prop_assert_eq!(e.status, status),
+                    (Admission::Refused(e, _), Some(status)) => prop_assert_eq!(e.status, status),
                     (Admission::Ok, Some(s)) => prop_assert!(false, "admitted, expected {}", s),
-                    (Admission::Refused(e), None) => prop_assert!(false, "refused: {}", e),
+                    (Admission::Refused(e, _), None) => prop_assert!(false, "refused: {}", e),
                 }
             } else if held[i] > 0 {
                 held[i] -= 1;

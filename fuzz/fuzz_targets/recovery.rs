@@ -202,8 +202,16 @@ fn open(dir: &Path) -> anyhow::Result<Live> {
         conn_rate_per_ip: 1.0,
         allow: Vec::new(),
     });
-    let shapes = Shapes::new(dir.join("shapes"))?;
-    let hub = Arc::new(Hub::new(streams, index, limits, shapes));
+    let shapes = Shapes::new(
+        dir.join("shapes"),
+        jetrelay::shapes::ShapeLimits {
+            creations_per_minute: 6.0,
+            allow: Vec::new(),
+            max_disk: 1 << 30,
+        },
+    )?;
+    let filter_budget = jetrelay::filter_budget::FilterBudget::new(1 << 20, 1 << 20, Vec::new());
+    let hub = Arc::new(Hub::new(streams, index, limits, shapes, filter_budget));
     let writer = LogWriter::new(hub.clone(), Vec::new(), WriterOptions::default())?;
     Ok(Live { hub, writer })
 }

@@ -255,7 +255,14 @@ impl Scheduler {
             }
         };
         let class = ShapeClass::of(&a.options);
-        let point = attach_point(&self.hub, a.peer.ip(), a.encoding, a.kinds, a.options, a.start);
+        let point = attach_point(
+            &self.hub,
+            a.peer.ip(),
+            a.encoding,
+            a.kinds,
+            a.options,
+            a.start,
+        );
         let admitted = point.stream.register_reader(self.worker, point.pos);
         tracing::debug!(worker = self.worker, peer = %a.peer, encoding = %a.encoding, "client attached");
         let mut control = Control::default();
