@@ -720,7 +720,7 @@ fn ten_thousand_did_clients_repeated_hit_the_filter_budget_with_reasons() {
     }
     assert_eq!(kept.len(), 3, "refusals: {refusals:?}");
     for (code, reason) in &refusals {
-        assert_eq!(*code, 1013, "{reason}");
+        assert_eq!(*code, 1008, "{reason}");
         assert!(
             reason.contains("filter state from your address"),
             "{reason}"
@@ -764,7 +764,7 @@ fn ten_thousand_did_clients_repeated_hit_the_filter_budget_with_reasons() {
     );
     let fifth = big_did_client(Ipv4Addr::new(127, 0, 1, 9), relay.port, &big)
         .expect_err("the budget is full");
-    assert_eq!(fifth.0, 1013);
+    assert_eq!(fifth.0, 1008);
     assert!(fifth.1.contains("filter memory budget full"), "{fifth:?}");
     let (status, _, head) = upgrade_query_from(GOOD, relay.port, &small_query);
     assert_eq!(status, 503, "{head}");

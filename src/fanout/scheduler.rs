@@ -1091,7 +1091,7 @@ impl Scheduler {
                                     "too much filter state from your address"
                                 }
                             };
-                            self.close_with(id, 1013, reason, CloseWhy::Protocol, now);
+                            self.close_with(id, 1008, reason, CloseWhy::Protocol, now);
                         }
                     },
                     Err(e) => {
