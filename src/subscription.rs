@@ -1140,6 +1140,17 @@ mod tests {
             )
             .collect();
         assert!(keys.len() <= 21, "{}", keys.len());
+        // v2: every kind is the base log; a kind subset (few exist) has a shape, but a
+        // size-only filter on it walks like on v1.
+        let v2 = Encoding::V2Json;
+        assert_eq!(o(&[], &[], None).serving(v2, KindSet::ALL), Serving::Base);
+        let identity = KindSet::of(&[crate::wire::MessageKind::Identity]);
+        assert!(matches!(
+            o(&[], &[], None).serving(v2, identity),
+            Serving::Shape(_)
+        ));
+        assert_eq!(o(&[], &[], Some(600)).serving(v2, identity), Serving::Walk);
+        assert_eq!(o(&[], &[], Some(600)).serving(v2, KindSet::ALL), Serving::Walk);
     }
 
     #[test]

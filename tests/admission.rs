@@ -541,11 +541,18 @@ fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retenti
         std::thread::sleep(Duration::from_millis(200));
     }
     let (_, m) = http_get(relay.metrics_port, "/metrics");
-    let base = metric(&m, "jetrelay_log_allocated", "\"plain\"")
-        + metric(&m, "jetrelay_log_allocated", "\"zstd\"")
+    // The four base logs (every encoding) and the index.
+    let logs = ["plain", "zstd", "v2", "v2zstd"];
+    let base = logs
+        .iter()
+        .map(|l| metric(&m, "jetrelay_log_allocated", &format!("\"{l}\"")))
+        .sum::<u64>()
         + metric(&m, "jetrelay_log_allocated", "\"index\"");
     let shapes_disk = metric(&m, "jetrelay_log_allocated", "\"shapes\"");
-    let written = log_len(&dir) + std::fs::metadata(dir.join("zstd.log")).map_or(0, |m| m.len());
+    let written: u64 = logs
+        .iter()
+        .map(|l| std::fs::metadata(dir.join(format!("{l}.log"))).map_or(0, |m| m.len()))
+        .sum();
     let created = metric(&m, "jetrelay_shapes_created", "");
     let refused = metric(&m, "jetrelay_shapes_refused", "shape_rate_per_ip");
     eprintln!(
