@@ -1150,7 +1150,10 @@ mod tests {
             Serving::Shape(_)
         ));
         assert_eq!(o(&[], &[], Some(600)).serving(v2, identity), Serving::Walk);
-        assert_eq!(o(&[], &[], Some(600)).serving(v2, KindSet::ALL), Serving::Walk);
+        assert_eq!(
+            o(&[], &[], Some(600)).serving(v2, KindSet::ALL),
+            Serving::Walk
+        );
     }
 
     #[test]

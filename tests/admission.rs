@@ -775,6 +775,16 @@ fn ten_thousand_did_clients_repeated_hit_the_filter_budget_with_reasons() {
     assert!(fifth.1.contains("filter memory budget full"), "{fifth:?}");
     let (status, _, head) = upgrade_query_from(GOOD, relay.port, &small_query);
     assert_eq!(status, 503, "{head}");
+    // The v2 endpoint charges the same budget (its DID filter is `dids`).
+    let v2_path = "/xrpc/network.bsky.jetstream.subscribeEvents";
+    let v2_query = small_query.replace("wantedDids=", "dids=");
+    let (status, _, head) = upgrade_path_from(GOOD, relay.port, v2_path, &v2_query);
+    assert!(
+        status == 503 && head.contains("filter memory budget is full"),
+        "{head}"
+    );
+    let (status, _, head) = upgrade_path_from(GOOD, relay.port, v2_path, "");
+    assert_eq!(status, 101, "{head}");
     let refusals = metric(&m, "jetrelay_limit_refusals", "max_filter_memory");
     assert!(refusals >= 3, "{m}");
     // Unfiltered clients cost nothing and are never refused by it.
@@ -791,12 +801,22 @@ fn ten_thousand_did_clients_repeated_hit_the_filter_budget_with_reasons() {
 
 /// Like [`upgrade_from`] with a query string.
 fn upgrade_query_from(src: Ipv4Addr, port: u16, query: &str) -> (u16, Duration, String) {
+    upgrade_path_from(src, port, "/subscribe", query)
+}
+
+/// Like [`upgrade_from`] on `path` (`/subscribe` or the v2 `subscribeEvents`) with a query.
+fn upgrade_path_from(src: Ipv4Addr, port: u16, path: &str, query: &str) -> (u16, Duration, String) {
     let t0 = Instant::now();
     let Ok(mut s) = connect_from(src, port) else {
         return (0, t0.elapsed(), "connect failed".into());
     };
     s.set_read_timeout(Some(Duration::from_secs(3))).ok();
-    let req = UPGRADE.replacen("GET /subscribe ", &format!("GET /subscribe?{query} "), 1);
+    let target = if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    };
+    let req = UPGRADE.replacen("GET /subscribe ", &format!("GET {target} "), 1);
     if s.write_all(req.as_bytes()).is_err() {
         return (0, t0.elapsed(), "write failed".into());
     }
