@@ -63,6 +63,8 @@ BOOT_TIMEOUT = 300
 TEST_TIMEOUT = 1200
 GUEST_MEMORY_MIB = 1536
 GUEST_CPUS = 2
+# Boots tried before the run fails (see run: a TCG boot can die in the guest kernel).
+BOOT_ATTEMPTS = 3
 IMAGE_SIZE = "3G"
 
 
@@ -615,10 +617,28 @@ def run(cache, test, bin_dir, keep):
         root, _ = build_root(base, work, evaluated, bin_dir, work / "store")
         image = work / "disk.img"
         make_image(root, image)
-        shutil.rmtree(root)
         log(f"guest prepared in {time.monotonic() - t0:.0f} s")
-        guest = Guest(base, image, work)
-        guest.connect()
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            guest = Guest(base, image, work)
+            try:
+                guest.connect()
+                break
+            except (RuntimeError, TimeoutError, OSError) as e:
+                # Under TCG the guest kernel sometimes dies while it patches its own code
+                # at boot (an int3 oops in swapper: multi-threaded TCG and text_poke); a
+                # fresh boot from a fresh image is the cure, not a slower single-threaded TCG.
+                print(guest.console_tail())
+                guest.qemu.kill()
+                guest.qemu.wait()
+                if guest.sock is not None:
+                    guest.sock.close()
+                guest.sock_path.unlink(missing_ok=True)
+                guest = None
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                log(f"boot attempt {attempt} failed ({type(e).__name__}: {e}); booting again")
+                make_image(root, image)
+        shutil.rmtree(root)
         t1 = time.monotonic()
         run_script(guest, evaluated, test)
         log(f"vm-{test}: script and guest checks passed in {time.monotonic() - t1:.0f} s")
