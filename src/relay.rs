@@ -391,35 +391,47 @@ fn recent_events(hub: &Hub, window: Duration) -> (Vec<i64>, Vec<(i64, u64)>) {
     (times, keys)
 }
 
+/// Recovers the data directory and builds the hub with the settings' limits (per-address
+/// limits, shapes, filter budget): what [`Relay::start`] serves from, and what tests and fuzz
+/// targets that drive the writer directly open a directory with.
+pub fn open_hub(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Recovery)> {
+    let Recovered {
+        streams,
+        index,
+        recovery,
+    } = recover(&settings.data_dir)?;
+    let limits = Limits::new(LimitsConfig {
+        max_clients: settings.max_clients,
+        max_conns_per_ip: settings.max_conns_per_ip,
+        conn_rate_per_ip: settings.conn_rate_per_ip,
+        allow: settings.allow_ip.clone(),
+    });
+    let shapes = crate::shapes::Shapes::new(
+        settings.data_dir.join("shapes"),
+        crate::shapes::ShapeLimits {
+            creations_per_minute: settings.shape_rate_per_ip,
+            allow: settings.allow_ip.clone(),
+            max_disk: settings.max_shape_disk,
+        },
+    )?;
+    let hub = Arc::new(Hub::new(
+        streams,
+        index,
+        limits,
+        shapes,
+        crate::filter_budget::FilterBudget::new(
+            settings.max_filter_memory,
+            settings.max_filter_memory_per_ip,
+            settings.allow_ip.clone(),
+        ),
+    ));
+    Ok((hub, recovery))
+}
+
 impl Relay {
     /// Recovers, binds and starts everything; returns once the relay is serving.
     pub fn start(settings: &Settings) -> anyhow::Result<Relay> {
-        let Recovered { streams, index, .. } = recover(&settings.data_dir)?;
-        let limits = Limits::new(LimitsConfig {
-            max_clients: settings.max_clients,
-            max_conns_per_ip: settings.max_conns_per_ip,
-            conn_rate_per_ip: settings.conn_rate_per_ip,
-            allow: settings.allow_ip.clone(),
-        });
-        let shapes = crate::shapes::Shapes::new(
-            settings.data_dir.join("shapes"),
-            crate::shapes::ShapeLimits {
-                creations_per_minute: settings.shape_rate_per_ip,
-                allow: settings.allow_ip.clone(),
-                max_disk: settings.max_shape_disk,
-            },
-        )?;
-        let hub = Arc::new(Hub::new(
-            streams,
-            index,
-            limits,
-            shapes,
-            crate::filter_budget::FilterBudget::new(
-                settings.max_filter_memory,
-                settings.max_filter_memory_per_ip,
-                settings.allow_ip.clone(),
-            ),
-        ));
+        let (hub, _) = open_hub(settings)?;
         let fanout = Arc::new(Fanout::start(
             hub.clone(),
             settings.workers,

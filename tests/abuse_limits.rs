@@ -40,22 +40,6 @@ fn status(head: &str) -> u16 {
         .unwrap_or(0)
 }
 
-/// Twenty well-behaved clients that must get every event in order (at least `min_events`)
-/// while a limit is enforced on someone else.
-fn spawn_bystanders(relay: &Relay, duration: &str, min_events: u64) -> std::process::Child {
-    swarm_spawn(&[
-        "--url",
-        &relay.url(""),
-        "--clients",
-        "20",
-        "--duration",
-        duration,
-        "--expect-in-order",
-        "--expect-min-events",
-        &min_events.to_string(),
-    ])
-}
-
 /// Reads frames until a close frame (within 30 s); returns its code and reason.
 fn close_code(s: &mut TcpStream) -> Option<(u16, String)> {
     let mut buf = Vec::new();

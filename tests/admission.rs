@@ -110,21 +110,6 @@ fn classify(socks: &[TcpStream]) -> Outcomes {
     o
 }
 
-/// Twenty exempt clients that must get every event in order while the attack runs.
-fn spawn_bystanders(relay: &Relay, duration: &str, min_events: u64) -> std::process::Child {
-    swarm_spawn(&[
-        "--url",
-        &relay.url(""),
-        "--clients",
-        "20",
-        "--duration",
-        duration,
-        "--expect-in-order",
-        "--expect-min-events",
-        &min_events.to_string(),
-    ])
-}
-
 /// Upgrades from [`GOOD`] every 250 ms until `until`; every one must be a 101 within 1 s.
 fn probe_good_client(port: u16, until: Instant) -> Vec<Duration> {
     let mut took = Vec::new();

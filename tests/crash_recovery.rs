@@ -30,7 +30,6 @@ use std::sync::Arc;
 
 use jetrelay::hub::Hub;
 use jetrelay::index::{COLLECTION_NONE, COLLECTION_UNKNOWN};
-use jetrelay::limits::{Limits, LimitsConfig};
 
 /// Set in the child: the data directory to append to.
 const CHILD_ENV: &str = "TEST_JETRELAY_CRASH_CHILD_DIR";
@@ -153,31 +152,13 @@ fn binary_payload(frame: &[u8]) -> Option<&[u8]> {
 }
 
 fn hub_for(dir: &Path) -> (Arc<Hub>, jetrelay::index::Recovery) {
-    let jetrelay::relay::Recovered {
-        streams,
-        index,
-        recovery,
-    } = jetrelay::relay::recover(dir).expect("recover");
-    let limits = Limits::new(LimitsConfig {
-        max_clients: 10,
-        max_conns_per_ip: 10,
-        conn_rate_per_ip: 10.0,
-        allow: Vec::new(),
-    });
-    let shapes = jetrelay::shapes::Shapes::new(
-        dir.join("shapes"),
-        jetrelay::shapes::ShapeLimits {
-            creations_per_minute: 6.0,
-            allow: Vec::new(),
-            max_disk: 1 << 30,
-        },
-    )
-    .expect("shapes");
-    let filter_budget = jetrelay::filter_budget::FilterBudget::new(64 << 20, 8 << 20, Vec::new());
-    (
-        Arc::new(Hub::new(streams, index, limits, shapes, filter_budget)),
-        recovery,
-    )
+    let settings = jetrelay::config::RawSettings {
+        data_dir: Some(dir.to_path_buf()),
+        ..jetrelay::config::RawSettings::default()
+    }
+    .validate()
+    .expect("default settings");
+    jetrelay::relay::open_hub(&settings).expect("recover")
 }
 
 /// The child: recover, then append the model's events from where the log ends (syncing and

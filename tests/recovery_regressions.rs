@@ -12,33 +12,19 @@ use jetrelay::compress::EventDecompressor;
 use jetrelay::encoding::Encoding;
 use jetrelay::event::parse_event;
 use jetrelay::hub::{Hub, stored_header_len};
-use jetrelay::limits::{Limits, LimitsConfig};
-use jetrelay::relay::recover;
-use jetrelay::shapes::Shapes;
 use jetrelay::upstream::Incoming;
 use jetrelay::writer::{LogWriter, WriterOptions};
 
 const SAMPLE: &str = include_str!("../assets/jetstream-v1-sample.jsonl");
 
 fn open(dir: &Path) -> (Arc<Hub>, LogWriter) {
-    let jetrelay::relay::Recovered { streams, index, .. } = recover(dir).expect("recovers");
-    let limits = Limits::new(LimitsConfig {
-        max_clients: 1,
-        max_conns_per_ip: 1,
-        conn_rate_per_ip: 1.0,
-        allow: Vec::new(),
-    });
-    let shapes = Shapes::new(
-        dir.join("shapes"),
-        jetrelay::shapes::ShapeLimits {
-            creations_per_minute: 6.0,
-            allow: Vec::new(),
-            max_disk: 1 << 30,
-        },
-    )
-    .expect("shapes dir");
-    let filter_budget = jetrelay::filter_budget::FilterBudget::new(1 << 20, 1 << 20, Vec::new());
-    let hub = Arc::new(Hub::new(streams, index, limits, shapes, filter_budget));
+    let settings = jetrelay::config::RawSettings {
+        data_dir: Some(dir.to_path_buf()),
+        ..jetrelay::config::RawSettings::default()
+    }
+    .validate()
+    .expect("default settings");
+    let (hub, _) = jetrelay::relay::open_hub(&settings).expect("recovers");
     let writer = LogWriter::new(hub.clone(), Vec::new(), WriterOptions::default()).expect("writer");
     (hub, writer)
 }

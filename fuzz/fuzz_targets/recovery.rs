@@ -195,23 +195,12 @@ fn make_event(seed: u16, k: usize, seq: usize) -> Vec<u8> {
 }
 
 fn open(dir: &Path) -> anyhow::Result<Live> {
-    let jetrelay::relay::Recovered { streams, index, .. } = recover(dir)?;
-    let limits = Limits::new(LimitsConfig {
-        max_clients: 1,
-        max_conns_per_ip: 1,
-        conn_rate_per_ip: 1.0,
-        allow: Vec::new(),
-    });
-    let shapes = Shapes::new(
-        dir.join("shapes"),
-        jetrelay::shapes::ShapeLimits {
-            creations_per_minute: 6.0,
-            allow: Vec::new(),
-            max_disk: 1 << 30,
-        },
-    )?;
-    let filter_budget = jetrelay::filter_budget::FilterBudget::new(1 << 20, 1 << 20, Vec::new());
-    let hub = Arc::new(Hub::new(streams, index, limits, shapes, filter_budget));
+    let settings = jetrelay::config::RawSettings {
+        data_dir: Some(dir.to_path_buf()),
+        ..jetrelay::config::RawSettings::default()
+    }
+    .validate()?;
+    let (hub, _) = jetrelay::relay::open_hub(&settings)?;
     let writer = LogWriter::new(hub.clone(), Vec::new(), WriterOptions::default())?;
     Ok(Live { hub, writer })
 }

@@ -345,6 +345,22 @@ pub fn swarm_spawn(args: &[&str]) -> Child {
         .expect("spawning jetrelay-swarm")
 }
 
+/// Twenty well-behaved clients that must get every event in order (at least `min_events`)
+/// while a limit is enforced on, or an attack comes from, someone else.
+pub fn spawn_bystanders(relay: &Relay, duration: &str, min_events: u64) -> Child {
+    swarm_spawn(&[
+        "--url",
+        &relay.url(""),
+        "--clients",
+        "20",
+        "--duration",
+        duration,
+        "--expect-in-order",
+        "--expect-min-events",
+        &min_events.to_string(),
+    ])
+}
+
 /// Waits for a background swarm and asserts success, returning its JSON report.
 pub fn swarm_wait(child: Child) -> serde_json::Value {
     let out = child.wait_with_output().expect("swarm output");
