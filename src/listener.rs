@@ -148,7 +148,7 @@ impl Bound {
 }
 
 /// Where a pending connection is in its handshake.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Stage {
     /// On the public listener: an HTTP request comes first (a PROXY header is refused).
     Public,
@@ -156,6 +156,42 @@ enum Stage {
     TrustedProxyHeader,
     /// On the trusted listener, after the PROXY header: the HTTP request.
     TrustedRequest,
+    /// Answered with more than the socket took at once (a `getZstdDictionary` download to a
+    /// slow reader): the rest is written as the socket drains, never waited for, within the
+    /// same slot and deadline as a handshake.
+    Replying(Reply),
+}
+
+/// An answer being written to a socket that cannot take it at once.
+#[derive(Debug)]
+struct Reply {
+    /// Status line and headers.
+    head: Vec<u8>,
+    /// The body (shared: thousands of replies in progress hold no copy of it).
+    body: &'static [u8],
+    /// Bytes of head + body written so far.
+    written: usize,
+}
+
+impl Reply {
+    /// Writes what the socket takes now: `Ok(true)` once all of it is written.
+    fn write_to(&mut self, fd: &OwnedFd) -> std::io::Result<bool> {
+        loop {
+            let rest = match self.written.checked_sub(self.head.len()) {
+                None => &self.head[self.written..],
+                Some(in_body) => &self.body[in_body..],
+            };
+            if rest.is_empty() {
+                return Ok(true);
+            }
+            match rustix::io::write(fd, rest) {
+                Ok(n) => self.written += n,
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 /// One connection that has not finished its handshake.
@@ -361,7 +397,7 @@ impl Listener {
                 buf: Vec::new(),
                 admitted_ip: None,
             };
-            let holder = match (p.stage, peer) {
+            let holder = match (&p.stage, peer) {
                 (Stage::TrustedProxyHeader, Some(src)) => {
                     // Anyone who can reach this listener could claim any client address.
                     if !self
@@ -482,6 +518,23 @@ impl Listener {
                     }
                     return;
                 }
+                Progress::Replying => {
+                    // Wait for room in its send buffer, and only that: bytes it sends now
+                    // are never read, and a half-closed peer (RDHUP) may still be reading.
+                    let waiting = slots.get_mut(token).is_some_and(|p| {
+                        epoll::modify(
+                            ep,
+                            &p.fd,
+                            epoll::EventData::new_u64(token),
+                            epoll::EventFlags::OUT,
+                        )
+                        .is_ok()
+                    });
+                    if !waiting && let Some(mut p) = slots.remove(token) {
+                        self.release(&mut p);
+                    }
+                    return;
+                }
                 Progress::Proxied(ip) => {
                     // The trusted listener learned the client's address: count it like a
                     // public connection's, then go on with the request already buffered.
@@ -510,6 +563,12 @@ impl Listener {
     }
 
     fn progress(&self, p: &mut Pending) -> Progress {
+        if let Stage::Replying(reply) = &mut p.stage {
+            return match reply.write_to(&p.fd) {
+                Ok(false) => Progress::Again,
+                Ok(true) | Err(_) => self.drop_silently(p),
+            };
+        }
         // Read what is there.
         let limit = handshake::MAX_REQUEST_BYTES + proxy_protocol::MAX_V2_HEADER_LEN;
         let mut tmp = [0u8; 4096];
@@ -562,7 +621,7 @@ impl Listener {
                     HttpError::new(400, "PROXY protocol header not accepted on this listener"),
                 );
             }
-            Stage::Public | Stage::TrustedRequest => {}
+            Stage::Public | Stage::TrustedRequest | Stage::Replying(_) => {}
         }
         self.progress_request(p)
     }
@@ -666,9 +725,16 @@ impl Listener {
             }
             (_, wire::SUBSCRIBE_EVENTS_PATH) => self.subscribe_events(p, &request),
             (_, wire::GET_ZSTD_DICTIONARY_PATH) => {
-                let _ = write_all_nb(&p.fd, &wire::get_zstd_dictionary_response(&request));
-                self.release(p);
-                Progress::Done
+                let wire::DictionaryResponse { head, body } =
+                    wire::get_zstd_dictionary_response(&request);
+                self.reply(
+                    p,
+                    Reply {
+                        head,
+                        body,
+                        written: 0,
+                    },
+                )
             }
             ("GET", _) => self.refuse_ref(
                 p,
@@ -814,6 +880,17 @@ impl Listener {
         Progress::Done
     }
 
+    /// Writes what the socket takes of `reply` now, and the rest as it drains.
+    fn reply(&self, p: &mut Pending, mut reply: Reply) -> Progress {
+        match reply.write_to(&p.fd) {
+            Ok(false) => {
+                p.stage = Stage::Replying(reply);
+                Progress::Replying
+            }
+            Ok(true) | Err(_) => self.drop_silently(p),
+        }
+    }
+
     fn release(&self, p: &mut Pending) {
         if let Some(ip) = p.admitted_ip.take() {
             self.hub.limits.release(ip);
@@ -840,6 +917,11 @@ impl Listener {
     /// summarized in a throttled log line instead of one line per connection. The answer is
     /// written once, without waiting: a peer that does not read loses it.
     fn refuse_quietly(&self, p: &mut Pending, err: HttpError) {
+        if let Stage::Replying(_) = p.stage {
+            // Already answered: a second answer would land in the middle of the first.
+            self.release(p);
+            return;
+        }
         self.hub.counters.refused(err.status);
         if self.refusal_log.allow() {
             let peer = p
@@ -855,8 +937,10 @@ impl Listener {
 }
 
 enum Progress {
-    /// Keep waiting for bytes.
+    /// Keep waiting for bytes (or, while replying, for room to write).
     Again,
+    /// Answered, and the rest of the answer waits for room in the socket.
+    Replying,
     /// The trusted listener's PROXY header named this client address: admit it, then go on.
     Proxied(IpAddr),
     /// Finished (handed over, answered or dropped).

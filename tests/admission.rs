@@ -929,3 +929,102 @@ fn cursor_handshakes_do_no_disk_reads_on_the_listener_thread() {
         "recovered chunks are scanned by the helper thread"
     );
 }
+
+/// `GET getZstdDictionary` from `src` on a socket shaped like a slow internet link: the
+/// smallest receive window and a 536-byte MSS (loopback's 64 KiB segments would let the
+/// relay's send buffer swallow the whole answer at once; an internet path's do not).
+fn slow_dictionary_request(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_recv_buffer_size(1024)?;
+    s.set_tcp_mss(536)?;
+    s.bind(&SocketAddr::from((src, 0)).into())?;
+    s.connect_timeout(&addr(port).into(), Duration::from_secs(5))?;
+    let mut s: TcpStream = s.into();
+    s.write_all(b"GET /xrpc/network.bsky.jetstream.getZstdDictionary HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    Ok(s)
+}
+
+/// The body of a complete `200` response read from `s`, `step` bytes at a time with `pause`
+/// between reads (a reader on a slow link).
+fn read_response_slowly(s: &mut TcpStream, step: usize, pause: Duration) -> (String, Vec<u8>) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; step];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+        std::thread::sleep(pause);
+    }
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(all.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    (head, all[split..].to_vec())
+}
+
+/// The largest legal answer, asked for by readers that do not read: `getZstdDictionary` (64
+/// KiB) requested at the flooding address's full connection allowance over sockets with the
+/// smallest receive window, never read. The answer must be written as the peer takes it (not
+/// by the listener waiting on each socket), so a client from another address still upgrades
+/// promptly; and an honest client on a slow link, reading 1 KiB every 20 ms, gets the whole
+/// dictionary byte for byte instead of a truncated one.
+#[test]
+fn dictionary_downloads_by_readers_that_stall_neither_stall_the_listener_nor_truncate() {
+    let dictionary = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/zstd_dictionary_v2"
+    ))
+    .expect("v2 dictionary");
+    let mock = Mock::start(200, &[]);
+    let dir = temp_dir("admission-dictionary");
+    let relay = Relay::start_exempting(&[], free_port(), &mock.url(), &dir, "127.0.0.1/32", &[]);
+    let bystanders = spawn_bystanders(&relay, "6s", 600);
+    std::thread::sleep(Duration::from_millis(500));
+    let port = relay.port;
+    // The flood: as many stalled downloads as the address may start (its burst, then its
+    // rate), for 4 s; whatever the relay refuses is simply retried.
+    let flooder = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(4);
+        let (mut socks, mut refused) = (Vec::new(), 0usize);
+        while Instant::now() < until {
+            match slow_dictionary_request(FLOODER, port) {
+                Ok(s) => socks.push(s),
+                Err(_) => refused += 1,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (socks, refused)
+    });
+    // An honest download on a slow link, from a third address, in the middle of the flood.
+    let honest = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let mut s = slow_dictionary_request(Ipv4Addr::new(127, 0, 0, 4), port).expect("connect");
+        read_response_slowly(&mut s, 1024, Duration::from_millis(20))
+    });
+    let took = probe_good_client(port, Instant::now() + Duration::from_secs(4));
+    let (socks, refused) = flooder.join().expect("flooder");
+    let (head, body) = honest.join().expect("honest");
+    eprintln!(
+        "{} stalled dictionary downloads ({refused} connects failed); good client upgrades: {took:?}",
+        socks.len()
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        body.len(),
+        dictionary.len(),
+        "the slow reader's dictionary was cut short"
+    );
+    assert!(body == dictionary, "the slow reader's dictionary differs");
+    // The flooder's stalled downloads end at the handshake deadline at the latest, and give
+    // its connection allowance back: the same address can upgrade again afterwards.
+    drop(socks);
+    swarm_wait(bystanders);
+    wait_until(
+        "the flooding address is admitted again",
+        Duration::from_secs(12),
+        || upgrade_from(FLOODER, port).0 == 101,
+    );
+}

@@ -618,7 +618,8 @@ fn handle_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAd
         ),
         (wire::GET_ZSTD_DICTIONARY_PATH, _) if v2_paths => respond_raw(
             stream,
-            &wire::get_zstd_dictionary(&req.method, &req.query, req.if_none_match.as_deref()),
+            &wire::get_zstd_dictionary(&req.method, &req.query, req.if_none_match.as_deref())
+                .to_bytes(),
         ),
         ("/drop", _) => {
             let n = shared.drop_all();

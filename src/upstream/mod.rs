@@ -1677,13 +1677,14 @@ mod tests {
                     .unwrap()
                     .push(head.lines().next().unwrap().to_owned());
                 let body = r#"{"error":"UnknownZstdDictionary","message":"unknown zstdDictionary 20260811; current dictionary id is 1"}"#;
-                write!(
-                    stream,
+                // One write: the follower's WebSocket library keeps only the body bytes
+                // that arrive with the head (`write!` would send four segments).
+                let response = format!(
                     "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
                      Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
-                )
-                .unwrap();
+                );
+                stream.write_all(response.as_bytes()).unwrap();
                 drop(stream);
                 let mut ws = accept(&listener, &uris);
                 ws.send(Message::text(String::from_utf8(frame).unwrap()))

@@ -23,45 +23,81 @@ pub fn dictionary_etag() -> String {
     format!("\"zstd-dict-{}\"", Dictionary::V2.id())
 }
 
-/// The complete HTTP response to a `getZstdDictionary` request (`Connection: close`).
-pub fn get_zstd_dictionary_response(req: &Request<'_>) -> Vec<u8> {
+/// The HTTP response to a `getZstdDictionary` request (`Connection: close`): a head built per
+/// request and a body that is the dictionary itself, shared, so that downloads in progress
+/// (a slow reader's can take seconds) hold no copy of its 64 KiB.
+#[derive(Debug)]
+pub struct DictionaryResponse {
+    /// Status line and headers (the whole answer for errors, 304 and HEAD).
+    pub head: Vec<u8>,
+    /// The body: the dictionary, or nothing.
+    pub body: &'static [u8],
+}
+
+impl DictionaryResponse {
+    /// The answer in one buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        [self.head.as_slice(), self.body].concat()
+    }
+
+    fn head_only(head: Vec<u8>) -> DictionaryResponse {
+        DictionaryResponse { head, body: &[] }
+    }
+}
+
+/// The response to a `getZstdDictionary` request.
+pub fn get_zstd_dictionary_response(req: &Request<'_>) -> DictionaryResponse {
     get_zstd_dictionary(req.method, req.query, req.header("if-none-match"))
 }
 
 /// The same, from the request's parts.
-pub fn get_zstd_dictionary(method: &str, query: &str, if_none_match: Option<&str>) -> Vec<u8> {
+pub fn get_zstd_dictionary(
+    method: &str,
+    query: &str,
+    if_none_match: Option<&str>,
+) -> DictionaryResponse {
     let head_only = match method {
         "GET" => false,
         "HEAD" => true,
         _ => {
-            return XrpcError {
-                status: 405,
-                error: "InvalidRequest",
-                message: "getZstdDictionary is a query: use GET".to_owned(),
-            }
-            .to_response();
+            return DictionaryResponse::head_only(
+                XrpcError {
+                    status: 405,
+                    error: "InvalidRequest",
+                    message: "getZstdDictionary is a query: use GET".to_owned(),
+                }
+                .to_response(),
+            );
         }
     };
     let pairs = match handshake::query_pairs(query) {
         Ok(pairs) => pairs,
-        Err(e) => return XrpcError::invalid_request(e.reason).to_response(),
+        Err(e) => {
+            return DictionaryResponse::head_only(
+                XrpcError::invalid_request(e.reason).to_response(),
+            );
+        }
     };
     let current = Dictionary::V2.id();
     if let Some((_, raw)) = pairs.iter().find(|(k, _)| k == "id") {
         match raw.parse::<i64>() {
             Err(_) => {
-                return XrpcError::invalid_request("id must be an integer zstd dictionary ID")
-                    .to_response();
+                return DictionaryResponse::head_only(
+                    XrpcError::invalid_request("id must be an integer zstd dictionary ID")
+                        .to_response(),
+                );
             }
             Ok(id) if id != i64::from(current) => {
-                return XrpcError {
-                    status: 404,
-                    error: "DictionaryNotFound",
-                    message: format!(
-                        "no dictionary with id {id}; current dictionary id is {current}"
-                    ),
-                }
-                .to_response();
+                return DictionaryResponse::head_only(
+                    XrpcError {
+                        status: 404,
+                        error: "DictionaryNotFound",
+                        message: format!(
+                            "no dictionary with id {id}; current dictionary id is {current}"
+                        ),
+                    }
+                    .to_response(),
+                );
             }
             Ok(_) => {}
         }
@@ -79,21 +115,30 @@ pub fn get_zstd_dictionary(method: &str, query: &str, if_none_match: Option<&str
             .any(|tag| tag == "*" || tag == etag || tag.strip_prefix("W/") == Some(etag.as_str()))
     });
     if not_modified {
-        return handshake::response_with_headers(
+        return DictionaryResponse::head_only(handshake::response_with_headers(
             304,
             "application/octet-stream",
             &headers,
             b"",
             false,
-        );
+        ));
     }
-    handshake::response_with_headers(
+    // The head announces the dictionary's length, for HEAD as for GET.
+    let head = handshake::response_with_headers(
         200,
         "application/octet-stream",
         &headers,
         Dictionary::V2.bytes(),
-        head_only,
-    )
+        true,
+    );
+    DictionaryResponse {
+        head,
+        body: if head_only {
+            &[]
+        } else {
+            Dictionary::V2.bytes()
+        },
+    }
 }
 
 #[cfg(test)]
@@ -127,7 +172,7 @@ mod tests {
     #[test]
     fn serves_the_current_dictionary_with_the_official_headers() {
         for query in ["", "id=20260811", "other=1&id=20260811"] {
-            let (status, h, body) = parse(&get_zstd_dictionary("GET", query, None));
+            let (status, h, body) = parse(&get_zstd_dictionary("GET", query, None).to_bytes());
             assert_eq!(status, 200, "{query}");
             assert_eq!(body, Dictionary::V2.bytes());
             assert_eq!(body.len(), 65_536);
@@ -144,7 +189,8 @@ mod tests {
 
     #[test]
     fn errors_are_xrpc_envelopes() {
-        let (status, h, body) = parse(&get_zstd_dictionary("GET", "id=1612007021", None));
+        let (status, h, body) =
+            parse(&get_zstd_dictionary("GET", "id=1612007021", None).to_bytes());
         assert_eq!(status, 404);
         assert_eq!(header(&h, "content-type"), Some("application/json"));
         assert_eq!(
@@ -153,20 +199,27 @@ mod tests {
         );
         for id in ["0", "-3"] {
             assert_eq!(
-                parse(&get_zstd_dictionary("GET", &format!("id={id}"), None)).0,
+                parse(&get_zstd_dictionary("GET", &format!("id={id}"), None).to_bytes()).0,
                 404
             );
         }
         for id in ["abc", "1.5", ""] {
-            let (status, _, body) = parse(&get_zstd_dictionary("GET", &format!("id={id}"), None));
+            let (status, _, body) =
+                parse(&get_zstd_dictionary("GET", &format!("id={id}"), None).to_bytes());
             assert_eq!(status, 400, "{id:?}");
             assert_eq!(
                 String::from_utf8(body).unwrap(),
                 r#"{"error":"InvalidRequest","message":"id must be an integer zstd dictionary ID"}"#
             );
         }
-        assert_eq!(parse(&get_zstd_dictionary("POST", "", None)).0, 405);
-        assert_eq!(parse(&get_zstd_dictionary("GET", "id=%zz", None)).0, 400);
+        assert_eq!(
+            parse(&get_zstd_dictionary("POST", "", None).to_bytes()).0,
+            405
+        );
+        assert_eq!(
+            parse(&get_zstd_dictionary("GET", "id=%zz", None).to_bytes()).0,
+            400
+        );
     }
 
     #[test]
@@ -178,17 +231,17 @@ mod tests {
             "*".into(),
             format!("\"x\", {etag}"),
         ] {
-            let (status, h, body) = parse(&get_zstd_dictionary("GET", "", Some(&tag)));
+            let (status, h, body) = parse(&get_zstd_dictionary("GET", "", Some(&tag)).to_bytes());
             assert_eq!(status, 304, "{tag}");
             assert!(body.is_empty());
             assert_eq!(header(&h, "etag"), Some(etag.as_str()));
         }
         assert_eq!(
-            parse(&get_zstd_dictionary("GET", "", Some("\"other\""))).0,
+            parse(&get_zstd_dictionary("GET", "", Some("\"other\"")).to_bytes()).0,
             200
         );
         let head = get_zstd_dictionary("HEAD", "", None);
-        let (status, h, body) = parse(&head);
+        let (status, h, body) = parse(&head.to_bytes());
         assert_eq!(status, 200);
         assert_eq!(header(&h, "content-length"), Some("65536"));
         assert!(body.is_empty());

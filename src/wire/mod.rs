@@ -30,7 +30,7 @@ pub mod xrpc;
 
 pub use cursor::{Cursor, CursorError, SEQ_CURSOR_LIMIT};
 pub use dictionary::{
-    GET_ZSTD_DICTIONARY_PATH, SUBSCRIBE_EVENTS_PATH, get_zstd_dictionary,
+    DictionaryResponse, GET_ZSTD_DICTIONARY_PATH, SUBSCRIBE_EVENTS_PATH, get_zstd_dictionary,
     get_zstd_dictionary_response,
 };
 pub use event_parts::{
