@@ -77,8 +77,20 @@ fn swarm_bin() -> PathBuf {
 /// Spawns `bin` with stdout+stderr to `log`, without inheriting any `JETRELAY_*` setting (both
 /// the relay and the sidecar read their configuration from the environment).
 fn spawn_logged(name: &str, bin: &Path, args: &[String], log: &Path) -> Proc {
+    spawn_logged_env(name, bin, args, log, &[])
+}
+
+/// The same, with extra environment variables (test hooks).
+fn spawn_logged_env(
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+    env: &[(&str, &Path)],
+) -> Proc {
     let file = std::fs::File::create(log).expect("log file");
     let mut cmd = Command::new(bin);
+    cmd.envs(env.iter().copied());
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("JETRELAY_") {
             cmd.env_remove(k);
@@ -1705,4 +1717,84 @@ fn bench_wss_through_sidecar_vs_ws_direct() {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// A relay following another over `wss://` through the other's sidecar (the follower's own
+/// TLS: the official upstreams are all `wss://`): every event arrives, in order, byte-identical
+/// but for the `cursor` each relay assigns.
+#[test]
+fn a_relay_follows_another_over_wss_through_its_sidecar() {
+    let _serial = one_at_a_time();
+    let chain = Chain::start("wss-upstream", 300, &[], &[]);
+    let data_dir = temp_dir("wss-follower");
+    let (port, metrics_port) = (free_port(), free_port());
+    let args: Vec<String> = [
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{metrics_port}"),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--upstream".into(),
+        chain.wss_url(""),
+        "--allow-ip".into(),
+        "127.0.0.0/8".into(),
+    ]
+    .into();
+    let log = data_dir.with_extension("relay.log");
+    let _follower = spawn_logged_env(
+        "follower",
+        &relay_bin(),
+        &args,
+        &log,
+        &[("TEST_JETRELAY_UPSTREAM_CA", &chain.ca)],
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    let read = |port: u16, n: usize| -> Vec<Vec<u8>> {
+        let url = format!("ws://127.0.0.1:{port}/subscribe?cursor=0");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.len() < n && Instant::now() < deadline {
+            out.clear();
+            let Ok((mut ws, _)) = tungstenite::connect(&url) else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            }
+            while out.len() < n {
+                match ws.read() {
+                    Ok(tungstenite::Message::Text(t)) => out.push(strip_cursor(t.as_bytes()).0),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        out
+    };
+    let followed = read(port, 200);
+    assert_eq!(
+        followed.len(),
+        200,
+        "the follower got {} events over wss:\n{}",
+        followed.len(),
+        read_log(&log)
+    );
+    // The follower starts live: its first event is somewhere in the source's history.
+    let source = read(chain.relay.port, 2000);
+    let start = source
+        .iter()
+        .position(|f| *f == followed[0])
+        .expect("the follower's first event is one of the source's");
+    assert!(source.len() >= start + 200, "the source has them all");
+    assert!(
+        source[start..start + 200] == followed[..],
+        "the follower's events differ from the source's"
+    );
+    assert!(
+        read_log(&log).contains("wss://localhost"),
+        "{}",
+        read_log(&log)
+    );
 }

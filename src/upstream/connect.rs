@@ -1,10 +1,10 @@
 //! Connecting to an upstream: the session URL (cursor, dictionary), TCP with a deadline, TLS,
 //! the WebSocket handshake, and what an HTTP refusal said.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -17,7 +17,69 @@ use tungstenite::stream::MaybeTlsStream;
 use super::{POLL_INTERVAL, UPSTREAM_READ_BUFFER_BYTES, WRITE_TIMEOUT};
 
 /// An upstream WebSocket.
-pub(super) type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
+pub(super) type Socket = WebSocket<UpstreamStream>;
+
+/// The upstream's byte stream (TCP, or TLS over TCP), held by the WebSocket and, during the
+/// handshake, also by [`connect`]: tungstenite keeps only the body bytes of a refusal that
+/// arrive with its head, and the XRPC error name the follower acts on (`CursorTooOld`,
+/// `UnknownZstdDictionary`) may come in a later segment. Missing it would retry the same
+/// refused request forever.
+pub(super) struct UpstreamStream(Arc<Mutex<MaybeTlsStream<TcpStream>>>);
+
+impl UpstreamStream {
+    fn inner(&self) -> std::sync::MutexGuard<'_, MaybeTlsStream<TcpStream>> {
+        // Why not poisoned: nothing panics while holding it (plain reads and writes).
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Read for UpstreamStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner().read(buf)
+    }
+}
+
+impl Write for UpstreamStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner().flush()
+    }
+}
+
+/// Why: a refusal body is read whole only up to this (it is an error envelope).
+const MAX_REFUSAL_BODY: usize = 16 * 1024;
+
+/// The rest of a refusal's body: up to its `Content-Length` (at most [`MAX_REFUSAL_BODY`]),
+/// or, without one, until the upstream closes; whatever arrives before `deadline`.
+fn read_rest_of_body(
+    stream: &UpstreamStream,
+    body: &mut Vec<u8>,
+    content_length: Option<usize>,
+    deadline: Instant,
+    stop: &AtomicBool,
+) {
+    let want = content_length
+        .unwrap_or(MAX_REFUSAL_BODY)
+        .min(MAX_REFUSAL_BODY);
+    let mut chunk = [0u8; 4096];
+    while body.len() < want && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let room = (want - body.len()).min(chunk.len());
+        match stream.inner().read(&mut chunk[..room]) {
+            Ok(0) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
 
 /// The query parameter that asks a v2 upstream for dictionary-compressed frames.
 pub const ZSTD_DICTIONARY_PARAM: &str = "zstdDictionary";
@@ -193,23 +255,42 @@ pub(super) fn connect(
         .set_write_timeout(Some(WRITE_TIMEOUT))
         .context("write timeout")?;
 
-    let connector = if tls {
-        tungstenite::Connector::Rustls(tls_config(options.tls)?)
+    let inner = if tls {
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .with_context(|| format!("{host} is not a TLS server name"))?;
+        let session = rustls::ClientConnection::new(tls_config(options.tls)?, name)
+            .context("starting TLS")?;
+        MaybeTlsStream::Rustls(rustls::StreamOwned::new(session, stream))
     } else {
-        tungstenite::Connector::Plain
+        MaybeTlsStream::Plain(stream)
     };
+    let shared = Arc::new(Mutex::new(inner));
     let config = WebSocketConfig::default()
         .read_buffer_size(UPSTREAM_READ_BUFFER_BYTES)
         .max_message_size(Some(options.max_message_bytes))
         .max_frame_size(Some(options.max_message_bytes));
-    let mut attempt =
-        tungstenite::client_tls_with_config(request, stream, Some(config), Some(connector));
+    let mut attempt = tungstenite::client::client_with_config(
+        request,
+        UpstreamStream(shared.clone()),
+        Some(config),
+    );
     loop {
         match attempt {
             Ok((socket, _response)) => return Ok(socket),
             Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-                let body = response.body().as_deref().unwrap_or_default();
-                return Err(refusal(response.status().as_u16(), body));
+                let content_length = response
+                    .headers()
+                    .get(tungstenite::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok());
+                let mut body = response.body().clone().unwrap_or_default();
+                read_rest_of_body(
+                    &UpstreamStream(shared),
+                    &mut body,
+                    content_length,
+                    deadline,
+                    stop,
+                );
+                return Err(refusal(response.status().as_u16(), &body));
             }
             Err(HandshakeError::Failure(e)) => {
                 return Err(anyhow::Error::new(e)
@@ -239,6 +320,17 @@ fn tls_config(
     }
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Test hook: one more root (a PEM file), so that the tests can follow a relay behind
+    // its TLS sidecar with a test CA.
+    if let Some(path) = std::env::var_os("TEST_JETRELAY_UPSTREAM_CA") {
+        let pem = std::fs::read(&path)
+            .with_context(|| format!("reading TEST_JETRELAY_UPSTREAM_CA {path:?}"))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots
+                .add(cert.context("TEST_JETRELAY_UPSTREAM_CA")?)
+                .context("TEST_JETRELAY_UPSTREAM_CA")?;
+        }
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -1677,14 +1677,17 @@ mod tests {
                     .unwrap()
                     .push(head.lines().next().unwrap().to_owned());
                 let body = r#"{"error":"UnknownZstdDictionary","message":"unknown zstdDictionary 20260811; current dictionary id is 1"}"#;
-                // One write: the follower's WebSocket library keeps only the body bytes
-                // that arrive with the head (`write!` would send four segments).
-                let response = format!(
+                // The head and, a moment later, the body: the error name is in a later
+                // segment than the head (the WebSocket library keeps only body bytes that
+                // arrive with it).
+                let head = format!(
                     "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
-                stream.write_all(response.as_bytes()).unwrap();
+                stream.write_all(head.as_bytes()).unwrap();
+                thread::sleep(Duration::from_millis(300));
+                stream.write_all(body.as_bytes()).unwrap();
                 drop(stream);
                 let mut ws = accept(&listener, &uris);
                 ws.send(Message::text(String::from_utf8(frame).unwrap()))
