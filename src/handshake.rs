@@ -351,9 +351,9 @@ pub fn response_with_headers(
     body: &[u8],
     head_only: bool,
 ) -> Vec<u8> {
-    let mut out = response(status, content_type, "close", extra_headers, body);
-    if head_only {
-        out.truncate(out.len() - body.len());
+    let mut out = response_head(status, content_type, "close", extra_headers, body.len());
+    if !head_only {
+        out.extend_from_slice(body);
     }
     out
 }
@@ -365,17 +365,28 @@ fn response(
     extra_headers: &[(&str, &str)],
     body: &[u8],
 ) -> Vec<u8> {
+    let mut out = response_head(status, content_type, connection, extra_headers, body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Status line and headers of a response whose body is `content_length` bytes.
+fn response_head(
+    status: u16,
+    content_type: &str,
+    connection: &str,
+    extra_headers: &[(&str, &str)],
+    content_length: usize,
+) -> Vec<u8> {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", status_text(status));
     push_header(&mut head, "Content-Type", content_type);
-    push_header(&mut head, "Content-Length", &body.len().to_string());
+    push_header(&mut head, "Content-Length", &content_length.to_string());
     push_header(&mut head, "Connection", connection);
     for (name, value) in extra_headers {
         push_header(&mut head, name, value);
     }
     head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body);
-    out
+    head.into_bytes()
 }
 
 /// Reason phrase for the statuses this server sends; others get their class name.

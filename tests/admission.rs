@@ -973,11 +973,7 @@ fn read_response_slowly(s: &mut TcpStream, step: usize, pause: Duration) -> (Str
 /// dictionary byte for byte instead of a truncated one.
 #[test]
 fn dictionary_downloads_by_readers_that_stall_neither_stall_the_listener_nor_truncate() {
-    let dictionary = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/assets/zstd_dictionary_v2"
-    ))
-    .expect("v2 dictionary");
+    let dictionary = jetrelay::compress::Dictionary::V2.bytes();
     let mock = Mock::start(200, &[]);
     let dir = temp_dir("admission-dictionary");
     let relay = Relay::start_exempting(&[], free_port(), &mock.url(), &dir, "127.0.0.1/32", &[]);

@@ -77,20 +77,8 @@ fn swarm_bin() -> PathBuf {
 /// Spawns `bin` with stdout+stderr to `log`, without inheriting any `JETRELAY_*` setting (both
 /// the relay and the sidecar read their configuration from the environment).
 fn spawn_logged(name: &str, bin: &Path, args: &[String], log: &Path) -> Proc {
-    spawn_logged_env(name, bin, args, log, &[])
-}
-
-/// The same, with extra environment variables (test hooks).
-fn spawn_logged_env(
-    name: &str,
-    bin: &Path,
-    args: &[String],
-    log: &Path,
-    env: &[(&str, &Path)],
-) -> Proc {
     let file = std::fs::File::create(log).expect("log file");
     let mut cmd = Command::new(bin);
-    cmd.envs(env.iter().copied());
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("JETRELAY_") {
             cmd.env_remove(k);
@@ -1727,29 +1715,14 @@ fn a_relay_follows_another_over_wss_through_its_sidecar() {
     let _serial = one_at_a_time();
     let chain = Chain::start("wss-upstream", 300, &[], &[]);
     let data_dir = temp_dir("wss-follower");
-    let (port, metrics_port) = (free_port(), free_port());
-    let args: Vec<String> = [
-        "--listen".to_string(),
-        format!("127.0.0.1:{port}"),
-        "--metrics-listen".into(),
-        format!("127.0.0.1:{metrics_port}"),
-        "--data-dir".into(),
-        data_dir.display().to_string(),
-        "--upstream".into(),
-        chain.wss_url(""),
-        "--allow-ip".into(),
-        "127.0.0.0/8".into(),
-    ]
-    .into();
-    let log = data_dir.with_extension("relay.log");
-    let _follower = spawn_logged_env(
-        "follower",
-        &relay_bin(),
-        &args,
-        &log,
-        &[("TEST_JETRELAY_UPSTREAM_CA", &chain.ca)],
+    let ca = chain.ca.display().to_string();
+    let follower = Relay::start_env(
+        free_port(),
+        &chain.wss_url(""),
+        &data_dir,
+        &[],
+        &[("TEST_JETRELAY_UPSTREAM_CA", &ca)],
     );
-    wait_for_port(port, Duration::from_secs(20));
     let read = |port: u16, n: usize| -> Vec<Vec<u8>> {
         let url = format!("ws://127.0.0.1:{port}/subscribe?cursor=0");
         let mut out = Vec::new();
@@ -1773,13 +1746,13 @@ fn a_relay_follows_another_over_wss_through_its_sidecar() {
         }
         out
     };
-    let followed = read(port, 200);
+    let followed = read(follower.port, 200);
     assert_eq!(
         followed.len(),
         200,
         "the follower got {} events over wss:\n{}",
         followed.len(),
-        read_log(&log)
+        follower.log_text()
     );
     // The follower starts live: its first event is somewhere in the source's history.
     let source = read(chain.relay.port, 2000);
@@ -1792,9 +1765,6 @@ fn a_relay_follows_another_over_wss_through_its_sidecar() {
         source[start..start + 200] == followed[..],
         "the follower's events differ from the source's"
     );
-    assert!(
-        read_log(&log).contains("wss://localhost"),
-        "{}",
-        read_log(&log)
-    );
+    let log = follower.log_text();
+    assert!(log.contains("wss://localhost"), "{log}");
 }
