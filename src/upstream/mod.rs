@@ -1726,6 +1726,84 @@ mod tests {
         );
     }
 
+    /// A hostile (or broken) upstream refusing the upgrade with a body that never ends costs
+    /// the follower one bounded read per attempt: a body announced as 1 GB and sent at once is
+    /// read to 16 KiB at once; one trickled a byte every 50 ms is read until the attempt's deadline.
+    /// Each attempt ends with the refusal logged (its message cut) and the next one follows;
+    /// neither waits for the body to end (the server would go on for 10 s).
+    #[test]
+    fn a_refusal_body_that_never_ends_costs_one_bounded_read() {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/subscribe", listener.local_addr().unwrap());
+        let server = thread::spawn(move || {
+            for trickle in [false, true] {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    stream.read_exact(&mut byte).unwrap();
+                    head.push(byte[0]);
+                }
+                stream
+                    .set_write_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+                            Content-Length: 1000000000\r\n\r\n";
+                stream.write_all(head.as_bytes()).unwrap();
+                if !trickle {
+                    let _ = stream.write_all(&vec![b'x'; 1 << 20]);
+                }
+                // Until the follower hangs up (the write then fails) or 10 s have passed.
+                let until = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < until && stream.write_all(b"x").is_ok() {
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        let mut config = test_config(url);
+        config.connect_timeout = Duration::from_secs(1);
+        let record = Arc::new(Mutex::new(Record::default()));
+        let started = Instant::now();
+        let (stop, handle) = spawn_follower(Follower::new(config), &record);
+        let refusals = |r: &Record| {
+            r.states
+                .iter()
+                .filter_map(|s| match s {
+                    ConnectionState::Disconnected { reason, .. } if reason.contains("HTTP 503") => {
+                        Some(reason.clone())
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        wait_for(&record, "the first refusal", |r| !refusals(r).is_empty());
+        let first = started.elapsed();
+        wait_for(&record, "two refusals", |r| refusals(r).len() >= 2);
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        server.join().unwrap();
+        // The first stops at 16 KiB, long before its deadline; the second at its deadline
+        // (1 s); the backoff between them is at most 50 ms.
+        assert!(
+            first < Duration::from_millis(700),
+            "the capped read took {first:?}"
+        );
+        assert!(took < Duration::from_secs(4), "two refusals took {took:?}");
+        for reason in refusals(&record.lock().unwrap()) {
+            assert!(
+                reason.contains("xxxx"),
+                "the body's start is kept: {reason}"
+            );
+            assert!(
+                reason.len() < 1000,
+                "the message is cut: {} bytes",
+                reason.len()
+            );
+        }
+    }
+
     #[test]
     fn no_urls_is_an_error() {
         let stop = AtomicBool::new(false);
