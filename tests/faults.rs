@@ -178,8 +178,8 @@ fn a_wedged_part_stops_the_watchdog_and_is_named() {
 
 /// A tmpfs mounted for one test, unmounted on drop.
 struct Tmpfs {
-    /// Mount point.
-    path: PathBuf,
+    /// Mount point (removed after the unmount, unless the test failed).
+    path: TempDir,
 }
 
 impl Tmpfs {
@@ -208,7 +208,6 @@ impl Drop for Tmpfs {
             .arg("-l")
             .arg(&self.path)
             .status();
-        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

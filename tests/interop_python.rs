@@ -31,30 +31,6 @@ fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// Removes the test's directories (and the relay's log next to them) when the test passes;
-/// they are kept for inspection when it fails.
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
-        for dir in &self.0 {
-            let _ = std::fs::remove_dir_all(dir);
-            let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-                continue;
-            };
-            let prefix = format!("{}.relay-", name.to_string_lossy());
-            for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-    }
-}
-
 /// Fails with install instructions when python3 or the packages are missing.
 fn require_python() {
     let out = Command::new("python3")
@@ -188,11 +164,9 @@ fn python_websockets_client_interoperates() {
     let count = COUNT.to_string();
     let mock = Mock::start(1000, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("interop-python");
-    let _clean = Cleanup(vec![dir.clone()]);
     let relay = Relay::start(&mock.url(), &dir, &[]);
     let events = reference(&relay);
     let out_dir = temp_dir("interop-python-out");
-    let _clean_out = Cleanup(vec![out_dir.clone()]);
     let started = Instant::now();
     let stdout = run_script(&[
         relay.url(""),

@@ -65,7 +65,7 @@ fn check_shape_table(seqs: &[u64], lens: &[usize], drop_below: u64, queries: &[u
     use jetrelay::subscription::SubscriberOptions;
     let dir = common::temp_dir("prop-shapes");
     let shapes = Shapes::new(
-        dir.clone(),
+        dir.to_path_buf(),
         jetrelay::shapes::ShapeLimits {
             creations_per_minute: 1e9,
             allow: Vec::new(),

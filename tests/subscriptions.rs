@@ -519,41 +519,19 @@ fn upstream(mock: &Mock) -> String {
     mock.url()
 }
 
-/// Removes a test's data directory and relay logs when the test passes (they are kept for
-/// inspection when it fails).
-struct Cleanup(std::path::PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-        let (Some(parent), Some(name)) = (self.0.parent(), self.0.file_name()) else {
-            return;
-        };
-        let prefix = format!("{}.relay-", name.to_string_lossy());
-        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-}
-
 /// Starts a finite mock and a relay following it (the cleanup comes first so that it runs
 /// after both are stopped).
-fn setup(name: &str, rate: u64, count: usize) -> (Cleanup, Mock, Relay) {
+fn setup(name: &str, rate: u64, count: usize) -> (TempDir, Mock, Relay) {
     setup_with(name, rate, count, &[])
 }
 
 /// [`setup`] with extra relay flags.
-fn setup_with(name: &str, rate: u64, count: usize, relay_args: &[&str]) -> (Cleanup, Mock, Relay) {
+fn setup_with(name: &str, rate: u64, count: usize, relay_args: &[&str]) -> (TempDir, Mock, Relay) {
     let count = count.to_string();
     let mock = Mock::start(rate, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir(name);
     let relay = Relay::start(&upstream(&mock), &dir, relay_args);
-    (Cleanup(dir), mock, relay)
+    (dir, mock, relay)
 }
 
 /// Reference readers (plain and compressed, cursor=0) started now; `progress` counts plain.
@@ -1314,7 +1292,6 @@ fn relay_restart_replays_the_same_filtered_history() {
     let count = n.to_string();
     let mock = Mock::start(600, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-restart");
-    let _clean = Cleanup(dir.clone());
     let mut relay = Relay::start(&upstream(&mock), &dir, &[]);
     let dids = some_dids();
     let filters = [
@@ -1434,7 +1411,6 @@ fn handshake(relay: &Relay, query: &str) -> (u16, String) {
 fn invalid_inputs_are_refused_with_reasons_and_others_are_served() {
     let mock = Mock::start(400, &["--dids", "40"]);
     let dir = temp_dir("subs-invalid");
-    let _clean = Cleanup(dir.clone());
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
     let stop = Arc::new(AtomicU8::new(RUN));
     let bystander = spawn_client(&relay, &Filter::all(), &Connect::default(), vec![], &stop);
@@ -1743,7 +1719,6 @@ fn sparse_did_replay_is_not_throttled() {
     // The default DID population: a DID has a handful of events in the whole stream.
     let mock = Mock::start(0, &["--count", &count]);
     let dir = temp_dir("subs-sparse");
-    let _clean = Cleanup(dir.clone());
     let relay = Relay::start(&upstream(&mock), &dir, &[]);
     let g = Generator::new(SEED, jetrelay::mock::DEFAULT_DIDS);
     let did = g.did_for(n - 10);
@@ -1982,7 +1957,6 @@ fn retention_trims_filtered_replays_consistently() {
     let count = n.to_string();
     let mock = Mock::start(4000, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-retention");
-    let _clean = Cleanup(dir.clone());
     let relay = Relay::start(&upstream(&mock), &dir, &["--max-disk", "4MiB"]);
     let refs = RefReaders::start(&relay, n);
     refs.wait_for(100, Duration::from_secs(30));
@@ -2179,7 +2153,6 @@ fn retention_is_not_held_back_by_clients_that_moved_to_a_shape() {
     let count = n.to_string();
     let mock = Mock::start(4000, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-moved");
-    let _clean = Cleanup(dir.clone());
     let relay = Relay::start(
         &upstream(&mock),
         &dir,

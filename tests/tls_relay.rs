@@ -151,7 +151,11 @@ fn start_relay(
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     // A new log per start: a restart's log must not overwrite the first one.
-    let log = data_dir.with_extension(format!("relay-{port}-{}.log", fastrand::u32(..)));
+    let log = PathBuf::from(format!(
+        "{}.relay-{port}-{}.log",
+        data_dir.display(),
+        fastrand::u32(..)
+    ));
     let mut proc = spawn_logged("relay", &relay_bin(), &args, &log);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -433,8 +437,11 @@ struct Chain {
     sidecar: Sidecar,
     /// Issues leaves (rotation).
     pki: Pki,
-    /// Scratch: certificates, CA file, the trusted socket, the sidecar's log (removed on drop).
-    dir: PathBuf,
+    /// Scratch: certificates, CA file, the trusted socket, the sidecar's log.
+    _dir: TempDir,
+    /// The relay's data directory (its logs beside it); held here so that it outlives
+    /// `start` and the relay's restarts.
+    _data_dir: TempDir,
     /// `--trusted-listen` / `--backend` value: `unix:<dir>/trusted.sock`.
     trusted: String,
     /// The sidecar's certificate chain file.
@@ -478,7 +485,8 @@ impl Chain {
             relay,
             sidecar,
             pki,
-            dir,
+            _dir: dir,
+            _data_dir: data_dir,
             trusted,
             cert,
             key,
@@ -513,13 +521,9 @@ impl Chain {
 
 impl Drop for Chain {
     fn drop(&mut self) {
-        // Processes first, then their files; the relay's logs sit next to its data dir.
+        // Processes first; their files go with the TempDir fields after this.
         self.sidecar.proc.kill9();
         self.relay.proc.kill9();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-            let _ = std::fs::remove_dir_all(&self.relay.data_dir);
-        }
     }
 }
 

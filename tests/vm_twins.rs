@@ -14,7 +14,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,8 +23,8 @@ use common::*;
 /// What the Nix files deploy: `nix-instantiate` on nix/eval, with a throwaway store that
 /// the generated files (the relay's TOML) are read back from.
 struct NixEval {
-    /// The `--store` of the evaluations; removed on drop.
-    store: PathBuf,
+    /// The `--store` of the evaluations.
+    store: TempDir,
 }
 
 impl NixEval {
@@ -69,12 +69,6 @@ impl NixEval {
             .expect("--config in ExecStart");
         std::fs::read_to_string(self.store.join(file.trim_start_matches('/')))
             .unwrap_or_else(|e| panic!("{file}: {e}"))
-    }
-}
-
-impl Drop for NixEval {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.store);
     }
 }
 
@@ -460,7 +454,7 @@ fn twin_hardening_sandboxed_relay_serves_with_io_uring() {
     let dir = temp_dir("twin-hardening");
     let owner = Some(rustix::fs::Uid::from_raw(NOBODY));
     let group = Some(rustix::fs::Gid::from_raw(NOBODY));
-    rustix::fs::chown(&dir, owner, group).expect("chown the data dir");
+    rustix::fs::chown(dir.path(), owner, group).expect("chown the data dir");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/sandbox/run-sandboxed.py"
