@@ -1473,6 +1473,15 @@ impl Scheduler {
         self.client(id)
     }
 
+    /// Filter-budget bytes its clients hold (for the simulation's accounting check).
+    pub fn filter_bytes_held_for_test(&self) -> u64 {
+        self.clients
+            .iter()
+            .flatten()
+            .map(|c| c.filter_reservation.bytes())
+            .sum()
+    }
+
     /// The routing cursor.
     pub fn route_cursor_for_test(&self) -> EventPos {
         self.route_cursor

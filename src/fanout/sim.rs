@@ -8,7 +8,8 @@
 //! (its `push` submits when full, as the real one does), entries that run at submission or
 //! only later, completions in any order, linked pairs (a linked entry split across two
 //! submissions is a violation), cancellation. Retention punches real holes under lagging
-//! readers, shapes are retired while clients attach.
+//! readers, shapes are retired while clients attach. A third of the seeds run with a filter
+//! budget the peers overrun, so handshakes and `options_update`s are refused.
 //!
 //! Checked after every step: the scheduler's and the driver's invariants (places match the
 //! lists, no pipe with two owners, pins only for sends in flight, control bytes within the
@@ -16,8 +17,11 @@
 //! frames only (a control frame inside a data frame, foreign bytes or zeros from a punched
 //! region break that), each event byte-identical to what was appended, in order, no
 //! duplicate, no gap (exactly the events its filter passes from its start point, allowing the
-//! one switch an `options_update` makes), nothing after a close frame. At the end, with the
-//! feed stopped and every peer reading, every open peer has received everything.
+//! one switch an `options_update` makes), nothing after a close frame; the filter budget's
+//! charge equals what the worker's clients hold. At the end, with the feed stopped and every
+//! peer reading, every open peer has received everything; a refused update was closed with
+//! 1008 and none of its filters' events; then everyone resets, and once the worker has let
+//! them all go the budget is whole again.
 //!
 //! `cargo test --lib fanout::sim` runs [`SEEDS`] seeds; `TEST_JETRELAY_SIM_SEEDS=N` runs N (soak),
 //! `TEST_JETRELAY_SIM_SEED=S` runs seed S alone (the reproduction a failure prints).
@@ -642,6 +646,9 @@ struct Sim {
     v2_decompressor: crate::compress::EventDecompressor,
     dids: Vec<String>,
     max_disk: u64,
+    /// Handshakes the filter budget refused (the listener's 503) and `options_update`s it
+    /// answered with a close.
+    budget_refusals: u64,
 }
 
 const COLLECTIONS: [&str; 5] = [
@@ -685,12 +692,25 @@ impl Sim {
         )
         .expect("shapes")
         .with_ring_bytes(ring);
+        // A third of the seeds run with a filter budget a dozen peers overrun (a client's
+        // filters cost 0–420 bytes here), so that handshakes and updates are refused and every
+        // way out must give its charge back. Drawn from its own generator: the other seeds
+        // replay exactly as they did before the budget was simulated.
+        let mut budget_rng = fastrand::Rng::with_seed(seed ^ 0xB0D6_E7F1_17E2);
+        let budget = if budget_rng.u8(0..3) == 0 {
+            let limit = budget_rng.u64(150..2500);
+            // Peers come from three addresses: half the time an address's share binds first.
+            let per_address = if budget_rng.bool() { limit } else { limit / 2 };
+            crate::filter_budget::FilterBudget::new(limit, per_address, Vec::new())
+        } else {
+            crate::filter_budget::FilterBudget::new(u64::MAX, u64::MAX, Vec::new())
+        };
         let hub = Arc::new(Hub::new(
             streams,
             EventIndex::in_memory(),
             limits,
             shapes,
-            crate::filter_budget::FilterBudget::new(u64::MAX, u64::MAX, Vec::new()),
+            budget,
         ));
         let waker = Arc::new(Waker::new().expect("eventfd"));
         let writer = LogWriter::new(hub.clone(), vec![waker.clone()], WriterOptions::default())
@@ -726,6 +746,7 @@ impl Sim {
             .expect("dictionary"),
             dids,
             max_disk: 1 << 30,
+            budget_refusals: 0,
         }
     }
 
@@ -819,6 +840,13 @@ impl Sim {
             _ => Behaviour::Reader,
         };
         let capacity = self.rng.usize(64..20_000);
+        // Three addresses in turn: one address's share and the total both bind.
+        let peer = std::net::SocketAddr::from(([127, 0, 0, 1 + (self.peers.len() % 3) as u8], 1));
+        // The listener charges the handshake's filters before handing the client over.
+        let Ok(filter_reservation) = self.hub.filter_budget.reserve(&before, peer.ip()) else {
+            self.budget_refusals += 1;
+            return;
+        };
         let sock = self.kernel().new_socket(capacity);
         self.waker
             .clients
@@ -828,7 +856,7 @@ impl Sim {
             .attach(
                 sock,
                 Attach {
-                    peer: "127.0.0.1:1".parse().expect("addr"),
+                    peer,
                     encoding,
                     kinds,
                     options: before.clone(),
@@ -836,7 +864,7 @@ impl Sim {
                     start,
                     require_hello: hello,
                     counted_ip: None,
-                    filter_reservation: crate::filter_budget::Reservation::none(),
+                    filter_reservation,
                 },
             )
             .expect("attach");
@@ -1210,6 +1238,15 @@ impl Sim {
         let now = self.driver.kernel_mut().now();
         self.driver.scheduler().check_invariants(now);
         self.driver.check_invariants();
+        // Every byte of the filter budget is held by a client still in the worker's table.
+        let budget = &self.hub.filter_budget;
+        assert!(budget.used() <= budget.limit(), "filter budget overdrawn");
+        assert_eq!(
+            budget.used(),
+            self.driver.scheduler().filter_bytes_held_for_test(),
+            "seed {}: filter budget charged to no client (a leak) or held uncharged",
+            self.seed
+        );
     }
 
     fn run(&mut self) {
@@ -1249,8 +1286,56 @@ impl Sim {
                     matches!(code, 1000 | 1001 | 1002 | 1008),
                     "peer {i}: close {code} {reason}"
                 );
+                if reason.contains("filter") {
+                    // Refused: it asked for new filters and got none of their events.
+                    assert_eq!(*code, 1008, "peer {i}: {reason}");
+                    assert!(p.after.is_some(), "peer {i}: refused without an update");
+                    let old = if p.hello {
+                        Vec::new()
+                    } else {
+                        self.expected(&p.before, p, p.start, self.events.len() as u64)
+                    };
+                    assert!(
+                        p.received.len() <= old.len() && p.received[..] == old[..p.received.len()],
+                        "seed {} peer {i}: events of filters the budget refused",
+                        self.seed
+                    );
+                    self.budget_refusals += 1;
+                }
             }
         }
+        self.everyone_leaves();
+    }
+
+    /// Every peer still connected resets; once the worker has let them all go, the filter
+    /// budget must be whole again (a leaked charge would lock filters out for good).
+    fn everyone_leaves(&mut self) {
+        for i in 0..self.peers.len() {
+            if !self.peers[i].gone {
+                let sock = self.peers[i].sock;
+                self.kernel().peer_input(sock, &[], false, true);
+                self.peers[i].gone = true;
+            }
+        }
+        for _ in 0..DRAIN_STEPS {
+            if self.driver.scheduler().client_count() == 0 {
+                break;
+            }
+            self.turn();
+            self.kernel().advance(Duration::from_millis(5));
+        }
+        assert_eq!(
+            self.driver.scheduler().client_count(),
+            0,
+            "seed {}: reset clients still attached",
+            self.seed
+        );
+        assert_eq!(
+            self.hub.filter_budget.used(),
+            0,
+            "seed {}: filter budget not given back",
+            self.seed
+        );
     }
 }
 
@@ -1309,14 +1394,21 @@ fn pattern_text(p: &CollectionPattern) -> String {
     }
 }
 
-/// Runs one seed, printing the reproduction if it fails.
-fn run_seed(seed: u64) {
-    let result = std::panic::catch_unwind(|| Sim::new(seed).run());
-    if let Err(e) = result {
-        eprintln!(
-            "simulation failed: reproduce with TEST_JETRELAY_SIM_SEED={seed} cargo test --lib fanout::sim"
-        );
-        std::panic::resume_unwind(e);
+/// Runs one seed, printing the reproduction if it fails; returns its filter-budget refusals.
+fn run_seed(seed: u64) -> u64 {
+    let result = std::panic::catch_unwind(|| {
+        let mut sim = Sim::new(seed);
+        sim.run();
+        sim.budget_refusals
+    });
+    match result {
+        Ok(refusals) => refusals,
+        Err(e) => {
+            eprintln!(
+                "simulation failed: reproduce with TEST_JETRELAY_SIM_SEED={seed} cargo test --lib fanout::sim"
+            );
+            std::panic::resume_unwind(e);
+        }
     }
 }
 
@@ -1337,7 +1429,15 @@ fn simulated_kernel_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0u64);
+    let mut refusals = 0;
     for seed in first..first + seeds {
-        run_seed(seed);
+        refusals += run_seed(seed);
+    }
+    eprintln!("{seeds} seeds: {refusals} filter-budget refusals");
+    if seeds >= 100 {
+        assert!(
+            refusals > 0,
+            "no seed exercised the filter budget's refusals"
+        );
     }
 }
