@@ -564,10 +564,11 @@ fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retenti
     );
     // And the shapes stay near their own budget (a quarter of --max-disk): retention runs
     // once a second and punches a shape once its readers below the cut are gone (a pass
-    // later), so up to ~2 s of shape writes (~0.7 MB/s here) may sit on top. Untrimmed,
-    // they would hold ~8 MB by now.
+    // later), so up to ~2 s of shape writes (~0.7 MB/s here) may sit on top, more when a
+    // loaded machine delays those passes (2.2 MB measured; 2 MiB of slack). Untrimmed, they
+    // would hold ~8 MB by now.
     assert!(
-        shapes_disk <= MAX_DISK / 4 + (1 << 20),
+        shapes_disk <= MAX_DISK / 4 + (2 << 20),
         "shapes hold {shapes_disk}"
     );
     drop(socks);

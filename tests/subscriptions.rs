@@ -1288,7 +1288,10 @@ fn require_hello_holds_everything_until_the_first_update() {
 /// relay was down; clients connected at the stop get a 1001 close frame.
 #[test]
 fn relay_restart_replays_the_same_filtered_history() {
-    let n = 3000;
+    // 10 s of feed: the stop below (its 0.5 s and 0.7 s waits, and the graceful stop's 2 s
+    // grace for clients that never close their side) must fall inside it. At 5 s it did not
+    // always (the mock had finished before the relay was down: margin 1.05).
+    let n = 6000;
     let count = n.to_string();
     let mock = Mock::start(600, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-restart");
@@ -1865,7 +1868,9 @@ fn options_update_storm_loses_and_duplicates_nothing() {
         assert!(sent > 300, "{what}");
         let got = r.seqs(&o.frames, compressed, &what);
         let from = *got.first().expect("events");
-        assert!(from < 1000, "{what} started at {from}");
+        // Live from its connection, which a loaded machine can delay (1,637 was seen): the
+        // storm must still span most of the feed (≥ 12,000 events).
+        assert!(from < n as u64 / 4, "{what} started at {from}");
         check_exact(&r, &got, &Filter::all(), from, &what);
         assert!(o.close.is_none(), "{what}: closed {:?}", o.close);
     }
