@@ -131,15 +131,22 @@ fn delivered(dir: &Path, name: &str) -> Vec<Delivered> {
 /// What the mock must have sent for wire seq `seq` with display time `time_us`, and the v1
 /// event it came from (the generator's bytes, independent of the v2 renderer).
 fn expected(generator: &Generator, seq: u64, time_us: i64) -> (String, serde_json::Value) {
-    let mut v1 = Vec::new();
-    generator.event(seq - SEQ_OFFSET, time_us, &mut v1);
-    let mut v2 = Vec::new();
-    // No jitter in these runs: the witness time is the display time.
-    wire::v1_to_v2(&v1, seq, time_us, &mut v2).expect("renders");
+    let (v2, v1) = v2_frame_as(generator, seq, seq, time_us);
     (
         String::from_utf8(v2).expect("UTF-8"),
         serde_json::from_slice(&v1).expect("v1 JSON"),
     )
+}
+
+/// Generator event `seq` (a mock seq) rendered as the v2 frame sent under `wire_seq`, with
+/// display time `time_us`; and its v1 bytes.
+fn v2_frame_as(generator: &Generator, wire_seq: u64, seq: u64, time_us: i64) -> (Vec<u8>, Vec<u8>) {
+    let mut v1 = Vec::new();
+    generator.event(seq - SEQ_OFFSET, time_us, &mut v1);
+    let mut v2 = Vec::new();
+    // No jitter in these runs: the witness time is the display time.
+    wire::v1_to_v2(&v1, wire_seq, time_us, &mut v2).expect("renders");
+    (v2, v1)
 }
 
 /// Checks every delivered event byte-exact against the generator and field-exact against the
@@ -202,10 +209,7 @@ fn passing(
             // The frame length does not depend on the time's value (always 27 characters);
             // it does on the wire seq's digits (the envelope counts toward
             // maxMessageSizeBytes), so the frame is rendered with the seq it is sent under.
-            let mut v1 = Vec::new();
-            generator.event(seq - SEQ_OFFSET, 1_783_175_888_000_000, &mut v1);
-            let mut frame = Vec::new();
-            wire::v1_to_v2(&v1, wire_seq, 1_783_175_888_000_000, &mut frame).expect("renders");
+            let (frame, _) = v2_frame_as(generator, wire_seq, seq, 1_783_175_888_000_000);
             keep(
                 kind,
                 collection,
@@ -218,6 +222,18 @@ fn passing(
         .collect();
     assert_eq!(want.len(), n, "the stream holds {n} passing events");
     want
+}
+
+/// What the "filtered" scenarios ask for: commits to posts and graph records, and identity
+/// events, at most 1,000 bytes (kind, collection, did, v2 frame length).
+fn filtered_scenario_keeps(kind: &str, collection: Option<&str>, _: &str, len: usize) -> bool {
+    len <= 1000
+        && match kind {
+            "commit" => collection
+                .is_some_and(|c| c == "app.bsky.feed.post" || c.starts_with("app.bsky.graph.")),
+            "identity" => true,
+            _ => false,
+        }
 }
 
 #[test]
@@ -282,16 +298,7 @@ fn atproto_v2_client_interoperates_with_the_mock() {
         &generator,
         (1..).map(|s| (s, s)),
         60,
-        |kind, collection, _, len| {
-            len <= 1000
-                && match kind {
-                    "commit" => collection.is_some_and(|c| {
-                        c == "app.bsky.feed.post" || c.starts_with("app.bsky.graph.")
-                    }),
-                    "identity" => true,
-                    _ => false,
-                }
-        },
+        filtered_scenario_keeps,
     );
     assert_eq!(seqs, want, "filtered");
 
@@ -589,16 +596,7 @@ fn atproto_v2_client_against_the_relay() {
         &generator,
         relay_stream.clone(),
         60,
-        |kind, collection, _, len| {
-            len <= 1000
-                && match kind {
-                    "commit" => collection.is_some_and(|c| {
-                        c == "app.bsky.feed.post" || c.starts_with("app.bsky.graph.")
-                    }),
-                    "identity" => true,
-                    _ => false,
-                }
-        },
+        filtered_scenario_keeps,
     );
     let got_numbers: Vec<u64> = got.iter().map(|e| e.1 + SEQ_OFFSET).collect();
     assert_eq!(got_numbers, want, "filtered: the passing events from seq 1");

@@ -1135,6 +1135,15 @@ impl Sim {
         (from..to).filter(|&s| self.passes(o, p, s)).collect()
     }
 
+    /// The events a peer's filter before its update passes, from its start (none under
+    /// `requireHello`).
+    fn before_events(&self, p: &Peer) -> Vec<u64> {
+        if p.hello {
+            return Vec::new();
+        }
+        self.expected(&p.before, p, p.start, self.events.len() as u64)
+    }
+
     /// Checks that a peer received exactly what its filter(s) pass from its start point (a
     /// prefix of it if it was closed), allowing the one switch of its `options_update`.
     fn check_exact(&self, i: usize, complete: bool) {
@@ -1183,11 +1192,7 @@ impl Sim {
         // Some split: the old filter's events exactly, from the start, then the new one's
         // exactly, from a switch point S between the last old event and the next one the old
         // filter passes (the first event not sent).
-        let old_all = if p.hello {
-            Vec::new()
-        } else {
-            self.expected(&p.before, p, p.start, total)
-        };
+        let old_all = self.before_events(p);
         for k in 0..=got.len() {
             let (old, new) = got.split_at(k);
             if old.len() > old_all.len() || old[..] != old_all[..old.len()] {
@@ -1290,11 +1295,7 @@ impl Sim {
                     // Refused: it asked for new filters and got none of their events.
                     assert_eq!(*code, 1008, "peer {i}: {reason}");
                     assert!(p.after.is_some(), "peer {i}: refused without an update");
-                    let old = if p.hello {
-                        Vec::new()
-                    } else {
-                        self.expected(&p.before, p, p.start, self.events.len() as u64)
-                    };
+                    let old = self.before_events(p);
                     assert!(
                         p.received.len() <= old.len() && p.received[..] == old[..p.received.len()],
                         "seed {} peer {i}: events of filters the budget refused",

@@ -1229,6 +1229,19 @@ mod tests {
         .unwrap()
     }
 
+    /// Reads an HTTP request head byte by byte (nothing past it), for servers that answer
+    /// the upgrade by hand.
+    fn read_request_head(stream: &mut TcpStream) -> String {
+        use std::io::Read;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
     /// Waits (bounded) until `done` holds for the record.
     fn wait_for(record: &Mutex<Record>, what: &str, done: impl Fn(&Record) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1651,7 +1664,7 @@ mod tests {
     /// (`UnknownZstdDictionary`): the follower reconnects at once without it and reads text.
     #[test]
     fn a_refused_dictionary_falls_back_to_text_frames() {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!(
             "ws://{}{}",
@@ -1666,13 +1679,7 @@ mod tests {
             let uris = uris.clone();
             thread::spawn(move || {
                 let (mut stream, _) = listener.accept().unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    stream.read_exact(&mut byte).unwrap();
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8(head).unwrap();
+                let head = read_request_head(&mut stream);
                 uris.lock()
                     .unwrap()
                     .push(head.lines().next().unwrap().to_owned());
@@ -1733,18 +1740,13 @@ mod tests {
     /// neither waits for the body to end (the server would go on for 10 s).
     #[test]
     fn a_refusal_body_that_never_ends_costs_one_bounded_read() {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("ws://{}/subscribe", listener.local_addr().unwrap());
         let server = thread::spawn(move || {
             for trickle in [false, true] {
                 let (mut stream, _) = listener.accept().unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    stream.read_exact(&mut byte).unwrap();
-                    head.push(byte[0]);
-                }
+                read_request_head(&mut stream);
                 stream
                     .set_write_timeout(Some(Duration::from_millis(200)))
                     .unwrap();
