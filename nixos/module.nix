@@ -180,7 +180,8 @@ in
             ];
             description = ''
               Upstream Jetstream URLs, tried in turn on failure. `null`: the relay's
-              built-in list of the four public Bluesky Jetstream instances. Another
+              built-in list of the six public Bluesky Jetstream instances (the two
+              `subscribeEvents` hosts, then the four legacy `/subscribe` ones). Another
               jetrelay is a valid upstream.
             '';
           };
@@ -448,9 +449,10 @@ in
         serviceConfig = hardening // {
           Type = "notify";
           ExecStart = "${lib.getExe cfg.package} --config ${configFile}";
-          # The relay sends WATCHDOG=1 whenever WATCHDOG_USEC is set; a wedged relay is
-          # restarted (Restart=on-failure covers a watchdog timeout) instead of silently
-          # starving every client.
+          # The relay sends WATCHDOG=1 only while every critical part (follower and
+          # writer, each fan-out worker, the listener, retention) makes progress or is
+          # idle for a stated reason; a wedged relay is restarted (Restart=on-failure
+          # covers a watchdog timeout) instead of silently starving every client.
           WatchdogSec = "30s";
           Restart = "on-failure";
           RestartSec = "2s";

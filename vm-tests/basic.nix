@@ -2,8 +2,9 @@
 # 2,000 on the relay's own node get every event; cursor replay; a relay
 # restart that clients ride over with their cursor.
 #
-# Resources: 3 VMs (upstream 512 MiB / 1 core, relay 1 GiB / 2 cores,
-# clients 768 MiB / 2 cores: 2.3 GiB, 5 vCPUs), an estimated 4 minutes with KVM.
+# Resources: 3 VMs (upstream 512 MiB / 1 core, relay 2 GiB / 2 cores for its
+# 2,000 local clients, clients 768 MiB / 2 cores: 3.3 GiB, 5 vCPUs), an
+# estimated 4 minutes with KVM.
 # Across the test network: at most 500 clients x 10 ev/s x ~560 B = 2.8 MB/s.
 # The 2,000 clients stay on the relay node (loopback), where nothing but the
 # node's own CPU carries them.

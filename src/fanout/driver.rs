@@ -109,8 +109,13 @@ pub trait Kernel {
     fn wall_us(&self) -> u64;
     /// Free submission queue entries.
     fn sq_room(&mut self) -> usize;
-    /// Queues one entry; the caller has made room ([`Kernel::sq_room`]).
-    fn push(&mut self, entry: Entry<'_, Self::Socket, Self::Pipe>, user_data: u64);
+    /// Queues one entry. Panics if the submission queue is full: the driver makes room first
+    /// ([`Kernel::sq_room`]), so both halves of a linked pair go into one submission.
+    ///
+    /// # Safety
+    /// Every pointer in `entry` (a send's bytes, the wake-up buffer) must stay valid, and the
+    /// socket, pipe and file it names open, until the entry's completion has been reaped.
+    unsafe fn push(&mut self, entry: Entry<'_, Self::Socket, Self::Pipe>, user_data: u64);
     /// Submits what is queued; with `wait`, also waits for a completion until that deadline.
     fn submit(&mut self, wait: Option<Instant>) -> io::Result<()>;
     /// Whether completions are waiting to be reaped.
@@ -237,7 +242,7 @@ impl<K: Kernel> Driver<K> {
             completions: Vec::new(),
         };
         d.room(1)?;
-        d.kernel.push(Entry::ReadWake, WAKE);
+        d.push(Entry::ReadWake, WAKE);
         Ok(d)
     }
 
@@ -306,15 +311,30 @@ impl<K: Kernel> Driver<K> {
     // ---- issuing -----------------------------------------------------------------------
 
     /// Makes room for `n` entries in the submission queue (submitting what is queued).
+    ///
+    /// Should the kernel keep entries queued (`EBUSY`: its completion queue overflowed),
+    /// pushing anyway could split a linked splice pair across submissions; the worker stops
+    /// with an error instead, and the process ends loudly (see `liveness`).
     fn room(&mut self, n: usize) -> io::Result<()> {
         if self.kernel.sq_room() < n {
             self.kernel.submit(None)?;
         }
-        debug_assert!(
-            self.kernel.sq_room() >= n,
-            "the submission queue stays full"
-        );
+        if self.kernel.sq_room() < n {
+            return Err(io::Error::other(
+                "the io_uring submission queue stays full after submitting",
+            ));
+        }
         Ok(())
+    }
+
+    /// Queues one entry; every caller has made room with [`Driver::room`].
+    fn push(&mut self, entry: Entry<'_, K::Socket, K::Pipe>, user_data: u64) {
+        // SAFETY: the driver keeps what each entry points at alive until its completion is
+        // reaped: ring bytes stay pinned (`pins`, released in `ring_send_done`), control bytes
+        // are owned by the connection's `Transfer::Control`, the wake-up buffer by the kernel
+        // wrapper, and sockets, pipes and log files are dropped only once no operation on
+        // them is in flight (`inflight`, the pipe pool's owners).
+        unsafe { self.kernel.push(entry, user_data) }
     }
 
     /// Pushes one entry for a client's connection (counted in flight).
@@ -324,7 +344,9 @@ impl<K: Kernel> Driver<K> {
         };
         conn.inflight += 1;
         let ud = user_data(id, conn.generation, op);
-        self.kernel.push(e.into_entry(&conn.sock, &self.pipes), ud);
+        let entry = e.into_entry(&conn.sock, &self.pipes);
+        // SAFETY: as in `push` (borrowing `conn` keeps that helper out of reach here).
+        unsafe { self.kernel.push(entry, ud) }
     }
 
     /// Carries out one operation.
@@ -554,7 +576,7 @@ impl<K: Kernel> Driver<K> {
             let since = self.waker.consumed();
             self.sched.handle_data_appended(since);
             self.room(1)?;
-            self.kernel.push(Entry::ReadWake, WAKE);
+            self.push(Entry::ReadWake, WAKE);
             return Ok(());
         }
         let id = (cqe.user_data >> 32) as ClientId;

@@ -1091,7 +1091,8 @@ impl Scheduler {
                                     "too much filter state from your address"
                                 }
                             };
-                            self.close_with(id, 1008, reason, CloseWhy::Protocol, now);
+                            // A limit: its further input is not decoded.
+                            self.violation(id, 1008, reason, now);
                         }
                     },
                     Err(e) => {

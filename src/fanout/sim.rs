@@ -5,7 +5,7 @@
 //!
 //! The simulated kernel does what io_uring may do and the tests on real sockets rarely show:
 //! sends that complete partially or with `EAGAIN`, a submission queue that fills at any point
-//! (its `push` submits when full, as the real one does), entries that run at submission or
+//! (pushing into a full one is a violation: the driver makes room first), entries that run at submission or
 //! only later, completions in any order, linked pairs (a linked entry split across two
 //! submissions is a violation), cancellation. Retention punches real holes under lagging
 //! readers, shapes are retired while clients attach. A third of the seeds run with a filter
@@ -162,6 +162,9 @@ pub struct SimKernel {
     wake_pending: bool,
     /// Simulated cost of each pushed entry (so pacing sees work).
     cost: Duration,
+    /// `io_uring_enter` accepts nothing (`EBUSY`: the completion queue overflowed), which the
+    /// real wrapper reports as success; the queue stays as full as it was.
+    stuck: bool,
 }
 
 impl SimKernel {
@@ -180,6 +183,7 @@ impl SimKernel {
             wake: None,
             wake_pending: false,
             cost: Duration::from_micros(rng.u64(0..6)),
+            stuck: false,
         }
     }
 
@@ -468,11 +472,13 @@ impl Kernel for SimKernel {
         self.sq_cap - self.sq.len()
     }
 
-    fn push(&mut self, entry: Entry<'_, SimSock, SimPipe>, user_data: u64) {
-        if self.sq.len() >= self.sq_cap {
-            // What the real ring's push does when the queue is full.
-            self.submit_queue();
-        }
+    unsafe fn push(&mut self, entry: Entry<'_, SimSock, SimPipe>, user_data: u64) {
+        // As the real wrapper: a full queue here means the driver did not make room, and a
+        // submit now could split a linked pair.
+        assert!(
+            self.sq.len() < self.sq_cap,
+            "push into a full submission queue (the driver must make room first)"
+        );
         self.elapsed += self.cost;
         let q = match entry {
             Entry::Send { sock, ptr, len } => Queued::Send {
@@ -507,6 +513,9 @@ impl Kernel for SimKernel {
     }
 
     fn submit(&mut self, wait: Option<Instant>) -> io::Result<()> {
+        if self.stuck {
+            return Ok(());
+        }
         self.submit_queue();
         self.run_some_deferred();
         if let Some(deadline) = wait {
@@ -595,6 +604,8 @@ enum Behaviour {
     Staller,
     /// Floods pings without reading.
     PingFlooder,
+    /// Floods data and pong frames (ignored on v1, a protocol violation on v2) while reading.
+    FrameFlooder,
     /// Never reads at all.
     Silent,
 }
@@ -833,10 +844,11 @@ impl Sim {
         };
         let start = index.pos_of(start_seq);
         drop(index);
-        let behaviour = match self.rng.u8(0..10) {
+        let behaviour = match self.rng.u8(0..11) {
             0 => Behaviour::Staller,
             1 => Behaviour::PingFlooder,
             2 => Behaviour::Silent,
+            3 => Behaviour::FrameFlooder,
             _ => Behaviour::Reader,
         };
         let capacity = self.rng.usize(64..20_000);
@@ -963,8 +975,8 @@ impl Sim {
             Behaviour::Reader
         };
         let read = match behaviour {
-            Behaviour::Reader if !feeding => usize::MAX,
-            Behaviour::Reader => self.rng.usize(0..40_000),
+            Behaviour::Reader | Behaviour::FrameFlooder if !feeding => usize::MAX,
+            Behaviour::Reader | Behaviour::FrameFlooder => self.rng.usize(0..40_000),
             Behaviour::Staller => {
                 if self.rng.u8(0..10) == 0 {
                     self.rng.usize(0..100_000)
@@ -989,6 +1001,20 @@ impl Sim {
                 for _ in 0..self.rng.usize(1..300) {
                     self.send_ping(i);
                 }
+            }
+            Behaviour::FrameFlooder if roll < 200 => {
+                let mut f = Vec::new();
+                for _ in 0..self.rng.usize(1..300) {
+                    let opcode = if self.rng.bool() {
+                        Opcode::Pong
+                    } else {
+                        Opcode::Binary
+                    };
+                    let payload = vec![0x5A; self.rng.usize(0..126)];
+                    crate::frame::encode_client_frame(opcode, &payload, [3, 1, 4, 1], &mut f);
+                }
+                let sock = self.peers[i].sock;
+                self.kernel().peer_input(sock, &f, false, false);
             }
             _ if roll < 5 => self.send_ping(i),
             _ if roll < 8
@@ -1252,6 +1278,39 @@ impl Sim {
             "seed {}: filter budget charged to no client (a leak) or held uncharged",
             self.seed
         );
+        self.check_routed();
+    }
+
+    /// DID-parked clients are woken exactly by their DIDs: between where a parked client
+    /// stands and the routing cursor (every event before it has been routed) lies no event
+    /// with one of its DIDs, else routing missed a wake.
+    fn check_routed(&self) {
+        let sched = self.driver.scheduler();
+        let cursor = sched.route_cursor_for_test();
+        let index = self.hub.index();
+        for (i, p) in self.peers.iter().enumerate() {
+            let Some(c) = sched.client_for_test(p.slot).filter(|_| !p.gone) else {
+                continue;
+            };
+            if c.place != super::client::Place::Routed {
+                continue;
+            }
+            let super::client::Source::Filtered(w) = &c.source else {
+                panic!("seed {}: peer {i} routed without a DID walker", self.seed);
+            };
+            index.walk(w.next, usize::MAX, |pos, e| {
+                if pos.seq >= cursor.seq {
+                    return false;
+                }
+                assert!(
+                    w.did_hashes.binary_search(&e.did_hash).is_err(),
+                    "seed {}: peer {i} parked on its DIDs past event {} with one of them",
+                    self.seed,
+                    pos.seq
+                );
+                true
+            });
+        }
     }
 
     fn run(&mut self) {
@@ -1441,4 +1500,45 @@ fn simulated_kernel_seeds() {
             "no seed exercised the filter budget's refusals"
         );
     }
+}
+
+/// A kernel that stops accepting submissions (`EBUSY`, reported as success) must stop the
+/// worker with an error before anything is pushed into the full queue: pushing then, or
+/// submitting between the halves of a linked splice pair, is what split a pair before.
+#[test]
+fn a_submission_queue_that_stays_full_stops_the_worker_with_an_error() {
+    let mut stopped = 0;
+    for seed in 0..10 {
+        let mut sim = Sim::new(seed);
+        sim.append(30);
+        // More clients than the queue holds (2-16): with nothing completing, each keeps one
+        // entry queued, so the queue fills.
+        for _ in 0..24 {
+            sim.attach();
+        }
+        for _ in 0..30 {
+            sim.world(false);
+            sim.turn();
+        }
+        sim.kernel().stuck = true;
+        // The feed goes on and the peers read (no new attaches: the worker is judged alone).
+        let err = (0..300).find_map(|step| {
+            if step % 10 == 0 {
+                sim.append(3);
+            }
+            for i in 0..sim.peers.len() {
+                sim.peer_step(i, true);
+            }
+            sim.kernel().advance(Duration::from_millis(1));
+            sim.driver.turn().err()
+        });
+        if let Some(err) = err {
+            assert!(err.to_string().contains("stays full"), "seed {seed}: {err}");
+            stopped += 1;
+        }
+    }
+    assert!(
+        stopped >= 8,
+        "only {stopped} of 10 workers filled their queue"
+    );
 }

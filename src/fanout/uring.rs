@@ -66,7 +66,7 @@ impl Kernel for Uring {
         sq.capacity() - sq.len()
     }
 
-    fn push(&mut self, entry: Entry<'_, OwnedFd, Pipe>, user_data: u64) {
+    unsafe fn push(&mut self, entry: Entry<'_, OwnedFd, Pipe>, user_data: u64) {
         let fd = |f: &OwnedFd| types::Fd(f.as_raw_fd());
         let sqe = match entry {
             Entry::Send { sock, ptr, len } => opcode::Send::new(fd(sock), ptr, len)
@@ -100,18 +100,11 @@ impl Kernel for Uring {
             }
         };
         let sqe = sqe.user_data(user_data);
-        // SAFETY: the driver keeps every pointer in these entries valid until the entry's
-        // completion is reaped: ring bytes stay pinned until then, control bytes are owned by
-        // the client's transfer record, the wake-up buffer is owned by this struct, and
-        // sockets, pipes and log files are closed only after their operations completed.
-        unsafe {
-            while self.ring.submission().push(&sqe).is_err() {
-                // The driver makes room first; should the queue still be full, submitting
-                // empties it (never between the two halves of a linked pair: room for both
-                // is made before the first is pushed).
-                let _ = self.ring.submit();
-            }
-        }
+        // SAFETY: the caller upholds `Kernel::push`'s contract: every pointer in the entry
+        // stays valid and every fd open until its completion is reaped.
+        let pushed = unsafe { self.ring.submission().push(&sqe) };
+        // Never submit here: that could split a linked pair; the driver made room first.
+        assert!(pushed.is_ok(), "io_uring push into a full submission queue");
     }
 
     fn submit(&mut self, wait: Option<Instant>) -> io::Result<()> {
