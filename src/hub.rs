@@ -55,6 +55,13 @@ pub struct Counters {
     /// Connections refused because every handshake slot (`--max-handshakes`) was taken and
     /// no address held more than one slot more than theirs (nothing fair to evict).
     pub refused_handshakes_full: AtomicU64,
+    /// Cursor handshakes refused (429) because their address already had its share of the
+    /// cursor-scan queue.
+    pub refused_cursor_scans_per_ip: AtomicU64,
+    /// Cursor handshakes refused (503) because the cursor-scan queue was full.
+    pub refused_cursor_scans_full: AtomicU64,
+    /// Queued cursor handshakes answered 503 because they waited past their deadline.
+    pub cursor_scans_expired: AtomicU64,
     /// Handshakes closed (503) to give their slot to an address holding fewer (fair eviction
     /// when the handshake slots are full).
     pub handshakes_evicted: AtomicU64,

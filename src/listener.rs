@@ -19,14 +19,17 @@
 //! The listener never reads the logs: a cursor is resolved from the index in memory, and the
 //! rare cursor that lands in a chunk recovered from disk (whose per-event times are not in
 //! memory) is finished by a helper thread that scans that chunk's frames and completes the
-//! upgrade, so a slow disk cannot stall everyone's handshakes.
+//! upgrade, so a slow disk cannot stall everyone's handshakes. Its queue is shared fairly: one
+//! address (per /64 for IPv6) may hold an eighth of it (beyond: 429), and a queued handshake
+//! that waits longer than the handshake deadline is answered 503 instead of being served late.
 
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::Arc;
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
@@ -54,6 +57,19 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// hundred KiB, from the page cache), so 64 queued is well under a second of work; beyond,
 /// such handshakes get 503 at once rather than waiting unboundedly.
 const MAX_QUEUED_CURSOR_SCANS: usize = 64;
+
+/// Queued (or running) cursor scans one address key may hold. Why an eighth of the queue: a
+/// few addresses asking for scans must not take all of it and get every other address's
+/// cursor handshakes a 503; beyond its share an address gets 429.
+const MAX_QUEUED_CURSOR_SCANS_PER_ADDRESS: usize = MAX_QUEUED_CURSOR_SCANS / 8;
+
+/// Longest the cursor-scan thread waits for work before it reports progress to
+/// [`crate::liveness`] (every part loops at least once a second).
+const CURSOR_SCAN_POLL: Duration = Duration::from_millis(500);
+
+/// Test hook (debug builds only): milliseconds the cursor-scan thread sleeps before each scan,
+/// so that a test can fill its queue deterministically.
+pub const TEST_SCAN_DELAY_ENV: &str = "TEST_JETRELAY_CURSOR_SCAN_DELAY_MS";
 
 /// Spacing of the log line that summarizes connections refused at accept (the flood path
 /// is counted in metrics, not logged per connection).
@@ -228,7 +244,57 @@ pub struct Listener {
     refusal_log: Throttle,
     /// Upgrades whose cursor needs a disk scan, for the helper thread (None if it could not
     /// be started: then the listener scans itself).
-    scans: Option<SyncSender<(Upgrade, CursorScan)>>,
+    scans: Option<SyncSender<QueuedScan>>,
+    /// Scans queued or running per address key, shared with the helper thread.
+    queued_scans: Arc<QueuedScans>,
+}
+
+/// An upgrade waiting on the cursor-scan thread.
+struct QueuedScan {
+    /// The upgrade to finish.
+    up: Upgrade,
+    /// The chunk to scan.
+    scan: CursorScan,
+    /// Counted in [`QueuedScans`] under this key (None: an exempt address, not counted).
+    key: Option<IpAddr>,
+    /// Answered 503 instead of scanned if the thread gets to it only after this.
+    deadline: Instant,
+}
+
+/// Cursor scans queued or running, per address key: the listener takes a share before it
+/// queues, the helper thread gives it back when the scan is done.
+#[derive(Default)]
+struct QueuedScans {
+    /// Address key → scans it holds (no entry: none).
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl QueuedScans {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.per_address.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one more scan for `key` unless it already holds `share`.
+    fn try_take(&self, key: IpAddr, share: usize) -> bool {
+        let mut map = self.lock();
+        let held = map.entry(key).or_insert(0);
+        if *held >= share {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// Gives back one scan of `key`.
+    fn give_back(&self, key: IpAddr) {
+        let mut map = self.lock();
+        if let Some(held) = map.get_mut(&key) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                map.remove(&key);
+            }
+        }
+    }
 }
 
 /// A WebSocket upgrade that passed every check and waits only for its start position.
@@ -271,22 +337,80 @@ fn finish_upgrade(hub: &Hub, fanout: &Fanout, up: Upgrade, start: EventPos) {
     fanout.attach(client);
 }
 
-/// Starts the thread that finishes cursor lookups needing a disk scan; it ends when the
-/// listener (the sender) is gone.
+/// Answers a queued upgrade that waited past its deadline: 503 with the reason, counted.
+fn refuse_expired_scan(hub: &Hub, up: Upgrade, log: &Throttle) {
+    let err = HttpError::new(
+        503,
+        "server busy: the cursor lookup waited too long in the queue",
+    )
+    .with_header("Retry-After", "1".into());
+    hub.counters.refused(err.status);
+    Counters::add(&hub.counters.cursor_scans_expired, 1);
+    if log.allow() {
+        tracing::info!(peer = %up.client.peer, status = err.status, reason = %err.reason,
+            expired = hub.counters.cursor_scans_expired.load(std::sync::atomic::Ordering::Relaxed),
+            "handshake refused (one line per 5 s; see jetrelay_limit_refusals)");
+    }
+    let _ = write_all_nb(&up.client.fd, &err.to_response());
+    if let Some(ip) = up.client.counted_ip {
+        hub.limits.release(ip);
+    }
+}
+
+/// Starts the critical part `cursor-scan`, which finishes cursor lookups needing a disk scan;
+/// it ends when the listener (the sender) is gone.
 fn spawn_cursor_scanner(
     hub: Arc<Hub>,
     fanout: Arc<Fanout>,
-) -> std::io::Result<SyncSender<(Upgrade, CursorScan)>> {
-    let (tx, rx) = sync_channel::<(Upgrade, CursorScan)>(MAX_QUEUED_CURSOR_SCANS);
-    std::thread::Builder::new()
-        .name("cursor-scan".into())
-        .spawn(move || {
-            while let Ok((up, scan)) = rx.recv() {
+    queued_scans: Arc<QueuedScans>,
+) -> std::io::Result<SyncSender<QueuedScan>> {
+    let (tx, rx) = sync_channel::<QueuedScan>(MAX_QUEUED_CURSOR_SCANS);
+    let liveness = hub.liveness.clone();
+    let delay = test_scan_delay();
+    let expired_log = Throttle::new(REFUSAL_LOG_INTERVAL);
+    crate::liveness::spawn_critical(&liveness, "cursor-scan", move || {
+        loop {
+            // Waking at least twice a second is its progress while there is no work.
+            crate::liveness::beat();
+            let queued = match rx.recv_timeout(CURSOR_SCAN_POLL) {
+                Ok(q) => q,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok::<(), std::io::Error>(()),
+            };
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+            let QueuedScan {
+                up,
+                scan,
+                key,
+                deadline,
+            } = queued;
+            if Instant::now() > deadline {
+                refuse_expired_scan(&hub, up, &expired_log);
+            } else {
                 let start = hub.finish_cursor_scan(scan);
                 finish_upgrade(&hub, &fanout, up, start);
             }
-        })?;
+            if let Some(key) = key {
+                queued_scans.give_back(key);
+            }
+        }
+    })?;
     Ok(tx)
+}
+
+/// The test hook's delay before each scan ([`TEST_SCAN_DELAY_ENV`]; zero in release builds).
+fn test_scan_delay() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var(TEST_SCAN_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tracing::warn!(ms, "test hook armed: {TEST_SCAN_DELAY_ENV}");
+        return Duration::from_millis(ms);
+    }
+    Duration::ZERO
 }
 
 /// Epoll tokens at and above this are listening sockets; below, handshake slots.
@@ -300,7 +424,8 @@ impl Listener {
         listeners: Vec<(Bound, bool)>,
         settings: &Settings,
     ) -> Listener {
-        let scans = match spawn_cursor_scanner(hub.clone(), fanout.clone()) {
+        let queued_scans = Arc::new(QueuedScans::default());
+        let scans = match spawn_cursor_scanner(hub.clone(), fanout.clone(), queued_scans.clone()) {
             Ok(tx) => Some(tx),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the cursor-scan thread; the listener scans itself");
@@ -309,6 +434,7 @@ impl Listener {
         };
         Listener {
             scans,
+            queued_scans,
             hub,
             fanout,
             listeners,
@@ -843,15 +969,42 @@ impl Listener {
 
     /// Completes an upgrade whose start is `lookup`: now, or on the cursor-scan thread when
     /// it needs a disk read (beyond its queue: 503).
-    fn upgrade(&self, p: &mut Pending, up: Upgrade, lookup: CursorLookup) -> Progress {
+    fn upgrade(&self, p: &mut Pending, mut up: Upgrade, lookup: CursorLookup) -> Progress {
         match (lookup, &self.scans) {
             (CursorLookup::Ready(start), _) => finish_upgrade(&self.hub, &self.fanout, up, start),
             (CursorLookup::NeedsScan(scan), Some(scans)) => {
-                if let Err(
-                    TrySendError::Full((mut up, _)) | TrySendError::Disconnected((mut up, _)),
-                ) = scans.try_send((up, scan))
+                let ip = up.client.peer.ip();
+                let key = (!self.hub.limits.exempt(ip)).then(|| address_key(ip));
+                if let Some(key) = key
+                    && !self
+                        .queued_scans
+                        .try_take(key, MAX_QUEUED_CURSOR_SCANS_PER_ADDRESS)
                 {
+                    Counters::add(&self.hub.counters.refused_cursor_scans_per_ip, 1);
                     p.admitted_ip = up.client.counted_ip.take();
+                    return self.refuse_ref(
+                        p,
+                        HttpError::new(
+                            429,
+                            "too many cursor lookups in progress from your address",
+                        )
+                        .with_header("Retry-After", "1".into()),
+                    );
+                }
+                let queued = QueuedScan {
+                    up,
+                    scan,
+                    key,
+                    deadline: Instant::now() + self.handshake_timeout,
+                };
+                if let Err(TrySendError::Full(mut q) | TrySendError::Disconnected(mut q)) =
+                    scans.try_send(queued)
+                {
+                    if let Some(key) = q.key {
+                        self.queued_scans.give_back(key);
+                    }
+                    Counters::add(&self.hub.counters.refused_cursor_scans_full, 1);
+                    p.admitted_ip = q.up.client.counted_ip.take();
                     return self.refuse_ref(
                         p,
                         HttpError::new(503, "server busy: too many cursor lookups in progress")

@@ -1,8 +1,9 @@
 //! Liveness: "the process is up" must mean "every part of it is working".
 //!
 //! Every thread that matters (the upstream follower and writer, each fan-out worker, the
-//! listener, retention) is a named *part*. It is started with [`spawn_critical`] and calls
-//! [`beat`] once per loop iteration: one relaxed store through a thread-local, nothing else.
+//! listener and its cursor-scan helper, retention, the metrics server) is a named *part*. It
+//! is started with [`spawn_critical`] and calls [`beat`] once per loop iteration: one relaxed
+//! store through a thread-local, nothing else.
 //! A part that waits legitimately for longer than its loop normally takes says why with
 //! [`idle`] (a guard; the part counts as working again when it is dropped).
 //!

@@ -1025,3 +1025,224 @@ fn dictionary_downloads_by_readers_that_stall_neither_stall_the_listener_nor_tru
         || upgrade_from(FLOODER, port).0 == 101,
     );
 }
+
+/// Test hook of the relay: milliseconds its cursor-scan thread sleeps before each scan.
+const SCAN_DELAY_ENV: &str = "TEST_JETRELAY_CURSOR_SCAN_DELAY_MS";
+
+/// A data dir whose log was written by a relay that has stopped: a restarted relay recovers
+/// its chunks from disk without per-event times, so a µs cursor inside one needs a disk scan
+/// on the cursor-scan thread. Returns the dir, the upstream it followed, and a cursor in the
+/// middle of the log with the event it must start at.
+fn recovered_log(name: &str) -> (TempDir, Mock, String, Vec<u8>) {
+    const N: usize = 3000;
+    let mock = Mock::start(
+        2000,
+        &["--time-jitter-ms", "300", "--count", &N.to_string()],
+    );
+    let dir = temp_dir(name);
+    let mut relay = Relay::start(&mock.url(), &dir, &[]);
+    wait_until("all events appended", Duration::from_secs(30), || {
+        read_all(&relay.url("cursor=0"), Duration::from_millis(300), N + 10).len() >= N
+    });
+    let all = read_all(&relay.url("cursor=0"), Duration::from_millis(500), N + 10);
+    assert_eq!(all.len(), N);
+    assert!(
+        relay.proc.terminate(Duration::from_secs(10)),
+        "graceful stop"
+    );
+    let times: Vec<i64> = all.iter().map(|e| time_us_of(e)).collect();
+    let cursor = times[N / 2] - 1;
+    let expect = times
+        .iter()
+        .position(|t| *t >= cursor)
+        .expect("an event at or after the cursor");
+    (dir, mock, format!("cursor={cursor}"), all[expect].clone())
+}
+
+/// Status line and body of the answer on `s` (0 if none came within `within`); after a 101,
+/// the body is empty and the socket is left for the caller.
+fn answer_of(s: &mut TcpStream, within: Duration) -> (u16, String) {
+    s.set_read_timeout(Some(within)).ok();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        let _ = s.read_to_end(&mut head);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Cursor handshakes that need a disk scan share the cursor-scan queue fairly. Three
+/// attacking addresses each send a cursor handshake every 5 ms that needs a scan (scans made
+/// slow, 100 ms each, by the test hook): before, they kept the whole queue (64) full and a
+/// bystander from a fourth address got 503 "server busy"; now each holds at most its share (8)
+/// and gets 429 beyond it, and the bystander's cursor handshake is queued, upgraded and
+/// starts at the right event.
+#[test]
+fn cursor_scans_from_a_few_addresses_leave_room_for_another_address() {
+    const ATTACKERS: [Ipv4Addr; 3] = [
+        Ipv4Addr::new(127, 0, 0, 11),
+        Ipv4Addr::new(127, 0, 0, 12),
+        Ipv4Addr::new(127, 0, 0, 13),
+    ];
+    const BYSTANDER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 20);
+    raise_nofile();
+    let (dir, mock, query, first) = recovered_log("admission-cursor-share");
+    let relay = Relay::start_full(
+        &[],
+        free_port(),
+        &mock.url(),
+        &dir,
+        "127.0.0.1/32",
+        // Only the cursor-scan queue may refuse the attackers.
+        &[
+            "--conn-rate-per-ip",
+            "10000",
+            "--max-conns-per-ip",
+            "10000",
+            "--max-handshakes-per-ip",
+            "1000",
+        ],
+        &[(SCAN_DELAY_ENV, "100")],
+    );
+    let port = relay.port;
+    let request = UPGRADE.replacen("GET /subscribe ", &format!("GET /subscribe?{query} "), 1);
+    let until = Instant::now() + Duration::from_millis(2500);
+    let floods: Vec<_> = ATTACKERS
+        .iter()
+        .map(|src| {
+            let (src, request) = (*src, request.clone());
+            std::thread::spawn(move || {
+                let mut socks = Vec::new();
+                while Instant::now() < until {
+                    if let Ok(mut s) = connect_from(src, port)
+                        && s.write_all(request.as_bytes()).is_ok()
+                    {
+                        socks.push(s);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                socks
+            })
+        })
+        .collect();
+    // The attack is under way: the queue is as full as they can make it.
+    std::thread::sleep(Duration::from_millis(700));
+    let t0 = Instant::now();
+    let mut bystander = connect_from(BYSTANDER, port).expect("connect");
+    bystander
+        .write_all(request.as_bytes())
+        .expect("write the request");
+    // Queued behind at most 3 × 8 attacker scans of 100 ms.
+    let (status, head) = answer_of(&mut bystander, Duration::from_secs(6));
+    let waited = t0.elapsed();
+    assert_eq!(
+        status, 101,
+        "the bystander's cursor handshake was refused: {head}"
+    );
+    eprintln!("bystander upgraded after {waited:?}");
+    // The handshake is done (its 101 read above): frames follow on the same socket.
+    let mut ws = tungstenite::WebSocket::from_raw_socket(
+        bystander,
+        tungstenite::protocol::Role::Client,
+        None,
+    );
+    let frame = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => break t.as_bytes().to_vec(),
+            Ok(_) => {}
+            Err(e) => panic!("bystander stream ended: {e}"),
+        }
+    };
+    assert_eq!(frame, first, "the bystander starts at its cursor");
+
+    let mut statuses: std::collections::BTreeMap<u16, usize> = Default::default();
+    let mut share_refusals = 0;
+    for flood in floods {
+        let mut socks = flood.join().expect("flood thread");
+        for s in &mut socks {
+            let (status, text) = answer_of(s, Duration::from_secs(5));
+            *statuses.entry(status).or_default() += 1;
+            if status == 429
+                && text.contains("too many cursor lookups in progress from your address")
+            {
+                share_refusals += 1;
+            }
+        }
+    }
+    eprintln!("attackers' answers by status: {statuses:?}");
+    assert!(
+        share_refusals > 0,
+        "attackers beyond their share get 429: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.get(&503),
+        None,
+        "the queue never filled: {statuses:?}"
+    );
+    let (_, metrics) = http_get(relay.metrics_port, "/metrics");
+    let counted = metric(
+        &metrics,
+        "jetrelay_limit_refusals",
+        "limit=\"cursor_scans_per_ip\"",
+    );
+    assert_eq!(counted, share_refusals as u64, "counted in the metrics");
+}
+
+/// A queued cursor handshake does not wait forever: one that the cursor-scan thread reaches
+/// only after the handshake deadline (1 s here; scans slowed to 300 ms each by the test hook)
+/// is answered 503 with the reason instead of being served late (before: every one of them
+/// waited its turn, however long).
+#[test]
+fn queued_cursor_scans_past_the_handshake_deadline_get_503() {
+    let (dir, mock, query, _) = recovered_log("admission-cursor-deadline");
+    let relay = Relay::start_full(
+        &[],
+        free_port(),
+        &mock.url(),
+        &dir,
+        "127.0.0.1/32",
+        &["--handshake-timeout", "1s"],
+        &[(SCAN_DELAY_ENV, "300")],
+    );
+    let request = UPGRADE.replacen("GET /subscribe ", &format!("GET /subscribe?{query} "), 1);
+    // Exactly the address's share of the queue (8).
+    let mut socks: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = connect_from(FLOODER, relay.port).expect("connect");
+            s.write_all(request.as_bytes()).expect("write");
+            s
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = socks
+        .iter_mut()
+        .map(|s| answer_of(s, Duration::from_secs(5)))
+        .collect();
+    let served = answers.iter().filter(|(s, _)| *s == 101).count();
+    let expired = answers
+        .iter()
+        .filter(|(s, t)| *s == 503 && t.contains("waited too long"))
+        .count();
+    assert!(served >= 1, "the first ones are served: {answers:?}");
+    assert_eq!(
+        served + expired,
+        8,
+        "the others expire with the reason: {answers:?}"
+    );
+    assert!(expired >= 1, "late ones are refused: {answers:?}");
+    let (_, metrics) = http_get(relay.metrics_port, "/metrics");
+    let counted = metric(
+        &metrics,
+        "jetrelay_limit_refusals",
+        "limit=\"cursor_scan_wait\"",
+    );
+    assert_eq!(counted, expired as u64, "counted in the metrics");
+}

@@ -52,7 +52,14 @@ fn a_dead_part_ends_the_process_and_names_it() {
         return;
     }
     let mock = Mock::start(200, &[]);
-    for part in ["fanout-1", "listener", "upstream", "retention"] {
+    for part in [
+        "fanout-1",
+        "listener",
+        "upstream",
+        "retention",
+        "cursor-scan",
+        "metrics",
+    ] {
         let dir = temp_dir("deadpart");
         let hook = format!("{part}:panic:1500");
         let mut relay = Relay::start_env(

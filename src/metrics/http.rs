@@ -116,6 +116,8 @@ pub fn serve(
     let mut conns: Vec<Conn> = Vec::with_capacity(MAX_CONNECTIONS);
     let mut accept_paused_until: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        // Progress for `liveness` (every loop waits at most `STOP_POLL`).
+        crate::liveness::beat();
         let now = Instant::now();
         if accept_paused_until.is_some_and(|t| now >= t) {
             accept_paused_until = None;

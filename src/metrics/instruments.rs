@@ -181,6 +181,9 @@ fn register_handshakes(meter: &Meter, hub: &Arc<Hub>) {
                 ("conn_rate_per_ip", &r.rate),
                 ("max_handshakes_per_ip", &c.refused_handshakes_per_ip),
                 ("max_handshakes", &c.refused_handshakes_full),
+                ("cursor_scans_per_ip", &c.refused_cursor_scans_per_ip),
+                ("cursor_scans", &c.refused_cursor_scans_full),
+                ("cursor_scan_wait", &c.cursor_scans_expired),
                 ("trusted_allow_ip", &c.refused_trusted_source),
                 ("shape_rate_per_ip", &h.shapes.counters.refused_rate),
             ] {

@@ -154,10 +154,14 @@ impl Metrics {
             prometheus,
             started: Instant::now(),
         });
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || http::serve(listener, stop, |method, path| route(method, path, &shared)))
-            .map_err(MetricsError::Spawn)?;
+        // A critical part: a dead or wedged metrics thread would leave `/readyz` unanswered
+        // (a load balancer takes the relay out) with nothing saying why.
+        let liveness = shared.hub.liveness.clone();
+        let thread = crate::liveness::spawn_critical(&liveness, "metrics", move || {
+            http::serve(listener, stop, |method, path| route(method, path, &shared));
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(MetricsError::Spawn)?;
         tracing::info!(addr = %local, "metrics, health and dashboard serving");
         metrics.thread = Some(thread);
         metrics.local_addr = Some(local);

@@ -292,7 +292,9 @@ impl Relay {
         Self::start_full(wrapper, port, upstream, data_dir, allow, extra, &[])
     }
 
-    fn start_full(
+    /// The general form: through `wrapper`, with only `allow` exempt from the per-address
+    /// limits, and extra environment variables (test hooks).
+    pub fn start_full(
         wrapper: &[String],
         port: u16,
         upstream: &str,
