@@ -121,7 +121,20 @@ fn same(got: &[Vec<u8>], want: &[&Vec<u8>], what: &str) {
 
 /// Runs the script to completion (bounded), returning its stdout.
 fn run_script(args: &[String]) -> String {
-    let script = repo_path("tests/interop/websockets_client.py");
+    let out = run_python("tests/interop/websockets_client.py", args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the Python client failed ({}):\n{stderr}",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a Python script of the repository to completion (bounded, killed past
+/// `SCRIPT_DEADLINE`), returning its status and output.
+fn run_python(script: &str, args: &[String]) -> std::process::Output {
+    let script = repo_path(script);
     let mut child = Command::new("python3")
         .arg(&script)
         .args(args)
@@ -144,14 +157,7 @@ fn run_script(args: &[String]) -> String {
             None => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-    let out = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the Python client failed ({}):\n{stderr}",
-        out.status
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    child.wait_with_output().expect("output")
 }
 
 /// Python's `websockets` against the relay: plain stream, compressed stream (query and
@@ -253,4 +259,60 @@ fn python_websockets_client_interoperates() {
         summary["close_rcvd_then_sent"], false,
         "the client closed first"
     );
+}
+
+/// A strict v1 client (tests/interop/strict_v1_client.py, built like PyPI `atproto-jetstream`
+/// 0.3.0: a fixed dataclass from every top-level key of the 2024 v1 event) fails on the relay's
+/// first event while the `cursor` field is on (the default), and receives events with
+/// `--v1-cursor-field false`.
+#[test]
+fn strict_v1_client_fails_on_the_cursor_field_and_reads_without_it() {
+    require_python();
+    const STRICT_EVENTS: &str = "200";
+    let mock = Mock::start(1000, &[]);
+    for (extra, field_on) in [
+        (&[][..], true),
+        (&["--v1-cursor-field", "false"][..], false),
+    ] {
+        let dir = temp_dir(if field_on {
+            "strict-v1-on"
+        } else {
+            "strict-v1-off"
+        });
+        let relay = Relay::start(&mock.url(), &dir, extra);
+        let out = run_python(
+            "tests/interop/strict_v1_client.py",
+            &[relay.url("cursor=0"), STRICT_EVENTS.into()],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if field_on {
+            assert!(
+                !out.status.success()
+                    && stderr.contains("at event 0: ")
+                    && stderr.contains("unexpected keyword argument 'cursor'"),
+                "cursor field on: the strict client must fail on the first event ({}):\n\
+                 {stderr}\n{stdout}",
+                out.status
+            );
+        } else {
+            assert!(
+                out.status.success(),
+                "--v1-cursor-field false: the strict client failed ({}):\n{stderr}",
+                out.status
+            );
+            let summary: serde_json::Value = serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("summary JSON ({e}): {stdout}"));
+            assert_eq!(summary["received"].to_string(), STRICT_EVENTS, "{summary}");
+        }
+        eprintln!(
+            "cursor field {}: {}",
+            if field_on { "on" } else { "off" },
+            if field_on {
+                stderr.trim()
+            } else {
+                stdout.trim()
+            }
+        );
+    }
 }
