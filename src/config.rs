@@ -104,6 +104,8 @@ pub struct RawSettings {
     pub max_shape_disk: String,
     /// New shapes one IP (or IPv6 /64) may cause per minute.
     pub shape_rate_per_ip: f64,
+    /// Live shapes one IP (or IPv6 /64) may have created.
+    pub max_shapes_per_ip: usize,
     /// Fan-out worker threads (0 = one per CPU).
     pub workers: usize,
     /// Upstream reconnect rewind window.
@@ -168,6 +170,7 @@ impl Default for RawSettings {
             max_disk: "20GiB".into(),
             max_shape_disk: String::new(),
             shape_rate_per_ip: 6.0,
+            max_shapes_per_ip: crate::shapes::MAX_SHAPES_PER_IP,
             workers: 0,
             rewind: "5s".into(),
             upstream_skew: "60s".into(),
@@ -216,6 +219,8 @@ pub struct Settings {
     pub max_shape_disk: u64,
     /// New shapes per minute per address key.
     pub shape_rate_per_ip: f64,
+    /// Live shapes one address key may have created.
+    pub max_shapes_per_ip: usize,
     /// Fan-out worker threads.
     pub workers: usize,
     /// How far before the last appended event a reconnect resumes.
@@ -432,6 +437,12 @@ impl RawSettings {
                 "must be a positive number of shapes per minute, up to 1000000",
             ));
         }
+        if !(1..=crate::shapes::MAX_SHAPES).contains(&self.max_shapes_per_ip) {
+            return Err(bad(
+                "max_shapes_per_ip",
+                format!("must be 1 to {} shapes", crate::shapes::MAX_SHAPES),
+            ));
+        }
         let workers = match self.workers {
             0 => default_workers(std::thread::available_parallelism().map_or(1, |n| n.get())),
             n => n,
@@ -572,6 +583,7 @@ impl RawSettings {
             max_disk,
             max_shape_disk,
             shape_rate_per_ip: self.shape_rate_per_ip,
+            max_shapes_per_ip: self.max_shapes_per_ip,
             workers,
             rewind,
             upstream_skew,
@@ -771,6 +783,13 @@ mod tests {
                 "shape_rate_per_ip",
                 RawSettings {
                     shape_rate_per_ip: 0.0,
+                    ..RawSettings::default()
+                },
+            ),
+            (
+                "max_shapes_per_ip",
+                RawSettings {
+                    max_shapes_per_ip: 0,
                     ..RawSettings::default()
                 },
             ),

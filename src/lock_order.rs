@@ -265,6 +265,7 @@ mod tests {
             dir.join("shapes"),
             crate::shapes::ShapeLimits {
                 creations_per_minute: 1e9,
+                max_per_ip: crate::shapes::MAX_SHAPES,
                 allow: Vec::new(),
                 max_disk: 2 << 20,
             },

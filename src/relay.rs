@@ -410,6 +410,7 @@ pub fn open_hub(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Recovery)> {
         settings.data_dir.join("shapes"),
         crate::shapes::ShapeLimits {
             creations_per_minute: settings.shape_rate_per_ip,
+            max_per_ip: settings.max_shapes_per_ip,
             allow: settings.allow_ip.clone(),
             max_disk: settings.max_shape_disk,
         },

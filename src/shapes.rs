@@ -19,9 +19,10 @@
 //! Shape keys are clients' to choose, so shapes are guarded against exhaustion: only
 //! canonical keys get one ([`crate::subscription::SubscriberOptions::serving`]), each address
 //! may create only so many per minute ([`ShapeLimits::creations_per_minute`]; beyond, its
-//! clients walk), and shapes have their own disk budget ([`ShapeLimits::max_disk`]), trimmed
-//! on their own (oldest events first, the same window for every shape) so that they never
-//! shrink the base logs' retention.
+//! clients walk) and hold only its share of them ([`ShapeLimits::max_per_ip`]), and shapes
+//! have their own disk budget ([`ShapeLimits::max_disk`]), trimmed on their own (oldest
+//! events first, the same window for every shape) so that they never shrink the base logs'
+//! retention.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -34,7 +35,7 @@ use crate::encoding::ENCODINGS;
 use crate::event::EventMeta;
 use crate::hub::Counters;
 use crate::index::now_us;
-use crate::limits::RateTable;
+use crate::limits::{RateTable, address_key, in_network};
 use crate::lock_order::{Level, OrderedRwLock, ReadGuard};
 use crate::log::Stream;
 use crate::subscription::ShapeKey;
@@ -46,6 +47,9 @@ pub const MAX_SHAPES: usize = 32;
 pub const SHAPE_IDLE: Duration = Duration::from_secs(60);
 /// Ring per shape: smaller than the base rings since there can be many shapes.
 pub const SHAPE_RING_BYTES: usize = 8 << 20;
+/// Default of [`ShapeLimits::max_per_ip`]: an eighth of the table, so that at least eight
+/// addresses can hold shapes however fast one of them creates them.
+pub const MAX_SHAPES_PER_IP: usize = MAX_SHAPES / 8;
 /// The bit of a shape's client count that marks it retired.
 const RETIRED: u64 = 1 << 63;
 
@@ -56,7 +60,15 @@ pub struct ShapeLimits {
     /// size); beyond that its clients are served by the walk. Why: keys are clients' to
     /// choose, and each shape costs a log written for every matching event.
     pub creations_per_minute: f64,
-    /// Networks exempt from the creation rate (`--allow-ip`).
+    /// Live shapes one address (per /64 for IPv6) may have created; beyond, its new filters
+    /// are served by the walk (other addresses still get shapes). Why: the rate alone only
+    /// slows an address down, and at 6 a minute one address would own all [`MAX_SHAPES`]
+    /// after ~5 minutes and keep them alive with one client each. A shape counts against the
+    /// address that created it until it is retired, however many other addresses use it
+    /// (shapes are created on first use, so a popular one is rarely an attacker's).
+    /// Default [`MAX_SHAPES_PER_IP`].
+    pub max_per_ip: usize,
+    /// Networks exempt from the creation rate and the share (`--allow-ip`).
     pub allow: Vec<(IpAddr, u8)>,
     /// Retained bytes of all shape logs together; beyond it the oldest events are trimmed
     /// from every shape (their readers kicked like retention's). Separate from the base logs'
@@ -71,6 +83,8 @@ pub struct ShapeCounters {
     pub created: AtomicU64,
     /// Creations refused: the address exceeded `creations_per_minute`.
     pub refused_rate: AtomicU64,
+    /// Creations refused: the address already holds [`ShapeLimits::max_per_ip`] shapes.
+    pub refused_per_ip: AtomicU64,
     /// Creations refused: [`MAX_SHAPES`] shapes exist.
     pub refused_full: AtomicU64,
     /// Shape bytes punched because shapes exceeded their disk budget (not base retention).
@@ -134,6 +148,9 @@ pub struct Shape {
     pub stream: Arc<Stream>,
     /// The first event this shape was fed (see [`Shape::start_seq`]).
     created_seq: u64,
+    /// The address key ([`address_key`]) that created it, charged for it until it is
+    /// retired; None if that address is exempt (`--allow-ip`).
+    creator: Option<IpAddr>,
     /// Events before this were (or are being) trimmed away by retention or the shapes' disk
     /// budget; only grows.
     trimmed_seq: AtomicU64,
@@ -262,9 +279,27 @@ impl Shapes {
         self.active.read()
     }
 
-    /// The shape for `key`, creating it (fed from `next_seq` on) if there is room and
-    /// `creator` (the client's address) may create one now; None = serve the client by the
-    /// walk. `next_seq` must be read under the index lock so no event is missed or doubled:
+    /// The address key `ip` is charged under for the shapes it creates, None if it is exempt.
+    fn charged_key(&self, ip: IpAddr) -> Option<IpAddr> {
+        // A dual-stack listener sees IPv4 clients as IPv4-mapped addresses.
+        let ip = ip.to_canonical();
+        if self.limits.allow.iter().any(|n| in_network(ip, *n)) {
+            None
+        } else {
+            Some(address_key(ip))
+        }
+    }
+
+    /// Whether `creator` already holds its share of `active` (never for exempt addresses).
+    fn holds_share(&self, active: &[Arc<Shape>], creator: Option<IpAddr>) -> bool {
+        creator.is_some_and(|c| {
+            active.iter().filter(|s| s.creator == Some(c)).count() >= self.limits.max_per_ip
+        })
+    }
+
+    /// The shape for `key`, creating it (fed from `next_seq` on) if there is room, `creator`
+    /// (the client's address) holds less than its share of shapes and may create one now;
+    /// None = serve the client by the walk. `next_seq` must be read under the index lock so no event is missed or doubled:
     /// the writer appends shapes' frames before the index entry, under the same registry
     /// lock. Lock order: call it holding none of the registry, the index or a shape table.
     pub fn get_or_create(
@@ -273,6 +308,7 @@ impl Shapes {
         creator: IpAddr,
         next_seq: impl FnOnce() -> u64,
     ) -> Option<Arc<Shape>> {
+        let charged = self.charged_key(creator);
         {
             let active = self.active.read();
             if let Some(s) = active.iter().find(|s| &s.key == key) {
@@ -280,6 +316,11 @@ impl Shapes {
             }
             if active.len() >= MAX_SHAPES {
                 Counters::add(&self.counters.refused_full, 1);
+                return None;
+            }
+            // Before the rate: a creation refused for the share costs the address no token.
+            if self.holds_share(&active, charged) {
+                Counters::add(&self.counters.refused_per_ip, 1);
                 return None;
             }
         }
@@ -294,6 +335,11 @@ impl Shapes {
         }
         if active.len() >= MAX_SHAPES {
             Counters::add(&self.counters.refused_full, 1);
+            return None;
+        }
+        // Again under the write lock: the same address may be creating another one right now.
+        if self.holds_share(&active, charged) {
+            Counters::add(&self.counters.refused_per_ip, 1);
             return None;
         }
         *counter += 1;
@@ -314,6 +360,7 @@ impl Shapes {
             label: label.clone(),
             stream: Arc::new(stream),
             created_seq: start_seq,
+            creator: charged,
             trimmed_seq: AtomicU64::new(0),
             table: OrderedRwLock::new(Level::ShapeTable, ShapeTable::default()),
             clients: AtomicU64::new(0),
@@ -467,6 +514,142 @@ pub fn append_to_shape(shape: &Shape, seq: u64, frame: &[u8]) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoding::Encoding;
+    use crate::subscription::SubscriberOptions;
+    use crate::wire::KindSet;
+
+    /// A registry in a scratch directory of its own, allowing `max_per_ip` shapes per address
+    /// (10.9.0.0/16 exempt) and creations at any rate.
+    fn registry(name: &str, max_per_ip: usize) -> (Shapes, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("jetrelay-shapes-{}-{name}", std::process::id()));
+        let shapes = Shapes::new(
+            dir.clone(),
+            ShapeLimits {
+                creations_per_minute: 1e9,
+                max_per_ip,
+                allow: vec![("10.9.0.0".parse().expect("net"), 16)],
+                max_disk: u64::MAX,
+            },
+        )
+        .expect("shapes dir")
+        .with_ring_bytes(4096);
+        (shapes, dir)
+    }
+
+    /// The shape key of a v1 client wanting only `collection`.
+    fn key(collection: &str) -> ShapeKey {
+        SubscriberOptions::new(&[collection], &[] as &[&str], None)
+            .expect("valid collection")
+            .shape_key(Encoding::V1Json, KindSet::V1)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn an_address_holds_at_most_its_share_of_shapes() {
+        let (shapes, dir) = registry("share", 2);
+        let attacker = ip("192.0.2.1");
+        let a = shapes.get_or_create(&key("com.example.a"), attacker, || 0);
+        let b = shapes.get_or_create(&key("com.example.b"), attacker, || 0);
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("the first two are its share")
+        };
+        assert!(
+            shapes
+                .get_or_create(&key("com.example.c"), attacker, || 0)
+                .is_none(),
+            "an address at its share gets no new shape"
+        );
+        // IPv4-mapped (a dual-stack listener) is the same address.
+        let mapped = ip("::ffff:192.0.2.1");
+        assert!(
+            shapes
+                .get_or_create(&key("com.example.c"), mapped, || 0)
+                .is_none()
+        );
+        assert_eq!(shapes.counters.refused_per_ip.load(Ordering::Relaxed), 2);
+        // Its existing shapes are still found (finding is not creating).
+        let again = shapes.get_or_create(&key("com.example.a"), attacker, || 0);
+        assert!(again.is_some_and(|s| Arc::ptr_eq(&s, &a)));
+        // Another address, and one shape created by it that the attacker then uses: it
+        // counts against its creator only.
+        let bystander = ip("192.0.2.2");
+        let c = shapes.get_or_create(&key("com.example.c"), bystander, || 0);
+        assert!(c.is_some(), "another address still gets a shape");
+        let d = shapes.get_or_create(&key("com.example.d"), bystander, || 0);
+        assert!(d.is_some(), "the bystander has a share of its own");
+        // Exempt addresses have no share.
+        for i in 0..4 {
+            let k = key(&format!("com.example.exempt{i}"));
+            assert!(shapes.get_or_create(&k, ip("10.9.1.1"), || 0).is_some());
+        }
+        // Retiring one of the attacker's shapes frees one place of its share.
+        assert!(b.try_add_client(), "b in use");
+        shapes.retire_unused_now();
+        assert!(
+            !shapes
+                .active()
+                .iter()
+                .any(|s| s.key == key("com.example.a")),
+            "a retired"
+        );
+        assert!(
+            shapes
+                .get_or_create(&key("com.example.e"), attacker, || 0)
+                .is_some(),
+            "a retired shape no longer counts against its creator"
+        );
+        assert!(
+            shapes
+                .get_or_create(&key("com.example.f"), attacker, || 0)
+                .is_none(),
+            "b (in use) and e are its share again"
+        );
+        b.remove_client();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The race `fanout::attach::counted_shape` handles: a client finds a shape that is retired
+    /// a moment later, before it is counted in. It must not be counted into the retired shape
+    /// (the writer no longer feeds it), and asking again must give a fresh shape fed from the
+    /// index's end at that moment.
+    #[test]
+    fn a_shape_retired_before_its_client_is_counted_is_replaced_by_a_fresh_one() {
+        let (shapes, dir) = registry("retired", 1);
+        let peer = ip("192.0.2.1");
+        let k = key("app.bsky.feed.post");
+        let found = shapes.get_or_create(&k, peer, || 10).expect("created");
+        shapes.retire_unused_now();
+        assert!(
+            !found.try_add_client(),
+            "no client counted into a retired shape"
+        );
+        assert_eq!(found.client_count(), 0);
+        // What `counted_shape` does next: find or create again. The retired shape neither
+        // answers nor counts against the address's share of one.
+        let fresh = shapes
+            .get_or_create(&k, peer, || 25)
+            .expect("a fresh shape");
+        assert!(!Arc::ptr_eq(&found, &fresh));
+        assert!(fresh.try_add_client());
+        assert_eq!(
+            fresh.start_seq(),
+            25,
+            "fed from the index's end when created"
+        );
+        assert_eq!(shapes.active().len(), 1);
+        shapes.retire_unused_now();
+        assert_eq!(
+            shapes.active().len(),
+            1,
+            "a shape with a client is not retired"
+        );
+        fresh.remove_client();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn table_lookups() {

@@ -540,9 +540,11 @@ fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retenti
         .sum();
     let created = metric(&m, "jetrelay_shapes_created", "");
     let refused = metric(&m, "jetrelay_shapes_refused", "shape_rate_per_ip");
+    let refused_share = metric(&m, "jetrelay_shapes_refused", "max_shapes_per_ip");
     eprintln!(
         "base logs + index {base} bytes of {MAX_DISK} (written {written}); shapes {shapes_disk} \
-         bytes; {created} shapes created, {refused} creations refused by rate; {k} updates each"
+         bytes; {created} shapes created, {refused} creations refused by rate, {refused_share} \
+         by the per-address share; {k} updates each"
     );
     let log = relay.log_text();
     assert!(
@@ -551,9 +553,10 @@ fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retenti
     );
     // The posts and likes shapes, plus the attacker's allowance (a burst of 6, then 6/min).
     assert!(created <= 2 + 8, "{created} shapes created");
+    // Refused for the rate, or (first, costing no token) for holding its share of shapes.
     assert!(
-        refused > 0,
-        "the attacker's canonical churn was rate-limited"
+        refused + refused_share > 0,
+        "the attacker's canonical churn was limited"
     );
     // The base keeps its whole window: what was written, up to --max-disk (retention works
     // in chunks, so allow some slack below the cap).
@@ -576,6 +579,116 @@ fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retenti
     if let Some(l) = likes {
         swarm_wait(l);
     }
+}
+
+/// Text frames received on `s` within `within` whose payload contains `needle`, and those that
+/// do not (a walker or a shape must send exactly what the filter asked for).
+fn count_text_frames(s: &mut TcpStream, needle: &str, within: Duration) -> (usize, usize) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = Instant::now() + within;
+    let (mut with, mut without) = (0, 0);
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 1 << 16];
+    while Instant::now() < deadline {
+        while let Ok(Some((h, payload))) = jetrelay::frame::split_frame(&buf) {
+            let len = h.frame_len() as usize;
+            if h.opcode == jetrelay::frame::Opcode::Text {
+                if String::from_utf8_lossy(payload).contains(needle) {
+                    with += 1;
+                } else {
+                    without += 1;
+                }
+            }
+            buf.drain(..len);
+        }
+        match s.read(&mut tmp) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(_) => {}
+        }
+    }
+    (with, without)
+}
+
+/// Shape hoarding: with a creation rate high enough not to matter, one address (127.0.0.2)
+/// opens 40 clients with distinct canonical filters and keeps them connected, which used to
+/// take all 32 shapes for as long as it liked. It now holds its share (4 by default) and a
+/// bystander from another address (127.0.0.3) with a new filter still gets a shape and its
+/// events.
+#[test]
+fn one_address_cannot_hoard_the_shapes() {
+    const ATTACKER_FILTERS: usize = 40;
+    let mock = Mock::start(1000, &[]);
+    let dir = temp_dir("admission-shape-hoard");
+    let relay = Relay::start_exempting(
+        &[],
+        free_port(),
+        &mock.url(),
+        &dir,
+        "127.0.0.1/32",
+        &["--conn-rate-per-ip", "100", "--shape-rate-per-ip", "100000"],
+    );
+    let mut socks: Vec<TcpStream> = (0..ATTACKER_FILTERS)
+        .filter_map(|i| {
+            ws_from(
+                FLOODER,
+                relay.port,
+                &format!("wantedCollections=com.example.hoard{i}"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        socks.len(),
+        ATTACKER_FILTERS,
+        "the attacker's connections were upgraded"
+    );
+    // Its clients are attached (and their shapes created) by the workers shortly after the
+    // upgrade; keep them reading meanwhile.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(1) {
+        drain_all(&mut socks);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, before) = http_get(relay.metrics_port, "/metrics");
+    let attacker_shapes = metric(&before, "jetrelay_shapes_created", "");
+    let mut bystander = ws_from(GOOD, relay.port, "wantedCollections=app.bsky.feed.like")
+        .expect("the bystander was upgraded");
+    let (likes, others) = count_text_frames(
+        &mut bystander,
+        "\"collection\":\"app.bsky.feed.like\"",
+        Duration::from_secs(3),
+    );
+    drain_all(&mut socks);
+    let (_, m) = http_get(relay.metrics_port, "/metrics");
+    let created = metric(&m, "jetrelay_shapes_created", "");
+    let refused_share = metric(&m, "jetrelay_shapes_refused", "max_shapes_per_ip");
+    let refused_full = metric(&m, "jetrelay_shapes_refused", "\"max_shapes\"");
+    let bystander_clients = metric(&m, "jetrelay_shape_clients", "c:app.bsky.feed.like");
+    eprintln!(
+        "attacker caused {attacker_shapes} shapes; then {created} created, refused {refused_share} \
+         by the per-address share and {refused_full} for a full table; bystander: {likes} likes \
+         (+{others} identity/account frames), {bystander_clients} client(s) on its shape"
+    );
+    assert!(
+        attacker_shapes <= 4,
+        "one address created {attacker_shapes} shapes (its share is 4)"
+    );
+    assert!(
+        refused_share > 0,
+        "the attacker's other filters were refused"
+    );
+    let log = relay.log_text();
+    assert!(
+        log.contains("shape created shape=c:app.bsky.feed.like "),
+        "the bystander's new filter got a shape:\n{log}"
+    );
+    assert_eq!(
+        bystander_clients, 1,
+        "the bystander reads its shape's log (not the walk)"
+    );
+    assert!(likes >= 50, "the bystander received its events: {likes}");
+    drop(socks);
 }
 
 /// Reads for up to `within` until a close frame; returns its code and reason.

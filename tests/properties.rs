@@ -68,6 +68,7 @@ fn check_shape_table(seqs: &[u64], lens: &[usize], drop_below: u64, queries: &[u
         dir.to_path_buf(),
         jetrelay::shapes::ShapeLimits {
             creations_per_minute: 1e9,
+            max_per_ip: jetrelay::shapes::MAX_SHAPES,
             allow: Vec::new(),
             max_disk: u64::MAX,
         },

@@ -56,6 +56,11 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     shape_rate_per_ip: Option<f64>,
+    /// Live shapes one IP (per /64 for IPv6) may have created (1 to 32); beyond, its new
+    /// filters are served by walking the base log [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_shapes_per_ip: Option<usize>,
     /// Fan-out worker threads [default: one per CPU].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

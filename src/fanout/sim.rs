@@ -697,6 +697,7 @@ impl Sim {
             crate::shapes::ShapeLimits {
                 // The simulation creates shapes at will.
                 creations_per_minute: 1e6,
+                max_per_ip: crate::shapes::MAX_SHAPES,
                 allow: Vec::new(),
                 max_disk: u64::MAX,
             },

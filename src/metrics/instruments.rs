@@ -412,6 +412,7 @@ fn register_log(meter: &Meter, hub: &Arc<Hub>) {
             for (reason, n) in [
                 ("shape_rate_per_ip", &c.refused_rate),
                 ("max_shapes", &c.refused_full),
+                ("max_shapes_per_ip", &c.refused_per_ip),
             ] {
                 o.observe(load(n), &[KeyValue::new("reason", reason)]);
             }
