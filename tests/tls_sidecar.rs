@@ -1579,7 +1579,16 @@ async fn probe_good_tls_client(
     config: &Arc<rustls::ClientConfig>,
     until: Instant,
 ) -> Vec<Duration> {
-    let good = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    probe_good_tls_client_from(std::net::Ipv4Addr::new(127, 0, 0, 3), addr, config, until).await
+}
+
+/// [`probe_good_tls_client`] from address `good`.
+async fn probe_good_tls_client_from(
+    good: std::net::Ipv4Addr,
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    until: Instant,
+) -> Vec<Duration> {
     let mut took = Vec::new();
     while Instant::now() < until {
         let t0 = Instant::now();
@@ -1707,6 +1716,83 @@ async fn admission_full_handshakes_from_one_address_are_throttled() {
             handshakes as f64 <= 20.0 + 10.0 * window + 5.0,
             "{handshakes} handshakes in {window:.1} s"
         );
+    })
+    .await;
+}
+
+/// Many addresses each send a real ClientHello and then stall (never send their second
+/// flight). Before, each such handshake held a `max_handshakes` permit from its ClientHello
+/// to its deadline, so 8 stalled peers (here; 64 addresses × 16 with the defaults) locked
+/// every other client out for the whole `handshake_timeout`. Now a permit is held only while
+/// the sidecar computes, so every stalled peer gets its server flight and a client from
+/// another address is served within a second throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_stalled_handshakes_from_many_addresses_hold_no_permits() {
+    bounded(async {
+        const PERMITS: usize = 8;
+        const ADDRESSES: u8 = 16;
+        const PER_ADDRESS: usize = 2;
+        let rig = Rig::new("adm-stall");
+        let backend = Backend::unix("adm-stall", Mode::Echo).await;
+        let sidecar = Sidecar::start(
+            &backend.arg,
+            &rig.certs,
+            &["--max-handshakes", &PERMITS.to_string()],
+        );
+        let addr = sidecar.addr;
+        let mut stalled = Vec::new();
+        for host in 10..10 + ADDRESSES {
+            for _ in 0..PER_ADDRESS {
+                let src = std::net::Ipv4Addr::new(127, 0, 0, host);
+                let hello = client_hello_bytes(&rig.client);
+                let tcp = tokio::task::spawn_blocking(move || {
+                    use std::io::Write;
+                    let mut tcp = tcp_from(src, addr)?;
+                    tcp.write_all(&hello)?;
+                    tcp.set_nonblocking(true)?;
+                    Ok::<_, std::io::Error>(tcp)
+                })
+                .await
+                .expect("attacker task")
+                .expect("attacker connect");
+                stalled.push(TcpStream::from_std(tcp).unwrap());
+            }
+        }
+        // Each stalled peer that got its server flight back has had its crypto done (and,
+        // before the fix, still holds a permit). Wait (bounded) until all have it, or at least
+        // the permits' worth.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut answered = 0;
+        for s in &stalled {
+            if tokio::time::timeout_at(deadline, s.readable())
+                .await
+                .is_ok()
+            {
+                answered += 1;
+            }
+        }
+        eprintln!(
+            "{answered} of {} stalled peers got their server flight",
+            stalled.len()
+        );
+        assert!(
+            answered >= PERMITS,
+            "only {answered} stalled peers were answered"
+        );
+
+        let bystander = std::net::Ipv4Addr::new(127, 0, 0, 250);
+        let until = Instant::now() + Duration::from_secs(2);
+        let took = probe_good_tls_client_from(bystander, addr, &rig.client, until).await;
+        eprintln!(
+            "bystander beside {} stalled handshakes: {took:?}",
+            stalled.len()
+        );
+        assert_eq!(
+            answered,
+            stalled.len(),
+            "every stalled peer got its server flight"
+        );
+        drop(stalled);
     })
     .await;
 }

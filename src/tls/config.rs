@@ -97,8 +97,8 @@ pub struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u64>,
 
-    /// Cap on TLS handshakes in progress; more wait (within their handshake deadline)
-    /// [default: 1024].
+    /// Cap on TLS handshakes computing at once (one waiting for its peer holds no permit);
+    /// more wait (within their handshake deadline) [default: 1024].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_handshakes: Option<u64>,

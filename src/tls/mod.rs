@@ -10,7 +10,8 @@
 //! * [`config`]: settings (defaults < TOML < env < flags);
 //! * [`certs`]: PEM loading, SNI selection, reload on change;
 //! * [`limits`]: counters and gauges behind the connection and handshake caps;
-//! * [`conn`]: one connection's life: handshake, backend, PROXY header;
+//! * [`conn`]: one connection's life: handshake (permits held only while computing), backend,
+//!   PROXY header;
 //! * [`pump`]: the bounded, buffer-frugal bidirectional copy with idle/half-close deadlines.
 //!
 //! This module ties them together: listeners, the accept loop, the certificate watcher and
@@ -150,7 +151,7 @@ impl Server {
                 idle: config.idle_timeout,
                 half_close: config.half_close_timeout,
             },
-            handshakes: Semaphore::new(config.max_handshakes),
+            handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
             stats: Arc::new(Stats::default()),
