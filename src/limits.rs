@@ -290,6 +290,9 @@ impl RateTable {
     }
 
     fn try_take_at(&self, ip: IpAddr, now: Instant) -> bool {
+        // A dual-stack listener sees IPv4 clients as IPv4-mapped IPv6 addresses; an IPv4
+        // allow entry must still exempt them.
+        let ip = ip.to_canonical();
         if self.allow.iter().any(|n| in_network(ip, *n)) {
             return true;
         }
@@ -461,6 +464,11 @@ mod tests {
         assert!(t.try_take_at(a, t0));
         assert!(t.try_take_at(a, t0));
         assert!(!t.try_take_at(a, t0), "burst of 2 spent");
+        // An allow-listed IPv4 client seen through a dual-stack listener stays exempt.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        for _ in 0..5 {
+            assert!(t.try_take_at(mapped, t0), "exempt through its mapped form");
+        }
         assert!(
             t.try_take_at("192.0.2.2".parse().unwrap(), t0),
             "others unaffected"
