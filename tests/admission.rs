@@ -457,7 +457,17 @@ fn shape_churn_from_one_address_neither_exhausts_shapes_nor_shrinks_base_retenti
         &mock.url(),
         &dir,
         "127.0.0.1/32",
-        &["--max-disk", "8MiB", "--conn-rate-per-ip", "100"],
+        // The churners' updates (5/s) all reach the shapes: the per-client update rate
+        // (its own limit, tested in tests/subscriptions.rs) would otherwise close them
+        // after its burst.
+        &[
+            "--max-disk",
+            "8MiB",
+            "--conn-rate-per-ip",
+            "100",
+            "--options-update-rate",
+            "100",
+        ],
     );
     let posts = swarm_spawn(&[
         "--url",
