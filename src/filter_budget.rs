@@ -96,6 +96,17 @@ pub enum BudgetFull {
     },
 }
 
+impl BudgetFull {
+    /// The handshake's answer: 429 when the client's own address holds its share (it is
+    /// the one to back off), 503 when the whole budget is taken.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            BudgetFull::Address { .. } => 429,
+            BudgetFull::Total { .. } => 503,
+        }
+    }
+}
+
 impl FilterBudget {
     /// A budget of `limit` bytes, at most `per_address` of them for one address key; the
     /// clients of `allow` networks are charged to the total only.

@@ -801,7 +801,7 @@ impl Listener {
                         Err(full) => {
                             return self.refuse_ref(
                                 p,
-                                HttpError::new(503, full.to_string())
+                                HttpError::new(full.http_status(), full.to_string())
                                     .with_header("Retry-After", "10".into()),
                             );
                         }
@@ -892,7 +892,8 @@ impl Listener {
             Err(full) => {
                 return self.refuse_ref(
                     p,
-                    HttpError::new(503, full.to_string()).with_header("Retry-After", "10".into()),
+                    HttpError::new(full.http_status(), full.to_string())
+                        .with_header("Retry-After", "10".into()),
                 );
             }
         };

@@ -855,7 +855,7 @@ fn ten_thousand_did_clients_repeated_hit_the_filter_budget_with_reasons() {
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     assert!(
-        resp.starts_with("HTTP/1.1 503") && resp.contains("from your address"),
+        resp.starts_with("HTTP/1.1 429") && resp.contains("from your address"),
         "{resp}"
     );
     // Another address is not refused because of that one while the budget has room.

@@ -166,10 +166,19 @@ struct Conn<S> {
     transfer: Transfer,
     /// Entries in flight for this socket (it may only be closed at 0).
     inflight: u32,
-    /// Its input is read (false once it violated a limit).
-    reading: bool,
+    /// Whether its input is read, and whether it is shut.
+    state: ConnState,
+}
+
+/// A connection's state in the driver (one enum: a shut connection is never read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConnState {
+    /// Open; its input is read.
+    Reading,
+    /// Open, but its input is no longer read: it violated a limit and is being closed.
+    Deaf,
     /// Shut down: everything in flight is being cancelled.
-    shut: bool,
+    Shut,
 }
 
 /// The ring pin of one stream.
@@ -260,8 +269,7 @@ impl<K: Kernel> Driver<K> {
             generation: self.generations[id],
             transfer: Transfer::Idle,
             inflight: 0,
-            reading: true,
-            shut: false,
+            state: ConnState::Reading,
         });
         self.arm_pollin(id as ClientId)?;
         Ok(id as ClientId)
@@ -381,8 +389,8 @@ impl<K: Kernel> Driver<K> {
                 Ok(())
             }
             Op::StopReading { client } => {
-                if let Some(conn) = self.conn(client) {
-                    conn.reading = false;
+                if let Some(conn) = self.conn(client).filter(|c| c.state == ConnState::Reading) {
+                    conn.state = ConnState::Deaf;
                 }
                 Ok(())
             }
@@ -390,11 +398,10 @@ impl<K: Kernel> Driver<K> {
                 let Some(conn) = self.conn(client) else {
                     return Ok(());
                 };
-                if conn.shut {
+                if conn.state == ConnState::Shut {
                     return Ok(());
                 }
-                conn.shut = true;
-                conn.reading = false;
+                conn.state = ConnState::Shut;
                 self.room(1)?;
                 if let Some(conn) = self.conns.get(client as usize).and_then(|c| c.as_ref()) {
                     self.kernel
@@ -639,10 +646,10 @@ impl<K: Kernel> Driver<K> {
             }
             OP_POLLOUT => self.sched.handle_writable(id),
             OP_POLLIN => {
-                if res >= 0 && conn.reading && !conn.shut {
+                if res >= 0 && conn.state == ConnState::Reading {
                     self.read_input(id, now);
                 }
-                if !cqe.more && self.conn(id).is_some_and(|c| !c.shut) {
+                if !cqe.more && self.conn(id).is_some_and(|c| c.state != ConnState::Shut) {
                     self.arm_pollin(id)?;
                 }
             }
@@ -654,7 +661,7 @@ impl<K: Kernel> Driver<K> {
 
     /// A send's result: bytes handed over, a full socket (wait for writability), or a failure.
     fn sent_or_blocked(&mut self, id: ClientId, res: i32, control: bool) -> io::Result<()> {
-        if self.conn(id).is_none_or(|c| c.shut) {
+        if self.conn(id).is_none_or(|c| c.state == ConnState::Shut) {
             return Ok(());
         }
         let now = self.kernel.now();
@@ -780,7 +787,7 @@ impl<K: Kernel> Driver<K> {
         let Some(conn) = self.conn(id) else {
             return Ok(());
         };
-        if !conn.shut || conn.inflight > 0 {
+        if conn.state != ConnState::Shut || conn.inflight > 0 {
             return Ok(());
         }
         let Some(conn) = self.conns[id as usize].take() else {
@@ -873,7 +880,7 @@ fn op_name(op: &Op) -> String {
 }
 
 fn conn_is_shut<S>(c: Option<&mut Conn<S>>) -> bool {
-    c.is_none_or(|c| c.shut)
+    c.is_none_or(|c| c.state == ConnState::Shut)
 }
 
 /// An entry before the socket and pipe references are filled in (they are borrowed from the

@@ -5,9 +5,9 @@
 //!
 //! The simulated kernel does what io_uring may do and the tests on real sockets rarely show:
 //! sends that complete partially or with `EAGAIN`, a submission queue that fills at any point
-//! (pushing into a full one is a violation: the driver makes room first), entries that run at submission or
-//! only later, completions in any order, linked pairs (a linked entry split across two
-//! submissions is a violation), cancellation. Retention punches real holes under lagging
+//! (pushing into a full one is a violation: the driver makes room first) or stops taking
+//! entries (`EBUSY`), entries that run at submission or only later, completions in any order,
+//! linked pairs (a linked entry split across two submissions is a violation), cancellation. Retention punches real holes under lagging
 //! readers, shapes are retired while clients attach. A third of the seeds run with a filter
 //! budget the peers overrun, so handshakes and `options_update`s are refused.
 //!
@@ -16,9 +16,11 @@
 //! cap, no round held past its bound); and for every peer, what it received: well-formed
 //! frames only (a control frame inside a data frame, foreign bytes or zeros from a punched
 //! region break that), each event byte-identical to what was appended, in order, no
-//! duplicate, no gap (exactly the events its filter passes from its start point, allowing the
-//! one switch an `options_update` makes), nothing after a close frame; the filter budget's
-//! charge equals what the worker's clients hold. At the end, with the feed stopped and every
+//! duplicate, nothing after a close frame; the filter budget's charge equals what the worker's
+//! clients hold; no DID-parked client has an event with one of its DIDs between its position
+//! and the routing cursor. Every 50 steps and at the end: no gap (exactly the events its
+//! filter passes from its start point, allowing the one switch an `options_update` makes; a
+//! gap never closes, so the next check sees it). At the end, with the feed stopped and every
 //! peer reading, every open peer has received everything; a refused update was closed with
 //! 1008 and none of its filters' events; then everyone resets, and once the worker has let
 //! them all go the budget is whole again.
