@@ -384,13 +384,33 @@ fn v2_cursor_too_old_names_the_oldest_seq() {
             }
         }
     }
-    // /subscribe clamps a too-old seq silently: upgraded, events from the oldest retained.
-    let (ws, _) = tungstenite::client(
+    // /subscribe clamps a too-old seq silently: upgraded, events from the oldest retained
+    // (between the floor named before and the one named after, as retention moves on).
+    let (mut ws, _) = tungstenite::client(
         relay.url("cursor=1").as_str(),
         TcpStream::connect(("127.0.0.1", relay.port)).expect("connect"),
     )
     .expect("/subscribe upgrades a too-old seq");
+    let first = match ws.read().expect("a first event") {
+        tungstenite::Message::Text(t) => serde_json::from_str::<serde_json::Value>(t.as_str())
+            .expect("JSON")["cursor"]
+            .as_u64()
+            .expect("the relay's seq in the v1 frame"),
+        other => panic!("unexpected {other:?}"),
+    };
     drop(ws);
+    let after = match V2Client::try_connect(relay.port, "cursor=1") {
+        Err((_, body)) => floor_in(
+            serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["message"]
+                .as_str()
+                .unwrap_or_default(),
+        ),
+        Ok(_) => panic!("seq 1 became servable"),
+    };
+    assert!(
+        floor <= first && first <= after,
+        "/subscribe?cursor=1 started at seq {first}, not the oldest retained ({floor}..={after})"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
