@@ -774,13 +774,26 @@ fn poison_events_are_skipped_and_the_good_ones_around_them_appended() {
         .lines()
         .take(8)
         .collect();
-    let commit = lines[0];
-    let time = parse_event(commit.as_bytes()).unwrap().time_us.to_string();
+    // Each poison event is made from a commit the test appends nowhere else, so that none is
+    // a duplicate of a good one (the follower would skip it before the writer).
+    let commits: Vec<&str> = include_str!("../assets/jetstream-v1-sample.jsonl")
+        .lines()
+        .skip(20)
+        .filter(|l| {
+            l.contains(r#""record":{"#) && l.ends_with(r#""}}"#) && l.contains(r#","cid":""#)
+        })
+        .take(4)
+        .collect();
+    let time_of = |line: &str| parse_event(line.as_bytes()).unwrap().time_us;
+    let commit_cid_at = |line: &str| line.rfind(r#","cid":""#).unwrap();
     let v1_poison = vec![
-        commit.replacen(&time, "300000000000000000", 1),
-        commit.replacen(r#""record":{"#, r#""record":"x","r":{"#, 1),
-        commit.replacen(r#""cid":"bafyreig"#, r#""cid":5,"x":"bafyreig"#, 1),
-        commit.replacen(r#""kind":"#, r#""\u006bind":"#, 1),
+        commits[0].replacen(&time_of(commits[0]).to_string(), "300000000000000000", 1),
+        commits[1].replacen(r#""record":{"#, r#""record":"x","r":{"#, 1),
+        format!(
+            r#"{},"cid":5}}}}"#,
+            &commits[2][..commit_cid_at(commits[2])]
+        ),
+        commits[3].replacen(r#""kind":"#, r#""\u006bind":"#, 1),
     ];
     let witnessed_us = 1_783_175_889_000_000;
     let v2_of = |line: &str, seq: u64| {
@@ -789,12 +802,14 @@ fn poison_events_are_skipped_and_the_good_ones_around_them_appended() {
         String::from_utf8(frame).unwrap()
     };
     let rfc3339 = |us: i64| jetrelay::wire::rfc3339::format_micros_string(us).unwrap();
-    let event_time = rfc3339(parse_event(commit.as_bytes()).unwrap().time_us);
     let v2_poison = |seq: u64| {
-        let frame = v2_of(commit, seq);
         vec![
-            frame.replacen(&event_time, "9999-12-31T23:59:59.999999-01:00", 1),
-            frame.replacen(&rfc3339(witnessed_us), "0000-01-01T00:00:00+01:00", 1),
+            v2_of(commits[0], seq).replacen(
+                &rfc3339(time_of(commits[0])),
+                "9999-12-31T23:59:59.999999-01:00",
+                1,
+            ),
+            v2_of(commits[1], seq).replacen(&rfc3339(witnessed_us), "0000-01-01T00:00:00+01:00", 1),
         ]
     };
     for wire in [Wire::Legacy, Wire::V2] {
