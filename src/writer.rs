@@ -13,13 +13,16 @@
 //! line, the index record and, when the event completes a chunk, the chunk header. Nothing is
 //! visible to readers yet, so a write that fails — a full disk, an I/O error — leaves nothing
 //! half-published: the writer waits and retries the whole event at the same offsets until it
-//! succeeds (`/readyz` says why meanwhile, a metric counts the failures). Then the publish,
-//! which cannot fail: ring copies, log ends, shape tables, the index entry in memory.
+//! succeeds (`/readyz` says why meanwhile, a metric counts the failures). An event that cannot
+//! be encoded is never retried: it is refused before any write ([`UnconvertibleEvent`]) and
+//! the follower skips it. Then the publish, which cannot fail: ring copies, log ends, shape
+//! tables, the index entry in memory.
 //!
 //! Retention runs on its own thread: once a second it drops whole index chunks that are older
 //! than the retention age or that push the logs over the disk cap, after the readers still
 //! positioned there have been kicked (with a close frame) by their workers; then it syncs the
-//! logs and the index to disk and records how far they are durable.
+//! logs and the index to disk and records how far they are durable — until a sync fails, which
+//! ends the process (see [`retention_loop`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,7 +35,7 @@ use crate::fanout::Waker;
 use crate::frame::{MAX_HEADER_LEN, Opcode, write_server_header};
 use crate::hub::{Counters, Hub};
 use crate::index::{COLLECTION_NONE, EventEntry, kind_code, now_us};
-use crate::upstream::{ConnectionState, EventSink, Incoming, SkipReason};
+use crate::upstream::{ConnectionState, EventSink, Incoming, SkipReason, UnconvertibleEvent};
 
 /// First wait before retrying a failed append. Why 50 ms: a transient error clears fast.
 const APPEND_RETRY_MIN: Duration = Duration::from_millis(50);
@@ -42,10 +45,6 @@ const APPEND_RETRY_MAX: Duration = Duration::from_secs(2);
 /// At most one warning per this interval while appends keep failing (the first failure and the
 /// recovery are always logged).
 const APPEND_LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// How long `/readyz` reports a failed sync after it happened. Why 60 s: a sync failure may
-/// have lost data the page cache still serves; an operator must see it even if the next
-/// sync reports success (after a writeback error the kernel may not report it twice).
-pub const SYNC_FAILURE_HOLD: Duration = Duration::from_secs(60);
 
 /// Appends failing right now.
 #[derive(Clone, Debug)]
@@ -66,7 +65,9 @@ struct AppendFailure {
 pub struct StorageHealth {
     /// Set while an event cannot be appended (it is being retried).
     append_failure: Mutex<Option<AppendFailure>>,
-    /// The last failed `fdatasync` of a log or index file: when, and what.
+    /// The first failed `fdatasync` of a log or index file in this process: when, and what.
+    /// Never cleared: after a writeback error the kernel may not report it twice, so a later
+    /// successful sync proves nothing about the data before it (see [`sync_logs`]).
     sync_failure: Mutex<Option<(Instant, String)>>,
 }
 
@@ -96,13 +97,12 @@ impl StorageHealth {
                 f.error
             ));
         }
-        match &*self.sync_failure() {
-            Some((at, error)) if at.elapsed() < SYNC_FAILURE_HOLD => Some(format!(
-                "log sync to disk failed {}s ago: {error}",
+        self.sync_failure().as_ref().map(|(at, error)| {
+            format!(
+                "log sync to disk failed {}s ago, the durable mark no longer moves: {error}",
                 at.elapsed().as_secs()
-            )),
-            _ => None,
-        }
+            )
+        })
     }
 
     fn append_failed(&self, error: &anyhow::Error) {
@@ -150,7 +150,13 @@ impl StorageHealth {
     }
 
     fn sync_failed(&self, error: &std::io::Error) {
-        *self.sync_failure() = Some((Instant::now(), error.to_string()));
+        self.sync_failure()
+            .get_or_insert_with(|| (Instant::now(), error.to_string()));
+    }
+
+    /// Whether a sync failed in this process.
+    pub fn sync_ever_failed(&self) -> bool {
+        self.sync_failure().is_some()
     }
 }
 
@@ -271,14 +277,16 @@ impl LogWriter {
 
     /// Appends one validated event (see the module documentation): on error nothing was
     /// published and the same event may be appended again. `ev.meta.time_us` is the event's
-    /// indexed time.
+    /// indexed time. An event that cannot be encoded fails with an [`UnconvertibleEvent`]
+    /// before anything is written (only its seq reserved, which the next event reuses).
     pub fn append_event(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
         let meta = &ev.meta;
         // The writer is the only appender: the next position is stable until it appends. Its
         // seq is reserved (durably) before anything can publish it.
         let pos = self.hub.index().next_seq();
         let seq = self.hub.index_mut().seqs.reserve(pos)?;
-        self.encode(ev, seq)?;
+        self.encode(ev, seq)
+            .map_err(|e| UnconvertibleEvent(format!("{e:#}")))?;
 
         let hub = &self.hub;
         // Phase 1: every write that can fail, nothing visible.
@@ -359,7 +367,10 @@ fn frame_into(opcode: Opcode, payload: &[u8], out: &mut Vec<u8>) {
 impl EventSink for LogWriter {
     /// Appends the event, retrying with backoff while appends fail (a full disk): the follower
     /// waits here, and resumes reading (or reconnects from the last appended event) once the
-    /// event is in. Gives up only when the relay shuts down.
+    /// event is in. Gives up only when the relay shuts down, or at once on an event it cannot
+    /// encode ([`UnconvertibleEvent`]): retrying that would fail forever and, since the
+    /// upstream re-delivers it after a restart, stop ingestion for good. Every other error is
+    /// a write to disk (the URL file, a log, the index), retried.
     fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
         let mut delay = APPEND_RETRY_MIN;
         loop {
@@ -373,6 +384,7 @@ impl EventSink for LogWriter {
                     self.hub.storage.append_succeeded();
                     return Ok(());
                 }
+                Err(e) if e.is::<UnconvertibleEvent>() => return Err(e),
                 Err(e) => {
                     if self.hub.shutting_down() {
                         return Err(e.context("shutting down while log appends fail"));
@@ -500,25 +512,50 @@ fn base_bytes(hub: &Hub) -> u64 {
 
 /// Syncs the base logs and the index files to disk, then records how far they are durable
 /// (see [`crate::index::SyncHandles::mark_durable`]). The index lock is not held while syncing.
+///
+/// Once a sync failed, the mark never moves again in this process (this returns an error
+/// instead): the kernel may report a writeback error only once and drop the pages it could
+/// not write, so the next sync may succeed although data before it never reached the disk.
+/// Recovery trusts everything before the mark, so that data must stay after it.
 pub fn sync_logs(hub: &Hub) -> std::io::Result<()> {
     // Read first: every write of the events before it was issued before the syncs start.
     let durable = hub.appended_seq();
+    let handles = sync_files(hub).inspect_err(|e| hub.storage.sync_failed(e))?;
+    if hub.storage.sync_ever_failed() {
+        return Err(std::io::Error::other(
+            "a sync failed earlier in this process: the durable mark stays where it was",
+        ));
+    }
+    handles
+        .mark_durable(durable)
+        .inspect_err(|e| hub.storage.sync_failed(e))
+}
+
+/// Syncs the base logs and the index files; returns the handles that mark them durable.
+fn sync_files(hub: &Hub) -> std::io::Result<crate::index::SyncHandles> {
     let handles = hub.index().sync_handles()?;
     for stream in hub.bases() {
         stream.sync()?;
     }
     handles.sync()?;
-    handles.mark_durable(durable)
+    Ok(handles)
 }
 
-/// Runs retention and a sync once a second until `stop`. Errors are logged, counted and
-/// reported by `/readyz`; the loop goes on (the next pass retries).
+/// Runs retention and a sync once a second until `stop`. Retention errors are logged and the
+/// loop goes on (the next pass retries); a failed sync ends the loop with an error, which ends
+/// the process (status 70, see [`crate::liveness::spawn_critical`]).
+///
+/// Why exit on a failed sync: [`sync_logs`] never moves the durable mark again, so a process
+/// that went on would leave an ever longer stretch that recovery must verify, and keep serving
+/// data its disk may not have. Ending it at once bounds that stretch to the last second or so;
+/// the service manager restarts the relay and recovery verifies every event past the mark frame
+/// by frame, as after a crash. Simpler and safer than running on with storage in an unknown
+/// state.
 pub fn retention_loop(
     hub: Arc<Hub>,
     policy: RetentionPolicy,
     stop: Arc<AtomicBool>,
-) -> Result<(), std::convert::Infallible> {
-    let mut sync_error_logged: Option<Instant> = None;
+) -> Result<(), String> {
     while !stop.load(Ordering::Relaxed) {
         crate::liveness::beat();
         match enforce_retention(&hub, policy) {
@@ -533,17 +570,154 @@ pub fn retention_loop(
         };
         if let Err(e) = synced {
             Counters::add(&hub.counters.sync_errors, 1);
-            hub.storage.sync_failed(&e);
-            if sync_error_logged.is_none_or(|t| t.elapsed() >= APPEND_LOG_INTERVAL) {
-                sync_error_logged = Some(Instant::now());
-                tracing::error!(
-                    error = %e,
-                    "syncing the logs to disk failed: recent events may not survive a power \
-                     loss (recovery verifies everything after the last durable point)"
-                );
-            }
+            return Err(format!(
+                "syncing the logs to disk failed: {e}; recent events may not survive a power \
+                 loss, restart so that recovery verifies everything after the last durable mark"
+            ));
         }
         std::thread::sleep(Duration::from_secs(1));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse_v1_event;
+
+    const SAMPLE: &str = include_str!("../assets/jetstream-v1-sample.jsonl");
+
+    /// A relay data directory opened the way the relay starts, and a writer on it.
+    fn open(name: &str) -> (std::path::PathBuf, Arc<Hub>, LogWriter) {
+        let dir = std::env::temp_dir().join(format!(
+            "jetrelay-writer-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let settings = crate::config::RawSettings {
+            data_dir: Some(dir.clone()),
+            ..crate::config::RawSettings::default()
+        }
+        .validate()
+        .unwrap();
+        let (hub, _) = crate::relay::open_hub(&settings).unwrap();
+        let writer = LogWriter::new(hub.clone(), Vec::new(), WriterOptions::default()).unwrap();
+        (dir, hub, writer)
+    }
+
+    fn append(writer: &mut LogWriter, json: &str) -> anyhow::Result<()> {
+        let (meta, _) = parse_v1_event(json.as_bytes()).unwrap();
+        EventSink::append(writer, &Incoming::v1(json.as_bytes(), meta))
+    }
+
+    /// Ends any append still retrying after a while (shutdown makes it give up), so that a
+    /// writer that retries what it cannot encode fails the test instead of hanging it.
+    fn give_up_after(hub: &Arc<Hub>, after: Duration) -> std::thread::JoinHandle<()> {
+        let hub = hub.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + after;
+            while Instant::now() < until && Arc::strong_count(&hub) > 1 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            hub.shutdown.store(true, Ordering::Relaxed);
+        })
+    }
+
+    /// An event the writer cannot encode (here one the follower's decoder would have skipped
+    /// already) is refused at once as an [`UnconvertibleEvent`], not retried as if the disk
+    /// were full; what was appended before is untouched and the next event is appended.
+    #[test]
+    fn an_unencodable_event_is_refused_at_once_and_the_next_one_appended() {
+        let (dir, hub, mut writer) = open("unencodable");
+        let lines: Vec<&str> = SAMPLE.lines().take(3).collect();
+        let time = parse_v1_event(lines[0].as_bytes()).unwrap().0.time_us;
+        let poison = [
+            lines[0].replace(&time.to_string(), "300000000000000000"),
+            lines[0].replace(r#""time_us":"#, r#""\u0074ime_us":"#),
+            lines[0].replace(r#""cid":"bafyreig"#, r#""cid":5,"x":"bafyreig"#),
+        ];
+        let watchdog = give_up_after(&hub, Duration::from_secs(10));
+        append(&mut writer, lines[0]).unwrap();
+        for (i, json) in poison.iter().enumerate() {
+            let started = Instant::now();
+            let e = append(&mut writer, json).expect_err(json);
+            assert!(e.is::<UnconvertibleEvent>(), "{json}: {e:#}");
+            assert!(started.elapsed() < APPEND_RETRY_MIN, "{json}: retried");
+            append(&mut writer, lines[1 + i % 2]).unwrap();
+        }
+        let c = &hub.counters;
+        assert_eq!(c.events_appended.load(Ordering::Relaxed), 4);
+        assert_eq!(c.append_errors.load(Ordering::Relaxed), 0);
+        assert_eq!(hub.storage.problem(), None);
+        let first = hub.index().first_seq();
+        assert_eq!(hub.index().next_seq() - first, 4);
+        drop((writer, hub));
+        watchdog.join().unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The durable mark as `durable.idx` holds it.
+    fn durable_mark(dir: &std::path::Path) -> u64 {
+        let bytes = std::fs::read(dir.join("durable.idx")).unwrap();
+        u64::from_le_bytes(bytes[..8].try_into().unwrap())
+    }
+
+    /// After one failed sync (simulated: what the retention loop records), a later sync that
+    /// succeeds must not move the durable mark past the events whose writeback may have
+    /// failed, for the rest of the process (the relay's final sync at shutdown included);
+    /// `/readyz` says so, and the retention loop ends (which ends the process).
+    #[test]
+    fn after_a_failed_sync_the_durable_mark_never_moves() {
+        let (dir, hub, mut writer) = open("sync-failure");
+        let lines: Vec<&str> = SAMPLE.lines().take(5).collect();
+        for line in &lines[..3] {
+            append(&mut writer, line).unwrap();
+        }
+        sync_logs(&hub).unwrap();
+        let mark = durable_mark(&dir);
+        assert_eq!(mark, hub.appended_seq());
+
+        hub.storage
+            .sync_failed(&std::io::Error::other("Input/output error (simulated)"));
+        for line in &lines[3..] {
+            append(&mut writer, line).unwrap();
+        }
+        assert!(sync_logs(&hub).is_err());
+        assert!(sync_logs(&hub).is_err());
+        assert_eq!(
+            durable_mark(&dir),
+            mark,
+            "the mark moved past a failed sync"
+        );
+        let problem = hub.storage.problem().unwrap_or_default();
+        assert!(
+            problem.contains("durable mark no longer moves"),
+            "{problem}"
+        );
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let retention = {
+            let (hub, stop) = (hub.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let policy = RetentionPolicy {
+                    max_age: Duration::from_secs(3600),
+                    max_disk: u64::MAX,
+                };
+                retention_loop(hub, policy, stop)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !retention.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let ended = retention.join().unwrap();
+        assert!(
+            ended.is_err(),
+            "the retention loop went on after a failed sync"
+        );
+        assert_eq!(durable_mark(&dir), mark);
+        drop((writer, hub));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

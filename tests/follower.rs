@@ -757,6 +757,172 @@ fn an_info_flood_is_logged_once() {
     assert_eq!(log.matches("upstream #info").count(), 1, "{log}");
 }
 
+/// Poison events between good ones, on both wires, through the follower and the real writer
+/// (in a fresh data directory): every good event is appended once, in upstream order, and each
+/// poison one — valid to the upstream validation, impossible for the writer to re-encode — is
+/// counted as skipped (`unconvertible`). One such event used to stop ingestion for good: the
+/// writer retried it forever as if the disk were full, and the upstream re-sent it after every
+/// restart.
+#[test]
+fn poison_events_are_skipped_and_the_good_ones_around_them_appended() {
+    use jetrelay::encoding::Encoding;
+    use jetrelay::hub::stored_header_len;
+    use jetrelay::writer::{LogWriter, WriterOptions};
+    use std::os::unix::fs::FileExt;
+
+    let lines: Vec<&str> = include_str!("../assets/jetstream-v1-sample.jsonl")
+        .lines()
+        .take(8)
+        .collect();
+    // Each poison event is made from a commit the test appends nowhere else, so that none is
+    // a duplicate of a good one (the follower would skip it before the writer).
+    let commits: Vec<&str> = include_str!("../assets/jetstream-v1-sample.jsonl")
+        .lines()
+        .skip(20)
+        .filter(|l| {
+            l.contains(r#""record":{"#) && l.ends_with(r#""}}"#) && l.contains(r#","cid":""#)
+        })
+        .take(4)
+        .collect();
+    let time_of = |line: &str| parse_event(line.as_bytes()).unwrap().time_us;
+    let commit_cid_at = |line: &str| line.rfind(r#","cid":""#).unwrap();
+    let v1_poison = vec![
+        commits[0].replacen(&time_of(commits[0]).to_string(), "300000000000000000", 1),
+        commits[1].replacen(r#""record":{"#, r#""record":"x","r":{"#, 1),
+        format!(
+            r#"{},"cid":5}}}}"#,
+            &commits[2][..commit_cid_at(commits[2])]
+        ),
+        commits[3].replacen(r#""kind":"#, r#""\u006bind":"#, 1),
+    ];
+    let witnessed_us = 1_783_175_889_000_000;
+    let v2_of = |line: &str, seq: u64| {
+        let mut frame = Vec::new();
+        jetrelay::wire::v1_to_v2(line.as_bytes(), seq, witnessed_us, &mut frame).unwrap();
+        String::from_utf8(frame).unwrap()
+    };
+    let rfc3339 = |us: i64| jetrelay::wire::rfc3339::format_micros_string(us).unwrap();
+    let v2_poison = |seq: u64| {
+        vec![
+            v2_of(commits[0], seq).replacen(
+                &rfc3339(time_of(commits[0])),
+                "9999-12-31T23:59:59.999999-01:00",
+                1,
+            ),
+            v2_of(commits[1], seq).replacen(&rfc3339(witnessed_us), "0000-01-01T00:00:00+01:00", 1),
+        ]
+    };
+    for wire in [Wire::Legacy, Wire::V2] {
+        // good, poison, good, poison, …, good: (text, good line) in upstream order.
+        let mut messages: Vec<(String, Option<&str>)> = Vec::new();
+        let mut seq = 100;
+        let poisons = match wire {
+            Wire::V2 => v2_poison(0),
+            _ => v1_poison.clone(),
+        };
+        for (i, line) in lines.iter().take(poisons.len() + 1).enumerate() {
+            seq += 1;
+            let good = match wire {
+                Wire::V2 => v2_of(line, seq),
+                _ => line.to_string(),
+            };
+            messages.push((good, Some(line)));
+            if let Some(_bad) = poisons.get(i) {
+                seq += 1;
+                let bad = match wire {
+                    Wire::V2 => v2_poison(seq).swap_remove(i),
+                    _ => poisons[i].clone(),
+                };
+                messages.push((bad, None));
+            }
+        }
+        let goods: Vec<&str> = messages.iter().filter_map(|(_, g)| *g).collect();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = url_of(listener.local_addr().unwrap(), wire);
+        let texts: Vec<String> = messages.iter().map(|(m, _)| m.clone()).collect();
+        let server = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut ws = tungstenite::accept(stream).unwrap();
+            for text in texts {
+                ws.send(tungstenite::Message::text(text)).unwrap();
+            }
+            ws.get_mut()
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            while ws.read().is_ok() {}
+        });
+
+        let dir = common::temp_dir("poison-events");
+        let settings = jetrelay::config::RawSettings {
+            data_dir: Some(dir.to_path_buf()),
+            ..jetrelay::config::RawSettings::default()
+        }
+        .validate()
+        .unwrap();
+        let (hub, _) = jetrelay::relay::open_hub(&settings).unwrap();
+        let mut writer = LogWriter::new(hub.clone(), Vec::new(), WriterOptions::default()).unwrap();
+        let mut config = follower_config(vec![url]);
+        config.compress_v2 = false;
+        let stop = Arc::new(AtomicBool::new(false));
+        let follower = {
+            let stop = stop.clone();
+            thread::spawn(move || Follower::new(config).run(&mut writer, &stop))
+        };
+        let counters = &hub.counters;
+        let appended = || counters.events_appended.load(Ordering::Relaxed);
+        let deadline = Instant::now() + DEADLINE;
+        while appended() < goods.len() as u64 {
+            assert!(
+                Instant::now() < deadline && !follower.is_finished(),
+                "{wire:?}: {} of {} good events appended, {} failed append attempts",
+                appended(),
+                goods.len(),
+                counters.append_errors.load(Ordering::Relaxed)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+        follower.join().unwrap().unwrap();
+        server.join().unwrap();
+
+        let unconvertible = SkipReason::ALL
+            .iter()
+            .position(|r| *r == SkipReason::Unconvertible)
+            .unwrap();
+        let skipped = counters.upstream_skipped_by[unconvertible].load(Ordering::Relaxed);
+        assert_eq!(skipped, poisons.len() as u64, "{wire:?}");
+        assert_eq!(appended(), goods.len() as u64, "{wire:?}");
+        assert_eq!(
+            counters.append_errors.load(Ordering::Relaxed),
+            0,
+            "{wire:?}"
+        );
+        // What clients are served: the good events' legacy bytes, in upstream order.
+        let mut stored: Vec<Vec<u8>> = Vec::new();
+        let index = hub.index();
+        index.walk(index.start_pos(), usize::MAX, |pos, e| {
+            let mut frame = vec![0u8; e.frame_len(Encoding::V1Json) as usize];
+            hub.base(Encoding::V1Json)
+                .file()
+                .read_exact_at(&mut frame, pos.offset(Encoding::V1Json))
+                .unwrap();
+            stored.push(frame.split_off(stored_header_len(&frame)));
+            true
+        });
+        drop(index);
+        let stored: Vec<String> = stored
+            .iter()
+            .map(|frame| {
+                let mut legacy = Vec::new();
+                jetrelay::wire::without_cursor(frame, &mut legacy).unwrap();
+                String::from_utf8(legacy).unwrap()
+            })
+            .collect();
+        assert_eq!(stored, goods, "{wire:?}");
+    }
+}
+
 mod common;
 
 /// The relay binary, `SIGKILL`ed twice while it follows a v2 upstream that also sends

@@ -212,6 +212,9 @@ fn decode_v1<'a>(json: &'a [u8], scratch: &'a mut Vec<u8>) -> Decoded<'a> {
             scratch
         }
     };
+    if let Err(e) = crate::wire::check_v1_convertible(v1_json, None) {
+        return unconvertible(&e);
+    }
     Decoded::Event(Event {
         meta,
         v1_json,
@@ -219,6 +222,13 @@ fn decode_v1<'a>(json: &'a [u8], scratch: &'a mut Vec<u8>) -> Decoded<'a> {
         upstream_seq,
         witnessed_us: None,
     })
+}
+
+/// An event the writer could not encode: skipped here, before the writer's append (which
+/// retries until it succeeds) could be stuck on it; the upstream re-delivers it after every
+/// restart, so it would stop ingestion for good.
+fn unconvertible<'a>(e: &WireError) -> Decoded<'a> {
+    skip(SkipReason::Unconvertible, format!("cannot re-encode: {e}"))
 }
 
 /// A `subscribeEvents` frame (text, or decompressed).
@@ -238,6 +248,9 @@ fn decode_v2<'a>(frame: &'a [u8], scratch: &'a mut Vec<u8>) -> Decoded<'a> {
             Ok(meta) => meta,
             Err((reason, detail)) => return skip(reason, detail),
         };
+        if let Err(e) = event.check_times(witnessed_us) {
+            return unconvertible(&e);
+        }
         return Decoded::Event(Event {
             meta,
             v1_json: b"",
@@ -251,16 +264,20 @@ fn decode_v2<'a>(frame: &'a [u8], scratch: &'a mut Vec<u8>) -> Decoded<'a> {
         return skip(wire_skip_reason(&e), e.to_string());
     }
     let v1_json: &'a [u8] = scratch;
-    match parse_event(v1_json) {
-        Ok(meta) => Decoded::Event(Event {
-            meta,
-            v1_json,
-            sync: None,
-            upstream_seq: Some(seq),
-            witnessed_us,
-        }),
-        Err(e) => skip(SkipReason::from(&e), e.to_string()),
+    let meta = match parse_event(v1_json) {
+        Ok(meta) => meta,
+        Err(e) => return skip(SkipReason::from(&e), e.to_string()),
+    };
+    if let Err(e) = crate::wire::check_v1_convertible(v1_json, witnessed_us) {
+        return unconvertible(&e);
     }
+    Decoded::Event(Event {
+        meta,
+        v1_json,
+        sync: None,
+        upstream_seq: Some(seq),
+        witnessed_us,
+    })
 }
 
 /// The `(time_us, dedup key)` of a `#sync` from its v2 message (as the relay stores it): what
@@ -530,6 +547,103 @@ mod tests {
                 assert!(detail.contains("sync.rev"), "{detail}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A commit event with `record` and `cid` tokens as given (to build the bad shapes).
+    fn commit_with(record: &str, cid: &str) -> String {
+        format!(
+            r#"{{"did":"did:plc:abc","time_us":1783175888085434,"kind":"commit","commit":{{"rev":"3mptbypluud2a","operation":"create","collection":"app.bsky.feed.like","rkey":"3mptbyplj5d2a","record":{record},"cid":{cid}}}}}"#
+        )
+    }
+
+    fn skip_reason(d: Decoded<'_>) -> Option<SkipReason> {
+        match d {
+            Decoded::Skip { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// Events the v1 validation accepts but the writer cannot encode (with its `cursor`, or
+    /// as v2) are skipped as `unconvertible` here: handed to the writer, whose append retries
+    /// until it succeeds, one of them used to stop ingestion for good.
+    #[test]
+    fn unconvertible_v1_events_are_skipped_before_the_writer() {
+        let good = commit_with(r#"{"$type":"app.bsky.feed.like"}"#, r#""bafy""#);
+        let line = lines()[0];
+        let time = "1783175888085434";
+        assert!(line.contains(time));
+        let poison = [
+            line.replace(time, "300000000000000000"),
+            line.replace(time, "-300000000000000000"),
+            commit_with(r#""x""#, r#""bafy""#),
+            commit_with(r#"{"$type":"app.bsky.feed.like"}"#, "5"),
+            line.replace(r#""time_us":"#, r#""\u0074ime_us":"#),
+            line.replace(r#""kind":"#, r#""\u006bind":"#),
+            // With an upstream `cursor`: what is checked is what the relay stores.
+            line.replace(r#""kind":"#, r#""cursor":9,"\u006bind":"#),
+        ];
+        let mut d = Decoder::default();
+        let good = text(good.into_bytes());
+        assert!(matches!(
+            d.decode(UpstreamWire::V1, FrameEncoding::Text, &good),
+            Decoded::Event(_)
+        ));
+        for json in poison {
+            assert!(
+                crate::event::parse_v1_event(json.as_bytes()).is_ok(),
+                "the v1 validation accepts {json}"
+            );
+            let message = text(json.clone().into_bytes());
+            let reason = skip_reason(d.decode(UpstreamWire::V1, FrameEncoding::Text, &message));
+            assert_eq!(reason, Some(SkipReason::Unconvertible), "{json}");
+        }
+    }
+
+    /// A v2 event whose `time` or `witnessedAt` (a numeric offset pushing it past year 9999 or
+    /// before year 0000) cannot be rendered back is skipped the same way, `#sync` included.
+    #[test]
+    fn unconvertible_v2_events_are_skipped_before_the_writer() {
+        let frame = String::from_utf8(v2(lines()[0], 1)).unwrap();
+        let time = crate::wire::rfc3339::format_micros_string(1_783_175_888_085_434).unwrap();
+        let witnessed = crate::wire::rfc3339::format_micros_string(WITNESSED).unwrap();
+        assert!(
+            frame.contains(&time) && frame.contains(&witnessed),
+            "{frame}"
+        );
+        let late = "9999-12-31T23:59:59.999999-01:00";
+        let early = "0000-01-01T00:00:00.000000+01:00";
+        let object = r#"{"blocks":{"$bytes":"OqJl"},"did":"did:plc:abc","rev":"3mptbypluud2a","seq":9,"time":"2026-07-04T14:38:07.877Z"}"#;
+        let sync = EventParts {
+            did: b"\"did:plc:abc\"",
+            time_us: 1_783_175_888_000_000,
+            body: Body::Sync(object.as_bytes()),
+        };
+        let mut sync_frame = Vec::new();
+        sync.render_v2(77, WITNESSED, &mut sync_frame).unwrap();
+        let sync_frame = String::from_utf8(sync_frame).unwrap();
+        let sync_time = crate::wire::rfc3339::format_micros_string(sync.time_us).unwrap();
+        let poison = [
+            frame.replace(&time, late),
+            frame.replace(&time, early),
+            frame.replace(&witnessed, late),
+            frame.replace(&witnessed, early),
+            sync_frame.replace(&sync_time, late),
+            sync_frame.replace(&witnessed, early),
+        ];
+        let mut d = Decoder::default();
+        for good in [frame.clone(), sync_frame.clone()] {
+            let message = text(good.into_bytes());
+            assert!(matches!(
+                d.decode(UpstreamWire::V2, FrameEncoding::Text, &message),
+                Decoded::Event(_)
+            ));
+        }
+        for json in poison {
+            assert_ne!(json, frame);
+            let message = text(json.clone().into_bytes());
+            let reason = skip_reason(d.decode(UpstreamWire::V2, FrameEncoding::Text, &message));
+            assert_eq!(reason, Some(SkipReason::Unconvertible), "{json}");
         }
     }
 

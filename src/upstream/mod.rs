@@ -181,10 +181,18 @@ impl<'a> Incoming<'a> {
     }
 }
 
+/// The error [`EventSink::append`] returns for an event it can never store, however often it
+/// tries (its encoding failed; nothing was written): the follower skips the event
+/// ([`SkipReason::Unconvertible`]) and goes on with the next one.
+#[derive(Debug, thiserror::Error)]
+#[error("the event cannot be encoded: {0}")]
+pub struct UnconvertibleEvent(pub String);
+
 /// Receives what the follower reads.
 pub trait EventSink {
     /// Called once per accepted (valid, not duplicate) event, in upstream order. The sink
-    /// retries what it can (a full disk); returning Err stops the follower.
+    /// retries what it can (a full disk); returning Err stops the follower, except an
+    /// [`UnconvertibleEvent`], which skips the event.
     fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()>;
     /// A message that was not appended. Logged by the follower (rate-limited), counted by the
     /// sink.
@@ -231,6 +239,10 @@ pub enum SkipReason {
     BeforeHistory,
     /// A compressed `subscribeEvents` frame that does not decompress with the v2 dictionary.
     Undecodable,
+    /// A valid event the relay cannot re-encode for its clients (with its `cursor`, or as v2):
+    /// a time outside years 0000–9999, a non-object `record`, a non-string `cid`, an escaped
+    /// top-level key. Skipped so that one such event cannot stop ingestion.
+    Unconvertible,
 }
 
 impl SkipReason {
@@ -245,11 +257,12 @@ impl SkipReason {
             SkipReason::UnknownKind => "unknown_kind",
             SkipReason::BeforeHistory => "before_history",
             SkipReason::Undecodable => "undecodable",
+            SkipReason::Unconvertible => "unconvertible",
         }
     }
 
     /// All reasons, for pre-registering metrics.
-    pub const ALL: [SkipReason; 8] = [
+    pub const ALL: [SkipReason; 9] = [
         SkipReason::InvalidJson,
         SkipReason::MissingField,
         SkipReason::TooLarge,
@@ -258,6 +271,7 @@ impl SkipReason {
         SkipReason::UnknownKind,
         SkipReason::BeforeHistory,
         SkipReason::Undecodable,
+        SkipReason::Unconvertible,
     ];
 
     fn index(self) -> usize {
@@ -900,6 +914,17 @@ impl Follower {
             witnessed_us: event.witnessed_us,
         };
         if let Err(e) = sink.append(&incoming) {
+            if let Some(UnconvertibleEvent(why)) = e.downcast_ref::<UnconvertibleEvent>() {
+                // Nothing was appended: the event leaves no trace, the next one goes on.
+                let m = &incoming.meta;
+                let detail = format!(
+                    "{} {} time_us={} seq={:?}: {why}",
+                    m.kind, m.did, m.time_us, incoming.upstream_seq
+                );
+                self.skip_log.record(SkipReason::Unconvertible, &detail);
+                sink.skipped(SkipReason::Unconvertible, &detail);
+                return Flow::Continue;
+            }
             return Flow::End(SessionEnd::SinkFailed(e));
         }
         // Only what was appended is remembered: a failed append leaves no trace to skip later.
@@ -1467,6 +1492,46 @@ mod tests {
             "{:?}",
             uris.lock().unwrap()
         );
+    }
+
+    /// An event the sink refuses as unconvertible is skipped (counted as such), not a reason
+    /// to stop: the next one is appended, and the refused one is not remembered (sent again,
+    /// it is not a duplicate).
+    #[test]
+    fn an_event_the_sink_cannot_convert_is_skipped_and_the_next_appended() {
+        const T0: i64 = 1_783_175_888_000_000;
+        #[derive(Default)]
+        struct RefusesOne {
+            refuse: Option<i64>,
+            appended: Vec<i64>,
+            skipped: Vec<SkipReason>,
+        }
+        impl EventSink for RefusesOne {
+            fn append(&mut self, ev: &Incoming<'_>) -> anyhow::Result<()> {
+                let time_us = parse_event(ev.v1_json)?.time_us;
+                if self.refuse == Some(time_us) {
+                    return Err(UnconvertibleEvent("time out of range".into()).into());
+                }
+                self.appended.push(time_us);
+                Ok(())
+            }
+            fn skipped(&mut self, reason: SkipReason, _: &str) {
+                self.skipped.push(reason);
+            }
+            fn connection(&mut self, _: ConnectionState) {}
+        }
+        let events: Vec<String> = (0..3).map(|i| event(i, T0 + i as i64)).collect();
+        let mut sink = RefusesOne {
+            refuse: Some(T0 + 1),
+            ..RefusesOne::default()
+        };
+        let mut f = Follower::new(test_config("ws://h".into()));
+        feed(&mut f, &mut sink, 0, &events);
+        assert_eq!(sink.appended, vec![T0, T0 + 2]);
+        assert_eq!(sink.skipped, vec![SkipReason::Unconvertible]);
+        sink.refuse = None;
+        feed(&mut f, &mut sink, 0, &events[1..2]);
+        assert_eq!(sink.appended, vec![T0, T0 + 2, T0 + 1]);
     }
 
     #[test]

@@ -445,6 +445,29 @@ pub fn parse_v2_frame(frame: &[u8]) -> Result<V2Frame<'_>, WireError> {
     })
 }
 
+/// Checks, without rendering anything, that the writer can encode the v1 event `v1_json`
+/// witnessed at `witnessed_us` (when the upstream says): [`super::with_cursor`] and
+/// [`v1_to_v2`] accept it. The follower runs it on every event before appending: an event
+/// [`crate::event::parse_v1_event`] accepts may still be unconvertible (a `time_us` outside
+/// years 0000–9999, a non-object `record`, a non-string `cid`, an escaped top-level key), and
+/// the writer must never be handed one.
+pub fn check_v1_convertible(v1_json: &[u8], witnessed_us: Option<i64>) -> Result<(), WireError> {
+    // `from_v1` finds `time_us` by its raw key and checks it is an integer, as `with_cursor` does.
+    EventParts::from_v1(v1_json)?.check_times(witnessed_us)
+}
+
+impl EventParts<'_> {
+    /// Whether [`EventParts::render_v2`] can render the event's time and `witnessed_us` (when
+    /// known): both within years 0000–9999.
+    pub fn check_times(&self, witnessed_us: Option<i64>) -> Result<(), WireError> {
+        rfc3339::check_range(self.time_us)?;
+        if let Some(w) = witnessed_us {
+            rfc3339::check_range(w)?;
+        }
+        Ok(())
+    }
+}
+
 /// v1 event JSON + the relay's seq + its witness time → the v2 message frame.
 pub fn v1_to_v2(
     v1_json: &[u8],

@@ -34,8 +34,8 @@ pub use dictionary::{
     get_zstd_dictionary_response,
 };
 pub use event_parts::{
-    Body, CommitParts, EventParts, MAX_V2_FRAME_BYTES, MessageKind, V2Frame, parse_v2_frame,
-    v1_to_v2,
+    Body, CommitParts, EventParts, MAX_V2_FRAME_BYTES, MessageKind, V2Frame, check_v1_convertible,
+    parse_v2_frame, v1_to_v2,
 };
 pub use v1_cursor::{with_cursor, without_cursor};
 pub use v2_control::{

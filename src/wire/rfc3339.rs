@@ -63,11 +63,17 @@ fn push_digits(out: &mut Vec<u8>, value: i64, width: usize) {
     out.extend_from_slice(&buf[..width]);
 }
 
-/// Appends `micros` (unix µs) as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (27 bytes, no quotes).
-pub fn format_micros(micros: i64, out: &mut Vec<u8>) -> Result<(), TimeError> {
+/// Whether [`format_micros`] can render `micros`: it is within years 0000–9999.
+pub fn check_range(micros: i64) -> Result<(), TimeError> {
     if !(MIN_MICROS..=MAX_MICROS).contains(&micros) {
         return Err(TimeError::OutOfRange(micros));
     }
+    Ok(())
+}
+
+/// Appends `micros` (unix µs) as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (27 bytes, no quotes).
+pub fn format_micros(micros: i64, out: &mut Vec<u8>) -> Result<(), TimeError> {
+    check_range(micros)?;
     let days = micros.div_euclid(MICROS_PER_DAY);
     let in_day = micros.rem_euclid(MICROS_PER_DAY);
     let (year, month, day) = civil_from_days(days);
