@@ -26,7 +26,7 @@ lane() {
     echo "campaign: $target runs=${runs:-?} exit=$rc"
   done
 }
-lane upstream_event options_update http_upgrade proxy_v2 config_toml &
-lane frame_decoder subscribe_query frame_roundtrip recovery &
+lane upstream_event options_update http_upgrade proxy_v2 config_toml v2_frame &
+lane frame_decoder subscribe_query frame_roundtrip recovery subscribe_events_query &
 wait
 echo "campaign: logs in $logs"

@@ -129,3 +129,58 @@ for t in [
     b'retention = "0s"\n',
 ]:
     put("config_toml", t)
+
+# subscribe_events_query: [socket-encoding selector][query] (the v2 parser's unit tests).
+V2_DICT = 20260811
+for q in [
+    "",
+    "kinds=commit&kinds=identity&collections=app.bsky.feed.post&collections=app.bsky.graph.*&dids=did:plc:bbb&dids=did:plc:aaa&maxMessageSizeBytes=4096&zstdDictionary=%d&cursor=17" % V2_DICT,
+    "kinds=sync&dids=did:plc:wq4aajammjtxdomz3e23667t&cursor=1783175888085434",
+    "kinds=identity&collections=app.bsky.feed.post",
+    "zstdDictionary=1612007021&wantedDids=did:plc:a",
+    "compress=true&requireHello=true&wantedCollections=app.bsky.feed.post",
+    "maxMessageSizeBytes=4294967295&kinds=commit&kinds=commit&cursor=-5",
+    "collections=app.*&dids=did%3Aplc%3Aa&a=%zz",
+]:
+    put("subscribe_events_query", b"\x00" + q.encode())
+    put("subscribe_events_query", b"\x01" + q.encode())
+
+
+# v2_frame: [mode][bytes]; mode 0 v2 frames, 1 v1 events, 2 frames to compress, 3 raw binary.
+def rfc3339(us):
+    import datetime
+    t = datetime.datetime(1970, 1, 1) + datetime.timedelta(microseconds=us)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + "%06dZ" % t.microsecond
+
+
+def v2_frame(line, seq, witnessed=1783175889000001):
+    v = json.loads(line)
+    kind = v["kind"]
+    payload = {"did": v["did"], "seq": seq, "time": rfc3339(v["time_us"]), "witnessedAt": rfc3339(witnessed)}
+    if kind == "commit":
+        payload.update(v["commit"])
+    else:
+        payload[kind] = v[kind]
+    body = {"$type": "network.bsky.jetstream.subscribeEvents#" + kind}
+    body.update(sorted(payload.items()))
+    return json.dumps({"$type": "message", "payload": body}, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+picked = [SAMPLE[0], SAMPLE[5]] + [l for l in SAMPLE if b'"delete"' in l or b'"update"' in l][:2] + [
+    l for l in SAMPLE if b'"kind":"identity"' in l or b'"kind":"account"' in l]
+for i, line in enumerate(picked):
+    put("v2_frame", b"\x00" + v2_frame(line, 12345 + i))
+    put("v2_frame", b"\x01" + line)
+put("v2_frame", b"\x02" + v2_frame(picked[0], 7))
+put("v2_frame", b"\x02" + v2_frame(picked[-1], 8))
+for frame in [
+    b'{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#sync","did":"did:plc:a","seq":3,"sync":{"blocks":{"$bytes":"AA"},"did":"did:plc:a","rev":"r","seq":1,"time":"2026-07-04T14:38:07.877Z"},"time":"2026-07-04T14:38:08.000000Z"}}',
+    b'{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#info","message":"m","name":"OutdatedCursor"}}',
+    b'{"$type":"error","error":"ConsumerTooSlow","message":"bye"}',
+    b'{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#label"}}',
+]:
+    put("v2_frame", b"\x00" + frame)
+    put("v2_frame", b"\x02" + frame)
+# A zstd frame header (magic, dictionary-id flag) and garbage.
+put("v2_frame", b"\x03" + bytes([0x28, 0xB5, 0x2F, 0xFD, 0x23]) + struct.pack("<I", V2_DICT) + bytes(range(40)))
+put("v2_frame", b"\x03" + b"not zstd")

@@ -51,7 +51,7 @@ impl UpstreamWire {
 
 /// How a session's v2 frames arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum FrameEncoding {
+pub enum FrameEncoding {
     /// Text frames (every v1 session; a v2 session without `zstdDictionary`).
     Text,
     /// Binary frames, each one zstd frame made with the v2 dictionary.
@@ -60,7 +60,7 @@ pub(super) enum FrameEncoding {
 
 /// One upstream event, decoded.
 #[derive(Debug)]
-pub(super) struct Event<'a> {
+pub struct Event<'a> {
     /// What the relay indexes; `time_us` is still the upstream's (the follower bounds it).
     pub meta: EventMeta<'a>,
     /// The legacy v1 JSON without any `cursor` (empty for `#sync`).
@@ -75,7 +75,7 @@ pub(super) struct Event<'a> {
 
 /// What one upstream message is.
 #[derive(Debug)]
-pub(super) enum Decoded<'a> {
+pub enum Decoded<'a> {
     /// An event.
     Event(Event<'a>),
     /// A v2 `#info` advisory.
@@ -114,9 +114,10 @@ pub struct TrafficStats {
     pub frame_bytes: u64,
 }
 
-/// Decodes upstream messages; holds the scratch buffers and the decompressor it reuses.
+/// Decodes upstream messages; holds the scratch buffers and the decompressor it reuses. Public
+/// (with [`Decoded`]) for the `v2_frame` fuzz target, which drives it as the follower does.
 #[derive(Default)]
-pub(super) struct Decoder {
+pub struct Decoder {
     /// The current event's v1 JSON when it differs from the bytes received (an upstream
     /// `cursor` removed, or rendered from v2).
     v1: Vec<u8>,
@@ -130,12 +131,12 @@ pub(super) struct Decoder {
 
 impl Decoder {
     /// The traffic since the last call, and starts counting again.
-    pub(super) fn take_stats(&mut self) -> TrafficStats {
+    pub fn take_stats(&mut self) -> TrafficStats {
         std::mem::take(&mut self.stats)
     }
 
     /// Decodes one message of a session on `wire` whose frames arrive as `encoding`.
-    pub(super) fn decode<'a>(
+    pub fn decode<'a>(
         &'a mut self,
         wire: UpstreamWire,
         encoding: FrameEncoding,
