@@ -727,7 +727,9 @@ impl EventIndex {
                     continue;
                 }
             }
-            let header = if entries.len() as u64 == CHUNK_EVENTS {
+            // A partial chunk has a header only as the oldest retained one (its start is
+            // known from nowhere else: see `persist_front_header`).
+            let header = if entries.len() as u64 == CHUNK_EVENTS || chunks.is_empty() {
                 read_header(c)?
             } else {
                 None
@@ -1071,6 +1073,7 @@ impl EventIndex {
             let complete = next / CHUNK_EVENTS;
             f.set_len(complete * CHUNK_RECORD_BYTES)?;
         }
+        self.persist_front_header()?;
         if let Some(f) = &self.durable_file
             && read_durable_mark(f)?.is_some_and(|m| m > next)
         {
@@ -1078,6 +1081,21 @@ impl EventIndex {
             f.sync_data()?;
         }
         Ok(())
+    }
+
+    /// When the oldest retained chunk is also the partial last one (retention dropped every
+    /// complete chunk, or recovery cut into the oldest one), nothing else records where its
+    /// frames start: the chain of records before it is punched and its own header is only
+    /// written when it completes. Write that header now, or the next recovery cannot locate
+    /// the chunk and discards every event in it.
+    fn persist_front_header(&self) -> io::Result<()> {
+        if self.chunks.len() != 1 {
+            return Ok(());
+        }
+        match self.chunks.front() {
+            Some(c) if c.first_seq > 0 => self.write_header(c),
+            _ => Ok(()),
+        }
     }
 
     /// Sequence number the next appended event gets.
@@ -1349,6 +1367,7 @@ impl EventIndex {
         {
             punch(f, (chunk_no + 1 - per_block) * CHUNK_RECORD_BYTES, 4096)?;
         }
+        self.persist_front_header()?;
         Ok(Some(self.start_pos()))
     }
 

@@ -293,3 +293,96 @@ fn zeroed_chunk_records_keep_synced_events() {
     drop(hub);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Drops the `n` oldest chunks and punches the logs below them, as retention does.
+fn drop_chunks(hub: &Hub, n: usize) {
+    for _ in 0..n {
+        let ends = hub
+            .index()
+            .oldest_chunk()
+            .map(|c| c.end_offsets())
+            .expect("a complete chunk to drop");
+        hub.index_mut().drop_oldest_chunk().expect("drop");
+        for (stream, end) in hub.bases().iter().zip(ends) {
+            stream.punch_below(end).expect("punch");
+        }
+    }
+}
+
+/// Chunks dropped by retention, then a crash zeroes the log's tail inside the oldest retained
+/// chunk: the first recovery located that chunk by its header and cut it to a partial one,
+/// but cut its header from `chunks.idx` too (a partial chunk has none), so a clean second
+/// restart could not locate it and served nothing
+/// (fuzz/regressions/recovery/restart-drops-tail-after-chunk-drop{,-2}). Fails without
+/// `EventIndex::persist_front_header`.
+#[test]
+fn restart_after_chunk_drop_and_zeroed_tail_keeps_the_tail() {
+    let dir = common::temp_dir("recovery-drop-zeroed-tail");
+    let (hub, mut writer) = open(&dir);
+    append(&mut writer, 512, |_| None);
+    drop_chunks(&hub, 1);
+    let cut = hub.index().pos_of(500);
+    let plain_len = hub.base(Encoding::V1Json).end();
+    drop((hub, writer));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("plain.log"))
+        .unwrap();
+    let zeros = vec![0u8; (plain_len - cut.offset(Encoding::V1Json)) as usize];
+    f.write_all_at(&zeros, cut.offset(Encoding::V1Json))
+        .unwrap();
+    drop(f);
+
+    let (hub, _writer) = open(&dir);
+    let first = served(&hub);
+    assert_eq!(
+        first.len(),
+        500 - 256,
+        "the zeroed tail is cut, the rest kept"
+    );
+    drop((hub, _writer));
+    let (hub, mut writer) = open(&dir);
+    let again = served(&hub);
+    assert!(
+        again == first,
+        "a clean restart serves what the first one did: {} events, then {}",
+        first.len(),
+        again.len()
+    );
+    assert_eq!(
+        hub.index().next_seq(),
+        500,
+        "numbering continues after the cut"
+    );
+    append(&mut writer, 10, |_| None);
+    drop((hub, writer));
+    let (hub, _writer) = open(&dir);
+    assert_eq!(served(&hub).len(), 500 - 256 + 10);
+    drop(hub);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Retention drops every complete chunk, leaving only the partial newest one: nothing on disk
+/// said where its frames start (the records before it punched, its header not written until
+/// it completes), so a clean restart discarded it. Fails without
+/// `EventIndex::persist_front_header`.
+#[test]
+fn restart_after_retention_keeps_the_partial_chunk() {
+    let dir = common::temp_dir("recovery-partial-front");
+    let (hub, mut writer) = open(&dir);
+    append(&mut writer, 300, |_| None);
+    drop_chunks(&hub, 1);
+    let kept = served(&hub);
+    assert_eq!(kept.len(), 300 - 256);
+    drop((hub, writer));
+    let (hub, _writer) = open(&dir);
+    let again = served(&hub);
+    assert!(
+        again == kept,
+        "a clean restart keeps the retained events: {} before, {} after",
+        kept.len(),
+        again.len()
+    );
+    drop(hub);
+    std::fs::remove_dir_all(&dir).ok();
+}

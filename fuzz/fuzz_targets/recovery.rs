@@ -570,15 +570,9 @@ fn run(plan: &[Step]) {
             drop(l);
             let l = open(dir).expect("a recovered directory recovers again");
             let again = served(&l);
-            // Recovery repairs what it finds, so a second recovery has nothing left to change.
-            // Two known failures, not fixed yet, are let through (inputs in
-            // regressions/recovery-known/, which fail other checks, and regressions/recovery/):
-            // - after corruption, a second recovery can serve nothing where the first served a
-            //   tail (restart-after-corruption-serves-nothing), so the check stays off there;
-            // - after chunks were dropped (retention), a zeroed log tail and two restarts, the
-            //   second recovery serves nothing (restart-drops-tail-after-chunk-drop{,-2}).
-            let known_failure = !model.strict || (model.dropped && again.is_empty());
-            if again != first && !known_failure {
+            // Recovery repairs what it finds, so a second recovery has nothing left to change:
+            // after crash damage and after corruption alike.
+            if again != first {
                 let at = first.iter().zip(&again).position(|(a, b)| a != b);
                 let seqs =
                     |v: &[(u64, [Vec<u8>; 4])]| (v.first().map(|e| e.0), v.last().map(|e| e.0));
