@@ -62,11 +62,7 @@ fn upgrade_from(src: Ipv4Addr, port: u16) -> (u16, Duration, String) {
     if let Err(e) = s.write_all(UPGRADE.as_bytes()) {
         return (0, t0.elapsed(), format!("write: {e}"));
     }
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
-        head.push(b[0]);
-    }
+    let head = read_head(&mut s);
     let elapsed = t0.elapsed();
     let head = String::from_utf8_lossy(&head).into_owned();
     let status = head
@@ -328,11 +324,7 @@ fn proxied_upgrade(src: Ipv4Addr, dst: SocketAddr) -> String {
     jetrelay::proxy_protocol::encode_v2("203.0.113.9:4444".parse().unwrap(), dst, &mut req);
     req.extend_from_slice(UPGRADE.as_bytes());
     let _ = s.write_all(&req);
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
-        head.push(b[0]);
-    }
+    let head = read_head(&mut s);
     String::from_utf8_lossy(&head).into_owned()
 }
 
@@ -396,11 +388,7 @@ fn ws_from(src: Ipv4Addr, port: u16, query: &str) -> Option<TcpStream> {
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     let req = UPGRADE.replacen("GET /subscribe ", &format!("GET /subscribe?{query} "), 1);
     s.write_all(req.as_bytes()).ok()?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
-        head.push(b[0]);
-    }
+    let head = read_head(&mut s);
     head.starts_with(b"HTTP/1.1 101").then_some(s)
 }
 
@@ -919,7 +907,6 @@ fn upgrade_path_from(src: Ipv4Addr, port: u16, path: &str, query: &str) -> (u16,
     let Ok(mut s) = connect_from(src, port) else {
         return (0, t0.elapsed(), "connect failed".into());
     };
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
     let target = if query.is_empty() {
         path.to_owned()
     } else {
@@ -929,20 +916,7 @@ fn upgrade_path_from(src: Ipv4Addr, port: u16, path: &str, query: &str) -> (u16,
     if s.write_all(req.as_bytes()).is_err() {
         return (0, t0.elapsed(), "write failed".into());
     }
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
-        head.push(b[0]);
-    }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        let _ = s.read_to_end(&mut head);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let (status, head) = answer_of(&mut s, Duration::from_secs(3));
     (status, t0.elapsed(), head)
 }
 
@@ -1182,15 +1156,22 @@ fn recovered_log(name: &str) -> (TempDir, Mock, String, Vec<u8>) {
     (dir, mock, format!("cursor={cursor}"), all[expect].clone())
 }
 
-/// Status line and body of the answer on `s` (0 if none came within `within`); after a 101,
-/// the body is empty and the socket is left for the caller.
-fn answer_of(s: &mut TcpStream, within: Duration) -> (u16, String) {
-    s.set_read_timeout(Some(within)).ok();
+/// The response head on `s`, byte by byte up to its blank line (so that nothing after it is
+/// consumed), or what came before the read timed out or the peer closed.
+fn read_head(s: &mut TcpStream) -> Vec<u8> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
         head.push(b[0]);
     }
+    head
+}
+
+/// Status line and body of the answer on `s` (0 if none came within `within`); after a 101,
+/// the body is empty and the socket is left for the caller.
+fn answer_of(s: &mut TcpStream, within: Duration) -> (u16, String) {
+    s.set_read_timeout(Some(within)).ok();
+    let mut head = read_head(s);
     if !head.starts_with(b"HTTP/1.1 101") {
         let _ = s.read_to_end(&mut head);
     }

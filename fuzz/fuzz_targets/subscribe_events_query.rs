@@ -12,25 +12,12 @@
 
 use jetrelay::compress::Dictionary;
 use jetrelay::handshake::query_pairs;
-use jetrelay::subscription::{
-    MAX_SHAPE_LABEL_BYTES, MAX_WANTED_COLLECTIONS, MAX_WANTED_DIDS, SubscriberOptions,
-};
+use jetrelay::subscription::{MAX_SHAPE_LABEL_BYTES, MAX_WANTED_COLLECTIONS, MAX_WANTED_DIDS};
 use jetrelay::wire::{
     Cursor, KindSet, MessageKind, SubscribeEventsParams, parse_subscribe_events_query,
 };
 use jetrelay_fuzz::reference;
 use libfuzzer_sys::fuzz_target;
-
-/// Collections to probe filters with: real ones and near misses.
-const PROBES: &[&str] = &[
-    "app.bsky.feed.post",
-    "app.bsky.feed.like",
-    "app.bsky.graph.follow",
-    "app.bsky.graphx.follow",
-    "app.bsky",
-    "chat.bsky.actor.declaration",
-    "com.example.record",
-];
 
 /// Go's `strconv.ParseUint(s, 10, 64)`, from its documentation.
 fn go_uint(s: &str) -> Option<u64> {
@@ -42,13 +29,7 @@ fn go_uint(s: &str) -> Option<u64> {
 
 /// Whether the documented rules accept the query (`pairs` decoded by the reference decoder).
 fn reference_accepts(pairs: &[(String, String)], socket_encoding: &[&str]) -> bool {
-    let values = |key: &str| -> Vec<&str> {
-        pairs
-            .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    };
+    let values = |key: &str| jetrelay_fuzz::values(pairs, key);
     let first = |key: &str| values(key).first().copied();
     if first("compress") == Some("true") || socket_encoding.iter().any(|e| e.contains("zstd")) {
         return false;
@@ -177,13 +158,7 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(expected, "invalid query accepted: {params:?}");
 
-    let values = |key: &str| -> Vec<&str> {
-        pairs
-            .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    };
+    let values = |key: &str| jetrelay_fuzz::values(&pairs, key);
     let raw_kinds = values("kinds");
     let (dids, collections) = (values("dids"), values("collections"));
     // kinds: the named set, every kind without the parameter.
@@ -204,22 +179,12 @@ fuzz_target!(|data: &[u8]| {
     let options = &params.options;
     assert!(options.wanted_dids.windows(2).all(|w| w[0] < w[1]));
     assert!(options.wanted_collections.windows(2).all(|w| w[0] < w[1]));
-    let rebuilt = SubscriberOptions::new(
-        &options
-            .wanted_collections
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        &options.wanted_dids,
-        options.max_message_size,
-    )
-    .expect("canonical options are valid");
-    assert_eq!(&rebuilt, options);
+    jetrelay_fuzz::assert_options_rebuild(options);
     // Filtering agrees with the raw values, through `wants` and the shape key.
     let key = params.shape_key();
     assert!(key.label().len() <= MAX_SHAPE_LABEL_BYTES);
     assert_eq!(key.kinds, params.kinds);
-    let probes = PROBES
+    let probes = jetrelay_fuzz::COLLECTION_PROBES
         .iter()
         .copied()
         .chain(collections.iter().map(|c| c.trim_end_matches('*')))

@@ -8,22 +8,10 @@ use jetrelay::event::EventKind;
 use jetrelay::handshake::query_pairs;
 use jetrelay::subscription::{
     MAX_SHAPE_LABEL_BYTES, MAX_WANTED_COLLECTIONS, MAX_WANTED_DIDS, SubscribeError,
-    SubscriberOptions, parse_options_update, parse_subscribe,
+    parse_options_update, parse_subscribe,
 };
 use jetrelay_fuzz::reference;
 use libfuzzer_sys::fuzz_target;
-
-/// Collections to probe filters with: real ones and near misses.
-const PROBES: &[&str] = &[
-    "app.bsky.feed.post",
-    "app.bsky.feed.like",
-    "app.bsky.graph.follow",
-    "app.bsky.graphx.follow",
-    "app.bsky",
-    "app.bskyfeed.post",
-    "chat.bsky.actor.declaration",
-    "com.example.record",
-];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&encoding_sel, query)) = data.split_first() else {
@@ -105,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(options.wanted_dids.windows(2).all(|w| w[0] < w[1]));
     assert!(options.wanted_collections.windows(2).all(|w| w[0] < w[1]));
     // Filtering agrees with the raw values, for real collections and for the values themselves.
-    let probes = PROBES
+    let probes = jetrelay_fuzz::COLLECTION_PROBES
         .iter()
         .copied()
         .chain(collections.iter().map(|c| c.trim_end_matches('*')))
@@ -152,15 +140,5 @@ fuzz_target!(|data: &[u8]| {
     let via_update = parse_options_update(update.to_string().as_bytes()).expect("same filters");
     assert_eq!(&via_update, options);
     // And canonical options rebuild themselves.
-    let again = SubscriberOptions::new(
-        &options
-            .wanted_collections
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        &options.wanted_dids,
-        options.max_message_size,
-    )
-    .expect("canonical options are valid");
-    assert_eq!(&again, options);
+    jetrelay_fuzz::assert_options_rebuild(options);
 });

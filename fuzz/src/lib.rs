@@ -7,6 +7,44 @@
 
 pub mod reference;
 
+/// Collections to probe filters with: real ones and near misses.
+pub const COLLECTION_PROBES: &[&str] = &[
+    "app.bsky.feed.post",
+    "app.bsky.feed.like",
+    "app.bsky.graph.follow",
+    "app.bsky.graphx.follow",
+    "app.bsky",
+    "app.bskyfeed.post",
+    "chat.bsky.actor.declaration",
+    "com.example.record",
+];
+
+/// Every value of `key` in decoded query `pairs`, in order.
+pub fn values<'a>(pairs: &'a [(String, String)], key: &str) -> Vec<&'a str> {
+    pairs
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// Canonical options rebuild themselves: `SubscriberOptions::new` on their own collections,
+/// DIDs and size limit gives the same options back.
+pub fn assert_options_rebuild(options: &jetrelay::subscription::SubscriberOptions) {
+    let collections: Vec<String> = options
+        .wanted_collections
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let rebuilt = jetrelay::subscription::SubscriberOptions::new(
+        &collections,
+        &options.wanted_dids,
+        options.max_message_size,
+    )
+    .expect("canonical options are valid");
+    assert_eq!(&rebuilt, options);
+}
+
 /// Splits `stream` into chunks whose lengths come from `sizes` (each byte a length 0..=255,
 /// cycled; a zero-length chunk is a read that returned nothing, which the decoders must also
 /// survive). With no sizes, one chunk.
