@@ -423,7 +423,9 @@ def main():
 def run_pass(names, args, ref, log, cols, results):
     """Runs each named scenario once and prints its row; returns name -> result."""
     by_name = {}
-    idle_cpu = {}  # rate -> relay CPU % with no clients, from an idle-… row of this pass
+    # (binary label, rate) -> relay CPU % with no clients, from an idle-… row of this pass:
+    # per binary, so that an A/B's serving figures each subtract their own fixed cost.
+    idle_cpu = {}
     binaries = [b.split("=", 1) for b in args.relay_bin] or [(None, None)]
     for n, (label, path) in [(n, b) for n in names for b in binaries]:
         sc = SCENARIOS[n]()
@@ -453,12 +455,12 @@ def run_pass(names, args, ref, log, cols, results):
             print(f"{n} | SKIPPED: {r['skipped']}", flush=True)
             continue
         if r.get("clients") == 0:
-            idle_cpu[r["rate"]] = r["relay_cpu_pct"]
-        elif r.get("rate") in idle_cpu and r.get("window_gbps"):
+            idle_cpu[(label, r["rate"])] = r["relay_cpu_pct"]
+        elif (label, r.get("rate")) in idle_cpu and r.get("window_gbps"):
             # CPU per GB of serving alone: the relay's CPU minus its fixed cost at this rate
             # (same run), over the bytes delivered. A thin stream carries the whole fixed cost
             # over few bytes in cpu_s_per_gb; this column compares the serving itself.
-            serve = max(0.0, r["relay_cpu_pct"] - idle_cpu[r["rate"]]) / 100
+            serve = max(0.0, r["relay_cpu_pct"] - idle_cpu[(label, r["rate"])]) / 100
             r["serve_cpu_s_per_gb"] = round(serve / (r["window_gbps"] / 8), 3)
         if "us_per_send" in r:
             extra = f" | bare sender {r['us_per_send']} µs/send"
@@ -472,7 +474,8 @@ def print_ab(passes, names, labels):
     """A/B: each later binary's figures over the first's, per scenario, median over passes."""
     for n in names:
         for other in labels[1:]:
-            for key in ("cpu_s_per_gb", "relay_cpu_pct", "p99_ms", "relay_p99_le_ms"):
+            for key in ("cpu_s_per_gb", "serve_cpu_s_per_gb", "relay_cpu_pct", "p99_ms",
+                        "relay_p99_le_ms"):
                 vals = []
                 for p in passes:
                     a, b = p.get(f"{n}@{labels[0]}", {}), p.get(f"{n}@{other}", {})

@@ -582,34 +582,43 @@ mod tests {
     #[test]
     fn beats_and_idle_guards_are_seen_by_the_checker() {
         let liveness = Arc::new(Liveness::new(Duration::from_millis(300)));
+        // Commands in, an acknowledgement out once each has taken effect: the checks below
+        // never depend on how soon the thread is scheduled.
         let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel::<()>();
         let h = spawn_critical(&liveness, "t-beats", move || {
-            for cmd in rx {
+            for cmd in rx.iter() {
                 match cmd {
                     "beat" => beat(),
                     "idle" => {
-                        let _g = idle("test wait");
-                        std::thread::sleep(Duration::from_millis(500));
+                        let guard = idle("test wait");
+                        let _ = ack_tx.send(());
+                        let _ = rx.recv(); // "release"
+                        drop(guard);
                     }
                     _ => break,
                 }
+                let _ = ack_tx.send(());
             }
             Ok::<(), String>(())
         })
         .unwrap();
+        let ack = || ack_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(liveness.check().healthy());
         std::thread::sleep(Duration::from_millis(400));
         let r = liveness.check();
         assert_eq!(r.stuck.len(), 1, "{r:?}");
         tx.send("beat").unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        ack();
         assert!(liveness.check().healthy());
         tx.send("idle").unwrap();
-        std::thread::sleep(Duration::from_millis(450));
+        ack(); // the guard is held
+        std::thread::sleep(Duration::from_millis(400));
         let r = liveness.check();
         assert!(r.healthy(), "idle with a reason: {r:?}");
         assert_eq!(r.idle.len(), 1);
-        std::thread::sleep(Duration::from_millis(100));
+        tx.send("release").unwrap();
+        ack(); // the guard is dropped
         // The guard's drop counts as progress.
         assert!(liveness.check().healthy());
         liveness.stop();

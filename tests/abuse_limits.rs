@@ -111,7 +111,16 @@ fn per_ip_caps_rate_and_total_are_enforced_and_others_served() {
     );
     // The metrics say so.
     let (_, body) = http_get(metrics, "/metrics");
-    assert!(body.contains("jetrelay_limit_refusals"), "{body}");
+    for limit in ["max_conns_per_ip", "conn_rate_per_ip"] {
+        let refused = body
+            .lines()
+            .find(|l| {
+                l.starts_with("jetrelay_limit_refusals") && l.contains(&format!("\"{limit}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(refused >= 1, "{limit} refused nothing:\n{body}");
+    }
 }
 
 #[test]
@@ -177,9 +186,12 @@ fn max_lag_drops_a_stalled_client_and_spares_the_others() {
     rustix::net::connect(&fd, &addr).unwrap();
     let (mut stalled, head) = upgrade_on(TcpStream::from(fd));
     assert_eq!(status(&head), 101, "{head}");
-    // Stalled well past the limit: ~1 s until the kernel's share (TCP_NOTSENT_LOWAT) is
-    // full, 2 s of lag, up to 1 s until the housekeeping tick sees it.
-    std::thread::sleep(Duration::from_secs(6));
+    // Stalled until the relay closes it: ~1 s until the kernel's share (TCP_NOTSENT_LOWAT)
+    // is full, 2 s of lag, up to 1 s until the housekeeping tick sees it. Reading again
+    // before that would let it catch up, so the wait is for the relay's decision.
+    wait_until("the laggard closed", Duration::from_secs(20), || {
+        relay.log_text().contains("too far behind live")
+    });
     // Reading again: the backlog, then a close frame saying why.
     let (code, reason) = close_code(&mut stalled).expect("close frame for the laggard");
     assert_eq!(code, 1008, "{reason}");
@@ -228,9 +240,17 @@ fn ping_flood_on_one_worker_leaves_bystanders_on_time() {
     assert_eq!(code, 1008, "{reason}");
     assert!(reason.contains("ping flood"), "{reason}");
     let report = swarm_wait(bystanders);
-    let max_ms = report["latency"]["max_us"].as_u64().unwrap_or(u64::MAX) as f64 / 1000.0;
+    // The defect froze the worker for 11.7-13.5 s. The p99 is the steady bound; the maximum
+    // is one sample of ~24,000 on a shared 2-core machine, so it gets room for a preemption.
+    let ms = |q: &str| report["latency"][q].as_u64().unwrap_or(u64::MAX) as f64 / 1000.0;
+    let (p99_ms, max_ms) = (ms("p99_us"), ms("max_us"));
+    eprintln!("bystanders during the ping flood: p99 {p99_ms:.1} ms, max {max_ms:.1} ms");
     assert!(
-        max_ms < 500.0,
+        p99_ms < 250.0,
+        "bystanders' p99 was {p99_ms:.0} ms during the flood"
+    );
+    assert!(
+        max_ms < 1500.0,
         "a bystander waited {max_ms:.0} ms for an event during the flood"
     );
 }

@@ -115,13 +115,21 @@ fn probe_good_client(port: u16, until: Instant) -> Vec<Duration> {
             status, 101,
             "a client from another address was refused: {head}"
         );
+        // A lock-out shows as a refusal or a wait until the handshake deadline (seconds);
+        // one sample on a shared 2-core machine gets room for a preemption, the median not.
         assert!(
-            elapsed < Duration::from_secs(1),
+            elapsed < Duration::from_secs(3),
             "upgrade took {elapsed:?} under the flood"
         );
         took.push(elapsed);
         std::thread::sleep(Duration::from_millis(250));
     }
+    let mut sorted = took.clone();
+    sorted.sort();
+    assert!(
+        sorted.get(sorted.len() / 2) < Some(&Duration::from_secs(1)),
+        "upgrades under the flood took {took:?}"
+    );
     took
 }
 
@@ -723,6 +731,21 @@ fn one_address_cannot_hoard_the_shapes() {
 
 /// Reads for up to `within` until a close frame; returns its code and reason.
 fn read_close(s: &mut TcpStream, within: Duration) -> Option<(u16, String)> {
+    match read_control(s, within, false)? {
+        Control::Close(code, reason) => Some((code, reason)),
+        Control::Pong => None,
+    }
+}
+
+/// A control frame from the relay.
+enum Control {
+    Close(u16, String),
+    Pong,
+}
+
+/// The first close frame (or, with `pongs`, the first pong) within `within`; other frames
+/// are skipped. None if neither came or the connection ended without one.
+fn read_control(s: &mut TcpStream, within: Duration, pongs: bool) -> Option<Control> {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
     let deadline = Instant::now() + within;
@@ -733,7 +756,11 @@ fn read_close(s: &mut TcpStream, within: Duration) -> Option<(u16, String)> {
             let len = h.frame_len() as usize;
             if h.opcode == jetrelay::frame::Opcode::Close && payload.len() >= 2 {
                 let code = u16::from_be_bytes([payload[0], payload[1]]);
-                return Some((code, String::from_utf8_lossy(&payload[2..]).into_owned()));
+                let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+                return Some(Control::Close(code, reason));
+            }
+            if pongs && h.opcode == jetrelay::frame::Opcode::Pong {
+                return Some(Control::Pong);
             }
             buf.drain(..len);
         }
@@ -764,9 +791,21 @@ fn big_did_client(src: Ipv4Addr, port: u16, big: &[String]) -> Result<TcpStream,
     let mut s = ws_from(src, port, "requireHello=true").expect("upgrade");
     let update = serde_json::json!({"type": "options_update", "payload": {"wantedDids": big}});
     send_text(&mut s, &update.to_string()).expect("send");
-    match read_close(&mut s, Duration::from_millis(700)) {
-        Some(close) => Err(close),
-        None => Ok(s),
+    // The relay decodes a connection's frames in order and charges the update before it
+    // keeps it; a refusal stops decoding. So a pong for a ping sent after the update means
+    // it was kept, with no timeout standing in for "no close came".
+    let mut ping = Vec::new();
+    jetrelay::frame::encode_client_frame(
+        jetrelay::frame::Opcode::Ping,
+        b"after-update",
+        [3, 1, 4, 1],
+        &mut ping,
+    );
+    s.write_all(&ping).expect("send ping");
+    match read_control(&mut s, Duration::from_secs(10), true) {
+        Some(Control::Close(code, reason)) => Err((code, reason)),
+        Some(Control::Pong) => Ok(s),
+        None => panic!("neither a pong nor a close within 10 s of the update"),
     }
 }
 

@@ -245,9 +245,16 @@ fn python_websockets_client_interoperates() {
     );
     let rtts = summary["ping_rtt_ms"].as_array().expect("ping_rtt_ms");
     assert_eq!(rtts.len(), 3, "three pongs");
-    // An idle connection's pong must not wait for the relay's next housekeeping tick (1 s).
+    // An idle connection's pong must not wait for the relay's next housekeeping tick (1 s):
+    // the median of three says so; each sample (a Python thread under the GIL on a shared
+    // 2-core machine) only has to stay below the tick.
+    let mut ms: Vec<f64> = rtts
+        .iter()
+        .map(|r| r.as_f64().unwrap_or(f64::MAX))
+        .collect();
+    ms.sort_by(f64::total_cmp);
     assert!(
-        rtts.iter().all(|r| r.as_f64().is_some_and(|ms| ms < 500.0)),
+        ms[1] < 500.0 && ms[2] < 900.0,
         "ping round trips (ms): {rtts:?}"
     );
     assert_eq!(summary["close_sent"], serde_json::json!([1000, "bye"]));

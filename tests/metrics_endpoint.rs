@@ -446,7 +446,7 @@ fn metrics_readyz_answers_http10_probes_while_slow_peers_flood_the_port() {
     });
     std::thread::sleep(Duration::from_millis(500));
 
-    let mut slowest = Duration::ZERO;
+    let mut took_all = Vec::new();
     for _ in 0..20 {
         let (status, body, took) = request_from([127, 0, 0, 2], relay.metrics, probe).unwrap();
         assert_eq!(
@@ -454,18 +454,26 @@ fn metrics_readyz_answers_http10_probes_while_slow_peers_flood_the_port() {
             (200, "ready\n"),
             "during the flood"
         );
-        slowest = slowest.max(took);
+        took_all.push(took);
         std::thread::sleep(Duration::from_millis(150));
     }
+    took_all.sort();
+    let (median, slowest) = (took_all[took_all.len() / 2], took_all[took_all.len() - 1]);
     stop.store(true, Ordering::Relaxed);
     let opened = flood.join().unwrap();
     println!(
-        "flood: {opened} silent connections; slowest /readyz from the bystander {slowest:?}; \
+        "flood: {opened} silent connections; /readyz from the bystander: median {median:?}, slowest {slowest:?}; \
          trickler cut off after {trickled_for:?}"
     );
     assert!(opened > 1000, "the flood opened only {opened} connections");
+    // The defect this guards against answered 503 or waited seconds; one sample of twenty
+    // on a shared 2-core machine gets room for a preemption, the median does not.
     assert!(
-        slowest < Duration::from_millis(500),
+        median < Duration::from_millis(300),
+        "/readyz took {median:?} (median) during the flood: {took_all:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
         "/readyz took {slowest:?} during the flood"
     );
 }

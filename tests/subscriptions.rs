@@ -1288,10 +1288,11 @@ fn require_hello_holds_everything_until_the_first_update() {
 /// relay was down; clients connected at the stop get a 1001 close frame.
 #[test]
 fn relay_restart_replays_the_same_filtered_history() {
-    // 10 s of feed: the stop below (its 0.5 s and 0.7 s waits, and the graceful stop's 2 s
+    // 15 s of feed: the stop below (its 0.5 s and 0.7 s waits, and the graceful stop's 2 s
     // grace for clients that never close their side) must fall inside it. At 5 s it did not
-    // always (the mock had finished before the relay was down: margin 1.05).
-    let n = 6000;
+    // always (the mock had finished before the relay was down: margin 1.05); the ~5 s it
+    // takes on a quiet machine gets a 3x margin for a loaded one.
+    let n = 9000;
     let count = n.to_string();
     let mock = Mock::start(600, &["--count", &count, "--dids", "40"]);
     let dir = temp_dir("subs-restart");
@@ -1696,8 +1697,10 @@ fn control_frames_are_answered_promptly_on_idle_connections() {
     let reply = read_close(&mut ws, Duration::from_secs(5));
     let close_rtt = t0.elapsed();
     assert_eq!(reply.map(|r| r.0), Some(1000), "close reply");
+    // The defect answered at the worker's next 1 s housekeeping tick; a single sample on a
+    // shared 2-core machine gets room for a preemption below that.
     assert!(
-        close_rtt < Duration::from_millis(300),
+        close_rtt < Duration::from_millis(800),
         "close reply after {close_rtt:?}"
     );
 
@@ -1708,7 +1711,7 @@ fn control_frames_are_answered_promptly_on_idle_connections() {
     let rtt = t0.elapsed();
     assert_eq!(close.map(|c| c.0), Some(1000));
     assert!(
-        rtt < Duration::from_millis(300),
+        rtt < Duration::from_millis(800),
         "close for an invalid update after {rtt:?}"
     );
 }
@@ -1753,6 +1756,7 @@ fn sparse_did_replay_is_not_throttled() {
         }
     }
     let took = t0.elapsed();
+    eprintln!("replaying {n} events for one DID took {took:?}");
     assert_eq!(got, want);
     assert!(
         took < Duration::from_millis(1500),

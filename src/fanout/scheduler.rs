@@ -454,13 +454,14 @@ impl Scheduler {
         if let Some(shape) = &c.shape {
             shape.remove_client();
         }
-        tracing::info!(peer = %c.peer, worker = self.worker, shape = %c.class, encoding = %c.encoding,
-            why = ?c.life.why().unwrap_or(CloseWhy::Peer), log_pos = c.pos, "client disconnected");
         let counters = &self.hub.counters;
         counters.clients_by_shape[c.class.index(c.encoding)].fetch_sub(1, Ordering::Relaxed);
         counters.clients.fetch_sub(1, Ordering::Relaxed);
         self.free.push(id);
         self.live -= 1;
+        // Logged once the gauges say so: a reader of the log then sees them agree.
+        tracing::info!(peer = %c.peer, worker = self.worker, shape = %c.class, encoding = %c.encoding,
+            why = ?c.life.why().unwrap_or(CloseWhy::Peer), log_pos = c.pos, "client disconnected");
     }
 
     /// Time passed: runs what is due at `now` (housekeeping, a lingering hold's deadline).
