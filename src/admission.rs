@@ -13,7 +13,8 @@
 //! Deadlines are `accept time + one fixed timeout`, so they come due in insertion order: a
 //! FIFO finds the next one in O(1) (no scan of every pending handshake per wake-up).
 //!
-//! A pure state machine over tokens: the listener keeps the sockets in the values.
+//! A pure state machine over tokens: the listener keeps the sockets in the values. The
+//! listener's cursor-scan queue is one too, served oldest first ([`HandshakeSlots::pop_oldest`]).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -196,6 +197,17 @@ impl<T> HandshakeSlots<T> {
         Some(slot.value)
     }
 
+    /// Removes and returns the oldest held slot: the table as a fair first-in, first-out
+    /// queue (the listener's cursor-scan queue).
+    pub fn pop_oldest(&mut self) -> Option<T> {
+        while let Some((_, token)) = self.deadlines.pop_front() {
+            if let Some(value) = self.remove(token) {
+                return Some(value);
+            }
+        }
+        None
+    }
+
     /// The earliest deadline of a held slot.
     pub fn next_deadline(&mut self) -> Option<Instant> {
         while let Some(&(deadline, token)) = self.deadlines.front() {
@@ -279,6 +291,27 @@ mod tests {
         }
         assert!(s.insert(1, Holder::Limited(ip(2)), t0).is_ok());
         assert_eq!(s.len(), 14);
+    }
+
+    #[test]
+    fn pop_oldest_serves_in_arrival_order_skipping_evicted_and_removed_slots() {
+        let t0 = Instant::now();
+        let mut s = HandshakeSlots::new(3, 2);
+        s.insert("a1", Holder::Limited(ip(1)), t0).ok().unwrap();
+        let (b1, _) = s.insert("b1", Holder::Exempt(ip(2)), t0).ok().unwrap();
+        s.insert("a2", Holder::Limited(ip(1)), t0).ok().unwrap();
+        // Full (2, 1): a newcomer evicts a1, the oldest of the heaviest.
+        let (_, evicted) = s.insert("c1", Holder::Limited(ip(3)), t0).ok().unwrap();
+        assert_eq!(evicted, Some("a1"));
+        assert_eq!(s.remove(b1), Some("b1"));
+        assert_eq!(s.pop_oldest(), Some("a2"));
+        assert_eq!(s.held_by(ip(1)), 0, "a popped slot is given back");
+        assert_eq!(s.pop_oldest(), Some("c1"));
+        assert_eq!(s.pop_oldest(), None);
+        assert!(s.is_empty());
+        // And the table takes new slots after being drained.
+        assert!(s.insert("a3", Holder::Limited(ip(1)), t0).is_ok());
+        assert_eq!(s.pop_oldest(), Some("a3"));
     }
 
     #[test]

@@ -23,13 +23,12 @@
 //! address (per /64 for IPv6) may hold an eighth of it (beyond: 429), and a queued handshake
 //! that waits longer than the handshake deadline is answered 503 instead of being served late.
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::mpsc::{RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
@@ -58,9 +57,10 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// such handshakes get 503 at once rather than waiting unboundedly.
 const MAX_QUEUED_CURSOR_SCANS: usize = 64;
 
-/// Queued (or running) cursor scans one address key may hold. Why an eighth of the queue: a
-/// few addresses asking for scans must not take all of it and get every other address's
-/// cursor handshakes a 503; beyond its share an address gets 429.
+/// Queued cursor scans one address key may hold. Why an eighth of the queue: a few addresses
+/// asking for scans must not take all of it and get every other address's cursor handshakes
+/// a 503; beyond its share an address gets 429. More than eight addresses that fill the queue
+/// meet fair eviction instead (see [`ScanQueue`]).
 const MAX_QUEUED_CURSOR_SCANS_PER_ADDRESS: usize = MAX_QUEUED_CURSOR_SCANS / 8;
 
 /// Longest the cursor-scan thread waits for work before it reports progress to
@@ -244,9 +244,7 @@ pub struct Listener {
     refusal_log: Throttle,
     /// Upgrades whose cursor needs a disk scan, for the helper thread (None if it could not
     /// be started: then the listener scans itself).
-    scans: Option<SyncSender<QueuedScan>>,
-    /// Scans queued or running per address key, shared with the helper thread.
-    queued_scans: Arc<QueuedScans>,
+    scans: Option<ScanQueueOwner>,
 }
 
 /// An upgrade waiting on the cursor-scan thread.
@@ -255,45 +253,67 @@ struct QueuedScan {
     up: Upgrade,
     /// The chunk to scan.
     scan: CursorScan,
-    /// Counted in [`QueuedScans`] under this key (None: an exempt address, not counted).
-    key: Option<IpAddr>,
     /// Answered 503 instead of scanned if the thread gets to it only after this.
     deadline: Instant,
 }
 
-/// Cursor scans queued or running, per address key: the listener takes a share before it
-/// queues, the helper thread gives it back when the scan is done.
-#[derive(Default)]
-struct QueuedScans {
-    /// Address key → scans it holds (no entry: none).
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+/// Upgrades waiting on the cursor-scan thread: the listener adds, the thread takes the
+/// oldest. A [`HandshakeSlots`] table, so the queue is as fair as the handshake slots: a cap
+/// in total, a share per address (429 beyond it), and when full, a newcomer from an address
+/// holding fewer takes the heaviest address's oldest place (that one gets 503). Without it,
+/// nine addresses (or one IPv6 /61) keeping their shares full got every other cursor
+/// handshake a 503.
+struct ScanQueue {
+    /// The queued upgrades. A leaf lock: nothing else is taken while it is held.
+    table: Mutex<HandshakeSlots<QueuedScan>>,
+    /// Wakes the thread when an upgrade is queued or the listener is gone.
+    wake: Condvar,
+    /// The listener is gone: the thread ends once the queue is empty.
+    closed: AtomicBool,
 }
 
-impl QueuedScans {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.per_address.lock().unwrap_or_else(|p| p.into_inner())
+impl ScanQueue {
+    fn lock(&self) -> MutexGuard<'_, HandshakeSlots<QueuedScan>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one more scan for `key` unless it already holds `share`.
-    fn try_take(&self, key: IpAddr, share: usize) -> bool {
-        let mut map = self.lock();
-        let held = map.entry(key).or_insert(0);
-        if *held >= share {
-            return false;
-        }
-        *held += 1;
-        true
+    /// Queues `q` under `holder`. Ok(Some(evicted)): it took that one's place (the caller
+    /// refuses it); Err: no fair room, `q` comes back.
+    // The large Err is the caller's own upgrade handed back to be refused; boxing it would
+    // allocate once per queued scan to save a move on the refusal path.
+    #[allow(clippy::result_large_err)]
+    fn push(
+        &self,
+        q: QueuedScan,
+        holder: Holder,
+    ) -> Result<Option<QueuedScan>, (SlotRefusal, QueuedScan)> {
+        let deadline = q.deadline;
+        let (_, evicted) = self.lock().insert(q, holder, deadline)?;
+        self.wake.notify_one();
+        Ok(evicted)
     }
 
-    /// Gives back one scan of `key`.
-    fn give_back(&self, key: IpAddr) {
-        let mut map = self.lock();
-        if let Some(held) = map.get_mut(&key) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                map.remove(&key);
-            }
+    /// The oldest queued upgrade, waiting up to `wait` for one; None on timeout or once the
+    /// listener is gone and the queue is empty.
+    fn pop(&self, wait: Duration) -> Option<QueuedScan> {
+        let mut table = self.lock();
+        if table.is_empty() && !self.closed.load(Ordering::Acquire) {
+            table = match self.wake.wait_timeout(table, wait) {
+                Ok((t, _)) => t,
+                Err(p) => p.into_inner().0,
+            };
         }
+        table.pop_oldest()
+    }
+}
+
+/// The listener's handle on the queue: dropping it (the listener is gone) ends the thread.
+struct ScanQueueOwner(Arc<ScanQueue>);
+
+impl Drop for ScanQueueOwner {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.wake.notify_all();
     }
 }
 
@@ -337,18 +357,33 @@ fn finish_upgrade(hub: &Hub, fanout: &Fanout, up: Upgrade, start: EventPos) {
     fanout.attach(client);
 }
 
-/// Answers a queued upgrade that waited past its deadline: 503 with the reason, counted.
-fn refuse_expired_scan(hub: &Hub, up: Upgrade, log: &Throttle) {
-    let err = HttpError::new(
-        503,
-        "server busy: the cursor lookup waited too long in the queue",
-    )
-    .with_header("Retry-After", "1".into());
+/// Why a queued upgrade is answered 503 instead of scanned.
+#[derive(Clone, Copy)]
+enum ScanRefusal {
+    /// The thread reached it only after the handshake deadline.
+    Expired,
+    /// A newcomer from an address holding fewer places took its place in a full queue.
+    Evicted,
+}
+
+/// Answers a queued upgrade that will not be scanned: 503 with the reason, counted.
+fn refuse_queued_scan(hub: &Hub, up: Upgrade, why: ScanRefusal, log: &Throttle) {
+    let (reason, counter) = match why {
+        ScanRefusal::Expired => (
+            "server busy: the cursor lookup waited too long in the queue",
+            &hub.counters.cursor_scans_expired,
+        ),
+        ScanRefusal::Evicted => (
+            "server busy: too many cursor lookups in progress",
+            &hub.counters.refused_cursor_scans_full,
+        ),
+    };
+    let err = HttpError::new(503, reason).with_header("Retry-After", "1".into());
     hub.counters.refused(err.status);
-    Counters::add(&hub.counters.cursor_scans_expired, 1);
+    Counters::add(counter, 1);
     if log.allow() {
         tracing::info!(peer = %up.client.peer, status = err.status, reason = %err.reason,
-            expired = hub.counters.cursor_scans_expired.load(std::sync::atomic::Ordering::Relaxed),
+            refused = hub.counters.handshakes_refused.load(Ordering::Relaxed),
             "handshake refused (one line per 5 s; see jetrelay_limit_refusals)");
     }
     let _ = write_all_nb(&up.client.fd, &err.to_response());
@@ -358,46 +393,42 @@ fn refuse_expired_scan(hub: &Hub, up: Upgrade, log: &Throttle) {
 }
 
 /// Starts the critical part `cursor-scan`, which finishes cursor lookups needing a disk scan;
-/// it ends when the listener (the sender) is gone.
-fn spawn_cursor_scanner(
-    hub: Arc<Hub>,
-    fanout: Arc<Fanout>,
-    queued_scans: Arc<QueuedScans>,
-) -> std::io::Result<SyncSender<QueuedScan>> {
-    let (tx, rx) = sync_channel::<QueuedScan>(MAX_QUEUED_CURSOR_SCANS);
+/// it ends when the listener (the queue's owner) is gone.
+fn spawn_cursor_scanner(hub: Arc<Hub>, fanout: Arc<Fanout>) -> std::io::Result<ScanQueueOwner> {
+    let queue = Arc::new(ScanQueue {
+        table: Mutex::new(HandshakeSlots::new(
+            MAX_QUEUED_CURSOR_SCANS,
+            MAX_QUEUED_CURSOR_SCANS_PER_ADDRESS,
+        )),
+        wake: Condvar::new(),
+        closed: AtomicBool::new(false),
+    });
     let liveness = hub.liveness.clone();
     let delay = test_scan_delay();
     let expired_log = Throttle::new(REFUSAL_LOG_INTERVAL);
+    let shared = queue.clone();
     crate::liveness::spawn_critical(&liveness, "cursor-scan", move || {
         loop {
             // Waking at least twice a second is its progress while there is no work.
             crate::liveness::beat();
-            let queued = match rx.recv_timeout(CURSOR_SCAN_POLL) {
-                Ok(q) => q,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok::<(), std::io::Error>(()),
+            let Some(QueuedScan { up, scan, deadline }) = shared.pop(CURSOR_SCAN_POLL) else {
+                if shared.closed.load(Ordering::Acquire) && shared.lock().is_empty() {
+                    return Ok::<(), std::io::Error>(());
+                }
+                continue;
             };
             if !delay.is_zero() {
                 std::thread::sleep(delay);
             }
-            let QueuedScan {
-                up,
-                scan,
-                key,
-                deadline,
-            } = queued;
             if Instant::now() > deadline {
-                refuse_expired_scan(&hub, up, &expired_log);
+                refuse_queued_scan(&hub, up, ScanRefusal::Expired, &expired_log);
             } else {
                 let start = hub.finish_cursor_scan(scan);
                 finish_upgrade(&hub, &fanout, up, start);
             }
-            if let Some(key) = key {
-                queued_scans.give_back(key);
-            }
         }
     })?;
-    Ok(tx)
+    Ok(ScanQueueOwner(queue))
 }
 
 /// The test hook's delay before each scan ([`TEST_SCAN_DELAY_ENV`]; zero in release builds).
@@ -424,9 +455,8 @@ impl Listener {
         listeners: Vec<(Bound, bool)>,
         settings: &Settings,
     ) -> Listener {
-        let queued_scans = Arc::new(QueuedScans::default());
-        let scans = match spawn_cursor_scanner(hub.clone(), fanout.clone(), queued_scans.clone()) {
-            Ok(tx) => Some(tx),
+        let scans = match spawn_cursor_scanner(hub.clone(), fanout.clone()) {
+            Ok(queue) => Some(queue),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the cursor-scan thread; the listener scans itself");
                 None
@@ -434,7 +464,6 @@ impl Listener {
         };
         Listener {
             scans,
-            queued_scans,
             hub,
             fanout,
             listeners,
@@ -970,47 +999,49 @@ impl Listener {
 
     /// Completes an upgrade whose start is `lookup`: now, or on the cursor-scan thread when
     /// it needs a disk read (beyond its queue: 503).
-    fn upgrade(&self, p: &mut Pending, mut up: Upgrade, lookup: CursorLookup) -> Progress {
+    fn upgrade(&self, p: &mut Pending, up: Upgrade, lookup: CursorLookup) -> Progress {
         match (lookup, &self.scans) {
             (CursorLookup::Ready(start), _) => finish_upgrade(&self.hub, &self.fanout, up, start),
             (CursorLookup::NeedsScan(scan), Some(scans)) => {
                 let ip = up.client.peer.ip();
-                let key = (!self.hub.limits.exempt(ip)).then(|| address_key(ip));
-                if let Some(key) = key
-                    && !self
-                        .queued_scans
-                        .try_take(key, MAX_QUEUED_CURSOR_SCANS_PER_ADDRESS)
-                {
-                    Counters::add(&self.hub.counters.refused_cursor_scans_per_ip, 1);
-                    p.admitted_ip = up.client.counted_ip.take();
-                    return self.refuse_ref(
-                        p,
-                        HttpError::new(
-                            429,
-                            "too many cursor lookups in progress from your address",
-                        )
-                        .with_header("Retry-After", "1".into()),
-                    );
-                }
+                let holder = if self.hub.limits.exempt(ip) {
+                    Holder::Exempt(address_key(ip))
+                } else {
+                    Holder::Limited(address_key(ip))
+                };
                 let queued = QueuedScan {
                     up,
                     scan,
-                    key,
                     deadline: Instant::now() + self.handshake_timeout,
                 };
-                if let Err(TrySendError::Full(mut q) | TrySendError::Disconnected(mut q)) =
-                    scans.try_send(queued)
-                {
-                    if let Some(key) = q.key {
-                        self.queued_scans.give_back(key);
+                match scans.0.push(queued, holder) {
+                    Ok(None) => {}
+                    Ok(Some(evicted)) => refuse_queued_scan(
+                        &self.hub,
+                        evicted.up,
+                        ScanRefusal::Evicted,
+                        &self.refusal_log,
+                    ),
+                    Err((why, mut q)) => {
+                        p.admitted_ip = q.up.client.counted_ip.take();
+                        let err = match why {
+                            SlotRefusal::PerAddress => {
+                                Counters::add(&self.hub.counters.refused_cursor_scans_per_ip, 1);
+                                HttpError::new(
+                                    429,
+                                    "too many cursor lookups in progress from your address",
+                                )
+                            }
+                            SlotRefusal::Full => {
+                                Counters::add(&self.hub.counters.refused_cursor_scans_full, 1);
+                                HttpError::new(
+                                    503,
+                                    "server busy: too many cursor lookups in progress",
+                                )
+                            }
+                        };
+                        return self.refuse_ref(p, err.with_header("Retry-After", "1".into()));
                     }
-                    Counters::add(&self.hub.counters.refused_cursor_scans_full, 1);
-                    p.admitted_ip = q.up.client.counted_ip.take();
-                    return self.refuse_ref(
-                        p,
-                        HttpError::new(503, "server busy: too many cursor lookups in progress")
-                            .with_header("Retry-After", "1".into()),
-                    );
                 }
             }
             (CursorLookup::NeedsScan(scan), None) => {

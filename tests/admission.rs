@@ -1263,12 +1263,48 @@ fn answer_of(s: &mut TcpStream, within: Duration) -> (u16, String) {
 /// starts at the right event.
 #[test]
 fn cursor_scans_from_a_few_addresses_leave_room_for_another_address() {
-    const ATTACKERS: [Ipv4Addr; 3] = [
-        Ipv4Addr::new(127, 0, 0, 11),
-        Ipv4Addr::new(127, 0, 0, 12),
-        Ipv4Addr::new(127, 0, 0, 13),
-    ];
-    const BYSTANDER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 20);
+    let attack = cursor_scan_attack(3, 100);
+    assert!(
+        attack.share_refusals > 0,
+        "attackers beyond their share get 429: {:?}",
+        attack.statuses
+    );
+    assert_eq!(
+        attack.statuses.get(&503),
+        None,
+        "the queue never filled: {:?}",
+        attack.statuses
+    );
+}
+
+/// Nine attacking addresses keeping their shares full fill the cursor-scan queue (9 × 8 >
+/// 64): before, every other address's cursor handshake got 503 "server busy" for as long as
+/// they kept at it. Now a bystander's handshake takes the place of the heaviest address's
+/// oldest queued scan (that one gets 503), is upgraded and starts at the right event.
+#[test]
+fn cursor_scans_filling_the_queue_from_many_addresses_still_leave_room_for_another() {
+    let attack = cursor_scan_attack(9, 50);
+    let evicted = attack.statuses.get(&503).copied().unwrap_or(0);
+    assert!(
+        evicted > 0,
+        "the attackers filled the queue and met eviction: {:?}",
+        attack.statuses
+    );
+}
+
+/// What a cursor-scan attack left: the attackers' answers by status and how many of them were
+/// 429 for the per-address share.
+struct ScanAttack {
+    statuses: std::collections::BTreeMap<u16, usize>,
+    share_refusals: usize,
+}
+
+/// `attackers` addresses (127.0.0.11, …) each send a cursor handshake that needs a scan every
+/// 5 ms for 2.5 s, scans slowed to `scan_ms` each; 700 ms in, a bystander from another
+/// address sends one too. Asserts the bystander is upgraded and starts at its cursor, and
+/// that the metrics count every share refusal the attackers got.
+fn cursor_scan_attack(attackers: u8, scan_ms: u64) -> ScanAttack {
+    const BYSTANDER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 40);
     raise_nofile();
     let (dir, mock, query, first) = recovered_log("admission-cursor-share");
     let relay = Relay::start_full(
@@ -1286,15 +1322,14 @@ fn cursor_scans_from_a_few_addresses_leave_room_for_another_address() {
             "--max-handshakes-per-ip",
             "1000",
         ],
-        &[(SCAN_DELAY_ENV, "100")],
+        &[(SCAN_DELAY_ENV, &scan_ms.to_string())],
     );
     let port = relay.port;
     let request = UPGRADE.replacen("GET /subscribe ", &format!("GET /subscribe?{query} "), 1);
     let until = Instant::now() + Duration::from_millis(2500);
-    let floods: Vec<_> = ATTACKERS
-        .iter()
-        .map(|src| {
-            let (src, request) = (*src, request.clone());
+    let floods: Vec<_> = (0..attackers)
+        .map(|i| {
+            let (src, request) = (Ipv4Addr::new(127, 0, 0, 11 + i), request.clone());
             std::thread::spawn(move || {
                 let mut socks = Vec::new();
                 while Instant::now() < until {
@@ -1316,8 +1351,8 @@ fn cursor_scans_from_a_few_addresses_leave_room_for_another_address() {
     bystander
         .write_all(request.as_bytes())
         .expect("write the request");
-    // Queued behind at most 3 × 8 attacker scans of 100 ms.
-    let (status, head) = answer_of(&mut bystander, Duration::from_secs(6));
+    // Queued behind at most 64 attacker scans.
+    let (status, head) = answer_of(&mut bystander, Duration::from_secs(9));
     let waited = t0.elapsed();
     assert_eq!(
         status, 101,
@@ -1344,7 +1379,7 @@ fn cursor_scans_from_a_few_addresses_leave_room_for_another_address() {
     for flood in floods {
         let mut socks = flood.join().expect("flood thread");
         for s in &mut socks {
-            let (status, text) = answer_of(s, Duration::from_secs(5));
+            let (status, text) = answer_of(s, Duration::from_secs(10));
             *statuses.entry(status).or_default() += 1;
             if status == 429
                 && text.contains("too many cursor lookups in progress from your address")
@@ -1354,15 +1389,6 @@ fn cursor_scans_from_a_few_addresses_leave_room_for_another_address() {
         }
     }
     eprintln!("attackers' answers by status: {statuses:?}");
-    assert!(
-        share_refusals > 0,
-        "attackers beyond their share get 429: {statuses:?}"
-    );
-    assert_eq!(
-        statuses.get(&503),
-        None,
-        "the queue never filled: {statuses:?}"
-    );
     let (_, metrics) = http_get(relay.metrics_port, "/metrics");
     let counted = metric(
         &metrics,
@@ -1370,6 +1396,10 @@ fn cursor_scans_from_a_few_addresses_leave_room_for_another_address() {
         "limit=\"cursor_scans_per_ip\"",
     );
     assert_eq!(counted, share_refusals as u64, "counted in the metrics");
+    ScanAttack {
+        statuses,
+        share_refusals,
+    }
 }
 
 /// A queued cursor handshake does not wait forever: one that the cursor-scan thread reaches
