@@ -63,6 +63,10 @@ const MAX_QUEUED_CURSOR_SCANS: usize = 64;
 /// meet fair eviction instead (see [`ScanQueue`]).
 const MAX_QUEUED_CURSOR_SCANS_PER_ADDRESS: usize = MAX_QUEUED_CURSOR_SCANS / 8;
 
+/// The 503 reason when the cursor-scan queue has no fair room (a newcomer refused, or the
+/// queued scan whose place a newcomer took).
+const SCAN_QUEUE_FULL: &str = "server busy: too many cursor lookups in progress";
+
 /// Longest the cursor-scan thread waits for work before it reports progress to
 /// [`crate::liveness`] (every part loops at least once a second).
 const CURSOR_SCAN_POLL: Duration = Duration::from_millis(500);
@@ -373,10 +377,7 @@ fn refuse_queued_scan(hub: &Hub, up: Upgrade, why: ScanRefusal, log: &Throttle) 
             "server busy: the cursor lookup waited too long in the queue",
             &hub.counters.cursor_scans_expired,
         ),
-        ScanRefusal::Evicted => (
-            "server busy: too many cursor lookups in progress",
-            &hub.counters.refused_cursor_scans_full,
-        ),
+        ScanRefusal::Evicted => (SCAN_QUEUE_FULL, &hub.counters.refused_cursor_scans_full),
     };
     let err = HttpError::new(503, reason).with_header("Retry-After", "1".into());
     hub.counters.refused(err.status);
@@ -621,14 +622,9 @@ impl Listener {
         ip: IpAddr,
         slots: &HandshakeSlots<Pending>,
     ) -> Result<Holder, HttpError> {
-        let key = address_key(ip);
-        let holder = if self.hub.limits.exempt(ip) {
-            Holder::Exempt(key)
-        } else {
-            Holder::Limited(key)
-        };
+        let holder = self.holder_of(ip);
         // The cheap, listener-local check first: it spends no rate token.
-        if let Holder::Limited(_) = holder
+        if let Holder::Limited(key) = holder
             && slots.held_by(key) >= self.max_handshakes_per_ip
         {
             return Err(self.slot_refusal(SlotRefusal::PerAddress));
@@ -636,6 +632,15 @@ impl Listener {
         match self.hub.limits.admit(ip) {
             Admission::Ok => Ok(holder),
             Admission::Refused(err, _) => Err(err),
+        }
+    }
+
+    /// Who a slot (handshake or queued cursor scan) of a client from `ip` is counted under.
+    fn holder_of(&self, ip: IpAddr) -> Holder {
+        if self.hub.limits.exempt(ip) {
+            Holder::Exempt(address_key(ip))
+        } else {
+            Holder::Limited(address_key(ip))
         }
     }
 
@@ -1003,12 +1008,7 @@ impl Listener {
         match (lookup, &self.scans) {
             (CursorLookup::Ready(start), _) => finish_upgrade(&self.hub, &self.fanout, up, start),
             (CursorLookup::NeedsScan(scan), Some(scans)) => {
-                let ip = up.client.peer.ip();
-                let holder = if self.hub.limits.exempt(ip) {
-                    Holder::Exempt(address_key(ip))
-                } else {
-                    Holder::Limited(address_key(ip))
-                };
+                let holder = self.holder_of(up.client.peer.ip());
                 let queued = QueuedScan {
                     up,
                     scan,
@@ -1034,10 +1034,7 @@ impl Listener {
                             }
                             SlotRefusal::Full => {
                                 Counters::add(&self.hub.counters.refused_cursor_scans_full, 1);
-                                HttpError::new(
-                                    503,
-                                    "server busy: too many cursor lookups in progress",
-                                )
+                                HttpError::new(503, SCAN_QUEUE_FULL)
                             }
                         };
                         return self.refuse_ref(p, err.with_header("Retry-After", "1".into()));

@@ -112,13 +112,7 @@ fn per_ip_caps_rate_and_total_are_enforced_and_others_served() {
     // The metrics say so.
     let (_, body) = http_get(metrics, "/metrics");
     for limit in ["max_conns_per_ip", "conn_rate_per_ip"] {
-        let refused = body
-            .lines()
-            .find(|l| {
-                l.starts_with("jetrelay_limit_refusals") && l.contains(&format!("\"{limit}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0);
+        let refused = metric(&body, "jetrelay_limit_refusals", &format!("\"{limit}\""));
         assert!(refused >= 1, "{limit} refused nothing:\n{body}");
     }
 }

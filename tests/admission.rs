@@ -253,13 +253,11 @@ fn slowloris_from_many_addresses_does_not_lock_out_others() {
          the end; good client upgrades: {took:?}"
     );
     let (_, metrics) = http_get(relay.metrics_port, "/metrics");
-    let per_ip_refusals = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("jetrelay_limit_refusals") && l.contains("\"max_handshakes_per_ip\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    let per_ip_refusals = metric(
+        &metrics,
+        "jetrelay_limit_refusals",
+        "\"max_handshakes_per_ip\"",
+    );
     assert!(per_ip_refusals > 0, "{metrics}");
     swarm_wait(bystanders);
 }
@@ -456,16 +454,6 @@ fn drain_all(socks: &mut [TcpStream]) {
             }
         }
     }
-}
-
-/// One labelled value of a metric (`name{...label...} value`), summed over matching lines.
-fn metric(metrics: &str, name: &str, label: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
 
 /// Shape exhaustion: from one address, 30 clients each with a size-only limit one byte
